@@ -1,0 +1,63 @@
+"""The `cptjax` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cptjax.errors import CptjaxError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cptjax", description="Continued pretraining of "
+                                     "Llama-family models in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run the main job on its embedded default (tiny model)")
+    demo.add_argument("--workdir", help="folder for the demo's files (default: a new temporary folder)")
+
+    convert = commands.add_parser("convert", help="convert weights between HF and cptjax")
+    directions = convert.add_subparsers(dest="direction", required=True)
+    to_orbax = directions.add_parser("hf-to-orbax", help="HF safetensors folder -> cptjax checkpoint")
+    to_orbax.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
+    to_orbax.add_argument("--out", required=True, help="new checkpoint folder (must not exist or be empty)")
+    to_hf = directions.add_parser("orbax-to-hf", help="cptjax checkpoint -> HF safetensors folder")
+    to_hf.add_argument("--ckpt", required=True, help="checkpoint folder")
+    to_hf.add_argument("--out", required=True, help="new HF folder (must not exist or be empty)")
+    to_hf.add_argument("--step", type=int, help="checkpoint step (default: the latest finished one)")
+    to_hf.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    to_hf.add_argument("--verify", action="store_true",
+                       help="load the export with transformers (needs torch) and report the logit difference")
+    return parser
+
+
+def _run(args) -> None:
+    if args.command == "demo":
+        from cptjax.demo import run_demo
+        run_demo(args.workdir)
+    elif args.direction == "hf-to-orbax":
+        from cptjax.convert import hf_to_orbax
+        out = hf_to_orbax(args.hf_dir, args.out)
+        print(f"wrote cptjax checkpoint {out}")
+    else:
+        from cptjax.convert import orbax_to_hf
+        result = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype,
+                             max_shard_size=args.max_shard_size, verify=args.verify)
+        print(f"wrote HF model {result.out} from step {result.step}: {', '.join(result.files)}")
+        if result.max_logit_diff is not None:
+            print(f"verified with transformers: max |logit difference| = {result.max_logit_diff:.3g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except CptjaxError as err:
+        print(f"cptjax: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The Llama-family decoder in Flax NNX: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, TinyLlama, SmolLM.
+
+Dimension letters (used in einsums, comments and sharding names):
+  B batch, L length (S for keys), D model, V vocab, F mlp, N query heads, K kv heads, H head dim,
+  Ly layers.
+
+Weights keep Hugging Face's layout ([out, in] for every projection, heads split out of `out`), so
+the HF key map is a reshape, never a transpose. The layers' weights are stacked on a leading Ly axis
+and run under `jax.lax.scan`, so compile time does not grow with depth.
+
+Numerics: parameters are stored in `param_dtype` and cast to `dtype` for compute; RMSNorm statistics,
+the attention softmax and the logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cptjax.model_config import ModelConfig, rope_inverse_frequencies
+from cptjax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+# (name, shape in letters, logical axes) of each per-layer weight; the stacked array adds Ly in front.
+_LAYER_WEIGHTS = (
+    ("input_layernorm", "D", ("norm",)),
+    ("q_proj", "NHD", ("q_heads", "head_dim", "embed")),
+    ("k_proj", "KHD", ("kv_heads", "head_dim", "embed")),
+    ("v_proj", "KHD", ("kv_heads", "head_dim", "embed")),
+    ("o_proj", "DNH", ("embed", "q_heads", "head_dim")),
+    ("q_proj_bias", "NH", ("q_heads", "head_dim")),
+    ("k_proj_bias", "KH", ("kv_heads", "head_dim")),
+    ("v_proj_bias", "KH", ("kv_heads", "head_dim")),
+    ("o_proj_bias", "D", ("embed",)),
+    ("q_norm", "H", ("head_dim",)),
+    ("k_norm", "H", ("head_dim",)),
+    ("post_attention_layernorm", "D", ("norm",)),
+    ("gate_proj", "FD", ("mlp", "embed")),
+    ("up_proj", "FD", ("mlp", "embed")),
+    ("down_proj", "DF", ("embed", "mlp")),
+    ("gate_proj_bias", "F", ("mlp",)),
+    ("up_proj_bias", "F", ("mlp",)),
+    ("down_proj_bias", "D", ("embed",)),
+)
+
+
+def layer_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The per-layer weights this config has (biases and q/k norms only where the config says)."""
+    present = {
+        "q_proj_bias": cfg.qkv_bias, "k_proj_bias": cfg.qkv_bias, "v_proj_bias": cfg.qkv_bias,
+        "o_proj_bias": cfg.o_bias, "q_norm": cfg.qk_norm, "k_norm": cfg.qk_norm,
+        "gate_proj_bias": cfg.mlp_bias, "up_proj_bias": cfg.mlp_bias, "down_proj_bias": cfg.mlp_bias,
+    }
+    return tuple(name for name, _, _ in _LAYER_WEIGHTS if present.get(name, True))
+
+
+def layer_weight_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    sizes = {"D": cfg.hidden_size, "F": cfg.intermediate_size, "N": cfg.num_heads,
+             "K": cfg.num_kv_heads, "H": cfg.head_dim}
+    letters = next(letters for n, letters, _ in _LAYER_WEIGHTS if n == name)
+    return tuple(sizes[c] for c in letters)
+
+
+def _init_value(name: str, shape, key, dtype, std: float):
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if name.endswith("bias"):
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _param(value, names) -> nnx.Param:
+    # eager_sharding=False keeps the logical names as metadata only; sharding.py maps them to the
+    # mesh and the trainer places arrays with explicit shardings.
+    return nnx.Param(value, sharding_names=tuple(names), eager_sharding=False)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, each stacked on a leading Ly axis."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype, std: float, rngs: nnx.Rngs):
+        self.names = layer_weight_names(cfg)
+        for name in self.names:
+            shape = (cfg.num_layers, *layer_weight_shape(cfg, name))
+            axes = ("layers", *next(a for n, _, a in _LAYER_WEIGHTS if n == name))
+            setattr(self, name, _param(_init_value(name, shape, rngs.params(), param_dtype, std), axes))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Llama(nnx.Module):
+    """`Llama(cfg, rngs=...)(tokens [B, L]) -> logits [B, L, V]` in float32.
+
+    `positions` restart at 0 in each packed document; `segment_ids` keep packed documents from
+    attending to each other. `remat` is a key of REMAT_POLICIES; `attention` chooses the backend of
+    `jax.nn.dot_product_attention` ('auto' takes cuDNN flash attention on GPU in 16-bit compute).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+                 remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.remat = remat
+        self.attention = attention
+        std = 0.02
+        self.embed_tokens = _param(_init_value("embed", (cfg.vocab_size, cfg.hidden_size),
+                                               rngs.params(), param_dtype, std), ("vocab", "embed"))
+        self.layers = DecoderLayers(cfg, param_dtype=param_dtype, std=std, rngs=rngs)
+        self.norm = _param(jnp.ones((cfg.hidden_size,), param_dtype), ("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(_init_value("lm_head", (cfg.vocab_size, cfg.hidden_size),
+                                              rngs.params(), param_dtype, std), ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        hidden = self.hidden_states(tokens, positions, segment_ids)
+        head = self.embed_tokens[...] if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("BLD,VD->BLV", hidden, head.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """The final-normed hidden states [B, L, D] in the compute dtype."""
+        return self.decode(self.embed(tokens), positions, segment_ids)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, L, D]
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def decode(self, x: jax.Array, positions=None, segment_ids=None) -> jax.Array:
+        """Runs the decoder layers and the final norm on input embeddings x [B, L, D]."""
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        mask = None
+        if segment_ids is not None:
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, L, S]
+        block = _Block(cfg, dtype=self.dtype, attention=self.attention)
+
+        def step(carry, weights):
+            return block(carry, weights, cos, sin, mask), None
+
+        if self.remat != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(step, x, self.layers.arrays())
+        return _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One decoder layer as a pure function of its (unstacked) weights."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    attention: str = "auto"
+
+    def __call__(self, x, w, cos, sin, mask):
+        cfg, dt = self.cfg, self.dtype
+        h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
+        q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
+        k = jnp.einsum("BLD,KHD->BLKH", h, w["k_proj"].astype(dt))
+        v = jnp.einsum("BLD,KHD->BLKH", h, w["v_proj"].astype(dt))
+        if cfg.qkv_bias:
+            q = q + w["q_proj_bias"].astype(dt)
+            k = k + w["k_proj_bias"].astype(dt)
+            v = v + w["v_proj_bias"].astype(dt)
+        if cfg.qk_norm:
+            q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+            k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q = constrain(_apply_rope(q, cos, sin),
+                      ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = constrain(_apply_rope(k, cos, sin),
+                      ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+        attn = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, local_window_size=window,
+            implementation=_attention_backend(self.attention, dt))  # [B, L, N, H]
+        out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))
+        if cfg.o_bias:
+            out = out + w["o_proj_bias"].astype(dt)
+        x = constrain(x + out, ("activation_batch", "activation_length", "activation_embed"))
+
+        h = _rms_norm(x, w["post_attention_layernorm"], cfg.rms_norm_eps)
+        gate = jnp.einsum("BLD,FD->BLF", h, w["gate_proj"].astype(dt))
+        up = jnp.einsum("BLD,FD->BLF", h, w["up_proj"].astype(dt))
+        if cfg.mlp_bias:
+            gate = gate + w["gate_proj_bias"].astype(dt)
+            up = up + w["up_proj_bias"].astype(dt)
+        act = constrain(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        down = jnp.einsum("BLF,DF->BLD", act, w["down_proj"].astype(dt))
+        if cfg.mlp_bias:
+            down = down + w["down_proj_bias"].astype(dt)
+        return constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _attention_backend(choice: str, dtype) -> str:
+    if choice != "auto":
+        return choice
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def _rms_norm(x, weight, eps):
+    # Statistics in float32, then back to the input dtype before the scale, as transformers does.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _rope_tables(cfg: ModelConfig, positions, dtype):
+    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg.rope, cfg.head_dim))  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, H]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def _apply_rope(x, cos, sin):
+    # HF's rotate-half convention (its checkpoints are permuted for it), so weights need no permutation.
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -> Llama:
+    """The model with ShapeDtypeStructs for weights: builds any size without allocating."""
+    return nnx.eval_shape(lambda: Llama(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0), **kwargs))
+
+
+def param_count(model: Llama) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def model_from_params(cfg: ModelConfig, params: dict, **kwargs) -> Llama:
+    """A model whose weights are `params` (a nested dict shaped like `nnx.to_pure_dict`)."""
+    first = next(iter(jax.tree.leaves(params)))
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype=first.dtype, **kwargs))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,67 @@
+"""`load_model`: an HF folder or a cptjax checkpoint, ready to give logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cptjax.checkpoint import CheckpointReader
+from cptjax.errors import CptjaxError
+from cptjax.hf_convert import read_hf_params
+from cptjax.model import Llama, model_from_params
+from cptjax.model_config import ModelConfig, read_hf_config
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class PretrainedModel:
+    """A loaded model: `.logits(tokens [B, L]) -> float32 [B, L, V]`, jitted once per shape."""
+
+    def __init__(self, config: ModelConfig, model: Llama):
+        self.config = config
+        self.model = model
+        graphdef, state = nnx.split(model)
+        self._state = state
+        self._logits = jax.jit(lambda state, tokens, positions, segment_ids:
+                               nnx.merge(graphdef, state)(tokens, positions, segment_ids))
+
+    def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"tokens must be an integer array [B, L], got {tokens.dtype}{list(tokens.shape)}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{tokens.min()}, {tokens.max()}]")
+        as_int = lambda a: None if a is None else jnp.asarray(a, jnp.int32)  # noqa: E731
+        return self._logits(self._state, as_int(tokens), as_int(positions), as_int(segment_ids))
+
+
+def params_to_dtype(params: dict, dtype) -> dict:
+    return jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), params)
+
+
+def load_model(path: str | Path, dtype: str = "float32", step: int | None = None,
+               **model_kwargs) -> PretrainedModel:
+    """Loads an HF model folder (config.json + safetensors) or a cptjax checkpoint folder.
+
+    `dtype` sets both the parameter and compute dtype; `step` picks a checkpoint step (latest
+    by default). Extra keyword arguments go to `Llama` (remat, attention).
+    """
+    if dtype not in DTYPES:
+        raise CptjaxError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    path = Path(path)
+    if not path.is_dir():
+        raise CptjaxError(f"{path}: no such folder")
+    if (path / "config.json").is_file():
+        config = read_hf_config(path)
+        params = read_hf_params(path, config)
+    else:
+        reader = CheckpointReader(path, step)
+        config, params = reader.config, reader.restore()
+        reader.close()
+    params = params_to_dtype(params, DTYPES[dtype])
+    return PretrainedModel(config, model_from_params(config, params, dtype=DTYPES[dtype], **model_kwargs))

@@ -1,0 +1,129 @@
+"""Streaming reads and writes of the safetensors format, one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then raw bytes.
+Reading goes straight into the caller's destination array (`readinto`, no intermediate copy, no
+mmap whose pages would stay resident); writing sends each array's bytes to the file as they come.
+The `safetensors` package cannot do either for bfloat16 with NumPy, which is why this module exists;
+the tests check it against that package and against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from cptjax.errors import CptjaxError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    nbytes: int
+
+
+class SafetensorsFile:
+    """The header of one .safetensors file, with `read_into` to fetch one tensor at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise CptjaxError(f"{self.path}: truncated safetensors file (no header)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(_MAX_HEADER, size - 8):
+                    raise CptjaxError(f"{self.path}: not a safetensors file (header length {header_len})")
+                header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CptjaxError(f"{self.path}: corrupt safetensors header ({err})")
+        except OSError as err:
+            raise CptjaxError(f"{self.path}: cannot read ({err.strerror})")
+        data_start = 8 + header_len
+        for name, entry in header.items():
+            if name == "__metadata__":
+                self.metadata = entry or {}
+                continue
+            try:
+                dtype = DTYPES[entry["dtype"]]
+                shape = tuple(int(s) for s in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except KeyError as err:
+                raise CptjaxError(f"{self.path}: tensor {name!r} has unsupported or missing {err} "
+                                  f"in its header entry {entry}")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes or data_start + end > size:
+                raise CptjaxError(f"{self.path}: tensor {name!r} has inconsistent offsets; the file is "
+                                  "truncated or corrupt")
+            self.tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, nbytes)
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Reads tensor `name` into the C-contiguous array `out` of the same dtype and size."""
+        info = self.tensors[name]
+        if out.dtype != info.dtype or out.nbytes != info.nbytes or not out.flags.c_contiguous:
+            raise ValueError(f"destination {out.dtype}{out.shape} does not fit {name} "
+                             f"{info.dtype}{info.shape}")
+        with open(self.path, "rb") as f:
+            f.seek(info.begin)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            done = 0
+            while done < info.nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CptjaxError(f"{self.path}: truncated while reading tensor {name!r}")
+                done += got
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        out = np.empty(info.shape, info.dtype)
+        self.read_into(name, out)
+        return out
+
+
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
+                      specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` (yielded lazily, in the order of `specs`) to `path`, one at a time.
+
+    `specs` gives each tensor's name, dtype and shape up front, because the header comes first.
+    """
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, array), (spec_name, dtype, shape) in zip(tensors, specs, strict=True):
+            if name != spec_name or array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+                raise ValueError(f"tensor {name} {array.dtype}{array.shape} does not match its spec "
+                                 f"{spec_name} {dtype}{shape}")
+            f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))

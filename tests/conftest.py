@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """name -> folder of a saved tiny random HF checkpoint (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name.replace(".", "_"))
+            cache[name] = hf_models.save_hf_model(hf_models.shrunk_config(name), out / "hf")
+        return cache[name]
+    return get
