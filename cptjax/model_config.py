@@ -277,29 +277,35 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
         head_dim = hidden // heads
     eos = hf.get("eos_token_id")
     extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
-    return ModelConfig(
-        vocab_size=_require(hf, "vocab_size", source),
-        hidden_size=hidden,
-        intermediate_size=_require(hf, "intermediate_size", source),
-        num_layers=num_layers,
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        max_position_embeddings=_require(hf, "max_position_embeddings", source),
-        rms_norm_eps=float(_require(hf, "rms_norm_eps", source, float)),
-        rope=_parse_rope(hf, source),
-        qkv_bias=_flag(hf, arch.qkv_bias, source),
-        o_bias=_flag(hf, arch.o_bias, source),
-        mlp_bias=_flag(hf, arch.mlp_bias, source),
-        qk_norm=arch.qk_norm,
-        sliding_window=_parse_sliding_window(hf, arch, num_layers, source),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        model_type=model_type,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        pad_token_id=hf.get("pad_token_id"),
-        hf_extra_json=json.dumps(extra, sort_keys=True),
-    )
+    try:
+        return ModelConfig(
+            vocab_size=_require(hf, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=_require(hf, "intermediate_size", source),
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position_embeddings=_require(hf, "max_position_embeddings", source),
+            rms_norm_eps=float(_require(hf, "rms_norm_eps", source, float)),
+            rope=_parse_rope(hf, source),
+            qkv_bias=_flag(hf, arch.qkv_bias, source),
+            o_bias=_flag(hf, arch.o_bias, source),
+            mlp_bias=_flag(hf, arch.mlp_bias, source),
+            qk_norm=arch.qk_norm,
+            sliding_window=_parse_sliding_window(hf, arch, num_layers, source),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=hf.get("pad_token_id"),
+            hf_extra_json=json.dumps(extra, sort_keys=True),
+        )
+    except CptjaxError as err:  # __post_init__'s checks, now naming the file
+        message = str(err)
+        if message.startswith(source):
+            raise
+        raise CptjaxError(f"{source}: {message.removeprefix('model config: ')}") from None
 
 
 def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ def _tokens(vocab, batch=2, length=hf_models.SEQ_LEN, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_fp32_logits_match_transformers(name, tiny_hf):
     hf_dir = tiny_hf(name)
@@ -133,6 +134,7 @@ def test_traced_program_does_not_grow_with_depth():
     assert "scan" in sizes[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", hf_models.NAMES)
 def test_full_size_shapes_and_parameter_count_match_transformers(name):
     import torch

@@ -1,0 +1,45 @@
+"""Every logical axis has exactly one rule, and no parameter puts a mesh axis on two dimensions."""
+
+import pytest
+from flax import nnx
+
+import hf_models
+from cptjax.errors import CptjaxError
+from cptjax.model import abstract_model
+from cptjax.model_config import ModelConfig
+from cptjax.sharding import ACTIVATION_AXES, DEFAULT_RULES, PARAM_AXES, check_rules, logical_to_spec
+
+
+def test_default_rules_cover_each_name_once():
+    check_rules(DEFAULT_RULES)
+    names = [name for name, _ in DEFAULT_RULES]
+    assert sorted(names) == sorted(PARAM_AXES + ACTIVATION_AXES)
+
+
+def test_rules_with_a_duplicate_or_a_gap_are_refused():
+    with pytest.raises(CptjaxError, match="more than one rule"):
+        check_rules(DEFAULT_RULES + (("embed", "tensor"),))
+    with pytest.raises(CptjaxError, match="have no rule"):
+        check_rules(tuple(r for r in DEFAULT_RULES if r[0] != "mlp"))
+    with pytest.raises(CptjaxError, match="no rule for logical axis 'embd'"):
+        logical_to_spec(("embd",), DEFAULT_RULES)
+
+
+@pytest.mark.parametrize("name", hf_models.NAMES)
+def test_every_parameter_maps_without_reusing_a_mesh_axis(name):
+    model = abstract_model(ModelConfig.from_hf_config(hf_models.full_config(name)))
+    state = nnx.state(model, nnx.Param)
+    seen = set()
+    for path, variable in nnx.to_flat_state(state):
+        names = variable.get_metadata()["out_sharding"]
+        assert len(names) == len(variable.shape), path
+        assert set(names) <= set(PARAM_AXES), path
+        logical_to_spec(names, DEFAULT_RULES)  # raises if a mesh axis is used twice
+        seen.update(names)
+    assert seen >= {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "layers", "norm"}
+
+
+def test_a_rule_set_that_reuses_a_mesh_axis_is_caught():
+    rules = tuple((n, "tensor") if n == "embed" else (n, a) for n, a in DEFAULT_RULES)
+    with pytest.raises(CptjaxError, match=r"mesh axes \['tensor'\] used twice"):
+        logical_to_spec(("mlp", "embed"), rules)
