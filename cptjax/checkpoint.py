@@ -24,9 +24,19 @@ ASSETS_DIR = "hf_assets"
 
 
 def save_params_checkpoint(directory: Path, step: int, cfg: ModelConfig, params: dict) -> None:
-    """Writes one step holding `params` and the model config (used by hf-to-orbax)."""
+    """Writes one step holding `params` (NumPy arrays) and the model config (used by hf-to-orbax).
+
+    The save is synchronous and the caller owns the arrays, so Orbax's defensive copy of host
+    arrays is switched off; so is zstd, whose compressed chunks stay in memory until the save ends.
+    Together they took a 1.2B-parameter conversion from 2.9x to 1.1x the checkpoint's size in peak
+    RSS (scripts/bench_convert.py), for a checkpoint ~25% larger on disk. Restore reads either form.
+    """
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handlers = {PARAMS: ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False),
+                MODEL_CONFIG: ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-    with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as manager:
+    with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
         manager.save(step, args=ocp.args.Composite(**{
             PARAMS: ocp.args.PyTreeSave(params),
             MODEL_CONFIG: ocp.args.JsonSave(cfg.to_hf_config()),

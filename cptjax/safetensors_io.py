@@ -122,8 +122,15 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for (name, array), (spec_name, dtype, shape) in zip(tensors, specs, strict=True):
+        tensors = iter(tensors)
+        for spec_name, dtype, shape in specs:
+            name, array = next(tensors)
             if name != spec_name or array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
                 raise ValueError(f"tensor {name} {array.dtype}{array.shape} does not match its spec "
                                  f"{spec_name} {dtype}{shape}")
             f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            # Drop the reference now: a view would keep the caller's previous (stacked) array
+            # alive while the generator fetches the next one (zip's reused tuple did exactly that).
+            del name, array
+        if next(tensors, None) is not None:
+            raise ValueError("more tensors than specs")
