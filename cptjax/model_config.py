@@ -120,16 +120,6 @@ class ModelConfig:
         """The HF config dict, in the spelling both transformers 4 and 5 read (rope_theta/rope_scaling)."""
         return _to_hf_config(self)
 
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_hf_config(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "model config") -> ModelConfig:
-        return cls.from_hf_config(json.loads(text), source)
-
 
 def read_hf_config(hf_dir: str | Path) -> ModelConfig:
     """Reads `hf_dir/config.json`, with an error that names the file for every way it can be wrong."""
