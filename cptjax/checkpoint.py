@@ -123,3 +123,73 @@ def _put(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+OPT_STATE = "opt_state"
+TRAIN_META = "train_meta"  # step, data iterator state, lr, tokens seen: small JSON
+TRAIN_CONFIG = "train_config"
+
+
+class RunCheckpointer:
+    """A training run's checkpoints: asynchronous saves, the last `keep_last` kept plus every step
+    that is a multiple of `keep_every`. Steps hold params, optimizer state, the model and training
+    configs and `train_meta` (step, data iterator state...), so a run resumes exactly and
+    `cptjax convert orbax-to-hf` and `load_model` read them like any cptjax checkpoint."""
+
+    def __init__(self, directory: Path, keep_last: int | None, keep_every: int | None,
+                 async_save: bool = True):
+        self.directory = Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            create=True, max_to_keep=keep_last, keep_period=keep_every,
+            enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            PARAMS: ocp.PyTreeCheckpointHandler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
+            MODEL_CONFIG: ocp.JsonCheckpointHandler(), TRAIN_META: ocp.JsonCheckpointHandler(),
+            TRAIN_CONFIG: ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: dict, meta: dict, model_config: ModelConfig, train_config: dict,
+             force: bool = False) -> bool:
+        return self._manager.save(step, force=force, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.PyTreeSave(state["params"]),
+            OPT_STATE: ocp.args.PyTreeSave(state["opt_state"]),
+            MODEL_CONFIG: ocp.args.JsonSave(model_config.to_hf_config()),
+            TRAIN_META: ocp.args.JsonSave(meta),
+            TRAIN_CONFIG: ocp.args.JsonSave(train_config),
+        }))
+
+    def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
+        """Restores params and optimizer state onto the shardings of `abstract_state`'s leaves."""
+        args = {}
+        for item in (PARAMS, OPT_STATE):
+            target = abstract_state[item]
+            args[item] = ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **args, **{TRAIN_META: ocp.args.JsonRestore()}))
+        state = {"step": None, "params": restored[PARAMS], "opt_state": restored[OPT_STATE]}
+        return state, restored[TRAIN_META]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def restore_params_sharded(directory: Path, step: int | None, abstract_params: dict) -> dict:
+    """Weights only, from any cptjax checkpoint, straight onto the shardings of `abstract_params`."""
+    reader = CheckpointReader(directory, step)
+    try:
+        restored = reader._manager.restore(reader.step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.PyTreeRestore(
+                item=abstract_params,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))}))
+    finally:
+        reader.close()
+    return restored[PARAMS]

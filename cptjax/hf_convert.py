@@ -116,14 +116,24 @@ def find_weight_files(hf_dir: Path) -> dict[str, SafetensorsFile]:
     return {name: SafetensorsFile(hf_dir / name) for name in names}
 
 
-def read_hf_params(hf_dir: str | Path, cfg: ModelConfig,
-                   progress: Callable[[Iterator], Iterator] | None = None) -> dict:
-    """Reads an HF folder's weights into cptjax's nested parameter dict of NumPy arrays.
+@dataclass(frozen=True)
+class _ReadPlan:
+    """Checked headers: where each HF tensor is, grouped by cptjax parameter."""
 
-    Arrays keep the checkpoint's dtype (a bf16 checkpoint stays bf16). All checks run on the
-    headers before any tensor data is read.
-    """
-    hf_dir = Path(hf_dir)
+    hf_dir: Path
+    located: dict[str, SafetensorsFile]
+    groups: dict[ParamPath, list[KeyMapping]]
+    tied_head: bool  # a tied model whose files still carry lm_head.weight
+
+    def info(self, m: KeyMapping):
+        return self.located[m.hf_name].tensors[m.hf_name]
+
+    def read(self, m: KeyMapping) -> np.ndarray:
+        """One tensor in cptjax's per-tensor shape and its stored dtype."""
+        return self.located[m.hf_name].read(m.hf_name).reshape(m.shape)
+
+
+def _plan(hf_dir: Path, cfg: ModelConfig) -> _ReadPlan:
     files = find_weight_files(hf_dir)
     located: dict[str, SafetensorsFile] = {}
     for file in files.values():
@@ -156,29 +166,78 @@ def read_hf_params(hf_dir: str | Path, cfg: ModelConfig,
         if info.dtype.kind != "f" and info.dtype != ml_dtypes.bfloat16:
             raise CptjaxError(f"{info.name!r} in {located[m.hf_name].path.name} has dtype {info.dtype}; "
                               "weights must be floating point")
-
-    params: dict = {}
     groups: dict[ParamPath, list[KeyMapping]] = {}
     for m in mappings:
         groups.setdefault(m.path, []).append(m)
-    items = list(groups.items())
+    return _ReadPlan(hf_dir, located, groups, tied_head)
+
+
+def _check_tied_head(plan: _ReadPlan, embed: np.ndarray) -> None:
+    if plan.tied_head:
+        head = plan.located["lm_head.weight"].read("lm_head.weight")
+        if not np.array_equal(head, embed):
+            raise CptjaxError(f"{plan.hf_dir}: config.json says tie_word_embeddings=true but lm_head.weight "
+                              "differs from model.embed_tokens.weight; fix tie_word_embeddings")
+
+
+def read_hf_params(hf_dir: str | Path, cfg: ModelConfig,
+                   progress: Callable[[Iterator], Iterator] | None = None) -> dict:
+    """Reads an HF folder's weights into cptjax's nested parameter dict of NumPy arrays.
+
+    Arrays keep the checkpoint's dtype (a bf16 checkpoint stays bf16). All checks run on the
+    headers before any tensor data is read.
+    """
+    plan = _plan(Path(hf_dir), cfg)
+    params: dict = {}
+    items = list(plan.groups.items())
     for path, group in (progress(items) if progress else items):
-        first = located[group[0].hf_name].tensors[group[0].hf_name]
         stacked = group[0].layer is not None
-        array = np.empty(((len(group),) if stacked else ()) + group[0].shape, first.dtype)
+        dtype = plan.info(group[0]).dtype
+        array = np.empty(((len(group),) if stacked else ()) + group[0].shape, dtype)
         for m in group:
-            file = located[m.hf_name]
+            file = plan.located[m.hf_name]
             dest = array[m.layer] if stacked else array
-            if file.tensors[m.hf_name].dtype == array.dtype:
+            if plan.info(m).dtype == array.dtype:
                 file.read_into(m.hf_name, dest.reshape(_hf_shape(m)))
             else:  # a layer stored in another dtype than layer 0: convert this one tensor
-                dest[...] = file.read(m.hf_name).reshape(m.shape).astype(array.dtype)
+                dest[...] = plan.read(m).astype(array.dtype)
         _set(params, path, array)
-    if tied_head:
-        head = located["lm_head.weight"].read("lm_head.weight")
-        if not np.array_equal(head, params["embed_tokens"]):
-            raise CptjaxError(f"{hf_dir}: config.json says tie_word_embeddings=true but lm_head.weight "
-                              "differs from model.embed_tokens.weight; fix tie_word_embeddings")
+    _check_tied_head(plan, params["embed_tokens"])
+    return params
+
+
+def load_hf_params_sharded(hf_dir: str | Path, cfg: ModelConfig, shardings: dict, dtype,
+                           progress: Callable[[Iterator], Iterator] | None = None) -> dict:
+    """Reads an HF folder straight onto the devices: each process reads only the tensors (layers)
+    its devices hold, one at a time, and no host ever assembles the whole model."""
+    import jax
+
+    plan = _plan(Path(hf_dir), cfg)
+    params: dict = {}
+    items = list(plan.groups.items())
+    for path, group in (progress(items) if progress else items):
+        sharding = shardings
+        for key in path:
+            sharding = sharding[key]
+        stacked = group[0].layer is not None
+        shape = ((len(group),) if stacked else ()) + group[0].shape
+        cache: dict[int | None, np.ndarray] = {}  # devices on one host often want the same layer
+
+        def tensor(layer, group=group, cache=cache):
+            if layer not in cache:
+                cache.clear()
+                cache[layer] = plan.read(group[layer if layer is not None else 0]).astype(dtype)
+            return cache[layer]
+
+        def shard(index, stacked=stacked, shape=shape, tensor=tensor):
+            if not stacked:
+                return tensor(None)[index]
+            layers = range(shape[0])[index[0]]
+            return np.stack([tensor(i)[index[1:]] for i in layers])
+
+        _set(params, path, jax.make_array_from_callback(shape, sharding, shard))
+    if plan.tied_head:
+        _check_tied_head(plan, plan.read(plan.groups[("embed_tokens",)][0]))
     return params
 
 

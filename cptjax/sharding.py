@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from cptjax.errors import CptjaxError
 
@@ -98,3 +100,84 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (-1: whatever the devices leave) and the logical-axis rules table."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        for axis, size in zip(MESH_AXES, sizes):
+            if size == 0 or size < -1:
+                raise CptjaxError(f"mesh.{axis}: must be a positive size or -1, got {size}")
+        if sizes.count(-1) > 1:
+            raise CptjaxError("mesh: at most one axis may be -1 (fill the rest)")
+        for name, axes in self.rules:
+            for axis in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+                if axis not in MESH_AXES:
+                    raise CptjaxError(f"mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; "
+                                      f"mesh axes are {', '.join(MESH_AXES)}")
+        try:
+            check_rules(self.rules)
+        except CptjaxError as err:
+            raise CptjaxError(f"mesh.{err}") from None
+
+    def axis_sizes(self, device_count: int) -> tuple[int, int, int]:
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if device_count % known:
+                raise CptjaxError(f"mesh: the fixed axes ({self._describe()}) multiply to {known}, which "
+                                  f"does not divide the {device_count} devices")
+            sizes[sizes.index(-1)] = device_count // known
+        if math.prod(sizes) != device_count:
+            raise CptjaxError(f"mesh: {self._describe()} = {math.prod(sizes)} devices, but there are "
+                              f"{device_count}; make the sizes multiply to {device_count} (or use -1)")
+        return tuple(sizes)
+
+    def _describe(self) -> str:
+        return " x ".join(f"{a}={getattr(self, a)}" for a in MESH_AXES)
+
+
+def make_mesh(config: MeshConfig, devices=None) -> Mesh:
+    """The one place meshes are built: named axes, Auto axis types (sharding by jit and constraints)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = config.axis_sizes(len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def spec_for_shape(names, shape, mesh: Mesh, rules: Rules) -> PartitionSpec:
+    """`logical_to_spec`, replicating any dimension the mesh axes do not divide evenly."""
+    spec = logical_to_spec(names, rules)
+    fitted = []
+    for dim, axes in zip(shape, spec):
+        flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in flat)
+        fitted.append(axes if size > 1 and dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def param_shardings(abstract_model, mesh: Mesh, rules: Rules) -> dict:
+    """NamedShardings for every parameter, as a nested dict shaped like the params."""
+    from flax import nnx
+
+    state = nnx.state(abstract_model, nnx.Param)
+    shardings = jax.tree.map(
+        lambda v: NamedSharding(mesh, spec_for_shape(v.get_metadata()["out_sharding"], v.shape, mesh, rules)),
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Where a [B, L] batch array lives: rows over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"), rules))
