@@ -16,6 +16,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job on its embedded default (tiny model)")
     demo.add_argument("--workdir", help="folder for the demo's files (default: a new temporary folder)")
 
+    train = commands.add_parser("train", help="continue pretraining a model (resumes its own run)")
+    train.add_argument("--config", required=True, help="YAML config (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set training.steps=100 (repeatable)")
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print the fully resolved config")
+    show.add_argument("--config", required=True)
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     convert = commands.add_parser("convert", help="convert weights between HF and cptjax")
     directions = convert.add_subparsers(dest="direction", required=True)
     to_orbax = directions.add_parser("hf-to-orbax", help="HF safetensors folder -> cptjax checkpoint")
@@ -36,6 +46,16 @@ def _run(args) -> None:
     if args.command == "demo":
         from cptjax.demo import run_demo
         run_demo(args.workdir)
+    elif args.command == "train":
+        from cptjax.train_config import load_config
+        from cptjax.trainer import run
+        result = run(load_config(args.config, args.overrides))
+        print(f"cptjax train: {result.stopped_early or 'finished'} at step {result.final_step}")
+        if result.stopped_early and not result.stopped_early.startswith("SIGTERM"):
+            raise CptjaxError(result.stopped_early)
+    elif args.command == "config":
+        from cptjax.train_config import dump_yaml, load_config
+        print(dump_yaml(load_config(args.config, args.overrides)), end="")
     elif args.direction == "hf-to-orbax":
         from cptjax.convert import hf_to_orbax
         out = hf_to_orbax(args.hf_dir, args.out)

@@ -1,0 +1,195 @@
+"""The one config tree of `cptjax train`: model / data / optimizer / schedule / mesh / training /
+checkpoint / eval / logging / distributed. Loaded from YAML, `--set a.b=value` overrides applied,
+validated before anything heavy starts (`check_environment` adds the checks that need the files
+and the devices, still before any output folder is touched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from cptjax.config_tree import apply_overrides, from_dict, to_dict
+from cptjax.data.config import DataConfig
+from cptjax.errors import CptjaxError
+from cptjax.optimizer import OptimizerConfig
+from cptjax.schedules import ScheduleConfig
+from cptjax.sharding import MeshConfig
+
+DTYPE = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Where the weights come from. `init_from`: an HF folder or a cptjax checkpoint (weights only,
+    fresh optimizer, step 0: the CPT default). `hf_config`: a config.json to initialise from scratch.
+    A run's own latest checkpoint always wins over both (resume)."""
+
+    init_from: str | None = None
+    init_step: int | None = None  # checkpoint step for init_from (default: its latest)
+    hf_config: str | None = None
+    tokenizer: str | None = None  # default: init_from's tokenizer files
+    param_dtype: DTYPE = "float32"
+    compute_dtype: DTYPE = "bfloat16"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+
+    def __post_init__(self):
+        if (self.init_from is None) == (self.hf_config is None):
+            raise CptjaxError("model: set exactly one of init_from (an HF folder or cptjax checkpoint "
+                              "to continue from) and hf_config (a config.json to start from scratch)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSection:
+    steps: int
+    batch_size: int  # global rows per optimizer step
+    seq_len: int
+    seed: int = 0
+    on_nan: Literal["stop", "skip"] = "stop"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise CptjaxError(f"training.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 1000
+    keep_last: int = 3
+    keep_every: int | None = None  # also keep every step that is a multiple of this, forever
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise CptjaxError(f"checkpoint.every: must be >= 1, got {self.every}")
+        if self.keep_last < 1:
+            raise CptjaxError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")
+        if self.keep_every is not None and (self.keep_every < 1 or self.keep_every % self.every):
+            raise CptjaxError(f"checkpoint.keep_every: must be a positive multiple of checkpoint.every "
+                              f"({self.every}), got {self.keep_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every: int = 500
+    at_start: bool = True  # measure the base model before any update: the reference for forgetting
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise CptjaxError(f"eval.every: must be >= 1, got {self.every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    every: int = 10
+    tensorboard: bool = True
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    peak_flops_per_device: float | None = None  # for MFU on chips cptjax does not know
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise CptjaxError(f"logging.every: must be >= 1, got {self.every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """`auto`: jax.distributed.initialize() on TPU VMs and SLURM jobs of several tasks; `off`;
+    `manual`: the coordinator settings below (GPU clusters without SLURM)."""
+
+    mode: Literal["auto", "off", "manual"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        manual = (self.coordinator_address, self.num_processes, self.process_id)
+        if self.mode == "manual" and None in manual:
+            raise CptjaxError("distributed: mode 'manual' needs coordinator_address, num_processes "
+                              "and process_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str
+    model: ModelSection
+    data: DataConfig
+    training: TrainingSection
+    schedule: ScheduleConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection = EvalSection()
+    logging: LoggingSection = LoggingSection()
+    distributed: DistributedSection = DistributedSection()
+
+    def __post_init__(self):
+        if self.schedule.total_steps != self.training.steps:
+            raise CptjaxError(f"schedule.total_steps ({self.schedule.total_steps}) differs from "
+                              f"training.steps ({self.training.steps}); leave schedule.total_steps out "
+                              "to use training.steps")
+        accum = self.optimizer.grad_accum_steps
+        if self.training.batch_size % accum:
+            raise CptjaxError(f"training.batch_size {self.training.batch_size} is not divisible by "
+                              f"optimizer.grad_accum_steps {accum}")
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(Path(self.run_dir))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes: the README documents this layout."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Reads a YAML config, applies `--set` overrides, and builds the validated tree."""
+    path = Path(path)
+    if not path.is_file():
+        raise CptjaxError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CptjaxError(f"{path}: not valid YAML ({err})".replace("\n", " "))
+    if not isinstance(raw, dict):
+        raise CptjaxError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, list(overrides))
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    """Builds the tree from plain data. Relative paths stay relative to the working directory."""
+    raw = dict(raw)
+    schedule = dict(raw.get("schedule") or {})
+    training = raw.get("training") or {}
+    if "total_steps" not in schedule and isinstance(training, dict) and "steps" in training:
+        schedule["total_steps"] = training["steps"]
+    raw["schedule"] = schedule
+    return from_dict(TrainConfig, raw, "config")
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return to_dict(config)
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,84 @@
+"""The training loop: start order, exact resume, logs and checkpoints, NaN handling."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cptjax import load_model
+from cptjax.train_config import config_from_dict
+from cptjax.trainer import run
+from trainer_helpers import CountingData, raw_config
+
+VOCAB = 512
+
+
+def _train(raw, max_steps=None, data_seed=0):
+    config = config_from_dict(raw)
+    data = CountingData(VOCAB, config.training.batch_size, config.training.seq_len, data_seed)
+    evals = {"domain": [CountingData(VOCAB, 4, 32, seed=99).batch(0)]}
+    return run(config, max_steps=max_steps, data=data, eval_sets=evals)
+
+
+def _records(run_dir, kind):
+    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(tiny_hf, tmp_path):
+    hf = tiny_hf("llama-3.2-1b")
+    straight = _train(raw_config(tmp_path / "straight", hf))
+    assert straight.final_step == 40 and straight.stopped_early is None
+
+    first = _train(raw_config(tmp_path / "split", hf), max_steps=20)
+    assert first.final_step == 20 and "weights from" in first.origin
+    second = _train(raw_config(tmp_path / "split", hf))
+    assert second.origin.startswith("resumed from step 20") and second.final_step == 40
+
+    for a, b in zip(jax.tree.leaves(straight.state["params"]), jax.tree.leaves(second.state["params"])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    losses = lambda d: [(r["step"], r["loss"]) for r in _records(d, "train")]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    assert [s for s, _ in losses(tmp_path / "split")] == list(range(1, 41))
+
+
+def test_run_layout_logs_and_rewarm(tiny_hf, tmp_path):
+    hf = tiny_hf("llama-3.2-1b")
+    raw = raw_config(tmp_path / "run", hf, training={"steps": 12}, checkpoint={"every": 5, "keep_last": 2},
+                     eval={"every": 6}, schedule={"peak_lr": 1e-3, "warmup": 4, "end_lr": 1e-4})
+    result = _train(raw)
+    run_dir = tmp_path / "run"
+    assert result.final_step == 12
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [10, 12]  # keep_last 2 of 5, 10, 12
+    assert (run_dir / "checkpoints" / "hf_assets").is_dir()
+
+    train = _records(run_dir, "train")
+    lrs = [r["learning_rate"] for r in train]
+    assert lrs[0] == pytest.approx(1e-3 / 4, rel=1e-5)  # re-warm: the first update is not at lr 0
+    assert lrs[3] == pytest.approx(1e-3, rel=1e-5) and max(lrs) == lrs[3]
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-4)
+    assert all(set(r["source_loss"]) == {"domain", "replay"} for r in train)
+    evals = _records(run_dir, "eval")
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert evals[-1]["domain"]["loss"] < evals[0]["domain"]["loss"]
+    assert evals[0]["domain"]["bits_per_byte"] > 0
+
+    # The run's checkpoint is a cptjax checkpoint: load_model reads its latest step.
+    model = load_model(run_dir / "checkpoints")
+    assert model.logits(np.zeros((1, 8), np.int32)).shape == (1, 8, VOCAB)
+
+
+def test_nan_stops_the_run_and_is_never_checkpointed(tiny_hf, tmp_path):
+    hf = tiny_hf("qwen3-0.6b")
+    raw = raw_config(tmp_path / "run", hf, training={"steps": 8}, checkpoint={"every": 2},
+                     schedule={"peak_lr": 1e30, "warmup": 1, "end_lr": 1e29})
+    result = _train(raw)
+    assert result.stopped_early and "not finite at step" in result.stopped_early
+    bad_step = int(result.stopped_early.split("at step ")[1].split()[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < bad_step for s in saved)
