@@ -1,0 +1,210 @@
+"""The `data` section of the config tree: sources, mixture stages, eval sets, and loader settings.
+
+Every class is a frozen dataclass of plain types, so `cptjax.config_tree.from_dict(DataConfig, d,
+"data")` builds it from YAML. Validation lives in `DataConfig.__post_init__`, which knows each
+nested entry's place and so names the full dotted key ("data.sources[1].weight: ...").
+
+A YAML example:
+
+    data:
+      seed: 0
+      sources:
+        - {name: domain, type: jsonl, paths: ["corpus/*.jsonl.zst"], weight: 0.95}
+        - {name: replay, type: prepared, paths: ["prepared/fineweb"], weight: 0.05}
+      stages:                      # from step 8000 on: 80% domain, 20% replay
+        - {start_step: 8000, weights: [0.8, 0.2]}
+      eval_sets:
+        - {name: domain, type: jsonl, paths: ["heldout/*.jsonl"], max_docs: 200}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from cptjax.errors import CptjaxError
+
+SOURCE_TYPES = ("jsonl", "text", "parquet", "arrayrecord", "tfds", "prepared")
+SourceType = Literal["jsonl", "text", "parquet", "arrayrecord", "tfds", "prepared"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """Where documents come from (shared by training sources and eval sets).
+
+    type: "jsonl" (plain, .gz or .zst; one JSON object per line, text in `text_field`),
+    "text" (one document per file, or split on `delimiter`), "parquet" (column `text_field`),
+    "arrayrecord" (one UTF-8 document per record), "tfds" (`dataset` by name, `split`, `data_dir`,
+    read with tfds.data_source: random access, no TensorFlow), "prepared" (folders written by
+    `cptjax data prepare`: token ids, no tokenization at train time).
+    paths: globs, local or remote (etils.epath); unused for "tfds".
+    """
+
+    name: str
+    type: SourceType
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    delimiter: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    data_dir: str | None = None
+
+    def validate(self, key: str) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise CptjaxError(f"{key}.name: must be a non-empty string, got {self.name!r}")
+        if self.type not in SOURCE_TYPES:
+            raise CptjaxError(f"{key}.type: unknown source type {self.type!r}; choose one of "
+                              f"{', '.join(SOURCE_TYPES)}")
+        if isinstance(self.paths, str):
+            raise CptjaxError(f"{key}.paths: expected a list of paths or globs, got the string "
+                              f"{self.paths!r}; write [{self.paths!r}]")
+        if self.type == "tfds":
+            if not self.dataset:
+                raise CptjaxError(f"{key}.dataset: a tfds source needs the TFDS dataset name "
+                                  "(and data_dir, where it is prepared)")
+        elif not self.paths:
+            raise CptjaxError(f"{key}.paths: a {self.type} source needs at least one path or glob")
+        for i, path in enumerate(self.paths):
+            if not isinstance(path, str) or not path:
+                raise CptjaxError(f"{key}.paths[{i}]: expected a non-empty string, got {path!r}")
+        if self.delimiter is not None and (self.type != "text" or not self.delimiter):
+            raise CptjaxError(f"{key}.delimiter: only for type 'text', and must not be empty")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise CptjaxError(f"{key}.text_field: must be a non-empty string")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig(InputConfig):
+    """A training source: documents plus its mixture weight (stage 0) and what happens at its end.
+
+    on_exhaustion: "repeat" starts another epoch in a new order; "stop" ends the run with a
+    CptjaxError once every document has been used once.
+    """
+
+    weight: float = 1.0
+    on_exhaustion: Literal["repeat", "stop"] = "repeat"
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        _check_weight(self.weight, f"{key}.weight")
+        if self.on_exhaustion not in ("repeat", "stop"):
+            raise CptjaxError(f"{key}.on_exhaustion: {self.on_exhaustion!r} is not allowed; "
+                              "choose 'repeat' or 'stop'")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """From `start_step` on, the sources are mixed with `weights` (one per source, in order)."""
+
+    start_step: int
+    weights: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetConfig(InputConfig):
+    """A held-out set: the first `max_docs` documents (all if None), in file order, never shuffled."""
+
+    max_docs: int | None = None
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.max_docs is not None and (not _is_int(self.max_docs) or self.max_docs < 1):
+            raise CptjaxError(f"{key}.max_docs: must be a positive integer or null, "
+                              f"got {self.max_docs!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The data section. seq_len and the batch size are the trainer's, passed to the pipeline.
+
+    seed: fixes the whole stream (document order of every source and epoch).
+    num_workers: Grain worker processes per source that tokenizes on the fly (0: in-process).
+      Prepared sources are read in the main process. Changing it never changes the batches.
+    prefetch: batches built ahead in a background thread (0: built on demand).
+    tokenizer: HF tokenizer folder; default: the model's.
+    invalid_utf8: "fail" stops with the file and line; "skip" drops the document and counts it.
+    """
+
+    sources: tuple[SourceConfig, ...]
+    stages: tuple[StageConfig, ...] = ()
+    eval_sets: tuple[EvalSetConfig, ...] = ()
+    seed: int = 0
+    num_workers: int = 0
+    prefetch: int = 2
+    tokenizer: str | None = None
+    invalid_utf8: Literal["fail", "skip"] = "fail"
+
+    def __post_init__(self):
+        for name in ("sources", "stages", "eval_sets"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if not self.sources:
+            raise CptjaxError("data.sources: at least one source is needed")
+        names = set()
+        for i, source in enumerate(self.sources):
+            key = f"data.sources[{i}]"
+            if not isinstance(source, SourceConfig):
+                raise CptjaxError(f"{key}: expected a source section, got {source!r}")
+            source.validate(key)
+            if source.name in names:
+                raise CptjaxError(f"{key}.name: {source.name!r} is used twice; names must be unique")
+            names.add(source.name)
+        _check_not_all_zero([s.weight for s in self.sources], "data.sources[*].weight")
+        previous = 0
+        for i, stage in enumerate(self.stages):
+            key = f"data.stages[{i}]"
+            if not _is_int(stage.start_step) or stage.start_step <= previous:
+                raise CptjaxError(f"{key}.start_step: must be an integer > {previous} (stages start "
+                                  f"after step 0 and in increasing order), got {stage.start_step!r}")
+            previous = stage.start_step
+            if len(stage.weights) != len(self.sources):
+                raise CptjaxError(f"{key}.weights: expected {len(self.sources)} weights, one per "
+                                  f"source in order ({', '.join(s.name for s in self.sources)}), "
+                                  f"got {len(stage.weights)}")
+            for j, weight in enumerate(stage.weights):
+                _check_weight(weight, f"{key}.weights[{j}]")
+            _check_not_all_zero(stage.weights, f"{key}.weights")
+        eval_names = set()
+        for i, eval_set in enumerate(self.eval_sets):
+            key = f"data.eval_sets[{i}]"
+            eval_set.validate(key)
+            if eval_set.name in eval_names:
+                raise CptjaxError(f"{key}.name: {eval_set.name!r} is used twice")
+            eval_names.add(eval_set.name)
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise CptjaxError(f"data.seed: must be an integer in [0, 2**32), got {self.seed!r}")
+        for name in ("num_workers", "prefetch"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise CptjaxError(f"data.{name}: must be an integer >= 0, got {value!r}")
+        if self.invalid_utf8 not in ("fail", "skip"):
+            raise CptjaxError(f"data.invalid_utf8: {self.invalid_utf8!r} is not allowed; "
+                              "choose 'fail' or 'skip'")
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources)
+
+    def stage_weights(self) -> list[tuple[int, tuple[float, ...]]]:
+        """[(start_step, normalized weights)], the first stage starting at step 0."""
+        stages = [(0, tuple(s.weight for s in self.sources))]
+        stages += [(stage.start_step, tuple(stage.weights)) for stage in self.stages]
+        return [(start, tuple(w / sum(weights) for w in weights)) for start, weights in stages]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_weight(weight, key: str) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise CptjaxError(f"{key}: must be a finite number, got {weight!r}")
+    if weight < 0:
+        raise CptjaxError(f"{key}: must be >= 0, got {weight}")
+
+
+def _check_not_all_zero(weights, key: str) -> None:
+    if sum(weights) <= 0:
+        raise CptjaxError(f"{key}: all weights are 0; give at least one source a positive weight")

@@ -1,0 +1,169 @@
+"""Packing: a stream of tokenized documents -> fixed-length rows, nothing truncated or dropped.
+
+Rows are cut from the concatenated documents of one source: row r holds stream tokens
+[r*L, r*L + L] (L + 1 tokens), so consecutive rows overlap by one token. inputs = row[:-1],
+targets = row[1:]: every token of the stream is a target in exactly one row, and a document that
+continues into the next row loses no training signal. A target counts (loss_mask 1) only when it
+is the next token of the same document as its input, so each document's first token (BOS, or its
+first text token for tokenizers without BOS) is only ever an input. Padding (input 0, segment 0)
+appears only at the very end of a stream that stops.
+
+Dimension letters: R rows, L sequence length (seq_len).
+
+Positions restart at 0 at every segment of a row, also for a document continued from the previous
+row. Attention sees only its own segment and RoPE depends only on position differences, so this
+gives the same result as the document's true offsets while keeping positions < L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from cptjax.errors import CptjaxError
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "source_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A document left out of the stream; `reason` is "invalid_utf8" or "empty"."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """A document that stops the run (malformed JSON, a missing field, ...): the message says where."""
+
+    message: str
+
+
+class RowPacker:
+    """Cuts rows of L + 1 tokens from documents `open_docs(start)` yields, one source at a time.
+
+    Documents are ndarrays of ids, or (ids, per-token extras) pairs when `with_extra` (eval sets
+    carry bytes per token), or `Skipped`/`Failed` markers. The state is where the next row starts:
+    (document index in the stream, token offset in that document) plus skip counts.
+    """
+
+    def __init__(self, open_docs: Callable[[int], Iterator], seq_len: int, *,
+                 with_extra: bool = False, max_skips_in_a_row: int | None = None,
+                 name: str = "source"):
+        self._open_docs = open_docs
+        self._max_skips = max_skips_in_a_row
+        self._name = name
+        self._seq_len = seq_len
+        self._with_extra = with_extra
+        self._iterator: Iterator | None = None
+        self._doc = 0
+        self._offset = 0
+        self._tokens: np.ndarray | None = None
+        self._extra: np.ndarray | None = None
+        self.skipped = {"invalid_utf8": 0, "empty": 0}
+        self.exhausted = False
+
+    def get_state(self) -> dict:
+        return {"doc": self._doc, "offset": self._offset, "skipped": dict(self.skipped),
+                "exhausted": self.exhausted}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self._doc, self._offset = int(state["doc"]), int(state["offset"])
+        self.skipped = {k: int(v) for k, v in state["skipped"].items()}
+        self.exhausted = bool(state["exhausted"])
+        self._tokens = self._extra = None
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+        self._iterator = None
+
+    def _load_next(self) -> bool:
+        """Makes the document at self._doc current; False at the end of the stream."""
+        if self._iterator is None:
+            self._iterator = iter(self._open_docs(self._doc))
+        skips = 0
+        while True:
+            item = next(self._iterator, None)
+            if item is None:
+                return False
+            if isinstance(item, Failed):
+                raise CptjaxError(item.message)
+            tokens, extra = (None, None) if isinstance(item, Skipped) else (
+                item if self._with_extra else (item, None))
+            if tokens is None or len(tokens) == 0:
+                self.skipped[item.reason if tokens is None else "empty"] += 1
+                self._doc += 1
+                skips += 1
+                if self._max_skips is not None and skips > self._max_skips:
+                    raise CptjaxError(f"{self._name}: every document is skipped (empty, or invalid "
+                                      "UTF-8 with data.invalid_utf8: skip); check its files")
+                continue
+            self._tokens, self._extra = tokens, extra
+            return True
+
+    def next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(tokens [L+1] int32, segments [L+1] int32, extras [L+1] or None); None when done."""
+        if self.exhausted:
+            return None
+        need = self._seq_len + 1
+        pieces, extras, lengths = [], [], []
+        while need > 0:
+            if self._tokens is None and not self._load_next():
+                self.exhausted = True
+                break
+            available = len(self._tokens) - self._offset
+            take = min(available, need)
+            pieces.append(self._tokens[self._offset:self._offset + take])
+            if self._with_extra:
+                extras.append(self._extra[self._offset:self._offset + take])
+            lengths.append(take)
+            need -= take
+            if need == 0:
+                self._offset += take - 1  # the next row starts at this row's last token
+            else:
+                self._tokens = self._extra = None
+                self._doc += 1
+                self._offset = 0
+        filled = self._seq_len + 1 - need
+        if filled <= 1:  # nothing left to predict
+            self.exhausted = True
+            return None
+        tokens = np.zeros(self._seq_len + 1, dtype=np.int32)
+        tokens[:filled] = np.concatenate(pieces)
+        segments = np.zeros(self._seq_len + 1, dtype=np.int32)
+        segments[:filled] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
+        extra = None
+        if self._with_extra:
+            extra = np.zeros(self._seq_len + 1, dtype=np.float64)
+            extra[:filled] = np.concatenate(extras)
+        return tokens, segments, extra
+
+
+def rows_to_batch(tokens: np.ndarray, segments: np.ndarray, source_ids: np.ndarray) -> dict:
+    """Rows of L + 1 tokens [R, L+1] -> the batch dict, all [R, L] (see the module docstring)."""
+    rows, length = tokens.shape[0], tokens.shape[1] - 1
+    seg_in = segments[:, :-1]
+    index = np.arange(length, dtype=np.int32)
+    starts = np.ones((rows, length), dtype=bool)
+    starts[:, 1:] = seg_in[:, 1:] != seg_in[:, :-1]
+    start_index = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    positions = np.where(seg_in > 0, index - start_index, 0).astype(np.int32)
+    loss_mask = ((segments[:, 1:] == seg_in) & (seg_in > 0)).astype(np.float32)
+    return {
+        "inputs": np.ascontiguousarray(tokens[:, :-1]),
+        "targets": np.ascontiguousarray(tokens[:, 1:]),
+        "loss_mask": loss_mask,
+        "positions": positions,
+        "segment_ids": np.ascontiguousarray(seg_in),
+        "source_ids": np.where(seg_in > 0, source_ids[:, None], -1).astype(np.int32),
+    }
+
+
+def packing_efficiency(batch: dict) -> float:
+    """Share of input positions that hold a document token (not padding)."""
+    return float((batch["segment_ids"] > 0).mean())

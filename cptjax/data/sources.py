@@ -1,0 +1,370 @@
+"""Documents by index: one random-access reader per source type, each naming the file (and line).
+
+`open_source(config, key)` expands the globs, indexes the files (line offsets, record counts) and
+returns a `DocumentSource`: `len(source)` documents, `source[i]` the text of document i (or, for a
+prepared corpus, its token ids), `source.where(i)` "file:line" for messages. Readers open their
+files lazily, so a source pickles small and reopens in each Grain worker process.
+
+Random access is what makes the order a pure function of the seed (shuffled per epoch by Grain)
+and resume exact. Compressed JSON Lines have no random access, so each process decompresses such a
+file into memory once; use `cptjax data prepare` for corpora too big for that.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob as globlib
+import gzip
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from cptjax.data.config import InputConfig
+from cptjax.errors import CptjaxError
+
+_GLOB_CHARS = set("*?[")
+
+
+class InvalidUtf8(CptjaxError):
+    """A document that is not valid UTF-8; skipped or fatal by `data.invalid_utf8`."""
+
+
+def expand_paths(patterns: Sequence[str], key: str) -> list[epath.Path]:
+    """Expands each glob (sorted), refusing a missing path or a glob that matches nothing."""
+    files: list[epath.Path] = []
+    for i, pattern in enumerate(patterns):
+        if not any(c in _GLOB_CHARS for c in pattern):
+            path = epath.Path(pattern)
+            if not path.exists():
+                raise CptjaxError(f"{key}.paths[{i}]: {pattern}: no such file or folder")
+            files.append(path)
+            continue
+        if "://" not in pattern:
+            matches = [epath.Path(p) for p in sorted(globlib.glob(pattern, recursive=True))]
+        else:
+            parts = pattern.split("/")
+            first = next(j for j, part in enumerate(parts) if any(c in _GLOB_CHARS for c in part))
+            base = epath.Path("/".join(parts[:first]))
+            matches = sorted(base.glob("/".join(parts[first:]))) if base.exists() else []
+        if not matches:
+            raise CptjaxError(f"{key}.paths[{i}]: the glob {pattern!r} matches no file; check the "
+                              "path (globs are not expanded by a shell here)")
+        files.extend(matches)
+    return files
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidUtf8(f"{where}: invalid UTF-8 at byte {err.start} of the document; fix the "
+                          "file or set data.invalid_utf8: skip to drop such documents") from None
+
+
+class DocumentSource:
+    """`len(source)` documents; `source[i]` -> str (or token ids for prepared corpora)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        raise NotImplementedError
+
+
+class _FileIndexed(DocumentSource):
+    """Documents spread over files: a global index -> (file, index in file) by cumulative counts."""
+
+    def __init__(self, files: list[epath.Path], counts: list[int]):
+        self._files = [str(f) for f in files]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        f = bisect.bisect_right(self._starts, index) - 1
+        return f, index - int(self._starts[f])
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
+
+
+def _read_bytes(path: str) -> bytes:
+    data = epath.Path(path).read_bytes()
+    if path.endswith(".gz"):
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise CptjaxError(f"{path}: not a readable gzip file ({err})") from None
+    if path.endswith(".zst"):
+        import zstandard
+
+        try:
+            return zstandard.ZstdDecompressor().stream_reader(data).read()
+        except zstandard.ZstdError as err:
+            raise CptjaxError(f"{path}: not a readable zstd file ({err})") from None
+    return data
+
+
+def _line_spans(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte offsets of each line, without the newline."""
+    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
+    if starts[-1] == len(data):  # a final newline ends the last line; no empty line after it
+        starts, ends = starts[:-1], ends[:-1]
+    return starts, ends
+
+
+class JsonlSource(_FileIndexed):
+    """JSON Lines, plain or .gz/.zst: one object per line, the document in `text_field`.
+
+    Blank lines are empty documents (skipped downstream). Plain files are read by offset; compressed
+    ones are decompressed into memory once per process.
+    """
+
+    def __init__(self, files: list[epath.Path], text_field: str):
+        self._text_field = text_field
+        self._spans = []
+        for path in files:
+            starts, ends = _line_spans(_read_bytes(str(path)))
+            self._spans.append(np.stack([starts, ends], axis=1))
+        super().__init__(files, [len(s) for s in self._spans])
+        self._open_cache: dict[int, Any] = {}
+
+    def _raw_line(self, f: int, line: int) -> bytes:
+        start, end = (int(x) for x in self._spans[f][line])
+        path = self._files[f]
+        cache = self.__dict__.setdefault("_open_cache", {})
+        if path.endswith((".gz", ".zst")):
+            if f not in cache:
+                cache.clear()  # one decompressed file in memory at a time
+                cache[f] = _read_bytes(path)
+            return cache[f][start:end]
+        if f not in cache:
+            cache[f] = epath.Path(path).open("rb")
+        handle = cache[f]
+        handle.seek(start)
+        return handle.read(end - start)
+
+    def where(self, index: int) -> str:
+        f, line = self._locate(index)
+        return f"{self._files[f]}:{line + 1}"
+
+    def __getitem__(self, index: int) -> str:
+        f, line = self._locate(index)
+        raw = self._raw_line(f, line)
+        if not raw.strip():
+            return ""
+        where = f"{self._files[f]}:{line + 1}"
+        text = decode_utf8(raw, where)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CptjaxError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix "
+                              "the line or remove it") from None
+        if not isinstance(record, dict):
+            raise CptjaxError(f"{where}: expected a JSON object per line, got "
+                              f"{type(record).__name__}")
+        if self._text_field not in record:
+            fields = ", ".join(list(record)[:10]) or "none"
+            raise CptjaxError(f"{where}: no field {self._text_field!r} (fields: {fields}); set "
+                              "the source's text_field")
+        value = record[self._text_field]
+        if not isinstance(value, str):
+            raise CptjaxError(f"{where}: field {self._text_field!r} is a "
+                              f"{type(value).__name__}, expected a string")
+        return value
+
+
+class TextSource(_FileIndexed):
+    """Plain text: a whole file per document, or pieces between occurrences of `delimiter`."""
+
+    def __init__(self, files: list[epath.Path], delimiter: str | None):
+        self._delimiter = delimiter.encode("utf-8") if delimiter else None
+        self._spans = []
+        for path in files:
+            if self._delimiter is None:
+                self._spans.append(None)
+                continue
+            data = _read_bytes(str(path))
+            spans, start = [], 0
+            while True:
+                end = data.find(self._delimiter, start)
+                piece_end = len(data) if end < 0 else end
+                if data[start:piece_end].strip():
+                    spans.append((start, piece_end))
+                if end < 0:
+                    break
+                start = end + len(self._delimiter)
+            self._spans.append(np.asarray(spans, dtype=np.int64).reshape(-1, 2))
+        super().__init__(files, [1 if s is None else len(s) for s in self._spans])
+
+    def where(self, index: int) -> str:
+        f, piece = self._locate(index)
+        if self._spans[f] is None:
+            return self._files[f]
+        return f"{self._files[f]}: document {piece + 1} (byte {int(self._spans[f][piece][0])})"
+
+    def __getitem__(self, index: int) -> str:
+        f, piece = self._locate(index)
+        path = self._files[f]
+        if self._spans[f] is None:
+            return decode_utf8(_read_bytes(path), path)
+        start, end = (int(x) for x in self._spans[f][piece])
+        with epath.Path(path).open("rb") as handle:
+            handle.seek(start)
+            raw = handle.read(end - start)
+        return decode_utf8(raw, self.where(index))
+
+
+class ParquetSource(_FileIndexed):
+    """Parquet files (the HF hub's format): the string column `text_field`, one row per document."""
+
+    def __init__(self, files: list[epath.Path], text_field: str):
+        import pyarrow.parquet as pq
+
+        self._text_field = text_field
+        counts = []
+        for path in files:
+            try:
+                with epath.Path(path).open("rb") as handle:
+                    parquet = pq.ParquetFile(handle)
+                    schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+            except Exception as err:  # pyarrow raises several types for a bad file
+                raise CptjaxError(f"{path}: not a readable Parquet file ({err})") from None
+            if text_field not in schema.names:
+                raise CptjaxError(f"{path}: no column {text_field!r} (columns: "
+                                  f"{', '.join(schema.names[:10])}); set the source's text_field")
+            counts.append(rows)
+        super().__init__(files, counts)
+
+    def where(self, index: int) -> str:
+        f, row = self._locate(index)
+        return f"{self._files[f]}: row {row}"
+
+    def __getitem__(self, index: int) -> str:
+        import pyarrow.parquet as pq
+
+        f, row = self._locate(index)
+        cache = self.__dict__.setdefault("_open_cache", {})
+        if f not in cache:
+            cache.clear()  # one column in memory at a time
+            with epath.Path(self._files[f]).open("rb") as handle:
+                cache[f] = pq.read_table(handle, columns=[self._text_field]).column(0)
+        value = cache[f][row].as_py()
+        if isinstance(value, bytes):
+            return decode_utf8(value, self.where(index))
+        if value is not None and not isinstance(value, str):
+            raise CptjaxError(f"{self.where(index)}: column {self._text_field!r} holds "
+                              f"{type(value).__name__}, expected strings")
+        return value or ""
+
+
+def _array_record_source(files: list[epath.Path]):
+    import grain
+
+    for path in files:
+        if not path.is_file():
+            raise CptjaxError(f"{path}: expected an ArrayRecord file, found a folder")
+    try:
+        return grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    except Exception as err:  # array_record raises bare RuntimeErrors
+        raise CptjaxError(f"{', '.join(map(str, files[:3]))}: not readable as ArrayRecord "
+                          f"({err})") from None
+
+
+class ArrayRecordTextSource(DocumentSource):
+    """ArrayRecord files whose records are UTF-8 documents."""
+
+    def __init__(self, files: list[epath.Path]):
+        self._files = [str(f) for f in files]
+        self._source = _array_record_source(files)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def where(self, index: int) -> str:
+        return f"{self._files[0] if len(self._files) == 1 else 'ArrayRecord files'}: record {index}"
+
+    def __getitem__(self, index: int) -> str:
+        return decode_utf8(self._source[index], self.where(index))
+
+
+class TfdsSource(DocumentSource):
+    """A TFDS dataset read with `tfds.data_source` (ArrayRecord, random access, no TensorFlow)."""
+
+    def __init__(self, dataset: str, split: str, data_dir: str | None, text_field: str):
+        self._args = (dataset, split, data_dir)
+        self._text_field = text_field
+        self._open()
+        self._length = len(self._open_source)
+
+    def _open(self):
+        import tensorflow_datasets as tfds
+
+        dataset, split, data_dir = self._args
+        try:
+            self._open_source = tfds.data_source(dataset, split=split, data_dir=data_dir,
+                                                 download=False)
+        except Exception as err:  # tfds raises many types for a missing or unprepared dataset
+            raise CptjaxError(f"tfds {dataset} (split {split!r}, data_dir {data_dir}): cannot be "
+                              f"opened ({str(err).splitlines()[0]}); prepare it with TFDS first "
+                              "(downloads are off here) and check data_dir") from None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_open_source"}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def where(self, index: int) -> str:
+        dataset, split, _ = self._args
+        return f"tfds {dataset}[{split}]: example {index}"
+
+    def __getitem__(self, index: int) -> str:
+        if "_open_source" not in self.__dict__:
+            self._open()
+        record = self._open_source[index]
+        if self._text_field not in record:
+            raise CptjaxError(f"{self.where(index)}: no feature {self._text_field!r} (features: "
+                              f"{', '.join(record)}); set the source's text_field")
+        value = record[self._text_field]
+        if isinstance(value, np.ndarray):
+            value = value.item()
+        return decode_utf8(value, self.where(index)) if isinstance(value, bytes) else str(value)
+
+
+def open_source(config: InputConfig, key: str, tokenizer=None) -> DocumentSource:
+    """Opens `config`'s documents; `key` ("data.sources[0]") prefixes messages about its paths.
+
+    `tokenizer` (a `DocumentTokenizer`) is needed for "prepared", to refuse another tokenizer's ids.
+    """
+    if config.type == "tfds":
+        return TfdsSource(config.dataset, config.split, config.data_dir, config.text_field)
+    files = expand_paths(config.paths, key)
+    if config.type == "prepared":
+        from cptjax.data.prepare import PreparedSource
+
+        return PreparedSource(files, tokenizer, key)
+    directories = [f for f in files if f.is_dir()]
+    if directories:
+        raise CptjaxError(f"{key}.paths: {directories[0]} is a folder; give files or a glob such "
+                          f"as '{directories[0]}/*'")
+    if config.type == "jsonl":
+        return JsonlSource(files, config.text_field)
+    if config.type == "text":
+        return TextSource(files, config.delimiter)
+    if config.type == "parquet":
+        return ParquetSource(files, config.text_field)
+    if config.type == "arrayrecord":
+        return ArrayRecordTextSource(files)
+    raise CptjaxError(f"{key}.type: unknown source type {config.type!r}")

@@ -1,0 +1,123 @@
+"""Documents -> token ids with the model's own HF tokenizer and its family's BOS/EOS convention.
+
+The convention is read from the tokenizer, never from a model name: BOS is prepended when the
+tokenizer adds it itself (its post-processor or `add_bos_token`, as Llama's do; Qwen's do not), and
+the tokenizer's `eos_token` is appended to every document (Llama 3: <|end_of_text|>, Qwen base:
+<|endoftext|>), so the model learns where documents end.
+
+`DocumentTokenizer` pickles as a few ids and the tokenizer.json text, and runs the Rust tokenizer
+directly (batched), so Grain worker processes need neither transformers nor the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cptjax.errors import CptjaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """What a token stream depends on: the tokenizer's JSON, its BOS/EOS rule, and vocab size."""
+
+    path: str
+    tokenizer_json: str
+    bos_id: int | None
+    eos_id: int
+    vocab_size: int
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer's canonical JSON and the BOS/EOS rule: equal means equal ids."""
+        digest = hashlib.sha256(self.tokenizer_json.encode("utf-8"))
+        digest.update(json.dumps([self.bos_id, self.eos_id]).encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.vocab_size <= 2**16 else np.uint32)
+
+
+def load_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
+    """Reads an HF tokenizer folder (tokenizer.json + tokenizer_config.json) and its BOS/EOS rule."""
+    path = Path(tokenizer_dir)
+    if not (path / "tokenizer.json").is_file():
+        raise CptjaxError(f"{path}: no tokenizer.json (a fast HF tokenizer) in this folder; point "
+                          "data.tokenizer (or the model) at a folder saved by transformers")
+    import transformers
+
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # transformers raises many types for a broken folder
+        raise CptjaxError(f"{path}: transformers cannot load this tokenizer ({err})") from None
+    if not hf.is_fast:
+        raise CptjaxError(f"{path}: not a fast tokenizer; cptjax needs tokenizer.json")
+    if hf.eos_token_id is None:
+        raise CptjaxError(f"{path}: the tokenizer has no eos_token, so documents could not be "
+                          "ended; set eos_token in tokenizer_config.json")
+    probe = hf("a", add_special_tokens=True)["input_ids"]
+    adds_bos = hf.bos_token_id is not None and len(probe) > 0 and probe[0] == hf.bos_token_id
+    return TokenizerSpec(path=str(path), tokenizer_json=hf.backend_tokenizer.to_str(),
+                         bos_id=hf.bos_token_id if adds_bos else None, eos_id=hf.eos_token_id,
+                         vocab_size=len(hf))
+
+
+class DocumentTokenizer:
+    """Texts -> token ids (BOS? + text + EOS), batched in Rust; built lazily in each process."""
+
+    def __init__(self, spec: TokenizerSpec):
+        self.spec = spec
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {"spec": self.spec, "_tokenizer": None}
+
+    def _backend(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_str(self.spec.tokenizer_json)
+        return self._tokenizer
+
+    def _wrap(self, ids) -> np.ndarray:
+        bos = self.spec.bos_id is not None
+        out = np.empty(len(ids) + 1 + bos, dtype=np.int32)
+        if bos:
+            out[0] = self.spec.bos_id
+        out[bos:-1] = ids
+        out[-1] = self.spec.eos_id
+        return out
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """int32 ids per text; an empty text gives an empty array (no BOS/EOS)."""
+        encodings = self._backend().encode_batch_fast(texts, add_special_tokens=False)
+        return [self._wrap(e.ids) if text else np.zeros(0, np.int32)
+                for text, e in zip(texts, encodings)]
+
+    def encode_with_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, bytes per token): the UTF-8 bytes of `text` each token covers; BOS/EOS cover 0.
+
+        Each token is credited with the bytes up to the furthest character it reaches, so the
+        counts are >= 0 and sum to len(text.encode()) exactly, also where byte-level BPE splits
+        one character over several tokens (the first of them gets the character's bytes).
+        """
+        encoding = self._backend().encode(text, add_special_tokens=False)
+        ids = self._wrap(encoding.ids)
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        char_bytes = (1 + (codepoints >= 0x80) + (codepoints >= 0x800)
+                      + (codepoints >= 0x10000)).astype(np.int64)
+        bytes_before = np.concatenate([[0], np.cumsum(char_bytes)])  # [chars + 1]
+        ends = np.array([end for _, end in encoding.offsets], dtype=np.int64).reshape(-1)
+        reached = bytes_before[np.maximum.accumulate(ends)] if len(ends) else np.zeros(0, np.int64)
+        per_token = np.diff(np.concatenate([[0], reached]))
+        if len(per_token):
+            per_token[-1] += bytes_before[-1] - reached[-1]
+        counts = np.zeros(len(ids), dtype=np.int64)
+        bos = self.spec.bos_id is not None
+        counts[bos:bos + len(per_token)] = per_token
+        return ids, counts
