@@ -18,9 +18,14 @@ import yaml
 from cptjax.errors import CptjaxError
 
 
-def from_dict(cls, data: Any, prefix: str):
-    """Builds dataclass `cls` from `data`, a mapping; `prefix` names it in messages ('model')."""
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Builds dataclass `cls` from `data`, a mapping; `prefix` names it in messages ('data'), ''
+    for the root of a tree (messages then read 'training.steps: ...')."""
     return _convert(cls, data, prefix)
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
 
 
 def to_dict(obj) -> Any:
@@ -72,26 +77,29 @@ def _convert(tp, value: Any, key: str):
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise CptjaxError(f"{key}: expected a section (mapping), got {value!r}")
+            raise CptjaxError(f"{key or 'config'}: expected a section (mapping), got {value!r}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
         unknown = [k for k in value if k not in fields]
         if unknown:
             close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise CptjaxError(f"{key}.{unknown[0]}: unknown key{hint} Allowed: {', '.join(fields)}")
+            raise CptjaxError(f"{_join(key, str(unknown[0]))}: unknown key{hint} "
+                              f"Allowed: {', '.join(fields)}")
         kwargs = {}
         for name in fields:
             if name in value:
-                kwargs[name] = _convert(hints[name], value[name], f"{key}.{name}")
+                kwargs[name] = _convert(hints[name], value[name], _join(key, name))
             elif (fields[name].default is dataclasses.MISSING
                   and fields[name].default_factory is dataclasses.MISSING):
-                raise CptjaxError(f"{key}.{name}: required key is missing")
+                raise CptjaxError(f"{_join(key, name)}: required key is missing")
         try:
             return tp(**kwargs)
-        except CptjaxError as err:
+        except CptjaxError as err:  # the class's own checks; name the section unless they did
             message = str(err)
-            raise CptjaxError(message if message.startswith(key) else f"{key}: {message}") from None
+            if not key or message.startswith(key.split(".")[0].split("[")[0]):
+                raise
+            raise CptjaxError(f"{key}: {message}") from None
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise CptjaxError(f"{key}: {value!r} is not allowed; choose one of {_type_name(tp)}")

@@ -129,7 +129,7 @@ class MeshConfig:
         try:
             check_rules(self.rules)
         except CptjaxError as err:
-            raise CptjaxError(f"mesh.{err}") from None
+            raise CptjaxError(f"mesh.rules: {str(err).removeprefix('sharding rules: ')}") from None
 
     def axis_sizes(self, device_count: int) -> tuple[int, int, int]:
         sizes = [getattr(self, a) for a in MESH_AXES]

@@ -184,7 +184,7 @@ def config_from_dict(raw: dict) -> TrainConfig:
     if "total_steps" not in schedule and isinstance(training, dict) and "steps" in training:
         schedule["total_steps"] = training["steps"]
     raw["schedule"] = schedule
-    return from_dict(TrainConfig, raw, "config")
+    return from_dict(TrainConfig, raw)
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -1,0 +1,71 @@
+"""Bad configs fail fast, with one line naming the key, before the run folder is touched."""
+
+import time
+
+import pytest
+import yaml
+
+from cptjax.cli import main
+from trainer_helpers import raw_config
+
+
+def _write(tmp_path, raw):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _hf(tiny_hf):
+    return tiny_hf("llama-3.2-1b")
+
+
+BAD = [
+    ("unknown key", lambda r: r["training"].update(stpes=5), "training.stpes: unknown key; did you mean 'steps'?"),
+    ("wrong type", lambda r: r["training"].update(batch_size="four"), "training.batch_size: expected an integer"),
+    ("bad literal", lambda r: r["model"].update(remat="some"), "model.remat: 'some' is not allowed"),
+    ("mesh does not divide", lambda r: r.update(mesh={"data": 3}), "mesh: data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 1"),
+    ("batch vs data axes", lambda r: r["optimizer"].update(grad_accum_steps=3) if "optimizer" in r else r.update(optimizer={"grad_accum_steps": 3}),
+     "training.batch_size 4 is not divisible by optimizer.grad_accum_steps 3"),
+    ("seq_len too long", lambda r: r["training"].update(seq_len=100_000), "training.seq_len 100000 exceeds the model's max_position_embeddings (256)"),
+    ("missing model path", lambda r: r["model"].update(init_from="/no/such/model"), "model.init_from /no/such/model: no such folder"),
+    ("negative weight", lambda r: r["data"]["sources"][1].update(weight=-1), "data.sources[1].weight: must be >= 0"),
+    ("schedule", lambda r: r["schedule"].update(warmup=1000), "schedule"),
+]
+
+
+@pytest.mark.parametrize("name, edit, expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_fails_fast_before_writing(name, edit, expected, tiny_hf, tmp_path, capsys):
+    raw = raw_config(tmp_path / "run", _hf(tiny_hf))
+    edit(raw)
+    path = _write(tmp_path, raw)
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert main(["train", "--config", str(path)]) == 2
+    assert time.perf_counter() - started < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cptjax: error: ") and expected in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_overrides_and_config_show(tiny_hf, tmp_path, capsys):
+    path = _write(tmp_path, raw_config(tmp_path / "run", _hf(tiny_hf)))
+    capsys.readouterr()
+    assert main(["config", "show", "--config", str(path), "--set", "training.steps=7",
+                 "--set", "optimizer.z_loss=1e-4", "--set", "mesh.rules=[[vocab, null]]"]) == 2
+    assert "mesh.rules: logical axes" in capsys.readouterr().err  # a partial table is refused
+    assert main(["config", "show", "--config", str(path), "--set", "training.steps=7",
+                 "--set", "optimizer.z_loss=1e-4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["training"]["steps"] == 7 and shown["schedule"]["total_steps"] == 7
+    assert shown["optimizer"]["z_loss"] == 1e-4 and shown["mesh"]["rules"][0] == ["vocab", "tensor"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unrelated_non_empty_run_dir_is_refused(tiny_hf, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    path = _write(tmp_path, raw_config(tmp_path / "run", _hf(tiny_hf)))
+    capsys.readouterr()
+    assert main(["train", "--config", str(path)]) == 2
+    assert "run_dir" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
