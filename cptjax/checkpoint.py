@@ -141,7 +141,7 @@ class RunCheckpointer:
         self.directory = Path(directory)
         options = ocp.CheckpointManagerOptions(
             create=True, max_to_keep=keep_last, keep_period=keep_every,
-            enable_async_checkpointing=async_save)
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             PARAMS: ocp.PyTreeCheckpointHandler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
             MODEL_CONFIG: ocp.JsonCheckpointHandler(), TRAIN_META: ocp.JsonCheckpointHandler(),

@@ -1,0 +1,22 @@
+"""Runs the trainer on the stand-in data, in its own process (for signal tests).
+
+    python tests/train_worker.py CONFIG.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_helpers import CountingData  # noqa: E402
+
+from cptjax.train_config import config_from_dict  # noqa: E402
+from cptjax.trainer import run  # noqa: E402
+
+if __name__ == "__main__":
+    config = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
+    vocab = int(sys.argv[2]) if len(sys.argv) > 2 else 512
+    data = CountingData(vocab, config.training.batch_size, config.training.seq_len)
+    result = run(config, data=data, eval_sets={})
+    print(json.dumps({"final_step": result.final_step, "stopped_early": result.stopped_early,
+                      "origin": result.origin}), flush=True)
