@@ -79,16 +79,28 @@ def document_stream(source: DocumentSource, tokenizer: DocumentTokenizer | None,
                                                                     invalid_utf8))
     dataset = elements.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
     if num_workers and tokenizer is not None:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                                   per_worker_buffer_size=4))
+        dataset = with_workers(dataset, num_workers)
     iterator = iter(dataset)
     try:
         for items in iterator:
+            for item in items:  # fail as soon as a bad document is read, not when it is packed
+                if isinstance(item, Failed):
+                    raise CptjaxError(item.message)
             yield from items
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+
+
+def with_workers(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """`dataset` computed by `num_workers` Grain processes, elements still in order."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain reads absl flags; outside absl.app nobody parses them
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                            per_worker_buffer_size=4))
 
 
 class TrainPipeline:

@@ -103,7 +103,7 @@ def prepare_corpus(source: InputConfig, tokenizer_dir, out, *, num_shards: int =
     Any error (a bad file, line or document) leaves nothing at `out`: the folder appears only
     when complete.
     """
-    from cptjax.data.pipeline import DOCS_PER_READ, ReadDocuments
+    from cptjax.data.pipeline import DOCS_PER_READ, ReadDocuments, with_workers
 
     source.validate("input")
     if source.type == "prepared":
@@ -123,8 +123,7 @@ def prepare_corpus(source: InputConfig, tokenizer_dir, out, *, num_shards: int =
                .map(ReadDocuments(documents, tokenizer, invalid_utf8))
                .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)))
     if num_workers:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                                   per_worker_buffer_size=4))
+        dataset = with_workers(dataset, num_workers)
     from array_record.python.array_record_module import ArrayRecordWriter
 
     names = [f"tokens-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]

@@ -169,8 +169,8 @@ class JsonlSource(_FileIndexed):
         try:
             record = json.loads(text)
         except json.JSONDecodeError as err:
-            raise CptjaxError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix "
-                              "the line or remove it") from None
+            raise CptjaxError(f"{where}: malformed JSON at column {err.colno} "
+                              f"({err.msg}); fix the line or remove it") from None
         if not isinstance(record, dict):
             raise CptjaxError(f"{where}: expected a JSON object per line, got "
                               f"{type(record).__name__}")
