@@ -1,0 +1,57 @@
+"""Held-out sets: fixed batches, and byte counts that make bits per byte exact."""
+
+import numpy as np
+from data_helpers import STDLIB, assert_batches_equal, corpus_files, stdlib_files, tokenizer_dir, \
+    wiki_articles
+from transformers import AutoTokenizer
+
+from cptjax.data.config import DataConfig, EvalSetConfig, SourceConfig
+from cptjax.data.eval_sets import build_eval_sets
+
+
+def _config() -> DataConfig:
+    wiki = str(corpus_files()["wiki_jsonl"])
+    return DataConfig(
+        sources=(SourceConfig(name="wiki", type="jsonl", paths=(wiki,)),),
+        eval_sets=(EvalSetConfig(name="general", type="jsonl", paths=(wiki,), max_docs=12),
+                   EvalSetConfig(name="domain", type="text", paths=(str(STDLIB / "json" / "*.py"),))))
+
+
+def _sets(style="llama", process_index=0, process_count=1):
+    return build_eval_sets(_config(), tokenizer_dir(style), seq_len=128, batch_size=4,
+                           process_index=process_index, process_count=process_count)
+
+
+def test_eval_sets_are_fixed_and_count_every_byte():
+    sets = _sets()
+    assert list(sets) == ["general", "domain"]
+    for name, batches in _sets().items():
+        assert_batches_equal(batches, sets[name])
+        for batch in batches:
+            assert batch["num_bytes"].dtype == np.float32 and batch["num_bytes"].shape == (4,)
+            assert batch["inputs"].shape == (4, 128)
+    # with BOS (Llama), every byte of every document is in exactly one target token
+    general = sum(b["num_bytes"].sum() for b in sets["general"])
+    assert general == sum(len(t.encode("utf-8")) for t in wiki_articles()[:12])
+    domain = sum(b["num_bytes"].sum() for b in sets["domain"])
+    assert domain == sum(len(p.read_bytes()) for p in stdlib_files("json/*.py"))
+    # only the last batch is padded
+    assert all((b["segment_ids"] > 0).all() for b in sets["domain"][:-1])
+
+
+def test_eval_bytes_without_bos_leave_out_each_first_token():
+    sets = _sets("qwen")
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir("qwen"))
+    texts = wiki_articles()[:12]
+    first = sum(len(hf.decode(hf(t)["input_ids"][:1]).encode("utf-8")) for t in texts)
+    total = sum(b["num_bytes"].sum() for b in sets["general"])
+    assert total == sum(len(t.encode("utf-8")) for t in texts) - first
+
+
+def test_processes_split_each_batch():
+    whole = _sets()["domain"]
+    halves = [_sets(process_index=p, process_count=2)["domain"] for p in (0, 1)]
+    for i, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(
+                batch[key], np.concatenate([halves[0][i][key], halves[1][i][key]]), err_msg=key)
