@@ -15,6 +15,7 @@ Grain stream from that index, so the batches continue exactly, with any number o
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -126,6 +127,8 @@ class TrainPipeline:
                          for i in range(len(sources))]
         self._step = 0
         self._tokens = np.zeros(len(sources), dtype=np.int64)
+        self._stage_tokens = np.zeros(len(sources), dtype=np.int64)  # since the stage began
+        self._stage_starts = {start for start, _ in config.stage_weights()}
         self._padding = 0
         self._state = self._snapshot()
         self._queue: queue.Queue | None = None
@@ -154,6 +157,8 @@ class TrainPipeline:
                     f"{self._where(s)}: all of this source's documents have been used "
                     f"(on_exhaustion: stop), before step {self._step}; the run ends here. Set "
                     "on_exhaustion: repeat for another epoch, add documents, or train fewer steps")
+        if self._step in self._stage_starts:
+            self._stage_tokens[:] = 0
         first_row = self._step * self.rows
         chosen = self._selection.sources_of(first_row, self.rows)
         tokens = np.zeros((self.rows, self.seq_len + 1), dtype=np.int32)
@@ -165,6 +170,7 @@ class TrainPipeline:
             tokens[r], segments[r] = row[0], row[1]
             real = int((row[1][:-1] > 0).sum())
             self._tokens[s] += real
+            self._stage_tokens[s] += real
             self._padding += self.seq_len - real
         self._padding += self.seq_len * int(sum(1 for r in range(self.rows) if not segments[r].any()))
         self._step += 1
@@ -187,6 +193,7 @@ class TrainPipeline:
             "step": self._step,
             "streams": [p.get_state() for p in self._packers],
             "tokens": [int(t) for t in self._tokens],
+            "stage_tokens": [int(t) for t in self._stage_tokens],
             "padding": int(self._padding),
         }
 
@@ -248,7 +255,8 @@ class TrainPipeline:
         {"version", "process_index", "process_count", "batch_size", "seq_len", "seed",
          "tokenizer" (fingerprint), "sources" (names), "num_docs" (per source), "step" (batches
          returned), "streams" (per source: {"doc", "offset", "skipped", "exhausted"}),
-         "tokens" (per source, non-padding tokens returned), "padding"}. Each process saves its own.
+         "tokens" (per source, non-padding tokens returned), "stage_tokens" (the same since the
+         current stage began), "padding"}. Each process saves its own.
         """
         return _copy_state(self._state)
 
@@ -260,6 +268,7 @@ class TrainPipeline:
             packer.set_state(stream)
         self._step = int(state["step"])
         self._tokens = np.asarray(state["tokens"], dtype=np.int64)
+        self._stage_tokens = np.asarray(state["stage_tokens"], dtype=np.int64)
         self._padding = int(state["padding"])
         self._state = _copy_state(state)
 
@@ -310,11 +319,24 @@ class TrainPipeline:
         return {name: dict(s["skipped"]) for name, s in zip(self.source_names,
                                                             self._state["streams"])}
 
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for the training log, this process: per source the realized token share
+        over the run and within the current stage, next to the stage's weight; packing; skips."""
+        step = max(self._state["step"] - 1, 0)
+        weights = [w for start, w in self.config.stage_weights() if start <= step][-1]
+        stage_total = sum(self._state["stage_tokens"]) or 1
+        out = {"data/packing_efficiency": self.packing_efficiency()}
+        for i, (name, share) in enumerate(self.realized_shares().items()):
+            out[f"data/share/{name}"] = share
+            out[f"data/stage_share/{name}"] = self._state["stage_tokens"][i] / stage_total
+            out[f"data/weight/{name}"] = weights[i]
+        for name, skipped in self.skipped_documents().items():
+            out[f"data/skipped/{name}"] = float(sum(skipped.values()))
+        return out
+
 
 def _copy_state(state: dict) -> dict:
-    import copy
-
-    return copy.deepcopy(state)
+    return json.loads(json.dumps(state))
 
 
 def build_train_pipeline(config: DataConfig, tokenizer_dir, *, seq_len: int, batch_size: int,
