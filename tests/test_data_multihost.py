@@ -20,7 +20,7 @@ from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, re
     tokenizer_dir, wiki_articles  # noqa: E402
 
 from cptjax.data.config import DataConfig, SourceConfig  # noqa: E402
-from cptjax.data.pipeline import build_train_pipeline  # noqa: E402
+from cptjax.data.pipeline import build_train_pipeline, gather_states  # noqa: E402
 from cptjax.errors import CptjaxError  # noqa: E402
 
 
@@ -46,10 +46,14 @@ def _worker(port: int, process_id: int, tokenizer: str, wiki: str, out: str) -> 
     pipeline = build(_mixture(wiki))
     collect(pipeline, 11)
     state = json.loads(json.dumps(pipeline.get_state()))
+    all_states = json.loads(json.dumps(gather_states(state)))  # what process 0 would checkpoint
+    assert all_states[index] == state and len(all_states) == 2
     expected = collect(pipeline, 50)
-    restored = build(_mixture(wiki))
-    restored.set_state(state)
-    assert_batches_equal(collect(restored, 50), expected)
+    for saved in (state, all_states):  # its own state, or every process's
+        restored = build(_mixture(wiki))
+        restored.set_state(saved)
+        assert_batches_equal(collect(restored, 50), expected)
+        restored.close()
     result["rows"] = int(expected[0]["inputs"].shape[0])
     tokens = np.asarray(list(pipeline.token_counts().values()), dtype=np.int64)
     result["global_tokens"] = multihost_utils.process_allgather(tokens).sum(axis=0).tolist()
@@ -58,7 +62,6 @@ def _worker(port: int, process_id: int, tokenizer: str, wiki: str, out: str) -> 
     except CptjaxError as err:
         result["wrong_process_error"] = str(err)
     pipeline.close()
-    restored.close()
 
     # One epoch of a "stop" source: the documents this process saw.
     epoch = build(DataConfig(sources=(SourceConfig(name="wiki", type="jsonl", paths=(wiki,),

@@ -69,6 +69,8 @@ def test_state_from_another_setup_is_refused():
     with pytest.raises(CptjaxError, match=r"saved with 1 data-loading processes \(hosts\), this run "
                        r"has 2.*Resume on 1 processes, or start the data stream afresh"):
         _pipeline(_config(), process_count=2).set_state(state)
+    with pytest.raises(CptjaxError, match=r"saved with 1 data-loading processes"):
+        _pipeline(_config(), process_count=2).set_state([state])
     with pytest.raises(CptjaxError, match=r"data state: batch_size was 8 when it was saved, now 16"):
         _pipeline(_config(), batch_size=16).set_state(state)
     with pytest.raises(CptjaxError, match=r"data state: seed was 7 when it was saved, now 8"):

@@ -260,8 +260,22 @@ class TrainPipeline:
         """
         return _copy_state(self._state)
 
-    def set_state(self, state: dict) -> None:
-        """Continues exactly after the batch the state was taken at; refuses a state it cannot honour."""
+    def set_state(self, state: dict | list[dict]) -> None:
+        """Continues exactly after the batch the state was taken at; refuses a state it cannot honour.
+
+        `state` is this process's own state, or the list of every process's (`gather_states`),
+        from which it takes its own: a checkpoint written by one process can restore them all.
+        """
+        if isinstance(state, list):
+            if len(state) != self.process_count:
+                raise CptjaxError(
+                    f"data state: saved with {len(state)} data-loading processes (hosts), this run "
+                    f"has {self.process_count}; each process reads its own share of the documents, "
+                    f"so the stream cannot continue exactly. Resume on {len(state)} processes, or "
+                    "start the data stream afresh (a new document order; some documents will be "
+                    "seen again)")
+            state = next((s for s in state if s.get("process_index") == self.process_index),
+                         state[self.process_index])
         self._check_state(state)
         self._halt()
         for packer, stream in zip(self._packers, state["streams"]):
@@ -333,6 +347,23 @@ class TrainPipeline:
         for name, skipped in self.skipped_documents().items():
             out[f"data/skipped/{name}"] = float(sum(skipped.values()))
         return out
+
+
+def gather_states(state: dict) -> list[dict]:
+    """Every process's data state, in process order, on every process (a collective: all processes
+    call it at the same step). Save the list in the checkpoint; `set_state` picks its own entry."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(raw)]))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), dtype=np.uint8)
+    padded[:len(raw)] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, lengths)]
 
 
 def _copy_state(state: dict) -> dict:
