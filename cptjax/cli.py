@@ -13,8 +13,11 @@ def _parser() -> argparse.ArgumentParser:
                                      "Llama-family models in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the main job on its embedded default (tiny model)")
+    demo = commands.add_parser("demo", help="run the whole CPT job on its embedded default (tiny model, CPU)")
     demo.add_argument("--workdir", help="folder for the demo's files (default: a new temporary folder)")
+    demo.add_argument("--data-dir", help="the repository's data/ folder (found automatically in a clone)")
+    demo.add_argument("--base-steps", type=int, default=200, help="steps of base pretraining")
+    demo.add_argument("--cpt-steps", type=int, default=100, help="steps of continued pretraining")
 
     train = commands.add_parser("train", help="continue pretraining a model (resumes its own run)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> None:
     if args.command == "demo":
         from cptjax.demo import run_demo
-        run_demo(args.workdir)
+        run_demo(args.workdir, data_dir=args.data_dir, base_steps=args.base_steps, cpt_steps=args.cpt_steps)
     elif args.command == "train":
         from cptjax.train_config import load_config
         from cptjax.trainer import run

@@ -1,98 +1,185 @@
-"""`cptjax demo`: the main job on an embedded default, runnable on any laptop in seconds.
+"""`cptjax demo`: the whole continued-pretraining job on a laptop-sized default, in a few minutes.
 
-For now it is the conversion round trip on a tiny random Llama-3.2-shaped model:
-HF folder -> cptjax checkpoint -> HF folder, checking that the weights come back bit-exact and that
-cptjax (and transformers, when torch is installed) give the same logits on every copy.
+1. Trains a byte-level BPE tokenizer on the bundled English corpora and Python's own sources.
+2. Pretrains a tiny Llama-style base model from scratch on English (WikiText-2, the Jargon File)
+   and exports it as a Hugging Face checkpoint: the "base model from the hub".
+3. Continues pretraining that HF checkpoint on a code domain (the Python standard library) with
+   10% English replay, re-warming to 10% of the base's peak learning rate, and evaluates held-out
+   code (adaptation) and held-out English (forgetting) as it goes.
+4. Exports the adapted model back to Hugging Face format (checked with transformers when torch is
+   installed) and prints the before/after table.
+
+Everything lands in one work folder: each run's config.yaml, logs/metrics.jsonl,
+logs/tensorboard/ and checkpoints/, and the HF folders base_hf/ and cpt_hf/.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sysconfig
 import tempfile
 from pathlib import Path
 
-import jax
-import numpy as np
-from flax import nnx
+from cptjax.errors import CptjaxError
 
-from cptjax.convert import hf_to_orbax, orbax_to_hf
-from cptjax.hf_convert import write_hf_dir
-from cptjax.hf_parity import torch_available
-from cptjax.model import Llama
-from cptjax.model_config import ModelConfig
-from cptjax.pretrained import load_model
-from cptjax.safetensors_io import SafetensorsFile
-
-# Llama-3.2-1B's config.json with every size shrunk; the structure (GQA, head_dim, llama3 rope
-# scaling, tied embeddings) is kept.
-DEMO_HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
-    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
-    "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 1024,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-    "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
-    "bos_token_id": 1, "eos_token_id": 2,
+CORPORA = ("wikitext-2/valid.txt", "jargon/jargon.txt")
+# The base model: Llama-3.2's structure (GQA, tied embeddings, explicit head_dim), tiny sizes.
+DEMO_MODEL = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+    "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 32, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
 }
+CODE_HELDOUT = ("json/*.py",)  # a package; training uses the top-level modules only
+BASE_PEAK_LR = 3e-3
 
 
-def _lookup(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
+def find_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The bundled corpora: --data-dir, else the repository's data/ folder, else ./data."""
+    candidates = [Path(data_dir)] if data_dir else [Path(__file__).resolve().parents[1] / "data",
+                                                    Path.cwd() / "data"]
+    for folder in candidates:
+        if all((folder / name).is_file() for name in CORPORA):
+            return folder
+    raise CptjaxError(f"demo corpora not found in {', '.join(map(str, candidates))}; run from a clone "
+                      "of the cptjax repository or pass --data-dir to its data/ folder")
 
 
-def _tensors_equal(dir_a: Path, dir_b: Path) -> int:
-    """Compares every tensor of two HF folders byte for byte; returns how many were compared."""
-    def load(folder):
-        out = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            st = SafetensorsFile(file)
-            out.update({name: st.read(name) for name in st.tensors})
-        return out
-    a, b = load(dir_a), load(dir_b)
-    if a.keys() != b.keys():
-        raise AssertionError(f"tensor names differ: {sorted(a.keys() ^ b.keys())}")
-    for name in a:
-        if a[name].dtype != b[name].dtype or a[name].tobytes() != b[name].tobytes():
-            raise AssertionError(f"tensor {name} differs after the round trip")
-    return len(a)
+def _stdlib() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
-def run_demo(workdir: str | Path | None = None, echo=print) -> dict:
-    """Runs the round trip in `workdir` (a fresh temporary folder by default); returns the results."""
-    if workdir is None:
-        workdir = Path(tempfile.mkdtemp(prefix="cptjax-demo-"))
-    workdir = Path(workdir)
-    config = ModelConfig.from_hf_config(DEMO_HF_CONFIG, "the demo config")
-    model = Llama(config, rngs=nnx.Rngs(0))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    source = workdir / "hf_source"
-    source.mkdir(parents=True)
-    write_hf_dir(source, config, lambda path: _lookup(params, path), dtype="float32")
-    echo(f"1. wrote a random {sum(a.size for a in jax.tree.leaves(params)):,}-parameter "
-         f"{config.hf_architecture} to {source}")
-
-    checkpoint = hf_to_orbax(source, workdir / "checkpoint")
-    echo(f"2. converted it to a cptjax (Orbax) checkpoint: {checkpoint}")
-    result = orbax_to_hf(checkpoint, workdir / "hf_export", dtype="float32", verify=torch_available())
-    echo(f"3. exported it back to Hugging Face format: {result.out} ({', '.join(result.files)})")
-
-    compared = _tensors_equal(source, result.out)
-    echo(f"4. all {compared} tensors are bit-identical after HF -> Orbax -> HF")
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(2, 96))
-    logits = [np.asarray(load_model(p).logits(tokens)) for p in (source, checkpoint, result.out)]
-    diff = max(float(np.max(np.abs(logits[0] - other))) for other in logits[1:])
-    echo(f"5. cptjax logits from the source, the checkpoint and the export agree (max diff {diff:.1e})")
-    if result.max_logit_diff is not None:
-        echo(f"6. transformers loads the export; its logits differ from cptjax's by at most "
-             f"{result.max_logit_diff:.1e}")
-    else:
-        echo("6. transformers check skipped: torch is not installed (pip install torch to run it)")
-    return {"workdir": str(workdir), "tensors": compared, "cptjax_logit_diff": diff,
-            "transformers_logit_diff": result.max_logit_diff}
+def english_documents(data_dir: Path) -> list[str]:
+    wiki = (data_dir / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    articles = [a.strip("\n") for a in re.split(r"\n(?= = [^=].* = \n)", wiki) if a.strip()]
+    jargon = (data_dir / "jargon" / "jargon.txt").read_text(encoding="utf-8")
+    entries = [p for p in jargon.split("\n\n") if len(p) > 200]
+    return articles + entries
 
 
-if __name__ == "__main__":
-    print(json.dumps(run_demo(), indent=2))
+def write_corpora(workdir: Path, data_dir: Path) -> dict:
+    """JSON Lines for English (train / held out, split by document) and globs for the code."""
+    english = english_documents(data_dir)
+    heldout = english[::10]  # every tenth document, so both sides see both corpora
+    train = [d for i, d in enumerate(english) if i % 10]
+    paths = {}
+    for name, docs in (("english_train", train), ("english_heldout", heldout)):
+        path = workdir / "corpora" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        paths[name] = str(path)
+    paths["code_train"] = [str(_stdlib() / "*.py")]
+    paths["code_heldout"] = [str(_stdlib() / pattern) for pattern in CODE_HELDOUT]
+    return paths
+
+
+def train_tokenizer(out: Path, data_dir: Path, vocab_size: int = 4096) -> Path:
+    """Byte-level BPE with Llama 3's conventions (BOS added, EOS ends documents), saved for HF."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    sample = english_documents(data_dir)[:400]
+    sample += [p.read_text(encoding="utf-8", errors="replace") for p in sorted(_stdlib().glob("*.py"))[:60]]
+    tokenizer.train_from_iterator(sample, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[bos, eos, pad], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tokenizer.token_to_id(bos))])])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,
+                            pad_token=pad).save_pretrained(out)
+    return out
+
+
+def _eval_sets(corpora: dict) -> list[dict]:
+    return [{"name": "code", "type": "text", "paths": corpora["code_heldout"]},
+            {"name": "english", "type": "jsonl", "paths": [corpora["english_heldout"]], "max_docs": 12}]
+
+
+def base_config(workdir: Path, corpora: dict, tokenizer: Path, steps: int) -> dict:
+    return {
+        "run_dir": str(workdir / "base_run"),
+        "model": {"hf_config": str(workdir / "base_config.json"), "tokenizer": str(tokenizer),
+                  "compute_dtype": "float32"},
+        "data": {"sources": [{"name": "english", "type": "jsonl", "paths": [corpora["english_train"]]}],
+                 "eval_sets": _eval_sets(corpora), "seed": 0},
+        "training": {"steps": steps, "batch_size": 8, "seq_len": 128, "seed": 0},
+        "schedule": {"kind": "warmup_cosine", "peak_lr": BASE_PEAK_LR, "warmup": 0.05,
+                     "end_lr": BASE_PEAK_LR / 10},
+        "optimizer": {"weight_decay": 0.1},
+        "checkpoint": {"every": steps, "keep_last": 1},
+        "eval": {"every": max(steps // 2, 1)},
+        "logging": {"every": max(steps // 10, 1)},
+    }
+
+
+def cpt_config(workdir: Path, corpora: dict, base_hf: Path, steps: int, replay: float = 0.1) -> dict:
+    """The CPT recipe: re-warm to ~10% of the original peak (2% warmup), cosine re-decay, and
+    replay of general text, with both sides evaluated throughout."""
+    peak = BASE_PEAK_LR / 10
+    return {
+        "run_dir": str(workdir / "cpt_run"),
+        "model": {"init_from": str(base_hf), "compute_dtype": "float32"},
+        "data": {"sources": [
+            {"name": "code", "type": "text", "paths": corpora["code_train"], "weight": 1 - replay},
+            {"name": "english_replay", "type": "jsonl", "paths": [corpora["english_train"]], "weight": replay}],
+            "eval_sets": _eval_sets(corpora), "seed": 1},
+        "training": {"steps": steps, "batch_size": 8, "seq_len": 128, "seed": 0},
+        "schedule": {"kind": "warmup_cosine", "peak_lr": peak, "warmup": 0.02, "end_lr": peak / 10},
+        "checkpoint": {"every": max(steps // 2, 1), "keep_last": 2},
+        "eval": {"every": max(steps // 4, 1)},
+        "logging": {"every": max(steps // 10, 1)},
+    }
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
+def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None = None,
+             base_steps: int = 200, cpt_steps: int = 100, echo=print) -> dict:
+    """Runs the four stages in `workdir` (a new temporary folder by default); returns the results."""
+    from cptjax.convert import orbax_to_hf
+    from cptjax.hf_parity import torch_available
+    from cptjax.train_config import config_from_dict
+    from cptjax.trainer import run
+
+    data_dir = find_data_dir(data_dir)
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="cptjax-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpora = write_corpora(workdir, data_dir)
+    tokenizer = train_tokenizer(workdir / "tokenizer", data_dir)
+    vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    (workdir / "base_config.json").write_text(json.dumps(
+        dict(DEMO_MODEL, vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)))
+    echo(f"1. tokenizer ({vocab} tokens) trained on the bundled English and Python's sources: {tokenizer}")
+
+    base = run(config_from_dict(base_config(workdir, corpora, tokenizer, base_steps)))
+    base_hf = orbax_to_hf(workdir / "base_run" / "checkpoints", workdir / "base_hf").out
+    echo(f"2. pretrained a base model from scratch on English ({base.final_step} steps) and "
+         f"exported it to Hugging Face format: {base_hf}")
+
+    cpt = run(config_from_dict(cpt_config(workdir, corpora, base_hf, cpt_steps)))
+    evals = _evals(workdir / "cpt_run")
+    before, after = evals[0], evals[-1]
+    echo(f"3. continued pretraining on Python code with 10% English replay ({cpt.final_step} steps, "
+         f"re-warmed to lr {BASE_PEAK_LR / 10:g}):")
+    echo(f"   {'held-out set':<14}{'before':>10}{'after':>10}   (loss in nats/token; bits per byte)")
+    for name, role in (("code", "adaptation"), ("english", "forgetting")):
+        echo(f"   {name:<14}{before[name]['loss']:>10.3f}{after[name]['loss']:>10.3f}   {role}; "
+             f"bpb {before[name]['bits_per_byte']:.3f} -> {after[name]['bits_per_byte']:.3f}")
+    export = orbax_to_hf(workdir / "cpt_run" / "checkpoints", workdir / "cpt_hf", verify=torch_available())
+    check = (f"transformers loads it, logits within {export.max_logit_diff:.1e} of cptjax"
+             if export.max_logit_diff is not None else "install torch to check it with transformers")
+    echo(f"4. exported the adapted model to Hugging Face format: {export.out} ({check})")
+    echo(f"   logs: {workdir / 'cpt_run' / 'logs'} (metrics.jsonl, tensorboard/); "
+         f"checkpoints: {workdir / 'cpt_run' / 'checkpoints'}")
+    return {"workdir": str(workdir), "before": before, "after": after,
+            "transformers_logit_diff": export.max_logit_diff, "cpt_steps": cpt.final_step}
