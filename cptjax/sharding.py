@@ -181,3 +181,14 @@ def param_shardings(abstract_model, mesh: Mesh, rules: Rules) -> dict:
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Where a [B, L] batch array lives: rows over the data-parallel axes."""
     return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"), rules))
+
+
+def optimizer_state_shardings(abstract_opt_state, params_shardings: dict, mesh: Mesh):
+    """Optimizer-state shardings by structure: every subtree shaped like the params (Adam's mu and
+    nu) is sharded like them; everything else (step counts) is replicated on the mesh. Shardings
+    propagated by the compiler can leave such scalars committed to one device."""
+    params_def = jax.tree.structure(params_shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    like_params = lambda node: jax.tree.structure(node) == params_def  # noqa: E731
+    return jax.tree.map(lambda node: params_shardings if like_params(node) else replicated,
+                        abstract_opt_state, is_leaf=like_params)

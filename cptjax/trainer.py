@@ -35,7 +35,8 @@ from cptjax.model_config import ModelConfig, read_hf_config
 from cptjax.optimizer import build_optimizer
 from cptjax.progress import progress_bar
 from cptjax.schedules import make_schedule
-from cptjax.sharding import activation_sharding, batch_sharding, make_mesh, param_shardings
+from cptjax.sharding import (activation_sharding, batch_sharding, make_mesh, optimizer_state_shardings,
+                             param_shardings)
 from cptjax.train_config import TrainConfig, config_to_dict, dump_yaml
 from cptjax.train_step import StepConfig, eval_step, train_step
 
@@ -128,6 +129,13 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def agreed(self) -> bool:
+        """True on every process once any process got SIGTERM (they must save the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -155,7 +163,8 @@ def run(config: TrainConfig, *, max_steps: int | None = None, data=None, eval_se
         nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
     optimizer = build_optimizer(config.optimizer, config.schedule)
     schedule = make_schedule(config.schedule)
-    opt_shardings = jax.jit(optimizer.init).lower(abstract_params).compile().output_shardings
+    opt_shardings = optimizer_state_shardings(jax.eval_shape(optimizer.init, abstract_params),
+                                              p_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
 
@@ -319,6 +328,10 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
         return True
 
     def save(step, data_state, force=False):
+        if jax.process_count() > 1:
+            # Orbax writes JSON from process 0 only: keep every process's data position.
+            from cptjax.data.pipeline import gather_states
+            data_state = gather_states(data_state)
         meta = {"step": step, "data_state": data_state, "origin": origin,
                 "learning_rate_next": float(schedule(step)), "time": time.time()}
         checkpointer.save(step, state, meta, model_config, config_to_dict(config), force=force)
@@ -332,7 +345,8 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
                 break
             pending = (step, metrics, data_state)
             last = step == end
-            due_save = step % config.checkpoint.every == 0 or last or preemption.requested
+            preempted = preemption.agreed()
+            due_save = step % config.checkpoint.every == 0 or last or preempted
             if due_save or step % config.eval.every == 0:
                 ok = finish(pending)  # a checkpoint or eval must never follow an unchecked NaN
                 pending = None
@@ -341,8 +355,8 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
                 if step % config.eval.every == 0 and eval_sets:
                     evaluate(step)
                 if due_save:
-                    save(step, data_state, force=preemption.requested)
-            if preemption.requested:
+                    save(step, data_state, force=preempted)
+            if preempted:
                 stopped = f"SIGTERM at step {step}: checkpoint saved, exiting"
                 logger.message(f"cptjax train: {stopped}")
                 break
