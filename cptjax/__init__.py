@@ -1,9 +1,23 @@
-"""cptjax: continued pretraining of Llama-family models in JAX, with Hugging Face weights in and out."""
+"""cptjax: continued pretraining of Llama-family models in JAX, with Hugging Face weights in and out.
 
-from cptjax.errors import CptjaxError
-from cptjax.model import Llama
-from cptjax.model_config import ModelConfig
-from cptjax.pretrained import PretrainedModel, load_model
+The names below load on first use, so that processes which only read data (Grain workers) do not
+pay for importing JAX and Flax.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["CptjaxError", "Llama", "ModelConfig", "PretrainedModel", "load_model", "__version__"]
+_EXPORTS = {
+    "CptjaxError": "cptjax.errors",
+    "Llama": "cptjax.model",
+    "ModelConfig": "cptjax.model_config",
+    "PretrainedModel": "cptjax.pretrained",
+    "load_model": "cptjax.pretrained",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cptjax' has no attribute {name!r}")

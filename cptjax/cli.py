@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     to_hf.add_argument("--verify", action="store_true",
                        help="load the export with transformers (needs torch) and report the logit difference")
+    from cptjax.data.cli import add_data_commands
+    add_data_commands(commands)
     return parser
 
 
@@ -59,6 +61,9 @@ def _run(args) -> None:
     elif args.command == "config":
         from cptjax.train_config import dump_yaml, load_config
         print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    elif args.command == "data":
+        from cptjax.data.cli import run_data_command
+        run_data_command(args)
     elif args.direction == "hf-to-orbax":
         from cptjax.convert import hf_to_orbax
         out = hf_to_orbax(args.hf_dir, args.out)
