@@ -69,3 +69,22 @@ def test_an_unrelated_non_empty_run_dir_is_refused(tiny_hf, tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     assert "run_dir" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+def test_batch_not_divisible_by_the_data_axes_on_two_devices(tiny_hf, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    raw = raw_config(tmp_path / "run", _hf(tiny_hf), training={"batch_size": 3}, mesh={"data": -1})
+    path = _write(tmp_path, raw)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "cptjax.cli", "train", "--config", str(path)],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                     XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert time.perf_counter() - started < 30  # includes starting Python and JAX
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "training.batch_size 3 must be divisible by the data-parallel ways" in last
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

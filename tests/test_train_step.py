@@ -125,3 +125,23 @@ def test_decay_mask_spares_norms_and_biases():
     updates, _ = optimizer.update(zero, optimizer.init(params), params)
     assert float(jnp.abs(updates["layers"]["input_layernorm"]).max()) == 0.0  # no decay on norms
     assert float(jnp.abs(updates["layers"]["q_proj"]).max()) > 0.0
+
+
+def test_z_loss_adds_its_term_to_the_objective():
+    cfg, graphdef, params = _tiny_state()
+    batch = packed_batch([[np.arange(1, 12)], [np.arange(20, 35)]], 16)
+    from cptjax.train_step import token_losses
+
+    def reference(p, coefficient):
+        nll, log_z = token_losses(graphdef, p, batch)
+        mask = batch["loss_mask"]
+        return ((nll + coefficient * log_z ** 2) * mask).sum() / mask.sum()
+
+    for coefficient in (0.0, 1e-2):
+        loss, grads, sums = loss_and_grads(graphdef, params, batch, StepConfig(num_sources=1, z_loss=coefficient))
+        expected = jax.grad(reference)(params, coefficient)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 1e-5 * np.linalg.norm(np.asarray(b))
+        assert float(sums["z"]) > 0
+    # the reported loss is the plain NLL, with or without the z-loss term in the gradient
+    assert float(loss) == pytest.approx(float(reference(params, 0.0)), rel=1e-6)
