@@ -97,7 +97,7 @@ def test_two_processes_share_the_data_and_resume_exactly(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
     results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     assert [r["process_index"] for r in results] == [0, 1]

@@ -90,7 +90,7 @@ def test_batch_contract():
     assert pipeline.source_names == ("code", "wiki")
     for batch in collect(pipeline, 20):
         assert tuple(batch) == BATCH_KEYS
-        for key, dtype in zip(BATCH_KEYS, ("int32", "int32", "float32", "int32", "int32", "int32")):
+        for key, dtype in zip(BATCH_KEYS, ("int32", "int32", "float32", "int32", "int32", "int32"), strict=True):
             assert batch[key].dtype == dtype and batch[key].shape == (8, 96), key
         seg = batch["segment_ids"]
         # targets are the next inputs within a row

@@ -30,5 +30,5 @@ def test_eight_device_mesh_matches_one_device():
     assert mesh["q_proj_shards"] == 4
     assert len(single["losses"]) == 4 and single["losses"][0] > single["losses"][-1]
     # Sharded reductions sum in another order: float32 noise only, far below a step's change.
-    for a, b in zip(single["losses"], mesh["losses"]):
+    for a, b in zip(single["losses"], mesh["losses"], strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)

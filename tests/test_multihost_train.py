@@ -38,7 +38,7 @@ def _train_both(config_path, steps):
         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"))
         for i in range(2)]
     outputs = [p.communicate(timeout=420) for p in processes]
-    for p, (out, err) in zip(processes, outputs):
+    for p, (out, err) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, _summary(err)
     return [out + err for out, err in outputs]
 

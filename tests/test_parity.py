@@ -102,7 +102,7 @@ def test_remat_changes_nothing(remat):
     loss_a, grads_a = nnx.value_and_grad(loss)(plain)
     loss_b, grads_b = nnx.value_and_grad(loss)(rematted)
     assert loss_a == loss_b
-    for a, b in zip(jax.tree.leaves(nnx.state(grads_a)), jax.tree.leaves(nnx.state(grads_b))):
+    for a, b in zip(jax.tree.leaves(nnx.state(grads_a)), jax.tree.leaves(nnx.state(grads_b)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 

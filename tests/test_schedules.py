@@ -270,7 +270,7 @@ def test_plot_draws_one_matching_polyline_per_schedule(tmp_path):
     root = ET.parse(out).getroot()
     lines = root.findall(".//{http://www.w3.org/2000/svg}polyline")
     assert [line.get("data-label") for line in lines] == list(configs)
-    for line, config in zip(lines, configs.values()):
+    for line, config in zip(lines, configs.values(), strict=True):
         points = np.array([p.split(",") for p in line.get("points").split()], dtype=np.float64)
         steps, lrs = points[:, 0].astype(int), points[:, 1]
         want_steps = min(config.total_steps + 1, 201)

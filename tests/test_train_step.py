@@ -91,7 +91,7 @@ def test_gradient_accumulation_equals_the_full_batch():
     np.testing.assert_allclose(full[0], accumulated[0], rtol=1e-6)
     # Only the float32 summation order differs, so compare whole tensors (relative norm), as the
     # parity test does; entries near zero make an elementwise relative tolerance meaningless.
-    for a, b in zip(jax.tree.leaves(full[1]), jax.tree.leaves(accumulated[1])):
+    for a, b in zip(jax.tree.leaves(full[1]), jax.tree.leaves(accumulated[1]), strict=True):
         assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 1e-5 * np.linalg.norm(np.asarray(a))
     # Token-weighted: rows with more target tokens weigh more, as in the full batch.
     np.testing.assert_allclose(full[2]["tokens"], sum(len(d) - 1 for row in docs for d in row))
@@ -108,7 +108,7 @@ def test_non_finite_loss_leaves_params_untouched():
     new_state, metrics = step(dict(state, params=bad))
     assert bool(metrics["skipped"]) and int(new_state["step"]) == 1
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in
-               zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(bad)))
+               zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(bad), strict=True))
     good_state, metrics = step(state)
     assert not bool(metrics["skipped"])
     assert not np.array_equal(good_state["params"]["norm"], params["norm"])
@@ -140,7 +140,7 @@ def test_z_loss_adds_its_term_to_the_objective():
     for coefficient in (0.0, 1e-2):
         loss, grads, sums = loss_and_grads(graphdef, params, batch, StepConfig(num_sources=1, z_loss=coefficient))
         expected = jax.grad(reference)(params, coefficient)
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
             assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 1e-5 * np.linalg.norm(np.asarray(b))
         assert float(sums["z"]) > 0
     # the reported loss is the plain NLL, with or without the z-loss term in the gradient

@@ -37,7 +37,7 @@ def test_resume_is_bit_exact(tiny_hf, tmp_path):
     second = _train(raw_config(tmp_path / "split", hf))
     assert second.origin.startswith("resumed from step 20") and second.final_step == 40
 
-    for a, b in zip(jax.tree.leaves(straight.state["params"]), jax.tree.leaves(second.state["params"])):
+    for a, b in zip(jax.tree.leaves(straight.state["params"]), jax.tree.leaves(second.state["params"]), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     losses = lambda d: [(r["step"], r["loss"]) for r in _records(d, "train")]  # noqa: E731
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
