@@ -66,6 +66,11 @@ class MetricsLogger:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, file=self.stream, unit="step", dynamic_ncols=True)
 
+    @property
+    def has_bar(self) -> bool:
+        """True when a progress bar shows the train records (no separate log lines needed)."""
+        return self._bar is not None
+
     def start_at(self, step: int) -> None:
         if self._bar is not None:
             self._bar.n = step

@@ -321,7 +321,7 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
             logger.message(f"cptjax train: step {step} skipped: loss or gradient not finite")
         if step % config.logging.every == 0 or step == end or record["skipped"]:
             logger.log(step, "train", record)
-            if logger._bar is None:
+            if not logger.has_bar:
                 logger.message(f"step {step}/{config.training.steps} loss {record['loss']:.4f} "
                                f"lr {record['learning_rate']:.3g} grad_norm {record['grad_norm']:.3f}"
                                + (f" tok/s {record['tokens_per_s']:,.0f}" if "tokens_per_s" in record else ""))
