@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -91,6 +92,17 @@ def activation_sharding(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def with_activation_sharding(fn, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
+    """`fn` with `activation_sharding` active while it runs. jit traces a function when it is first
+    called, not when it is wrapped, so jit this wrapper (entering the context around `jax.jit(fn)`
+    would leave the constraints out of the traced program)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -35,8 +35,8 @@ from cptjax.model_config import ModelConfig, read_hf_config
 from cptjax.optimizer import build_optimizer
 from cptjax.progress import progress_bar
 from cptjax.schedules import make_schedule
-from cptjax.sharding import (activation_sharding, batch_sharding, make_mesh, optimizer_state_shardings,
-                             param_shardings)
+from cptjax.sharding import (batch_sharding, make_mesh, optimizer_state_shardings, param_shardings,
+                             with_activation_sharding)
 from cptjax.train_config import TrainConfig, config_to_dict, dump_yaml
 from cptjax.train_step import StepConfig, eval_step, train_step
 
@@ -249,14 +249,15 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
                              grad_accum_steps=config.optimizer.grad_accum_steps)
     rules = config.mesh.rules
     b_sharding = batch_sharding(mesh, rules)
-    with activation_sharding(mesh, rules):
-        step_fn = jax.jit(
-            functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-                              config=step_config),
-            in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, None),
-            donate_argnums=0)
-        eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, config=step_config),
-                          in_shardings=(state_shardings["params"], b_sharding))
+    step_fn = jax.jit(
+        with_activation_sharding(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
+                                                   schedule=schedule, config=step_config), mesh, rules),
+        in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, None),
+        donate_argnums=0)
+    eval_fn = jax.jit(
+        with_activation_sharding(functools.partial(eval_step, graphdef=graphdef, config=step_config),
+                                 mesh, rules),
+        in_shardings=(state_shardings["params"], b_sharding))
 
     def to_global(batch):
         return {k: jax.make_array_from_process_local_data(b_sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
@@ -265,12 +266,11 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
         results = {}
         for name, batches in eval_sets.items():
             nll = tokens = num_bytes = 0.0
-            with activation_sharding(mesh, rules):
-                for batch in batches:
-                    sums = jax.device_get(eval_fn(state["params"], to_global(batch)))
-                    nll += float(sums["nll"])
-                    tokens += float(sums["tokens"])
-                    num_bytes += float(np.sum(batch["num_bytes"]))
+            for batch in batches:
+                sums = jax.device_get(eval_fn(state["params"], to_global(batch)))
+                nll += float(sums["nll"])
+                tokens += float(sums["tokens"])
+                num_bytes += float(np.sum(batch["num_bytes"]))
             loss = nll / max(tokens, 1.0)
             results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
                              "bits_per_byte": nll / math.log(2) / num_bytes if num_bytes else None,

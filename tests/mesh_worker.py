@@ -22,8 +22,8 @@ from cptjax.model import Llama, abstract_model  # noqa: E402
 from cptjax.model_config import ModelConfig  # noqa: E402
 from cptjax.optimizer import OptimizerConfig, build_optimizer  # noqa: E402
 from cptjax.schedules import ScheduleConfig, make_schedule  # noqa: E402
-from cptjax.sharding import (DEFAULT_RULES, MeshConfig, activation_sharding, batch_sharding,  # noqa: E402
-                             make_mesh, param_shardings)
+from cptjax.sharding import (DEFAULT_RULES, MeshConfig, batch_sharding, make_mesh,  # noqa: E402
+                             param_shardings, with_activation_sharding)
 from cptjax.train_step import StepConfig, train_step  # noqa: E402
 
 
@@ -38,10 +38,9 @@ def main(data, fsdp, tensor, steps=4):
     optimizer = build_optimizer(OptimizerConfig(), schedule_config)
     state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
     b_sharding = batch_sharding(mesh, DEFAULT_RULES)
-    with activation_sharding(mesh, DEFAULT_RULES):
-        step_fn = jax.jit(functools.partial(
-            train_step, graphdef=nnx.graphdef(abstract), optimizer=optimizer,
-            schedule=make_schedule(schedule_config), config=StepConfig(num_sources=2)))
+    step = functools.partial(train_step, graphdef=nnx.graphdef(abstract), optimizer=optimizer,
+                             schedule=make_schedule(schedule_config), config=StepConfig(num_sources=2))
+    step_fn = jax.jit(with_activation_sharding(step, mesh, DEFAULT_RULES))
     rng = np.random.default_rng(0)
     losses, placements = [], []
     for _ in range(steps):
@@ -50,9 +49,12 @@ def main(data, fsdp, tensor, steps=4):
         batch = {k: jax.device_put(v, b_sharding) for k, v in batch.items()}
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss"]))
+    # the activations really are constrained in the traced step (not only the weights)
+    traced = str(jax.make_jaxpr(step_fn)(state, batch))
     q = state["params"]["layers"]["q_proj"]
     placements = {"q_proj_spec": list(q.sharding.spec), "devices": jax.device_count(),
-                  "q_proj_shards": len({str(s.index) for s in q.addressable_shards})}
+                  "q_proj_shards": len({str(s.index) for s in q.addressable_shards}),
+                  "activation_constraints": traced.count("sharding_constraint")}
     print(json.dumps({"losses": losses, **placements}))
 
 

@@ -28,6 +28,7 @@ def test_eight_device_mesh_matches_one_device():
     # The weights really are split: q_proj [Ly, N, H, D] over tensor (heads) and fsdp (embed).
     assert mesh["q_proj_spec"] == [None, "tensor", None, "fsdp"]
     assert mesh["q_proj_shards"] == 4
+    assert mesh["activation_constraints"] > 0
     assert len(single["losses"]) == 4 and single["losses"][0] > single["losses"][-1]
     # Sharded reductions sum in another order: float32 noise only, far below a step's change.
     for a, b in zip(single["losses"], mesh["losses"], strict=True):

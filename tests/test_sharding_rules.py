@@ -43,3 +43,18 @@ def test_a_rule_set_that_reuses_a_mesh_axis_is_caught():
     rules = tuple((n, "tensor") if n == "embed" else (n, a) for n, a in DEFAULT_RULES)
     with pytest.raises(CptjaxError, match=r"mesh axes \['tensor'\] used twice"):
         logical_to_spec(("mlp", "embed"), rules)
+
+
+def test_activation_constraints_reach_the_traced_program():
+    """jit traces at the first call: the wrapper must put the constraints in the program."""
+    import jax
+    import jax.numpy as jnp
+
+    from cptjax.sharding import MeshConfig, activation_sharding, constrain, make_mesh, with_activation_sharding
+
+    mesh = make_mesh(MeshConfig())
+    fn = lambda x: constrain(x, ("activation_batch", "activation_length"))  # noqa: E731
+    with activation_sharding(mesh):
+        wrapped_around_jit = jax.jit(fn)  # the old pattern: traced later, outside the context
+    assert "sharding_constraint" not in str(jax.make_jaxpr(wrapped_around_jit)(jnp.ones((2, 3))))
+    assert "sharding_constraint" in str(jax.make_jaxpr(jax.jit(with_activation_sharding(fn, mesh)))(jnp.ones((2, 3))))
