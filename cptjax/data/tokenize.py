@@ -12,6 +12,7 @@ directly (batched), so Grain worker processes need neither transformers nor the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -31,7 +32,7 @@ class TokenizerSpec:
     eos_id: int
     vocab_size: int
 
-    @property
+    @functools.cached_property  # hashed once: the pipeline puts it in every batch's state
     def fingerprint(self) -> str:
         """sha256 of the tokenizer's canonical JSON and the BOS/EOS rule: equal means equal ids."""
         digest = hashlib.sha256(self.tokenizer_json.encode("utf-8"))
