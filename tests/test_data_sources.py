@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -40,6 +41,11 @@ def test_text_files_parquet_and_arrayrecord(tmp_path):
     jargon.write_text("\n\n".join(jargon_paragraphs()[:300]), encoding="utf-8")
     split = InputConfig(name="j", type="text", paths=(str(jargon),), delimiter="\n\n")
     assert _read_all(split) == list(jargon_paragraphs()[:300])
+    # compressed: the delimiter's offsets are in the decompressed text
+    (tmp_path / "jargon.txt.gz").write_bytes(gzip.compress(jargon.read_bytes()))
+    split_gz = InputConfig(name="j", type="text", paths=(str(tmp_path / "jargon.txt.gz"),),
+                           delimiter="\n\n")
+    assert _read_all(split_gz) == list(jargon_paragraphs()[:300])
     plays = InputConfig(name="p", type="parquet", paths=(str(corpus_files()["shakespeare_parquet"]),))
     assert _read_all(plays)[:3] == ["First Citizen:\nBefore we proceed any further, hear me speak.",
                                     "All:\nSpeak, speak.",
@@ -52,6 +58,29 @@ def test_text_files_parquet_and_arrayrecord(tmp_path):
     writer.close()
     records = InputConfig(name="r", type="arrayrecord", paths=(str(tmp_path / "w.array_record"),))
     assert _read_all(records) == list(wiki_articles()[:10])
+
+
+def test_shuffled_reads_across_many_files(tmp_path, monkeypatch):
+    """Training reads in a shuffled order that jumps between files: every read is still right,
+    with more plain files than are kept open, and with compressed files kept after their first read."""
+    from cptjax.data import sources
+
+    monkeypatch.setattr(sources, "_MAX_OPEN_FILES", 2)
+    texts = list(wiki_articles()[:50])
+    for i in range(5):
+        plain = write_jsonl(tmp_path / f"{i}.jsonl", texts[i * 10:(i + 1) * 10])
+        (tmp_path / f"{i}.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    reads = []
+    read_bytes = sources._read_bytes
+    monkeypatch.setattr(sources, "_read_bytes", lambda path: reads.append(path) or read_bytes(path))
+    order = np.random.default_rng(0).permutation(50)
+    for pattern in ("*.jsonl", "*.jsonl.gz"):
+        source = open_source(InputConfig(name="w", type="jsonl", paths=(str(tmp_path / pattern),)), "k")
+        assert [source[int(i)] for i in order] == [texts[i] for i in order]
+        if pattern == "*.jsonl":
+            assert len(source._open_handles) == 2
+    # each .gz file read twice: once to index its lines, once when first read from
+    assert sorted(Counter(p for p in reads if p.endswith(".gz")).values()) == [2] * 5
 
 
 def _build_tfds(data_dir):

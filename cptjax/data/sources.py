@@ -6,17 +6,19 @@ prepared corpus, its token ids), `source.where(i)` "file:line" for messages. Rea
 files lazily, so a source pickles small and reopens in each Grain worker process.
 
 Random access is what makes the order a pure function of the seed (shuffled per epoch by Grain)
-and resume exact. Compressed JSON Lines have no random access, so each process decompresses such a
-file into memory once; use `cptjax data prepare` for corpora too big for that.
+and resume exact. Compressed files (.gz, .zst) have no random access and Parquet is read by column,
+so each process (each Grain worker too) reads such a file into memory once and keeps it: the
+shuffled order visits every file all the time. Use `cptjax data prepare` for corpora too big for that.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import glob as globlib
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from cptjax.data.config import InputConfig
 from cptjax.errors import CptjaxError
 
 _GLOB_CHARS = set("*?[")
+_MAX_OPEN_FILES = 64  # plain files kept open per source (least recently used closed first)
 
 
 class InvalidUtf8(CptjaxError):
@@ -96,6 +99,29 @@ class _FileIndexed(DocumentSource):
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
 
+    def _whole(self, f: int, load: Callable[[str], Any]) -> Any:
+        """`load(path)` of file f, computed once per process and kept (not pickled: workers reload)."""
+        cache = self.__dict__.setdefault("_open_whole", {})
+        if f not in cache:
+            cache[f] = load(self._files[f])
+        return cache[f]
+
+    def _read_span(self, f: int, start: int, end: int) -> bytes:
+        """Bytes [start, end) of file f's (decompressed) content."""
+        path = self._files[f]
+        if path.endswith((".gz", ".zst")):
+            return self._whole(f, _read_bytes)[start:end]
+        handles = self.__dict__.setdefault("_open_handles", collections.OrderedDict())
+        if f in handles:
+            handles.move_to_end(f)
+        else:
+            if len(handles) >= _MAX_OPEN_FILES:
+                handles.popitem(last=False)[1].close()
+            handles[f] = epath.Path(path).open("rb")
+        handle = handles[f]
+        handle.seek(start)
+        return handle.read(end - start)
+
 
 def _read_bytes(path: str) -> bytes:
     data = epath.Path(path).read_bytes()
@@ -128,7 +154,7 @@ class JsonlSource(_FileIndexed):
     """JSON Lines, plain or .gz/.zst: one object per line, the document in `text_field`.
 
     Blank lines are empty documents (skipped downstream). Plain files are read by offset; compressed
-    ones are decompressed into memory once per process.
+    ones are decompressed into memory once per process and kept.
     """
 
     def __init__(self, files: list[epath.Path], text_field: str):
@@ -138,22 +164,6 @@ class JsonlSource(_FileIndexed):
             starts, ends = _line_spans(_read_bytes(str(path)))
             self._spans.append(np.stack([starts, ends], axis=1))
         super().__init__(files, [len(s) for s in self._spans])
-        self._open_cache: dict[int, Any] = {}
-
-    def _raw_line(self, f: int, line: int) -> bytes:
-        start, end = (int(x) for x in self._spans[f][line])
-        path = self._files[f]
-        cache = self.__dict__.setdefault("_open_cache", {})
-        if path.endswith((".gz", ".zst")):
-            if f not in cache:
-                cache.clear()  # one decompressed file in memory at a time
-                cache[f] = _read_bytes(path)
-            return cache[f][start:end]
-        if f not in cache:
-            cache[f] = epath.Path(path).open("rb")
-        handle = cache[f]
-        handle.seek(start)
-        return handle.read(end - start)
 
     def where(self, index: int) -> str:
         f, line = self._locate(index)
@@ -161,7 +171,7 @@ class JsonlSource(_FileIndexed):
 
     def __getitem__(self, index: int) -> str:
         f, line = self._locate(index)
-        raw = self._raw_line(f, line)
+        raw = self._read_span(f, *(int(x) for x in self._spans[f][line]))
         if not raw.strip():
             return ""
         where = f"{self._files[f]}:{line + 1}"
@@ -219,10 +229,7 @@ class TextSource(_FileIndexed):
         path = self._files[f]
         if self._spans[f] is None:
             return decode_utf8(_read_bytes(path), path)
-        start, end = (int(x) for x in self._spans[f][piece])
-        with epath.Path(path).open("rb") as handle:
-            handle.seek(start)
-            raw = handle.read(end - start)
+        raw = self._read_span(f, *(int(x) for x in self._spans[f][piece]))
         return decode_utf8(raw, self.where(index))
 
 
@@ -251,16 +258,15 @@ class ParquetSource(_FileIndexed):
         f, row = self._locate(index)
         return f"{self._files[f]}: row {row}"
 
-    def __getitem__(self, index: int) -> str:
+    def _read_column(self, path: str):
         import pyarrow.parquet as pq
 
+        with epath.Path(path).open("rb") as handle:
+            return pq.read_table(handle, columns=[self._text_field]).column(0)
+
+    def __getitem__(self, index: int) -> str:
         f, row = self._locate(index)
-        cache = self.__dict__.setdefault("_open_cache", {})
-        if f not in cache:
-            cache.clear()  # one column in memory at a time
-            with epath.Path(self._files[f]).open("rb") as handle:
-                cache[f] = pq.read_table(handle, columns=[self._text_field]).column(0)
-        value = cache[f][row].as_py()
+        value = self._whole(f, self._read_column)[row].as_py()
         if isinstance(value, bytes):
             return decode_utf8(value, self.where(index))
         if value is not None and not isinstance(value, str):
