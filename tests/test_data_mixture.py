@@ -58,6 +58,9 @@ def test_selection_map_is_exact_and_random_access():
     first = np.bincount(rows[:1200], minlength=3)
     np.testing.assert_array_equal(first, [840, 240, 120])
     assert (rows[1200:] != 0).all()  # weight 0 means never
-    for row in (0, 5, 999, 1000, 1201, 1999):
-        source, index = selection[row]
-        assert source == rows[row] and index == int((rows[:row] == source).sum())
+    # a pure function of the row: any window (a resumed run's next batch) matches the whole
+    for first in (5, 999, 1195, 1201, 1990):
+        np.testing.assert_array_equal(selection.sources_of(first, 7), rows[first:first + 7])
+    # the new stage's pattern starts at its first row, 0.5/0.5 alternating
+    assert sorted(rows[1200:1202].tolist()) == [1, 2]
+    np.testing.assert_array_equal(np.bincount(rows[1200:2000], minlength=3), [0, 400, 400])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 
-import grain
 import numpy as np
 
 PERIOD = 1000  # weight resolution 0.1%
@@ -42,48 +41,21 @@ def _pattern(weights: tuple[float, ...]) -> np.ndarray:
     return pattern
 
 
-class StagedSelectionMap(grain.transforms.DatasetSelectionMap):
+class StagedSelectionMap:
     """Row index (within one process's stream) -> source index, with weights changing by step.
 
     `stages` is [(start_step, weights)], the first starting at step 0; `rows_per_step` is the
-    number of rows this process contributes to each step's batch.
+    number of rows this process contributes to each step's batch. A pure function of the row, so
+    a resumed run needs only the step.
     """
 
     def __init__(self, stages: list[tuple[int, tuple[float, ...]]], rows_per_step: int):
         self._starts = [start * rows_per_step for start, _ in stages]
         self._patterns = [_pattern(weights) for _, weights in stages]
-        num_sources = len(stages[0][1])
-        self._prefix = []  # [PERIOD + 1, S]: rows of each source in the first i rows of a period
-        for pattern in self._patterns:
-            one_hot = np.eye(num_sources, dtype=np.int64)[pattern]
-            self._prefix.append(np.concatenate([np.zeros((1, num_sources), np.int64),
-                                                np.cumsum(one_hot, axis=0)]))
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def _stage(self, row: int) -> int:
-        return bisect.bisect_right(self._starts, row) - 1
 
     def source_of(self, row: int) -> int:
-        stage = self._stage(row)
+        stage = bisect.bisect_right(self._starts, row) - 1
         return int(self._patterns[stage][(row - self._starts[stage]) % PERIOD])
 
     def sources_of(self, first_row: int, count: int) -> np.ndarray:
         return np.array([self.source_of(first_row + i) for i in range(count)], dtype=np.int32)
-
-    def rows_before(self, row: int) -> np.ndarray:
-        """[S]: rows each source filled among rows [0, row)."""
-        total = np.zeros(self._prefix[0].shape[1], dtype=np.int64)
-        for stage, start in enumerate(self._starts):
-            if start >= row:
-                break
-            end = min(row, self._starts[stage + 1]) if stage + 1 < len(self._starts) else row
-            periods, rest = divmod(end - start, PERIOD)
-            total += periods * self._prefix[stage][PERIOD] + self._prefix[stage][rest]
-        return total
-
-    def __getitem__(self, row: int) -> tuple[int, int]:
-        """(source, index of the row among that source's rows), as Grain's selection maps give."""
-        source = self.source_of(row)
-        return source, int(self.rows_before(row)[source])
