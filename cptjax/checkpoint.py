@@ -100,6 +100,14 @@ class CheckpointReader:
             PARAMS: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}))
         return restored[PARAMS]
 
+    def restore_onto(self, abstract_params: dict) -> dict:
+        """All parameters straight onto the shardings (and dtypes) of `abstract_params`' leaves."""
+        restored = self._manager.restore(self.step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.PyTreeRestore(
+                item=abstract_params,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))}))
+        return restored[PARAMS]
+
     def restore_one(self, path: tuple[str, ...]) -> np.ndarray:
         tree = self.restore([path])
         for key in path:
@@ -180,16 +188,3 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def restore_params_sharded(directory: Path, step: int | None, abstract_params: dict) -> dict:
-    """Weights only, from any cptjax checkpoint, straight onto the shardings of `abstract_params`."""
-    reader = CheckpointReader(directory, step)
-    try:
-        restored = reader._manager.restore(reader.step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.PyTreeRestore(
-                item=abstract_params,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))}))
-    finally:
-        reader.close()
-    return restored[PARAMS]

@@ -156,9 +156,13 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
     workdir.mkdir(parents=True, exist_ok=True)
     corpora = write_corpora(workdir, data_dir)
     tokenizer = train_tokenizer(workdir / "tokenizer", data_dir)
-    vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"]) + 3
-    (workdir / "base_config.json").write_text(json.dumps(
-        dict(DEMO_MODEL, vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)))
+    from tokenizers import Tokenizer
+
+    trained = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    vocab = trained.get_vocab_size(with_added_tokens=True)
+    special = {name: trained.token_to_id(token) for name, token in (
+        ("bos_token_id", "<|begin_of_text|>"), ("eos_token_id", "<|end_of_text|>"), ("pad_token_id", "<|pad|>"))}
+    (workdir / "base_config.json").write_text(json.dumps(dict(DEMO_MODEL, vocab_size=vocab, **special)))
     echo(f"1. tokenizer ({vocab} tokens) trained on the bundled English and Python's sources: {tokenizer}")
 
     base = run(config_from_dict(base_config(workdir, corpora, tokenizer, base_steps)))

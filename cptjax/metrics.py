@@ -123,6 +123,10 @@ class StepTimer:
     def __init__(self):
         self._last = None
 
+    def restart(self) -> None:
+        """Forget the last mark: the next lap reports nothing (used after eval or a save)."""
+        self._last = None
+
     def lap(self) -> float | None:
         now = time.perf_counter()
         elapsed = None if self._last is None else now - self._last

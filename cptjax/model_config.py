@@ -129,6 +129,12 @@ def read_hf_config(hf_dir: str | Path) -> ModelConfig:
                           "and the *.safetensors files")
     if not path.is_file():
         raise CptjaxError(f"{path}: missing; an HF model folder needs its config.json")
+    return read_hf_config_file(path)
+
+
+def read_hf_config_file(path: str | Path) -> ModelConfig:
+    """Reads one HF config.json file (the folder's, or a standalone one for training from scratch)."""
+    path = Path(path)
     try:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

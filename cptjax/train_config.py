@@ -187,9 +187,5 @@ def config_from_dict(raw: dict) -> TrainConfig:
     return from_dict(TrainConfig, raw)
 
 
-def config_to_dict(config: TrainConfig) -> dict:
-    return to_dict(config)
-
-
 def dump_yaml(config: TrainConfig) -> str:
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

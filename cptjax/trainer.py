@@ -26,18 +26,19 @@ import numpy as np
 from flax import nnx
 
 from cptjax.atomic_dir import check_output_dir
-from cptjax.checkpoint import ASSETS_DIR, CheckpointReader, RunCheckpointer, restore_params_sharded
+from cptjax.checkpoint import ASSETS_DIR, CheckpointReader, RunCheckpointer
 from cptjax.errors import CptjaxError
 from cptjax.hf_convert import copy_assets, load_hf_params_sharded
 from cptjax.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.model import Llama, abstract_model
-from cptjax.model_config import ModelConfig, read_hf_config
+from cptjax.model_config import ModelConfig, read_hf_config, read_hf_config_file
 from cptjax.optimizer import build_optimizer
 from cptjax.progress import progress_bar
 from cptjax.schedules import make_schedule
 from cptjax.sharding import (batch_sharding, make_mesh, optimizer_state_shardings, param_shardings,
                              with_activation_sharding)
-from cptjax.train_config import TrainConfig, config_to_dict, dump_yaml
+from cptjax.config_tree import to_dict
+from cptjax.train_config import TrainConfig, dump_yaml
 from cptjax.train_step import StepConfig, eval_step, train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,7 +54,13 @@ class RunResult:
 
 
 def model_config_for(config: TrainConfig) -> ModelConfig:
-    """The model's config: from the run's own checkpoint, else init_from, else hf_config."""
+    """The model's config: from the run's own latest checkpoint when resuming, else from
+    model.init_from, else from model.hf_config."""
+    own = config.paths.checkpoints
+    if own.is_dir() and any(p.name.isdigit() for p in own.iterdir()):
+        reader = CheckpointReader(own)
+        reader.close()
+        return reader.config
     source = config.model.init_from
     if source is None:
         path = Path(config.model.hf_config)
@@ -68,15 +75,6 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     reader = CheckpointReader(source, config.model.init_step)
     reader.close()
     return reader.config
-
-
-def read_hf_config_file(path: Path) -> ModelConfig:
-    import json
-
-    try:
-        return ModelConfig.from_hf_config(json.loads(path.read_text()), str(path))
-    except json.JSONDecodeError as err:
-        raise CptjaxError(f"{path}: not valid JSON ({err})")
 
 
 def check_environment(config: TrainConfig) -> ModelConfig:
@@ -102,8 +100,12 @@ def check_environment(config: TrainConfig) -> ModelConfig:
 
 
 def _tokenizer_dir(config: TrainConfig) -> Path | None:
+    """model.tokenizer, else the run's own copy (a resumed run), else init_from's files."""
     if config.model.tokenizer:
         return Path(config.model.tokenizer)
+    own = config.paths.checkpoints / ASSETS_DIR
+    if (own / "tokenizer_config.json").is_file() or (own / "tokenizer.json").is_file():
+        return own
     source = config.model.init_from
     if source is None:
         return None
@@ -163,10 +165,12 @@ def run(config: TrainConfig, *, max_steps: int | None = None, data=None, eval_se
         nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
     optimizer = build_optimizer(config.optimizer, config.schedule)
     schedule = make_schedule(config.schedule)
-    opt_shardings = optimizer_state_shardings(jax.eval_shape(optimizer.init, abstract_params),
-                                              p_shardings, mesh)
+    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = optimizer_state_shardings(abstract_opt_state, p_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
+    abstract_state = {"params": abstract_params, "opt_state": jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt_state, opt_shardings)}
 
     tokenizer_dir = _tokenizer_dir(config)
     if data is None:
@@ -193,7 +197,7 @@ def run(config: TrainConfig, *, max_steps: int | None = None, data=None, eval_se
     logger = MetricsLogger(paths.logs, config.training.steps, enabled=jax.process_index() == 0,
                            tensorboard=config.logging.tensorboard, progress=config.logging.progress)
     try:
-        state, origin = _initial_state(config, checkpointer, data, optimizer, abstract, abstract_params,
+        state, origin = _initial_state(config, checkpointer, data, optimizer, abstract, abstract_state,
                                        state_shardings, param_dtype)
         logger.message(f"cptjax train: {origin}; {model_config.hf_architecture}, "
                        f"mesh {dict(mesh.shape)}, {jax.device_count()} devices")
@@ -205,14 +209,10 @@ def run(config: TrainConfig, *, max_steps: int | None = None, data=None, eval_se
         logger.close()
 
 
-def _initial_state(config, checkpointer, data, optimizer, abstract, abstract_params, state_shardings,
+def _initial_state(config, checkpointer, data, optimizer, abstract, abstract_state, state_shardings,
                    param_dtype):
     latest = checkpointer.latest_step()
     if latest is not None:
-        abstract_state = {"params": abstract_params,
-                          "opt_state": jax.tree.map(
-                              lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              jax.eval_shape(optimizer.init, abstract_params), state_shardings["opt_state"])}
         state, meta = checkpointer.restore(latest, abstract_state)
         state["step"] = jax.device_put(jnp.int32(latest), state_shardings["step"])
         data.set_state(meta["data_state"])
@@ -222,13 +222,14 @@ def _initial_state(config, checkpointer, data, optimizer, abstract, abstract_par
         if (Path(init_from) / "config.json").is_file():
             params = load_hf_params_sharded(init_from, abstract.config, state_shardings["params"],
                                             param_dtype, progress=progress_bar("loading weights"))
-        else:
-            params = restore_params_sharded(Path(init_from), config.model.init_step, abstract_params)
-            params = jax.tree.map(lambda p, s: jax.device_put(p.astype(param_dtype), s), params,
-                                  state_shardings["params"])
+        else:  # Orbax reads each shard onto its device, cast to the target's dtype
+            reader = CheckpointReader(init_from, config.model.init_step)
+            try:
+                params = reader.restore_onto(abstract_state["params"])
+            finally:
+                reader.close()
         origin = f"weights from {init_from} (fresh optimizer, step 0)"
     else:
-        graphdef = nnx.graphdef(abstract)
         seed = config.training.seed
 
         @functools.partial(jax.jit, out_shardings=state_shardings["params"])
@@ -236,7 +237,6 @@ def _initial_state(config, checkpointer, data, optimizer, abstract, abstract_par
             model = Llama(abstract.config, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
             return nnx.to_pure_dict(nnx.state(model, nnx.Param))
         params = init()
-        del graphdef
         origin = f"from scratch ({config.model.hf_config}, seed {seed})"
     opt_state = jax.jit(optimizer.init, out_shardings=state_shardings["opt_state"])(params)
     step = jax.device_put(jnp.int32(0), state_shardings["step"])
@@ -271,6 +271,9 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
                 nll += float(sums["nll"])
                 tokens += float(sums["tokens"])
                 num_bytes += float(np.sum(batch["num_bytes"]))
+            if jax.process_count() > 1:  # nll and tokens are global sums; the bytes are this host's
+                from jax.experimental import multihost_utils
+                num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
             loss = nll / max(tokens, 1.0)
             results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
                              "bits_per_byte": nll / math.log(2) / num_bytes if num_bytes else None,
@@ -290,13 +293,13 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
     if config.eval.at_start and start == 0 and eval_sets:
         evaluate(0)
 
-    pending = None  # (step, metrics on device, data state after the step)
+    pending = None  # (step, metrics still on device)
     stopped = None
 
     def finish(entry) -> bool:
         """Fetches and logs one step's metrics; False if the run must stop (NaN/Inf loss)."""
         nonlocal stopped
-        step, metrics, _ = entry
+        step, metrics = entry
         values = jax.device_get(metrics)
         elapsed = timer.lap()
         record = {
@@ -334,7 +337,7 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
             data_state = gather_states(data_state)
         meta = {"step": step, "data_state": data_state, "origin": origin,
                 "learning_rate_next": float(schedule(step)), "time": time.time()}
-        checkpointer.save(step, state, meta, model_config, config_to_dict(config), force=force)
+        checkpointer.save(step, state, meta, model_config, to_dict(config), force=force)
 
     with _Preemption() as preemption:
         for step in range(start + 1, end + 1):
@@ -343,7 +346,7 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
             state, metrics = step_fn(state, to_global(batch))
             if pending is not None and not finish(pending):
                 break
-            pending = (step, metrics, data_state)
+            pending = (step, metrics)
             last = step == end
             preempted = preemption.agreed()
             due_save = step % config.checkpoint.every == 0 or last or preempted
@@ -356,6 +359,7 @@ def _loop(config, model_config, state, origin, data, eval_sets, graphdef, optimi
                     evaluate(step)
                 if due_save:
                     save(step, data_state, force=preempted)
+                timer.restart()  # the next step's time must not include eval or save
             if preempted:
                 stopped = f"SIGTERM at step {step}: checkpoint saved, exiting"
                 logger.message(f"cptjax train: {stopped}")

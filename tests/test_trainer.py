@@ -82,3 +82,33 @@ def test_nan_stops_the_run_and_is_never_checkpointed(tiny_hf, tmp_path):
     bad_step = int(result.stopped_early.split("at step ")[1].split()[0])
     saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert all(s < bad_step for s in saved)
+
+
+def test_init_from_a_bf16_checkpoint_then_resume_without_it(tiny_hf, tmp_path):
+    import shutil
+
+    import ml_dtypes
+
+    from cptjax.checkpoint import CheckpointReader
+    from cptjax.convert import hf_to_orbax, orbax_to_hf
+
+    hf_to_orbax(tiny_hf("qwen3-0.6b"), tmp_path / "fp32")
+    orbax_to_hf(tmp_path / "fp32", tmp_path / "bf16_hf")  # bf16 by default
+    source = hf_to_orbax(tmp_path / "bf16_hf", tmp_path / "bf16_ckpt")
+    reader = CheckpointReader(source)
+    stored = reader.restore()
+    reader.close()
+    assert stored["norm"].dtype == ml_dtypes.bfloat16
+
+    raw = raw_config(tmp_path / "run", source, training={"steps": 4}, checkpoint={"every": 2},
+                     eval={"every": 100, "at_start": False}, schedule={"peak_lr": 1e-30, "warmup": 1, "end_lr": 0.0})
+    first = _train(raw, max_steps=2)
+    assert "weights from" in first.origin
+    params = first.state["params"]
+    assert params["norm"].dtype == np.float32  # fp32 master weights from a bf16 checkpoint
+    # an lr of 1e-30 leaves the weights as loaded: exactly the bf16 values, upcast
+    np.testing.assert_array_equal(np.asarray(params["norm"]), stored["norm"].astype(np.float32))
+
+    shutil.rmtree(source)  # the run needs only its own checkpoint from now on
+    second = _train(raw)
+    assert second.origin.startswith("resumed from step 2") and second.final_step == 4
