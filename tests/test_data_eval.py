@@ -1,12 +1,14 @@
 """Held-out sets: fixed batches, and byte counts that make bits per byte exact."""
 
 import numpy as np
+import pytest
 from data_helpers import STDLIB, assert_batches_equal, corpus_files, stdlib_files, tokenizer_dir, \
     wiki_articles
 from transformers import AutoTokenizer
 
 from cptjax.data.config import DataConfig, EvalSetConfig, SourceConfig
 from cptjax.data.eval_sets import build_eval_sets
+from cptjax.errors import CptjaxError
 
 
 def _config() -> DataConfig:
@@ -55,3 +57,13 @@ def test_processes_split_each_batch():
         for key in batch:
             np.testing.assert_array_equal(
                 batch[key], np.concatenate([halves[0][i][key], halves[1][i][key]]), err_msg=key)
+
+
+def test_no_eval_sets_need_no_tokenizer_and_a_missing_one_is_named():
+    config = DataConfig(sources=_config().sources)
+    assert build_eval_sets(config, None, seq_len=128, batch_size=4, process_index=0,
+                           process_count=1) == {}
+    with pytest.raises(CptjaxError, match=r"^data.tokenizer: no tokenizer; set data.tokenizer"):
+        build_eval_sets(_config(), None, seq_len=128, batch_size=4, process_index=0, process_count=1)
+    with pytest.raises(CptjaxError, match=r"^batch_size: 5 rows cannot be split evenly over 2"):
+        build_eval_sets(_config(), None, seq_len=128, batch_size=5, process_index=0, process_count=2)

@@ -18,21 +18,19 @@ from __future__ import annotations
 import numpy as np
 
 from cptjax.data.config import DataConfig
-from cptjax.data.packing import RowPacker, rows_to_batch
+from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
 from cptjax.data.sources import InvalidUtf8, open_source
-from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
+from cptjax.data.tokenize import DocumentTokenizer, load_data_tokenizer
 from cptjax.errors import CptjaxError
 
 
 def build_eval_sets(config: DataConfig, tokenizer_dir, *, seq_len: int, batch_size: int,
                     process_index: int, process_count: int) -> dict[str, list[dict]]:
     """{eval set name: [batch, ...]}, this process's rows of each batch."""
-    if batch_size < 1 or batch_size % process_count:
-        raise CptjaxError(f"batch_size: {batch_size} rows cannot be split evenly over "
-                          f"{process_count} processes; use a multiple of {process_count}")
-    tokenizer_dir = config.tokenizer or tokenizer_dir
-    tokenizer = DocumentTokenizer(load_tokenizer_spec(tokenizer_dir))
-    rows = batch_size // process_count
+    rows = rows_per_process(batch_size, process_index, process_count)
+    if not config.eval_sets:
+        return {}
+    tokenizer = DocumentTokenizer(load_data_tokenizer(config.tokenizer, tokenizer_dir))
     sets = {}
     for index, eval_config in enumerate(config.eval_sets):
         key = f"data.eval_sets[{index}]"

@@ -45,7 +45,8 @@ class RowPacker:
     """Cuts rows of L + 1 tokens from documents `open_docs(start)` yields, one source at a time.
 
     Documents are ndarrays of ids, or (ids, per-token extras) pairs when `with_extra` (eval sets
-    carry bytes per token), or `Skipped`/`Failed` markers. The state is where the next row starts:
+    carry bytes per token), or `Skipped` markers (a `Failed` one is raised by the reader before it
+    gets here). The state is where the next row starts:
     (document index in the stream, token offset in that document) plus skip counts.
     """
 
@@ -91,8 +92,6 @@ class RowPacker:
             item = next(self._iterator, None)
             if item is None:
                 return False
-            if isinstance(item, Failed):
-                raise CptjaxError(item.message)
             tokens, extra = (None, None) if isinstance(item, Skipped) else (
                 item if self._with_extra else (item, None))
             if tokens is None or len(tokens) == 0:
@@ -142,6 +141,17 @@ class RowPacker:
             extra = np.zeros(self._seq_len + 1, dtype=np.float64)
             extra[:filled] = np.concatenate(extras)
         return tokens, segments, extra
+
+
+def rows_per_process(batch_size: int, process_index: int, process_count: int) -> int:
+    """Rows of each global batch that process `process_index` builds (an even split, in order)."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise CptjaxError(f"process_index {process_index} / process_count {process_count}: "
+                          "need 0 <= process_index < process_count")
+    if batch_size < 1 or batch_size % process_count:
+        raise CptjaxError(f"batch_size: {batch_size} rows cannot be split evenly over "
+                          f"{process_count} processes; use a multiple of {process_count}")
+    return batch_size // process_count
 
 
 def rows_to_batch(tokens: np.ndarray, segments: np.ndarray, source_ids: np.ndarray) -> dict:

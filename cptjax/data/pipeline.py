@@ -25,9 +25,10 @@ import numpy as np
 
 from cptjax.data.config import DataConfig
 from cptjax.data.mixture import StagedSelectionMap
-from cptjax.data.packing import Failed, RowPacker, Skipped, rows_to_batch
+from cptjax.data.packing import (Failed, RowPacker, Skipped, rows_per_process,
+                                 rows_to_batch)
 from cptjax.data.sources import DocumentSource, InvalidUtf8, open_source
-from cptjax.data.tokenize import DocumentTokenizer, TokenizerSpec, load_tokenizer_spec
+from cptjax.data.tokenize import DocumentTokenizer, TokenizerSpec, load_data_tokenizer
 from cptjax.errors import CptjaxError
 
 STATE_VERSION = 1
@@ -116,14 +117,14 @@ class TrainPipeline:
         self.source_names: tuple[str, ...] = config.source_names
         self.seq_len, self.batch_size = seq_len, batch_size
         self.process_index, self.process_count = process_index, process_count
-        self.rows = batch_size // process_count
+        self.rows = rows_per_process(batch_size, process_index, process_count)
         self._spec = spec
         self._sources = sources
         self._tokenizer = DocumentTokenizer(spec)
         self._selection = StagedSelectionMap(config.stage_weights(), self.rows)
-        self._docs_per_process = [len(range(process_index, len(s), process_count)) for s in sources]
+        docs_per_process = [len(range(process_index, len(s), process_count)) for s in sources]
         self._packers = [RowPacker(self._opener(i), seq_len, name=self._where(i),
-                                   max_skips_in_a_row=max(self._docs_per_process[i], 1))
+                                   max_skips_in_a_row=max(docs_per_process[i], 1))
                          for i in range(len(sources))]
         self._step = 0
         self._tokens = np.zeros(len(sources), dtype=np.int64)
@@ -166,13 +167,13 @@ class TrainPipeline:
         for r, s in enumerate(chosen):
             row = self._packers[s].next_row()
             if row is None:  # a "stop" source ran out: padding now, the error at the next batch
+                self._padding += self.seq_len
                 continue
             tokens[r], segments[r] = row[0], row[1]
             real = int((row[1][:-1] > 0).sum())
             self._tokens[s] += real
             self._stage_tokens[s] += real
             self._padding += self.seq_len - real
-        self._padding += self.seq_len * int(sum(1 for r in range(self.rows) if not segments[r].any()))
         self._step += 1
         return rows_to_batch(tokens, segments, chosen)
 
@@ -266,16 +267,10 @@ class TrainPipeline:
         `state` is this process's own state, or the list of every process's (`gather_states`),
         from which it takes its own: a checkpoint written by one process can restore them all.
         """
-        if isinstance(state, list):
-            if len(state) != self.process_count:
-                raise CptjaxError(
-                    f"data state: saved with {len(state)} data-loading processes (hosts), this run "
-                    f"has {self.process_count}; each process reads its own share of the documents, "
-                    f"so the stream cannot continue exactly. Resume on {len(state)} processes, or "
-                    "start the data stream afresh (a new document order; some documents will be "
-                    "seen again)")
-            state = next((s for s in state if s.get("process_index") == self.process_index),
-                         state[self.process_index])
+        if isinstance(state, list):  # its own entry, else any: _check_state names the mismatch
+            state = next((s for s in state if isinstance(s, dict)
+                          and s.get("process_index") == self.process_index),
+                         state[0] if state else None)
         self._check_state(state)
         self._halt()
         for packer, stream in zip(self._packers, state["streams"]):
@@ -379,16 +374,8 @@ def build_train_pipeline(config: DataConfig, tokenizer_dir, *, seq_len: int, bat
     """
     if seq_len < 1:
         raise CptjaxError(f"seq_len: must be >= 1, got {seq_len}")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise CptjaxError(f"process_index {process_index} / process_count {process_count}: "
-                          "need 0 <= process_index < process_count")
-    if batch_size < 1 or batch_size % process_count:
-        raise CptjaxError(f"batch_size: {batch_size} rows cannot be split evenly over "
-                          f"{process_count} processes; use a multiple of {process_count}")
-    tokenizer_dir = config.tokenizer or tokenizer_dir
-    if tokenizer_dir is None:
-        raise CptjaxError("data.tokenizer: no tokenizer; set data.tokenizer or give the model's")
-    spec = load_tokenizer_spec(tokenizer_dir)
+    rows_per_process(batch_size, process_index, process_count)
+    spec = load_data_tokenizer(config.tokenizer, tokenizer_dir)
     tokenizer = DocumentTokenizer(spec)
     sources = []
     for i, source_config in enumerate(config.sources):

@@ -68,6 +68,14 @@ def load_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
                          vocab_size=len(hf))
 
 
+def load_data_tokenizer(data_tokenizer: str | None, model_tokenizer) -> TokenizerSpec:
+    """The data's tokenizer: `data.tokenizer` if set, else the model's folder."""
+    path = data_tokenizer or model_tokenizer
+    if path is None:
+        raise CptjaxError("data.tokenizer: no tokenizer; set data.tokenizer or give the model's")
+    return load_tokenizer_spec(path)
+
+
 class DocumentTokenizer:
     """Texts -> token ids (BOS? + text + EOS), batched in Rust; built lazily in each process."""
 
