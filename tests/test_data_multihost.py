@@ -103,6 +103,9 @@ def test_two_processes_share_the_data_and_resume_exactly(tmp_path):
     assert [r["process_index"] for r in results] == [0, 1]
     assert all(r["rows"] == 10 and r["process_count"] == 2 for r in results)
     assert "belongs to process 0, this is process 1" in results[1]["wrong_process_error"]
+    assert "belongs to process 1, this is process 0" in results[0]["wrong_process_error"]
+    # the epoch ended because the "stop" source ran out, not on another error
+    assert all("all of this source's documents have been used" in r["end"] for r in results)
     # the realized mixture over both processes' 61 steps x 20 rows
     global_tokens = np.asarray(results[0]["global_tokens"])
     np.testing.assert_allclose(global_tokens / global_tokens.sum(), [0.9, 0.1], atol=0.01)
