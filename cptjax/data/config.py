@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Literal
 
 from cptjax.errors import CptjaxError
 
-SOURCE_TYPES = ("jsonl", "text", "parquet", "arrayrecord", "tfds", "prepared")
 SourceType = Literal["jsonl", "text", "parquet", "arrayrecord", "tfds", "prepared"]
+SOURCE_TYPES: tuple[str, ...] = typing.get_args(SourceType)
 
 
 @dataclasses.dataclass(frozen=True)
