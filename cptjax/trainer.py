@@ -38,11 +38,11 @@ from cptjax.schedules import make_schedule
 from cptjax.sharding import (batch_sharding, make_mesh, optimizer_state_shardings, param_shardings,
                              with_activation_sharding)
 from cptjax.config_tree import to_dict
+from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.train_config import TrainConfig, dump_yaml
 from cptjax.train_step import StepConfig, eval_step, train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "source_ids")
 
 
 @dataclasses.dataclass
