@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cptjax.errors import CptjaxError
+from cptjax.model import ParamPath, get_param, param_paths, set_param
 from cptjax.model_config import ModelConfig
 
 PARAMS = "params"
@@ -45,23 +46,28 @@ def save_params_checkpoint(directory: Path, step: int, cfg: ModelConfig, params:
 
 
 class CheckpointReader:
-    """Reads one finished step of a cptjax checkpoint, a parameter at a time if asked."""
+    """Reads one finished step of a cptjax checkpoint, a parameter at a time if asked.
 
-    def __init__(self, directory: str | Path, step: int | None = None):
+    `flag` and `step_flag` name the path and the step the way the user gave them ("--ckpt",
+    "model.init_from"...), for messages. `cptjax.weights.open_weights` decides that a folder is one.
+    """
+
+    def __init__(self, directory: str | Path, step: int | None = None, *, flag: str = "--ckpt",
+                 step_flag: str = "--step"):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise CptjaxError(f"--ckpt {self.directory}: no such folder")
+            raise CptjaxError(f"{flag} {self.directory}: no such folder")
         options = ocp.CheckpointManagerOptions(create=False, read_only=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=_handlers())
         steps = sorted(self._manager.all_steps())
         if not steps:
-            raise CptjaxError(f"--ckpt {self.directory}: no finished checkpoint step in this folder "
+            raise CptjaxError(f"{flag} {self.directory}: no finished checkpoint step in this folder "
                               "(is it a cptjax checkpoint? an interrupted write leaves none)")
         if step is None:
             step = steps[-1]
         elif step not in steps:
-            raise CptjaxError(f"--step {step}: not in {self.directory}; finished steps are "
+            raise CptjaxError(f"{step_flag} {step}: not in {self.directory}; finished steps are "
                               f"{', '.join(map(str, steps))}")
         self.step = step
         config_dict = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -73,29 +79,13 @@ class CheckpointReader:
     def assets_dir(self) -> Path:
         return self.directory / ASSETS_DIR
 
-    def param_paths(self) -> list[tuple[str, ...]]:
-        paths = []
-
-        def walk(tree, prefix):
-            for key, value in tree.items():
-                if isinstance(value, dict):
-                    walk(value, prefix + (key,))
-                else:
-                    paths.append(prefix + (key,))
-        walk(_as_dict(self._metadata), ())
-        return paths
-
-    def restore(self, paths: list[tuple[str, ...]] | None = None) -> dict:
+    def restore(self, paths: list[ParamPath] | None = None) -> dict:
         """Restores the named parameters (all by default) as NumPy arrays in their stored dtype."""
-        paths = self.param_paths() if paths is None else paths
-        item, restore_args = {}, {}
         meta = _as_dict(self._metadata)
-        for path in paths:
-            leaf = meta
-            for key in path:
-                leaf = leaf[key]
-            _put(item, path, np.empty((0,), dtype=leaf.dtype))
-            _put(restore_args, path, ocp.RestoreArgs(restore_type=np.ndarray))
+        item, restore_args = {}, {}
+        for path in param_paths(meta) if paths is None else paths:
+            set_param(item, path, np.empty((0,), dtype=get_param(meta, path).dtype))
+            set_param(restore_args, path, ocp.RestoreArgs(restore_type=np.ndarray))
         restored = self._manager.restore(self.step, args=ocp.args.Composite(**{
             PARAMS: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}))
         return restored[PARAMS]
@@ -108,11 +98,8 @@ class CheckpointReader:
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))}))
         return restored[PARAMS]
 
-    def restore_one(self, path: tuple[str, ...]) -> np.ndarray:
-        tree = self.restore([path])
-        for key in path:
-            tree = tree[key]
-        return tree
+    def restore_one(self, path: ParamPath) -> np.ndarray:
+        return get_param(self.restore([path]), path)
 
     def close(self) -> None:
         self._manager.close()
@@ -125,12 +112,6 @@ def _handlers() -> dict:
 def _as_dict(metadata) -> dict:
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     return dict(tree)
-
-
-def _put(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 OPT_STATE = "opt_state"

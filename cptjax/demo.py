@@ -147,7 +147,7 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
              base_steps: int = 200, cpt_steps: int = 100, echo=print) -> dict:
     """Runs the four stages in `workdir` (a new temporary folder by default); returns the results."""
     from cptjax.convert import orbax_to_hf
-    from cptjax.hf_parity import torch_available
+    from cptjax.hf.verify import torch_available
     from cptjax.train_config import config_from_dict
     from cptjax.trainer import run
 

@@ -15,7 +15,8 @@ the attention softmax and the logits are float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +26,19 @@ from flax import nnx
 from cptjax.model_config import ModelConfig, rope_inverse_frequencies
 from cptjax.sharding import constrain
 
+# What the backward pass recomputes, per decoder layer: nothing ("none"), everything ("full"),
+# or all but the matmul outputs ("dots"; "dots_no_batch": those without batch dimensions).
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+assert tuple(REMAT_POLICIES) == typing.get_args(Remat)
+# The attention kernel: "auto" picks the fastest one the backend has for the compute dtype.
+Attention = Literal["auto", "xla", "cudnn"]
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(Attention)
 
 # (name, shape in letters, logical axes) of each per-layer weight; the stacked array adds Ly in front.
 _LAYER_WEIGHTS = (
@@ -82,9 +89,9 @@ def _init_value(name: str, shape, key, dtype, std: float):
 
 
 def _param(value, names) -> nnx.Param:
-    # eager_sharding=False keeps the logical names as metadata only; sharding.py maps them to the
-    # mesh and the trainer places arrays with explicit shardings.
-    return nnx.Param(value, sharding_names=tuple(names), eager_sharding=False)
+    # Logical names as metadata only (eager_sharding=False): sharding.py maps them to the mesh and
+    # the trainer places arrays with explicit shardings.
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 class DecoderLayers(nnx.Module):
@@ -247,6 +254,33 @@ def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -
 
 def param_count(model: Llama) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+ParamPath = tuple[str, ...]  # ("layers", "q_proj"): a leaf of the nested parameter dict
+
+
+def param_paths(tree: dict) -> list[ParamPath]:
+    """The path of every leaf of a nested dict of parameters, in insertion order."""
+    paths = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            paths += [(key, *rest) for rest in param_paths(value)]
+        else:
+            paths.append((key,))
+    return paths
+
+
+def get_param(tree: dict, path: ParamPath):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_param(tree: dict, path: ParamPath, value) -> None:
+    """Puts `value` at `path`, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
 
 
 def model_from_params(cfg: ModelConfig, params: dict, **kwargs) -> Llama:

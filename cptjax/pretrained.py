@@ -9,13 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cptjax.checkpoint import CheckpointReader
-from cptjax.errors import CptjaxError
-from cptjax.hf_convert import read_hf_params
+from cptjax.dtypes import float_dtype
 from cptjax.model import Llama, model_from_params
-from cptjax.model_config import ModelConfig, read_hf_config
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from cptjax.model_config import ModelConfig
+from cptjax.weights import open_weights
 
 
 class PretrainedModel:
@@ -51,17 +48,7 @@ def load_model(path: str | Path, dtype: str = "float32", step: int | None = None
     `dtype` sets both the parameter and compute dtype; `step` picks a checkpoint step (latest
     by default). Extra keyword arguments go to `Llama` (remat, attention).
     """
-    if dtype not in DTYPES:
-        raise CptjaxError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    path = Path(path)
-    if not path.is_dir():
-        raise CptjaxError(f"{path}: no such folder")
-    if (path / "config.json").is_file():
-        config = read_hf_config(path)
-        params = read_hf_params(path, config)
-    else:
-        reader = CheckpointReader(path, step)
-        config, params = reader.config, reader.restore()
-        reader.close()
-    params = params_to_dtype(params, DTYPES[dtype])
-    return PretrainedModel(config, model_from_params(config, params, dtype=DTYPES[dtype], **model_kwargs))
+    target = float_dtype(dtype, "dtype")
+    with open_weights(path, step, flag="path", step_flag="step") as weights:
+        config, params = weights.config, params_to_dtype(weights.read(), target)
+    return PretrainedModel(config, model_from_params(config, params, dtype=target, **model_kwargs))

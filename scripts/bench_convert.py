@@ -62,7 +62,9 @@ def random_param(shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
 
 def make_source(hf_dir: Path, config_path: Path, shard_size: str, seed: int) -> None:
     """Writes a random bf16 HF folder through `write_hf_dir`, generating one stacked parameter at a time."""
-    from cptjax.hf_convert import key_map, write_hf_dir
+    from cptjax.hf.keymap import key_map
+    from cptjax.dtypes import DTYPES
+    from cptjax.hf.write import write_hf_dir
     from cptjax.model_config import ModelConfig
 
     hf_config = json.loads(config_path.read_text())
@@ -82,7 +84,7 @@ def make_source(hf_dir: Path, config_path: Path, shard_size: str, seed: int) -> 
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     start = time.perf_counter()
-    files = write_hf_dir(partial, cfg, get_param, dtype="bfloat16", max_shard_size=shard_size,
+    files = write_hf_dir(partial, cfg, get_param, dtype=DTYPES["bfloat16"], max_shard_size=shard_size,
                          progress=_log_each("generating"))
     (partial / SOURCE_MARKER).write_text(json.dumps(_source_key(config_path, shard_size, seed), indent=2))
     partial.rename(hf_dir)
@@ -103,7 +105,7 @@ def _log_each(description: str):
 
 
 def estimated_bytes(config_path: Path) -> int:
-    from cptjax.hf_convert import key_map
+    from cptjax.hf.keymap import key_map
     from cptjax.model_config import ModelConfig
 
     cfg = ModelConfig.from_hf_config(json.loads(config_path.read_text()), str(config_path))
@@ -203,7 +205,7 @@ def dir_bytes(folder: Path, suffix: str = "") -> int:
 
 def check_same_tensors(source: Path, export: Path) -> None:
     """The export must hold every source tensor with identical bytes (bf16 in, bf16 out)."""
-    from cptjax.hf_convert import find_weight_files
+    from cptjax.hf.read import find_weight_files
 
     theirs = {name: f for f in find_weight_files(export).values() for name in f.tensors}
     for file in find_weight_files(source).values():

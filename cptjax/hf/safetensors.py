@@ -17,18 +17,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from cptjax.dtypes import SAFETENSORS_CODES, safetensors_code
 from cptjax.errors import CptjaxError
 
-DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
 
 
@@ -68,7 +61,7 @@ class SafetensorsFile:
                 self.metadata = entry or {}
                 continue
             try:
-                dtype = DTYPES[entry["dtype"]]
+                dtype = SAFETENSORS_CODES[entry["dtype"]]
                 shape = tuple(int(s) for s in entry["shape"])
                 begin, end = (int(o) for o in entry["data_offsets"])
             except KeyError as err:
@@ -114,7 +107,7 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]
     offset = 0
     for name, dtype, shape in specs:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+        header[name] = {"dtype": safetensors_code(dtype), "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -1,0 +1,118 @@
+"""Writing an HF model folder: sharded safetensors with their index, config.json,
+generation_config.json and the tokenizer files, one parameter held in memory at a time.
+transformers' AutoModelForCausalLM loads the result as the right class.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cptjax.dtypes import dtype_name
+from cptjax.errors import CptjaxError
+from cptjax.hf.keymap import KeyMapping, key_map
+from cptjax.hf.read import INDEX_FILE, SINGLE_FILE, Progress
+from cptjax.hf.safetensors import write_safetensors
+from cptjax.model import ParamPath
+from cptjax.model_config import ModelConfig
+
+# Files that travel with the weights: tokenizer, chat template, generation defaults.
+HF_ASSET_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, as transformers reads --max-shard-size."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise CptjaxError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    if number * scale <= 0:
+        raise CptjaxError(f"--max-shard-size {text!r}: must be positive")
+    return int(number * scale)
+
+
+def _shard_plan(mappings: list[KeyMapping], itemsize: int, limit: int) -> list[list[KeyMapping]]:
+    """Consecutive tensors into files of at most `limit` bytes (a larger tensor gets its own)."""
+    shards: list[list[KeyMapping]] = [[]]
+    size = 0
+    for m in mappings:
+        nbytes = int(np.prod(m.shape)) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(m)
+        size += nbytes
+    return shards
+
+
+def write_hf_dir(out: Path, cfg: ModelConfig, get_param: Callable[[ParamPath], np.ndarray],
+                 dtype: np.dtype, max_shard_size: int | str = "5GB", assets_dir: Path | None = None,
+                 progress: Progress | None = None) -> list[str]:
+    """Writes an HF model folder into the existing empty folder `out`; returns the weight files.
+
+    `get_param(path)` returns one (stacked) parameter array; it is called once per parameter, in
+    key-map order, so a caller can restore parameters one at a time. Tensors are cast to `dtype`.
+    """
+    target = np.dtype(dtype)
+    mappings = key_map(cfg)
+    shards = _shard_plan(mappings, target.itemsize, parse_size(max_shard_size))
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    cache: dict[ParamPath, np.ndarray] = {}
+
+    def fetch(m: KeyMapping) -> np.ndarray:
+        if m.path not in cache:
+            cache.clear()  # parameters come grouped, so one is held at a time
+            cache[m.path] = np.asarray(get_param(m.path))
+        array = cache[m.path]
+        tensor = array[m.layer] if m.layer is not None else array
+        if tuple(tensor.shape) != m.shape:
+            raise CptjaxError(f"parameter {'/'.join(m.path)} has shape {list(array.shape)}, which does "
+                              f"not fit the checkpoint's model config")
+        return tensor.astype(target, copy=False).reshape(m.hf_shape)
+
+    steps = list(zip(names, shards))
+    for name, shard in (progress(steps) if progress else steps):
+        specs = [(m.hf_name, target, m.hf_shape) for m in shard]
+        write_safetensors(out / name, ((m.hf_name, fetch(m)) for m in shard), specs)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(int(np.prod(m.shape)) * target.itemsize for m in mappings)},
+                 "weight_map": {m.hf_name: names[i] for i, shard in enumerate(shards) for m in shard}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    hf_config = cfg.to_hf_config()
+    hf_config["torch_dtype"] = dtype_name(target)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    copy_assets(assets_dir, out)
+    if not (out / "generation_config.json").exists():
+        generation = {k: v for k, v in (("bos_token_id", cfg.bos_token_id),
+                                        ("eos_token_id", hf_config["eos_token_id"]),
+                                        ("pad_token_id", cfg.pad_token_id)) if v is not None}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return names
+
+
+def copy_assets(src: Path | None, dst: Path) -> list[str]:
+    """Copies the tokenizer and generation files that exist in `src` into `dst`."""
+    if src is None or not Path(src).is_dir():
+        return []
+    copied = []
+    for name in HF_ASSET_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+            copied.append(name)
+    return copied
