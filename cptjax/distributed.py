@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from cptjax.errors import CptjaxError
 
@@ -30,3 +33,17 @@ def initialize(config) -> None:
         raise CptjaxError(f"distributed: could not join the cluster ({err}); check "
                           "distributed.coordinator_address / num_processes / process_id or the "
                           "SLURM/TPU environment") from None
+
+
+def gather_states(state: dict) -> list[dict]:
+    """Every process's JSON-serializable `state`, in process order, on every process (a collective:
+    all processes call it at the same step). Used to keep every host's data position in the
+    checkpoint, which Orbax writes from process 0 only."""
+    if jax.process_count() == 1:
+        return [state]
+    raw = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(raw)]))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), dtype=np.uint8)
+    padded[:len(raw)] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, lengths)]

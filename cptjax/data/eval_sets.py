@@ -19,7 +19,8 @@ import numpy as np
 
 from cptjax.data.config import DataConfig
 from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
-from cptjax.data.sources import InvalidUtf8, open_source
+from cptjax.data.read import open_source
+from cptjax.data.sources import InvalidUtf8
 from cptjax.data.tokenize import DocumentTokenizer, load_data_tokenizer
 from cptjax.errors import CptjaxError
 

@@ -172,8 +172,3 @@ def rows_to_batch(tokens: np.ndarray, segments: np.ndarray, source_ids: np.ndarr
         "segment_ids": np.ascontiguousarray(seg_in),
         "source_ids": np.where(seg_in > 0, source_ids[:, None], -1).astype(np.int32),
     }
-
-
-def packing_efficiency(batch: dict) -> float:
-    """Share of input positions that hold a document token (not padding)."""
-    return float((batch["segment_ids"] > 0).mean())

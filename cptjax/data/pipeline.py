@@ -25,44 +25,13 @@ import numpy as np
 
 from cptjax.data.config import DataConfig
 from cptjax.data.mixture import StagedSelectionMap
-from cptjax.data.packing import (Failed, RowPacker, Skipped, rows_per_process,
-                                 rows_to_batch)
-from cptjax.data.sources import DocumentSource, InvalidUtf8, open_source
+from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
+from cptjax.data.read import open_source, read_documents
+from cptjax.data.sources import DocumentSource
 from cptjax.data.tokenize import DocumentTokenizer, TokenizerSpec, load_data_tokenizer
 from cptjax.errors import CptjaxError
 
 STATE_VERSION = 1
-DOCS_PER_READ = 32  # documents per Grain element: amortizes the per-element cost, batches the tokenizer
-
-
-class ReadDocuments:
-    """Grain map: document indices -> token ids (or Skipped/Failed markers), in order."""
-
-    def __init__(self, source: DocumentSource, tokenizer: DocumentTokenizer | None,
-                 invalid_utf8: str):
-        self._source = source
-        self._tokenizer = tokenizer
-        self._invalid_utf8 = invalid_utf8
-
-    def __call__(self, indices: np.ndarray) -> list:
-        indices = [int(i) for i in indices]
-        if self._tokenizer is None:  # prepared: the records are token ids already
-            return self._source.read_batch(indices)
-        items: list = []
-        for index in indices:
-            try:
-                items.append(self._source[index])
-            except InvalidUtf8 as err:
-                items.append(Skipped("invalid_utf8") if self._invalid_utf8 == "skip"
-                             else Failed(str(err)))
-            except CptjaxError as err:
-                items.append(Failed(str(err)))
-        texts = [(i, t) for i, t in enumerate(items) if isinstance(t, str)]
-        if texts:
-            encoded = self._tokenizer.encode_batch([t for _, t in texts])
-            for (i, _), ids in zip(texts, encoded):
-                items[i] = ids
-        return items
 
 
 def source_seed(seed: int, name: str) -> int:
@@ -77,32 +46,9 @@ def document_stream(source: DocumentSource, tokenizer: DocumentTokenizer | None,
     order = grain.MapDataset.range(len(source))[process_index::process_count].shuffle(seed=seed)
     if repeat:
         order = order.repeat()  # each epoch reshuffled (Grain reseeds the shuffle per epoch)
-    elements = order[start:].batch(DOCS_PER_READ).map(ReadDocuments(source, tokenizer,
-                                                                    invalid_utf8))
-    dataset = elements.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
-    if num_workers and tokenizer is not None:
-        dataset = with_workers(dataset, num_workers)
-    iterator = iter(dataset)
-    try:
-        for items in iterator:
-            for item in items:  # fail as soon as a bad document is read, not when it is packed
-                if isinstance(item, Failed):
-                    raise CptjaxError(item.message)
-            yield from items
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-
-
-def with_workers(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-    """`dataset` computed by `num_workers` Grain processes, elements still in order."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():  # Grain reads absl flags; outside absl.app nobody parses them
-        flags.FLAGS.mark_as_parsed()
-    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                            per_worker_buffer_size=4))
+    for items in read_documents(source, tokenizer, order[start:], num_workers=num_workers,
+                                invalid_utf8=invalid_utf8):
+        yield from items
 
 
 class TrainPipeline:
@@ -128,9 +74,6 @@ class TrainPipeline:
                          for i in range(len(sources))]
         self._step = 0
         self._tokens = np.zeros(len(sources), dtype=np.int64)
-        self._stage_tokens = np.zeros(len(sources), dtype=np.int64)  # since the stage began
-        self._stage_starts = {start for start, _ in config.stage_weights()}
-        self._padding = 0
         self._state = self._snapshot()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -158,8 +101,6 @@ class TrainPipeline:
                     f"{self._where(s)}: all of this source's documents have been used "
                     f"(on_exhaustion: stop), before step {self._step}; the run ends here. Set "
                     "on_exhaustion: repeat for another epoch, add documents, or train fewer steps")
-        if self._step in self._stage_starts:
-            self._stage_tokens[:] = 0
         first_row = self._step * self.rows
         chosen = self._selection.sources_of(first_row, self.rows)
         tokens = np.zeros((self.rows, self.seq_len + 1), dtype=np.int32)
@@ -167,13 +108,10 @@ class TrainPipeline:
         for r, s in enumerate(chosen):
             row = self._packers[s].next_row()
             if row is None:  # a "stop" source ran out: padding now, the error at the next batch
-                self._padding += self.seq_len
                 continue
             tokens[r], segments[r] = row[0], row[1]
             real = int((row[1][:-1] > 0).sum())
             self._tokens[s] += real
-            self._stage_tokens[s] += real
-            self._padding += self.seq_len - real
         self._step += 1
         return rows_to_batch(tokens, segments, chosen)
 
@@ -194,8 +132,6 @@ class TrainPipeline:
             "step": self._step,
             "streams": [p.get_state() for p in self._packers],
             "tokens": [int(t) for t in self._tokens],
-            "stage_tokens": [int(t) for t in self._stage_tokens],
-            "padding": int(self._padding),
         }
 
     def _produce(self) -> None:
@@ -256,15 +192,15 @@ class TrainPipeline:
         {"version", "process_index", "process_count", "batch_size", "seq_len", "seed",
          "tokenizer" (fingerprint), "sources" (names), "num_docs" (per source), "step" (batches
          returned), "streams" (per source: {"doc", "offset", "skipped", "exhausted"}),
-         "tokens" (per source, non-padding tokens returned), "stage_tokens" (the same since the
-         current stage began), "padding"}. Each process saves its own.
+         "tokens" (per source, non-padding tokens returned)}. Each process saves its own; the
+         trainer keeps every process's (`cptjax.distributed.gather_states`).
         """
         return _copy_state(self._state)
 
     def set_state(self, state: dict | list[dict]) -> None:
         """Continues exactly after the batch the state was taken at; refuses a state it cannot honour.
 
-        `state` is this process's own state, or the list of every process's (`gather_states`),
+        `state` is this process's own state, or the list of every process's,
         from which it takes its own: a checkpoint written by one process can restore them all.
         """
         if isinstance(state, list):  # its own entry, else any: _check_state names the mismatch
@@ -277,8 +213,6 @@ class TrainPipeline:
             packer.set_state(stream)
         self._step = int(state["step"])
         self._tokens = np.asarray(state["tokens"], dtype=np.int64)
-        self._stage_tokens = np.asarray(state["stage_tokens"], dtype=np.int64)
-        self._padding = int(state["padding"])
         self._state = _copy_state(state)
 
     def _check_state(self, state: dict) -> None:
@@ -319,46 +253,9 @@ class TrainPipeline:
         total = sum(self._state["tokens"]) or 1
         return {name: count / total for name, count in self.token_counts().items()}
 
-    def packing_efficiency(self) -> float:
-        """Share of non-padding positions in the batches returned so far (1.0 until a source stops)."""
-        tokens = sum(self._state["tokens"])
-        return tokens / max(tokens + self._state["padding"], 1)
-
     def skipped_documents(self) -> dict[str, dict[str, int]]:
         return {name: dict(s["skipped"]) for name, s in zip(self.source_names,
                                                             self._state["streams"])}
-
-    def metrics(self) -> dict[str, float]:
-        """Flat scalars for the training log, this process: per source the realized token share
-        over the run and within the current stage, next to the stage's weight; packing; skips."""
-        step = max(self._state["step"] - 1, 0)
-        weights = [w for start, w in self.config.stage_weights() if start <= step][-1]
-        stage_total = sum(self._state["stage_tokens"]) or 1
-        out = {"data/packing_efficiency": self.packing_efficiency()}
-        for i, (name, share) in enumerate(self.realized_shares().items()):
-            out[f"data/share/{name}"] = share
-            out[f"data/stage_share/{name}"] = self._state["stage_tokens"][i] / stage_total
-            out[f"data/weight/{name}"] = weights[i]
-        for name, skipped in self.skipped_documents().items():
-            out[f"data/skipped/{name}"] = float(sum(skipped.values()))
-        return out
-
-
-def gather_states(state: dict) -> list[dict]:
-    """Every process's data state, in process order, on every process (a collective: all processes
-    call it at the same step). Save the list in the checkpoint; `set_state` picks its own entry."""
-    import jax
-
-    if jax.process_count() == 1:
-        return [state]
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(raw)]))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), dtype=np.uint8)
-    padded[:len(raw)] = raw
-    rows = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, lengths)]
 
 
 def _copy_state(state: dict) -> dict:

@@ -1,9 +1,10 @@
-"""Documents by index: one random-access reader per source type, each naming the file (and line).
+"""Documents by index from files: JSON Lines, plain text and Parquet, each naming the file (and line).
 
-`open_source(config, key)` expands the globs, indexes the files (line offsets, record counts) and
-returns a `DocumentSource`: `len(source)` documents, `source[i]` the text of document i (or, for a
-prepared corpus, its token ids), `source.where(i)` "file:line" for messages. Readers open their
-files lazily, so a source pickles small and reopens in each Grain worker process.
+A `DocumentSource` is `len(source)` documents, `source[i]` the text of document i (or, for a
+prepared corpus, its token ids), and `source.where(i)` "file:line" for messages. The file-based
+readers here index their files (line offsets, row counts) up front and open them lazily, so a
+source pickles small and reopens in each Grain worker process. records.py holds the record-based
+sources (ArrayRecord, TFDS, prepared corpora); read.py's `open_source` picks one by type.
 
 Random access is what makes the order a pure function of the seed (shuffled per epoch by Grain)
 and resume exact. Compressed files (.gz, .zst) have no random access and Parquet is read by column,
@@ -24,7 +25,6 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from cptjax.data.config import InputConfig
 from cptjax.errors import CptjaxError
 
 _GLOB_CHARS = set("*?[")
@@ -273,104 +273,3 @@ class ParquetSource(_FileIndexed):
             raise CptjaxError(f"{self.where(index)}: column {self._text_field!r} holds "
                               f"{type(value).__name__}, expected strings")
         return value or ""
-
-
-def _array_record_source(files: list[epath.Path]):
-    import grain
-
-    for path in files:
-        if not path.is_file():
-            raise CptjaxError(f"{path}: expected an ArrayRecord file, found a folder")
-    try:
-        return grain.sources.ArrayRecordDataSource([str(f) for f in files])
-    except Exception as err:  # array_record raises bare RuntimeErrors
-        raise CptjaxError(f"{', '.join(map(str, files[:3]))}: not readable as ArrayRecord "
-                          f"({err})") from None
-
-
-class ArrayRecordTextSource(DocumentSource):
-    """ArrayRecord files whose records are UTF-8 documents."""
-
-    def __init__(self, files: list[epath.Path]):
-        self._files = [str(f) for f in files]
-        self._source = _array_record_source(files)
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def where(self, index: int) -> str:
-        return f"{self._files[0] if len(self._files) == 1 else 'ArrayRecord files'}: record {index}"
-
-    def __getitem__(self, index: int) -> str:
-        return decode_utf8(self._source[index], self.where(index))
-
-
-class TfdsSource(DocumentSource):
-    """A TFDS dataset read with `tfds.data_source` (ArrayRecord, random access, no TensorFlow)."""
-
-    def __init__(self, dataset: str, split: str, data_dir: str | None, text_field: str):
-        self._args = (dataset, split, data_dir)
-        self._text_field = text_field
-        self._open()
-        self._length = len(self._open_source)
-
-    def _open(self):
-        import tensorflow_datasets as tfds
-
-        dataset, split, data_dir = self._args
-        try:
-            self._open_source = tfds.data_source(dataset, split=split, data_dir=data_dir,
-                                                 download=False)
-        except Exception as err:  # tfds raises many types for a missing or unprepared dataset
-            raise CptjaxError(f"tfds {dataset} (split {split!r}, data_dir {data_dir}): cannot be "
-                              f"opened ({str(err).splitlines()[0]}); prepare it with TFDS first "
-                              "(downloads are off here) and check data_dir") from None
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_open_source"}
-
-    def __len__(self) -> int:
-        return self._length
-
-    def where(self, index: int) -> str:
-        dataset, split, _ = self._args
-        return f"tfds {dataset}[{split}]: example {index}"
-
-    def __getitem__(self, index: int) -> str:
-        if "_open_source" not in self.__dict__:
-            self._open()
-        record = self._open_source[index]
-        if self._text_field not in record:
-            raise CptjaxError(f"{self.where(index)}: no feature {self._text_field!r} (features: "
-                              f"{', '.join(record)}); set the source's text_field")
-        value = record[self._text_field]
-        if isinstance(value, np.ndarray):
-            value = value.item()
-        return decode_utf8(value, self.where(index)) if isinstance(value, bytes) else str(value)
-
-
-def open_source(config: InputConfig, key: str, tokenizer=None) -> DocumentSource:
-    """Opens `config`'s documents; `key` ("data.sources[0]") prefixes messages about its paths.
-
-    `tokenizer` (a `DocumentTokenizer`) is needed for "prepared", to refuse another tokenizer's ids.
-    """
-    if config.type == "tfds":
-        return TfdsSource(config.dataset, config.split, config.data_dir, config.text_field)
-    files = expand_paths(config.paths, key)
-    if config.type == "prepared":
-        from cptjax.data.prepare import PreparedSource
-
-        return PreparedSource(files, tokenizer, key)
-    directories = [f for f in files if f.is_dir()]
-    if directories:
-        raise CptjaxError(f"{key}.paths: {directories[0]} is a folder; give files or a glob such "
-                          f"as '{directories[0]}/*'")
-    if config.type == "jsonl":
-        return JsonlSource(files, config.text_field)
-    if config.type == "text":
-        return TextSource(files, config.delimiter)
-    if config.type == "parquet":
-        return ParquetSource(files, config.text_field)
-    if config.type == "arrayrecord":
-        return ArrayRecordTextSource(files)
-    raise CptjaxError(f"{key}.type: unknown source type {config.type!r}")

@@ -1,0 +1,110 @@
+"""The read stage: a source config -> documents by index -> token ids, through one Grain chain.
+
+`open_source` turns a source config into a `DocumentSource` of the right type. `read_documents`
+reads a given order of document indices in chunks of DOCS_PER_READ, tokenizing each chunk in one
+batched call, optionally in Grain worker processes, and stops at the first document that cannot be
+read (naming its file and line). Training (pipeline.py, a shuffled order per epoch) and `cptjax data
+prepare` (prepare.py, file order) both read through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from cptjax.data.config import InputConfig
+from cptjax.data.packing import Failed, Skipped
+from cptjax.data.records import ArrayRecordTextSource, PreparedSource, TfdsSource
+from cptjax.data.sources import (DocumentSource, InvalidUtf8, JsonlSource, ParquetSource, TextSource,
+                                 expand_paths)
+from cptjax.data.tokenize import DocumentTokenizer
+from cptjax.errors import CptjaxError
+
+DOCS_PER_READ = 32  # documents per Grain element: amortizes the per-element cost, batches the tokenizer
+
+
+def open_source(config: InputConfig, key: str, tokenizer: DocumentTokenizer | None = None) -> DocumentSource:
+    """Opens `config`'s documents; `key` ("data.sources[0]") prefixes messages about its paths.
+
+    `tokenizer` is needed for "prepared", to refuse another tokenizer's ids.
+    """
+    if config.type == "tfds":
+        return TfdsSource(config.dataset, config.split, config.data_dir, config.text_field)
+    files = expand_paths(config.paths, key)
+    if config.type == "prepared":
+        return PreparedSource(files, tokenizer, key)
+    directories = [f for f in files if f.is_dir()]
+    if directories:
+        raise CptjaxError(f"{key}.paths: {directories[0]} is a folder; give files or a glob such "
+                          f"as '{directories[0]}/*'")
+    if config.type == "jsonl":
+        return JsonlSource(files, config.text_field)
+    if config.type == "text":
+        return TextSource(files, config.delimiter)
+    if config.type == "parquet":
+        return ParquetSource(files, config.text_field)
+    if config.type == "arrayrecord":
+        return ArrayRecordTextSource(files)
+    raise CptjaxError(f"{key}.type: unknown source type {config.type!r}")
+
+
+class ReadDocuments:
+    """Grain map: document indices -> token ids (or Skipped/Failed markers), in order."""
+
+    def __init__(self, source: DocumentSource, tokenizer: DocumentTokenizer | None, invalid_utf8: str):
+        self._source = source
+        self._tokenizer = tokenizer
+        self._invalid_utf8 = invalid_utf8
+
+    def __call__(self, indices: np.ndarray) -> list:
+        indices = [int(i) for i in indices]
+        if self._tokenizer is None:  # prepared: the records are token ids already
+            return self._source.read_batch(indices)
+        items: list = []
+        for index in indices:
+            try:
+                items.append(self._source[index])
+            except InvalidUtf8 as err:
+                items.append(Skipped("invalid_utf8") if self._invalid_utf8 == "skip"
+                             else Failed(str(err)))
+            except CptjaxError as err:
+                items.append(Failed(str(err)))
+        texts = [(i, t) for i, t in enumerate(items) if isinstance(t, str)]
+        if texts:
+            encoded = self._tokenizer.encode_batch([t for _, t in texts])
+            for (i, _), ids in zip(texts, encoded):
+                items[i] = ids
+        return items
+
+
+def read_documents(source: DocumentSource, tokenizer: DocumentTokenizer | None, order: grain.MapDataset,
+                   *, num_workers: int = 0, invalid_utf8: str = "fail") -> Iterator[list]:
+    """Chunks (lists) of token-id arrays or `Skipped` markers for the document indices in `order`,
+    in that order. `tokenizer` None means the source holds token ids already (prepared)."""
+    chunks = order.batch(DOCS_PER_READ).map(ReadDocuments(source, tokenizer, invalid_utf8))
+    dataset = chunks.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
+    if num_workers and tokenizer is not None:
+        dataset = with_workers(dataset, num_workers)
+    iterator = iter(dataset)
+    try:
+        for items in iterator:
+            for item in items:  # fail as soon as a bad document is read, not when it is used
+                if isinstance(item, Failed):
+                    raise CptjaxError(item.message)
+            yield items
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def with_workers(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """`dataset` computed by `num_workers` Grain processes, elements still in order."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain reads absl flags; outside absl.app nobody parses them
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                            per_worker_buffer_size=4))
