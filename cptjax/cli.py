@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cptjax.dtypes import FLOAT_NAMES
 from cptjax.errors import CptjaxError
 
 
@@ -23,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.steps=100 (repeatable)")
+    train.add_argument("--until-step", type=int, metavar="N",
+                       help="stop after step N with a checkpoint (a time-limited job); the same "
+                       "command without it continues the run")
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the fully resolved config")
@@ -38,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--ckpt", required=True, help="checkpoint folder")
     to_hf.add_argument("--out", required=True, help="new HF folder (must not exist or be empty)")
     to_hf.add_argument("--step", type=int, help="checkpoint step (default: the latest finished one)")
-    to_hf.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    to_hf.add_argument("--dtype", default="bfloat16", choices=FLOAT_NAMES)
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     to_hf.add_argument("--verify", action="store_true",
                        help="load the export with transformers (needs torch) and report the logit difference")
@@ -54,10 +58,14 @@ def _run(args) -> None:
     elif args.command == "train":
         from cptjax.train_config import load_config
         from cptjax.trainer import run
-        result = run(load_config(args.config, args.overrides))
-        print(f"cptjax train: {result.stopped_early or 'finished'} at step {result.final_step}")
-        if result.stopped_early and not result.stopped_early.startswith("SIGTERM"):
+        config = load_config(args.config, args.overrides)
+        if args.until_step is not None and args.until_step < 1:
+            raise CptjaxError(f"--until-step {args.until_step}: must be >= 1")
+        result = run(config, until_step=args.until_step)
+        if result.failed:
             raise CptjaxError(result.stopped_early)
+        print(f"cptjax train: {'finished' if result.stopped_early is None else 'stopped'} at step "
+              f"{result.final_step}")
     elif args.command == "config":
         from cptjax.train_config import dump_yaml, load_config
         print(dump_yaml(load_config(args.config, args.overrides)), end="")

@@ -1,7 +1,8 @@
 """The pure training and evaluation steps.
 
 `train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> sums` are pure
-functions of arrays; `trainer.py` jits them once with explicit shardings. The state is a plain dict
+functions of arrays; `build_setup` jits them once with explicit shardings and buffer donation, for
+the trainer and every other caller. The state is a plain dict
 {"step", "params", "opt_state"} with params as a nested dict of arrays (Orbax and optax masks need
 nothing more).
 
@@ -14,12 +15,22 @@ and divides once, so it equals the full-batch gradient exactly (up to float summ
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+
+from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
+from cptjax.dtypes import float_dtype
+from cptjax.model import abstract_model
+from cptjax.optimizer import build_optimizer
+from cptjax.schedules import make_schedule
+from cptjax.sharding import (batch_sharding, make_mesh, optimizer_state_shardings, param_shardings,
+                             with_activation_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,7 @@ def _sums(graphdef, params, batch, config: StepConfig):
         "nll": weighted.sum(),
         "z": (jnp.square(log_z) * mask).sum(),
         "tokens": mask.sum(),
+        "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),  # not padding
         "source_nll": jnp.einsum("BL,BLS->S", weighted, sources),
         "source_tokens": jnp.einsum("BL,BLS->S", mask, sources),
     }
@@ -83,7 +95,7 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
     """One optimizer update. A non-finite loss or gradient leaves params and optimizer state as
     they were (the step counter still advances), and the metrics say so."""
     loss, grads, sums = loss_and_grads(graphdef, state["params"], batch, config)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -100,6 +112,7 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
         "grad_norm": grad_norm,
         "learning_rate": schedule(state["step"]),
         "tokens": sums["tokens"],
+        "input_tokens": sums["input_tokens"],
         "source_loss": sums["source_nll"] / jnp.maximum(sums["source_tokens"], 1.0),
         "source_tokens": sums["source_tokens"],
         "skipped": jnp.logical_not(finite),
@@ -111,3 +124,62 @@ def eval_step(params: dict, batch: dict, *, graphdef, config: StepConfig) -> dic
     """Token sums for held-out evaluation (loss, perplexity and bits per byte are ratios of these)."""
     sums = _sums(graphdef, params, batch, config)
     return {"nll": sums["nll"], "tokens": sums["tokens"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """The run's model and steps laid out on the mesh: what the trainer, `cptjax plan` and the
+    mesh tests share. `step_fn(state, batch) -> (state, metrics)` donates `state`;
+    `eval_fn(params, batch) -> sums`; both take global batches laid out by `batch_sharding`."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    param_dtype: Any
+    abstract_state: dict  # {"params", "opt_state"}: ShapeDtypeStructs carrying their shardings
+    state_shardings: dict  # {"step", "params", "opt_state"}
+    batch_sharding: jax.sharding.NamedSharding
+    step_fn: Any
+    eval_fn: Any
+
+    def to_global(self, batch: dict) -> dict:
+        """This process's rows of a batch -> global arrays on the mesh (the training keys only)."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
+                for k in BATCH_KEYS}
+
+
+def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
+    """Builds the mesh, the abstract state with its shardings, and the jitted steps of `config`
+    (a TrainConfig) for `model_config`; allocates nothing."""
+    mesh, rules = make_mesh(config.mesh, devices), config.mesh.rules
+    param_dtype = float_dtype(config.model.param_dtype, "model.param_dtype")
+    abstract = abstract_model(model_config, param_dtype=param_dtype,
+                              dtype=float_dtype(config.model.compute_dtype, "model.compute_dtype"),
+                              remat=config.model.remat, attention=config.model.attention)
+    graphdef = nnx.graphdef(abstract)
+    p_shardings = param_shardings(abstract, mesh, rules)
+    abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                   nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
+    optimizer = build_optimizer(config.optimizer, config.schedule)
+    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = optimizer_state_shardings(abstract_opt_state, p_shardings, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
+    abstract_state = {"params": abstract_params, "opt_state": jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt_state, opt_shardings)}
+
+    step_config = StepConfig(num_sources=num_sources, z_loss=config.optimizer.z_loss,
+                             grad_accum_steps=config.optimizer.grad_accum_steps)
+    b_sharding = batch_sharding(mesh, rules)
+    step_fn = jax.jit(
+        with_activation_sharding(functools.partial(
+            train_step, graphdef=graphdef, optimizer=optimizer, schedule=make_schedule(config.schedule),
+            config=step_config), mesh, rules),
+        in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, None),
+        donate_argnums=0)
+    eval_fn = jax.jit(
+        with_activation_sharding(functools.partial(eval_step, graphdef=graphdef, config=step_config),
+                                 mesh, rules),
+        in_shardings=(p_shardings, b_sharding))
+    return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
+                      b_sharding, step_fn, eval_fn)
