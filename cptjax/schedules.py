@@ -39,7 +39,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import typing
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +49,11 @@ import optax
 
 from cptjax.errors import CptjaxError
 
-KINDS = ("warmup_cosine", "wsd", "constant", "infinite", "cycles")
-COOLDOWN_SHAPES = ("linear", "cosine", "1-sqrt")
-ANNEAL_SHAPES = ("linear", "cosine")
-STAGE_KINDS = ("warmup_cosine", "wsd")
+Kind = Literal["warmup_cosine", "wsd", "constant", "infinite", "cycles"]
+CooldownShape = Literal["linear", "cosine", "1-sqrt"]
+AnnealShape = Literal["linear", "cosine"]
+StageKind = Literal["warmup_cosine", "wsd"]
+KINDS: tuple[str, ...] = typing.get_args(Kind)
 
 DEFAULT_WARMUP = 0.01  # CPT re-warms briefly: 1-3% of steps
 DEFAULT_COOLDOWN = 0.2  # Hägele et al. 2024: a 20% cooldown matches cosine
@@ -75,23 +78,26 @@ _OPTIONAL = frozenset().union(*_USES.values())
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     """One learning-rate schedule. Optional fields left as None take the kind's default (see
-    `warmup_steps` and friends); setting a field that `kind` does not use is an error."""
+    `warmup_steps` and friends); setting a field that `kind` does not use is an error.
+
+    Field types are checked where configs are read (cptjax.config_tree); the checks here are on
+    values and on how the fields fit together."""
 
     total_steps: int
     peak_lr: float
-    kind: str = "warmup_cosine"
+    kind: Kind = "warmup_cosine"
     init_lr: float = 0.0  # where each warmup starts
     end_lr: float = 0.0  # the lr at total_steps and after
     warmup: Length | None = None  # default 1% (0 for "constant")
     cooldown: Length | None = None  # final decay (wsd, constant, wsd stages); default 20%, 0 for "constant"
-    cooldown_shape: str | None = None  # one of COOLDOWN_SHAPES; default "linear"
+    cooldown_shape: CooldownShape | None = None  # default "linear"
     constant_lr: float | None = None  # "infinite": the lr of the constant phase (required)
     decay: Length | None = None  # "infinite": cosine from peak_lr to constant_lr; default 10%
     anneal: Length | None = None  # "infinite": final decay to end_lr; default 10%
-    anneal_shape: str | None = None  # "infinite": one of ANNEAL_SHAPES; default "linear"
+    anneal_shape: AnnealShape | None = None  # "infinite": default "linear"
     stage_boundaries: tuple[int, ...] | None = None  # "cycles": steps where stages 2.. begin (required)
     stage_peak_lrs: tuple[float, ...] | None = None  # "cycles": one per stage; default peak_lr for all
-    stage_kind: str | None = None  # "cycles": one of STAGE_KINDS; default "warmup_cosine"
+    stage_kind: StageKind | None = None  # "cycles": default "warmup_cosine"
     count_from_one: bool = True  # update s gets the curve at s + 1 (see the module docstring)
 
     def __post_init__(self):
@@ -217,43 +223,33 @@ def _steps(value: Length | None, default: Length, length: int) -> int:
 
 # ---- validation ----------------------------------------------------------------------------------
 
-def _fail(message: str):
-    raise CptjaxError(f"schedule config: {message}")
+def _fail(field: str, message: str):
+    """Stops with 'schedule.FIELD: MESSAGE', the key as the user wrote it in the config."""
+    raise CptjaxError(f"schedule.{field}: {message}")
 
 
 def _check_lr(name: str, value, *, positive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
         what = "a positive number" if positive else "a number >= 0"
-        _fail(f"{name} must be {what}, got {value!r}")
+        _fail(name, f"must be {what}, got {value!r}")
 
 
 def _check_length(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(f"{name} must be an int number of steps or a float fraction in (0, 1), got {value!r}")
+    """An int is a number of steps, a float a fraction of the segment."""
     if isinstance(value, int) and value < 0:
-        _fail(f"{name} must be >= 0 steps, got {value}")
+        _fail(name, f"must be >= 0 steps, got {value}")
     if isinstance(value, float) and not 0.0 < value < 1.0:
-        _fail(f"{name} as a float is a fraction of the steps and must be in (0, 1), got {value!r}; "
+        _fail(name, f"a float is a fraction of the steps and must be in (0, 1), got {value!r}; "
               f"give a number of steps as an int")
 
 
-def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value is not None and value not in allowed:
-        _fail(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
 def _validate(c: ScheduleConfig) -> None:
-    if c.kind not in KINDS:
-        _fail(f"kind must be one of {', '.join(map(repr, KINDS))}, got {c.kind!r}")
-    if isinstance(c.total_steps, bool) or not isinstance(c.total_steps, int) or c.total_steps <= 0:
-        _fail(f"total_steps must be a positive int, got {c.total_steps!r}")
-    if not isinstance(c.count_from_one, bool):
-        _fail(f"count_from_one must be true or false, got {c.count_from_one!r}")
+    if c.total_steps <= 0:
+        _fail("total_steps", f"must be positive, got {c.total_steps!r}")
     for name in sorted(_OPTIONAL - _USES[c.kind]):
         if getattr(c, name) is not None:
             users = [k for k in KINDS if name in _USES[k]]
-            _fail(f"{name} is not used by kind {c.kind!r} (only by {', '.join(map(repr, users))}); "
+            _fail(name, f"not used by kind {c.kind!r} (only by {', '.join(map(repr, users))}); "
                   f"remove it or change kind")
     _check_lr("peak_lr", c.peak_lr, positive=True)
     _check_lr("init_lr", c.init_lr)
@@ -261,21 +257,19 @@ def _validate(c: ScheduleConfig) -> None:
     for name in ("warmup", "cooldown", "decay", "anneal"):
         if getattr(c, name) is not None:
             _check_length(name, getattr(c, name))
-    _check_choice("cooldown_shape", c.cooldown_shape, COOLDOWN_SHAPES)
-    _check_choice("anneal_shape", c.anneal_shape, ANNEAL_SHAPES)
-    _check_choice("stage_kind", c.stage_kind, STAGE_KINDS)
     if c.kind == "cycles":
         _validate_stages(c)
         for name in ("cooldown", "cooldown_shape"):
             if c.stage_kind != "wsd" and getattr(c, name) is not None:
-                _fail(f"{name} is only used by stage_kind 'wsd', and stage_kind is "
+                _fail(name, "only used by stage_kind 'wsd', and stage_kind is "
                       f"{c.stage_kind or 'warmup_cosine'!r}; remove it or set stage_kind 'wsd'")
     if c.kind == "infinite":
         if c.constant_lr is None:
-            _fail("kind 'infinite' needs constant_lr, the lr of its constant phase (e.g. a third of peak_lr)")
+            _fail("constant_lr", "kind 'infinite' needs it: the lr of its constant phase (e.g. a third "
+                  "of peak_lr)")
         _check_lr("constant_lr", c.constant_lr, positive=True)
         if not c.end_lr <= c.constant_lr <= c.peak_lr:
-            _fail(f"constant_lr must lie between end_lr ({c.end_lr}) and peak_lr ({c.peak_lr}), "
+            _fail("constant_lr", f"must lie between end_lr ({c.end_lr}) and peak_lr ({c.peak_lr}), "
                   f"got {c.constant_lr}")
 
     for (start, end), peak in zip(c.stage_spans, c.stage_peaks):
@@ -283,27 +277,25 @@ def _validate(c: ScheduleConfig) -> None:
         peak_name = "stage_peak_lrs" if c.stage_peak_lrs is not None else "peak_lr"
         in_stage = f" in {where}" if c.kind == "cycles" else ""
         if c.init_lr > peak:
-            _fail(f"init_lr ({c.init_lr}) must not exceed {peak_name} ({peak}){in_stage}: a warmup rises")
+            _fail("init_lr", f"{c.init_lr} must not exceed {peak_name} ({peak}){in_stage}: a warmup rises")
         if c.end_lr > peak:
-            _fail(f"end_lr ({c.end_lr}) must not exceed {peak_name} ({peak}){in_stage}: a schedule decays")
+            _fail("end_lr", f"{c.end_lr} must not exceed {peak_name} ({peak}){in_stage}: a schedule decays")
         _validate_lengths(c, end - start, where)
 
 
 def _validate_stages(c: ScheduleConfig) -> None:
     b = c.stage_boundaries
-    if b is None or not isinstance(b, tuple) or not b:
-        _fail(f"kind 'cycles' needs stage_boundaries, the steps where stages 2.. begin "
-              f"(e.g. [1000, 2500]), got {b!r}")
-    if any(isinstance(x, bool) or not isinstance(x, int) for x in b):
-        _fail(f"stage_boundaries must be int steps, got {list(b)}")
+    if not b:
+        _fail("stage_boundaries", "kind 'cycles' re-warms at each stage: add data.stages, or give "
+              f"the steps where stages 2.. begin (e.g. [1000, 2500]); got {b!r}")
     if any(x <= y for x, y in zip(b[1:], b[:-1])):
-        _fail(f"stage_boundaries must be strictly increasing, got {list(b)}")
+        _fail("stage_boundaries", f"must be strictly increasing, got {list(b)}")
     if b[0] <= 0 or b[-1] >= c.total_steps:
-        _fail(f"stage_boundaries must lie strictly between 0 and total_steps ({c.total_steps}), "
+        _fail("stage_boundaries", f"must lie strictly between 0 and total_steps ({c.total_steps}), "
               f"got {list(b)}")
     if c.stage_peak_lrs is not None:
-        if not isinstance(c.stage_peak_lrs, tuple) or len(c.stage_peak_lrs) != len(b) + 1:
-            _fail(f"stage_peak_lrs must give one lr per stage ({len(b) + 1} for {len(b)} boundaries), "
+        if len(c.stage_peak_lrs) != len(b) + 1:
+            _fail("stage_peak_lrs", f"must give one lr per stage ({len(b) + 1} for {len(b)} boundaries), "
                   f"got {c.stage_peak_lrs!r}")
         for i, lr in enumerate(c.stage_peak_lrs):
             _check_lr(f"stage_peak_lrs[{i}]", lr, positive=True)
@@ -317,9 +309,9 @@ def _validate_lengths(c: ScheduleConfig, length: int, where: str) -> None:
     total = sum(used.values())
     kind = (c.stage_kind or "warmup_cosine") if c.kind == "cycles" else c.kind
     if kind == "warmup_cosine" and warmup >= length:
-        _fail(f"warmup ({warmup} steps) must be less than the {length} steps of {where} "
+        _fail("warmup", f"{warmup} steps must be less than the {length} steps of {where} "
               f"to leave room for the cosine; shorten warmup")
     if total > length:
         parts = " + ".join(f"{k} {v}" for k, v in used.items())
-        _fail(f"{parts} = {total} steps exceeds the {length} steps of {where}; "
+        _fail(next(iter(used)), f"{parts} = {total} steps exceeds the {length} steps of {where}; "
               f"shorten {' or '.join(used)}")

@@ -14,13 +14,12 @@ import yaml
 
 from cptjax.config_tree import apply_overrides, from_dict, to_dict
 from cptjax.data.config import DataConfig
+from cptjax.dtypes import FloatName
 from cptjax.errors import CptjaxError
+from cptjax.model import Attention, Remat
 from cptjax.optimizer import OptimizerConfig
 from cptjax.schedules import ScheduleConfig
 from cptjax.sharding import MeshConfig
-
-DTYPE = Literal["float32", "bfloat16"]
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -32,10 +31,10 @@ class ModelSection:
     init_step: int | None = None  # checkpoint step for init_from (default: its latest)
     hf_config: str | None = None
     tokenizer: str | None = None  # default: init_from's tokenizer files
-    param_dtype: DTYPE = "float32"
-    compute_dtype: DTYPE = "bfloat16"
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    param_dtype: FloatName = "float32"
+    compute_dtype: FloatName = "bfloat16"
+    remat: Remat = "none"
+    attention: Attention = "auto"
 
     def __post_init__(self):
         if (self.init_from is None) == (self.hf_config is None):
@@ -132,6 +131,11 @@ class TrainConfig:
             raise CptjaxError(f"schedule.total_steps ({self.schedule.total_steps}) differs from "
                               f"training.steps ({self.training.steps}); leave schedule.total_steps out "
                               "to use training.steps")
+        starts = tuple(stage.start_step for stage in self.data.stages)
+        if self.schedule.kind == "cycles" and starts and self.schedule.stage_boundaries != starts:
+            raise CptjaxError(f"schedule.stage_boundaries {list(self.schedule.stage_boundaries)} differ "
+                              f"from the start steps of data.stages {list(starts)}; leave "
+                              "schedule.stage_boundaries out to re-warm at each data stage")
         accum = self.optimizer.grad_accum_steps
         if self.training.batch_size % accum:
             raise CptjaxError(f"training.batch_size {self.training.batch_size} is not divisible by "
@@ -177,12 +181,20 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def config_from_dict(raw: dict) -> TrainConfig:
-    """Builds the tree from plain data. Relative paths stay relative to the working directory."""
+    """Builds the tree from plain data. Relative paths stay relative to the working directory.
+
+    Two schedule fields default to other sections: `total_steps` to training.steps, and for kind
+    "cycles" `stage_boundaries` to the start steps of data.stages (one re-warm per data stage).
+    """
     raw = dict(raw)
     schedule = dict(raw.get("schedule") or {})
     training = raw.get("training") or {}
     if "total_steps" not in schedule and isinstance(training, dict) and "steps" in training:
         schedule["total_steps"] = training["steps"]
+    data = raw.get("data") or {}
+    if schedule.get("kind") == "cycles" and "stage_boundaries" not in schedule and isinstance(data, dict):
+        stages = data.get("stages") or []
+        schedule["stage_boundaries"] = [s.get("start_step") if isinstance(s, dict) else s for s in stages]
     raw["schedule"] = schedule
     return from_dict(TrainConfig, raw)
 

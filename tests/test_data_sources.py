@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import zstandard
 from data_helpers import STDLIB, corpus_files, jargon_paragraphs, tokenizer_dir, wiki_articles, \
-    workdir, write_jsonl
+    write_jsonl
 
-from cptjax.data.config import DataConfig, EvalSetConfig, InputConfig, SourceConfig, StageConfig
+from cptjax.data.config import DataConfig, InputConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.data.sources import open_source
+from cptjax.data.read import open_source
 from cptjax.errors import CptjaxError
 
 
@@ -178,35 +178,39 @@ def test_missing_path_and_empty_glob(tmp_path):
 
 
 def _source(**kwargs):
-    return SourceConfig(**{"name": "a", "type": "jsonl", "paths": ("a.jsonl",), **kwargs})
+    return {"name": "a", "type": "jsonl", "paths": ["a.jsonl"], **kwargs}
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda: DataConfig(sources=(_source(), _source(name="b", weight=-0.5))),
+@pytest.mark.parametrize("tree,message", [
+    ({"sources": [_source(), _source(name="b", weight=-0.5)]},
      r"^data.sources\[1\].weight: must be >= 0, got -0.5$"),
-    (lambda: DataConfig(sources=(_source(weight=0), _source(name="b", weight=0.0))),
+    ({"sources": [_source(weight=0), _source(name="b", weight=0.0)]},
      r"^data.sources\[\*\].weight: all weights are 0; give at least one source a positive weight$"),
-    (lambda: DataConfig(sources=(_source(type="csv"),)),
-     r"^data.sources\[0\].type: unknown source type 'csv'; choose one of jsonl, text, parquet, "
-     r"arrayrecord, tfds, prepared$"),
-    (lambda: DataConfig(sources=(_source(), _source())),
+    ({"sources": [_source(type="csv")]},
+     r"^data.sources\[0\].type: 'csv' is not allowed; choose one of 'jsonl' \| 'text' \| 'parquet' \| "
+     r"'arrayrecord' \| 'tfds' \| 'prepared'$"),
+    ({"sources": [_source(), _source()]},
      r"^data.sources\[1\].name: 'a' is used twice"),
-    (lambda: DataConfig(sources=(_source(),), stages=(StageConfig(start_step=10, weights=(1, 0)),)),
+    ({"sources": [_source()], "stages": [{"start_step": 10, "weights": [1, 0]}]},
      r"^data.stages\[0\].weights: expected 1 weights, one per source in order \(a\), got 2$"),
-    (lambda: DataConfig(sources=(_source(), _source(name="b")),
-                        stages=(StageConfig(start_step=10, weights=(0, 0)),)),
+    ({"sources": [_source(), _source(name="b")], "stages": [{"start_step": 10, "weights": [0, 0]}]},
      r"^data.stages\[0\].weights: all weights are 0"),
-    (lambda: DataConfig(sources=(_source(paths=()),)),
+    ({"sources": [_source(paths=[])]},
      r"^data.sources\[0\].paths: a jsonl source needs at least one path or glob$"),
-    (lambda: DataConfig(sources=(_source(on_exhaustion="loop"),)),
-     r"^data.sources\[0\].on_exhaustion: 'loop' is not allowed; choose 'repeat' or 'stop'$"),
-    (lambda: DataConfig(sources=(_source(),), eval_sets=(EvalSetConfig(name="e", type="jsonl",
-                                                                       paths=("x",), max_docs=0),)),
+    ({"sources": [_source(paths="a.jsonl")]},
+     r"^data.sources\[0\].paths: expected a list, got 'a.jsonl'$"),
+    ({"sources": [_source(on_exhaustion="loop")]},
+     r"^data.sources\[0\].on_exhaustion: 'loop' is not allowed; choose one of 'repeat' \| 'stop'$"),
+    ({"sources": [_source()], "eval_sets": [{"name": "e", "type": "jsonl", "paths": ["x"], "max_docs": 0}]},
      r"^data.eval_sets\[0\].max_docs: must be a positive integer or null, got 0$"),
+    ({"sources": [_source()], "seed": 1.5}, r"^data.seed: expected an integer, got 1.5$"),
 ])
-def test_config_errors_name_the_key(make, message):
+def test_config_errors_name_the_key(tree, message):
+    """Read as a config is: config_tree checks the types, DataConfig the values."""
+    from cptjax.config_tree import from_dict
+
     with pytest.raises(CptjaxError, match=message):
-        make()
+        from_dict(DataConfig, tree, "data")
 
 
 def test_config_tree_builds_data_config_from_yaml_mapping():

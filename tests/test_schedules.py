@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cptjax.config_tree import from_dict
 from cptjax.errors import CptjaxError
 from cptjax.schedules import KINDS, ScheduleConfig, make_schedule
 
@@ -236,18 +237,21 @@ def test_jit_with_traced_step_matches_python_ints(kind):
     (dict(stage_boundaries=(300,)), "stage_boundaries"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
+    """Read as a config is (config_tree checks the types, the class the values): one line that
+    starts with the key."""
     args = dict(total_steps=T, peak_lr=P) | kwargs
     with pytest.raises(CptjaxError) as info:
-        ScheduleConfig(**args)
+        from_dict(ScheduleConfig, args, "schedule")
     message = str(info.value)
-    assert message.startswith("schedule config: ")
+    assert message.startswith("schedule.") and "\n" not in message, message
     assert field in message, message
 
 
 def test_bad_value_and_allowed_values_are_in_the_message():
-    with pytest.raises(CptjaxError, match=r"kind must be one of 'warmup_cosine', .* got 'cosine'"):
-        ScheduleConfig(T, P, kind="cosine")
-    with pytest.raises(CptjaxError, match=r"warmup as a float .* in \(0, 1\), got 1.5; give .* as an int"):
+    with pytest.raises(CptjaxError, match=r"^schedule.kind: 'cosine' is not allowed; choose one of "
+                                          r"'warmup_cosine' \| 'wsd' \|"):
+        from_dict(ScheduleConfig, dict(total_steps=T, peak_lr=P, kind="cosine"), "schedule")
+    with pytest.raises(CptjaxError, match=r"^schedule.warmup: a float .* in \(0, 1\), got 1.5; give .* as an int"):
         ScheduleConfig(T, P, warmup=1.5)
 
 
