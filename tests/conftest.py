@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hf_models  # noqa: E402
+import tiny_configs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,6 @@ def tiny_hf(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in cache:
             out = tmp_path_factory.mktemp(name.replace(".", "_"))
-            cache[name] = hf_models.save_hf_model(hf_models.shrunk_config(name), out / "hf")
+            cache[name] = hf_models.save_hf_model(tiny_configs.shrunk_config(name), out / "hf")
         return cache[name]
     return get

@@ -149,3 +149,14 @@ def reassemble(batches: list[dict], source_id: int = 0) -> list[tuple[int, ...]]
                     docs.append(targets)
             continues = bool(mask[-1] == 1)
     return [tuple(d) for d in docs]
+def save_tokenizer(out: Path, texts: list[str]) -> None:
+    """A small byte-level BPE tokenizer trained here, saved as HF tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(out)

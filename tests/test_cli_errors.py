@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cptjax.cli import main
-from cptjax.safetensors_io import SafetensorsFile, write_safetensors
+from cptjax.hf.safetensors import SafetensorsFile, write_safetensors
 
 
 def _copy(tiny_hf, tmp_path, name="llama-3.2-1b"):
@@ -26,7 +26,7 @@ def _rewrite_weights(folder, edit):
 
 
 def _missing_dir(tiny_hf, tmp_path):
-    return tmp_path / "nowhere", "no such directory"
+    return tmp_path / "nowhere", "--hf-dir"
 
 
 def _missing_config(tiny_hf, tmp_path):

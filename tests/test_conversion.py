@@ -8,11 +8,13 @@ import torch
 from safetensors import safe_open
 
 import hf_models
+import data_helpers
+import tiny_configs
 from cptjax import load_model
 from cptjax.cli import main
-from cptjax.safetensors_io import SafetensorsFile, write_safetensors
+from cptjax.hf.safetensors import SafetensorsFile, write_safetensors
 
-ALL = hf_models.NAMES + sorted(hf_models.VARIANTS)
+ALL = tiny_configs.NAMES + sorted(tiny_configs.VARIANTS)
 
 
 def _tensors(folder):
@@ -38,8 +40,8 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(name, tiny_hf, tmp_pa
         assert torch.equal(before[key], after[key]), key
 
     exported = hf_models.load_hf_model(tmp_path / "export")
-    assert type(exported).__name__ == hf_models.shrunk_config(name)["architectures"][0]
-    tokens = np.random.default_rng(0).integers(0, 512, size=(2, hf_models.SEQ_LEN))
+    assert type(exported).__name__ == tiny_configs.shrunk_config(name)["architectures"][0]
+    tokens = np.random.default_rng(0).integers(0, 512, size=(2, tiny_configs.SEQ_LEN))
     np.testing.assert_array_equal(hf_models.hf_logits(exported, tokens),
                                   hf_models.hf_logits(hf_models.load_hf_model(source), tokens))
     # The checkpoint itself loads too, with the same logits as the HF folder.
@@ -52,10 +54,10 @@ def test_default_export_is_bf16_sharded_with_tokenizer_and_verify(tiny_hf, tmp_p
     import transformers
 
     source = tmp_path / "source"
-    hf_models.save_hf_model(hf_models.shrunk_config("llama-3.1-8b"), source, max_shard_size="100KB")
+    hf_models.save_hf_model(tiny_configs.shrunk_config("llama-3.1-8b"), source, max_shard_size="100KB")
     assert (source / "model.safetensors.index.json").is_file()  # sharded input is read too
-    wiki = (hf_models.FIXTURES.parent / "hf_configs" / "llama-3.1-8b.json").read_text()
-    hf_models.save_tokenizer(source, [wiki] * 20)
+    wiki = (tiny_configs.FIXTURES.parent / "hf_configs" / "llama-3.1-8b.json").read_text()
+    data_helpers.save_tokenizer(source, [wiki] * 20)
 
     assert main(["convert", "hf-to-orbax", "--hf-dir", str(source), "--out", str(tmp_path / "ckpt")]) == 0
     assert main(["convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out",

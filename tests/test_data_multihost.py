@@ -20,7 +20,8 @@ from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, re
     tokenizer_dir, wiki_articles  # noqa: E402
 
 from cptjax.data.config import DataConfig, SourceConfig  # noqa: E402
-from cptjax.data.pipeline import build_train_pipeline, gather_states  # noqa: E402
+from cptjax.data.pipeline import build_train_pipeline
+from cptjax.distributed import gather_states  # noqa: E402
 from cptjax.errors import CptjaxError  # noqa: E402
 
 

@@ -112,4 +112,5 @@ def test_batch_contract():
         assert (seg[:, 0] == 1).all() and (np.diff(seg, axis=1) >= 0).all()
         for r in range(8):
             assert len(set(batch["source_ids"][r].tolist())) == 1
-    assert pipeline.packing_efficiency() == 1.0
+        # nothing is padding while every source repeats: each input position holds a document token
+        assert (seg > 0).all()

@@ -5,13 +5,14 @@ import json
 import pytest
 
 import hf_models
+import tiny_configs
 from cptjax.errors import CptjaxError
 from cptjax.model_config import ModelConfig, rope_inverse_frequencies
 
 
-@pytest.mark.parametrize("name", hf_models.NAMES)
+@pytest.mark.parametrize("name", tiny_configs.NAMES)
 def test_hf_config_round_trips(name):
-    hf = hf_models.full_config(name)
+    hf = tiny_configs.full_config(name)
     cfg = ModelConfig.from_hf_config(hf)
     again = ModelConfig.from_hf_config(json.loads(json.dumps(cfg.to_hf_config())))
     assert again == cfg
@@ -22,7 +23,7 @@ def test_hf_config_round_trips(name):
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-2-7b", "qwen3-0.6b"])
 def test_transformers_5_rope_parameters_spelling_reads_the_same(name):
     """transformers 5 writes `rope_parameters` (theta inside); the hub's files have rope_theta/rope_scaling."""
-    hub = hf_models.full_config(name)
+    hub = tiny_configs.full_config(name)
     written = hf_models.hf_config_object(hub).to_dict()
     assert "rope_parameters" in written
     v5 = {k: v for k, v in written.items() if k not in ("rope_theta", "rope_scaling")}
@@ -33,7 +34,7 @@ def test_llama3_frequencies_match_transformers():
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf = hf_models.full_config("llama-3.1-8b")
+    hf = tiny_configs.full_config("llama-3.1-8b")
     cfg = ModelConfig.from_hf_config(hf)
     reference, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_models.hf_config_object(hf), torch.device("cpu"))
     ours = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
@@ -50,14 +51,14 @@ def test_llama3_frequencies_match_transformers():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs 'low_freq_factor'"),
 ])
 def test_bad_configs_name_the_key(change, message):
-    hf = dict(hf_models.full_config("llama-3.1-8b"), **change)
+    hf = dict(tiny_configs.full_config("llama-3.1-8b"), **change)
     with pytest.raises(CptjaxError, match=message) as err:
         ModelConfig.from_hf_config(hf, "some/config.json")
     assert str(err.value).startswith("some/config.json: ")
 
 
 def test_mixed_sliding_and_full_layers_are_refused():
-    hf = dict(hf_models.full_config("qwen2.5-0.5b"), use_sliding_window=True, max_window_layers=12)
+    hf = dict(tiny_configs.full_config("qwen2.5-0.5b"), use_sliding_window=True, max_window_layers=12)
     with pytest.raises(CptjaxError, match="mix sliding-window and full attention"):
         ModelConfig.from_hf_config(hf)
     hf["max_window_layers"] = hf["num_hidden_layers"]  # no layer reaches the window: full attention

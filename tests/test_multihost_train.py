@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import hf_models
+import tiny_configs
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 
@@ -49,7 +50,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    hf = dict(hf_models.shrunk_config("llama-3.2-1b"), vocab_size=vocab)
+    hf = dict(tiny_configs.shrunk_config("llama-3.2-1b"), vocab_size=vocab)
     model = hf_models.save_hf_model(hf, tmp_path / "hf")
     raw = {
         "run_dir": str(tmp_path / "run"),

@@ -9,14 +9,15 @@ import pytest
 from flax import nnx
 
 import hf_models
+import tiny_configs
 from cptjax import load_model
 from cptjax.model import Llama, abstract_model, model_from_params, param_count
 from cptjax.model_config import ModelConfig
 
-ALL = hf_models.NAMES + sorted(hf_models.VARIANTS)
+ALL = tiny_configs.NAMES + sorted(tiny_configs.VARIANTS)
 
 
-def _tokens(vocab, batch=2, length=hf_models.SEQ_LEN, seed=0):
+def _tokens(vocab, batch=2, length=tiny_configs.SEQ_LEN, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length))
 
 
@@ -28,30 +29,30 @@ def test_fp32_logits_match_transformers(name, tiny_hf):
     tokens = _tokens(model.config.vocab_size)
     ours = np.asarray(model.logits(tokens))
     reference = hf_models.hf_logits(hf_models.load_hf_model(hf_dir), tokens)
-    assert ours.shape == reference.shape == (2, hf_models.SEQ_LEN, 512)
+    assert ours.shape == reference.shape == (2, tiny_configs.SEQ_LEN, 512)
     # Random weights give logits of order 1, so 1e-4 absolute is ~1e-4 relative.
     assert np.max(np.abs(ours - reference)) < 1e-4
 
 
 def test_the_structures_under_test_are_the_ones_claimed():
     """Guards the fixtures: a shrink that lost a feature would make the parity tests vacuous."""
-    configs = {n: ModelConfig.from_hf_config(hf_models.shrunk_config(n)) for n in ALL}
+    configs = {n: ModelConfig.from_hf_config(tiny_configs.shrunk_config(n)) for n in ALL}
     assert configs["llama-3.1-8b"].rope.type == "llama3"
     assert configs["llama-3.2-1b"].tie_word_embeddings and configs["llama-3.2-1b"].head_dim == 24
-    assert configs["mistral-7b-v0.1"].sliding_window == hf_models.SLIDING_WINDOW
-    assert configs["qwen2-sliding"].sliding_window == hf_models.SLIDING_WINDOW
+    assert configs["mistral-7b-v0.1"].sliding_window == tiny_configs.SLIDING_WINDOW
+    assert configs["qwen2-sliding"].sliding_window == tiny_configs.SLIDING_WINDOW
     assert configs["qwen2.5-0.5b"].qkv_bias and configs["qwen2.5-0.5b"].sliding_window is None
     assert configs["qwen3-0.6b"].qk_norm and configs["qwen3-0.6b"].head_dim == 24
     assert configs["llama-biases"].o_bias and configs["llama-biases"].mlp_bias
     assert configs["tinyllama-1.1b"].num_kv_heads < configs["tinyllama-1.1b"].num_heads
     assert configs["llama-2-7b"].num_kv_heads == configs["llama-2-7b"].num_heads
     for name in ("llama-3.1-8b", "llama-3.2-1b"):
-        assert configs[name].rope.original_max_position_embeddings < hf_models.SEQ_LEN
-    assert hf_models.SLIDING_WINDOW < hf_models.SEQ_LEN
+        assert configs[name].rope.original_max_position_embeddings < tiny_configs.SEQ_LEN
+    assert tiny_configs.SLIDING_WINDOW < tiny_configs.SEQ_LEN
 
 
 def _random_model(name, **kwargs):
-    cfg = ModelConfig.from_hf_config(hf_models.shrunk_config(name))
+    cfg = ModelConfig.from_hf_config(tiny_configs.shrunk_config(name))
     return cfg, Llama(cfg, rngs=nnx.Rngs(0), **kwargs)
 
 
@@ -124,7 +125,7 @@ def test_scan_matches_layer_by_layer_loop():
 def test_traced_program_does_not_grow_with_depth():
     sizes = []
     for layers in (2, 16):
-        hf = dict(hf_models.shrunk_config("llama-3.2-1b"), num_hidden_layers=layers)
+        hf = dict(tiny_configs.shrunk_config("llama-3.2-1b"), num_hidden_layers=layers)
         model = abstract_model(ModelConfig.from_hf_config(hf))
         graphdef, state = nnx.split(model)
         jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(
@@ -135,12 +136,12 @@ def test_traced_program_does_not_grow_with_depth():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", hf_models.NAMES)
+@pytest.mark.parametrize("name", tiny_configs.NAMES)
 def test_full_size_shapes_and_parameter_count_match_transformers(name):
     import torch
     import transformers
 
-    hf = hf_models.full_config(name)
+    hf = tiny_configs.full_config(name)
     model = abstract_model(ModelConfig.from_hf_config(hf))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)  # nothing allocated

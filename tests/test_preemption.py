@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import hf_models
-from trainer_helpers import raw_config
+import tiny_configs
+from batches import raw_config
 
 WORKER = Path(__file__).parent / "train_worker.py"
 
@@ -56,7 +57,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_hf, tmp_path):
 @pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path):
     # A model big enough (~20M parameters with optimizer state) that a save takes a while.
-    hf = dict(hf_models.shrunk_config("llama-3.2-1b"), hidden_size=256, intermediate_size=1024,
+    hf = dict(tiny_configs.shrunk_config("llama-3.2-1b"), hidden_size=256, intermediate_size=1024,
               num_hidden_layers=4, vocab_size=8192, head_dim=32, num_attention_heads=8)
     source = hf_models.save_hf_model(hf, tmp_path / "hf")
     run_dir = tmp_path / "run"

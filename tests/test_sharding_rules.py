@@ -3,7 +3,7 @@
 import pytest
 from flax import nnx
 
-import hf_models
+import tiny_configs
 from cptjax.errors import CptjaxError
 from cptjax.model import abstract_model
 from cptjax.model_config import ModelConfig
@@ -25,9 +25,9 @@ def test_rules_with_a_duplicate_or_a_gap_are_refused():
         logical_to_spec(("embd",), DEFAULT_RULES)
 
 
-@pytest.mark.parametrize("name", hf_models.NAMES)
+@pytest.mark.parametrize("name", tiny_configs.NAMES)
 def test_every_parameter_maps_without_reusing_a_mesh_axis(name):
-    model = abstract_model(ModelConfig.from_hf_config(hf_models.full_config(name)))
+    model = abstract_model(ModelConfig.from_hf_config(tiny_configs.full_config(name)))
     state = nnx.state(model, nnx.Param)
     seen = set()
     for path, variable in nnx.to_flat_state(state):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cptjax.cli import main
-from trainer_helpers import raw_config
+from batches import raw_config
 
 
 def _write(tmp_path, raw):

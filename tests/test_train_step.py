@@ -8,32 +8,15 @@ import torch
 from flax import nnx
 
 import hf_models
-from cptjax.hf_convert import key_map, read_hf_params
+from batches import packed_batch
+import tiny_configs
+from cptjax.hf.keymap import key_map
+from cptjax.hf.read import read_hf_params
 from cptjax.model import abstract_model
 from cptjax.model_config import read_hf_config
 from cptjax.optimizer import OptimizerConfig, build_optimizer, decay_mask
 from cptjax.schedules import ScheduleConfig
 from cptjax.train_step import StepConfig, loss_and_grads, train_step
-
-
-def packed_batch(docs, length, sources=None):
-    """One row per list of documents: inputs/targets within each document, padding after."""
-    rows = {k: [] for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids", "source_ids")}
-    for row_docs in docs:
-        row = {k: [] for k in rows}
-        for seg, doc in enumerate(row_docs, start=1):
-            n = len(doc) - 1
-            row["inputs"] += list(doc[:-1])
-            row["targets"] += list(doc[1:])
-            row["loss_mask"] += [1.0] * n
-            row["positions"] += list(range(n))
-            row["segment_ids"] += [seg] * n
-            row["source_ids"] += [0 if sources is None else sources[seg - 1]] * n
-        pad = length - len(row["inputs"])
-        for key, fill in (("inputs", 0), ("targets", 0), ("loss_mask", 0.0), ("positions", 0),
-                          ("segment_ids", 0), ("source_ids", -1)):
-            rows[key].append(row[key] + [fill] * pad)
-    return {k: jnp.asarray(np.array(v, np.float32 if k == "loss_mask" else np.int32)) for k, v in rows.items()}
 
 
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b-v0.1"])
@@ -76,7 +59,7 @@ def _tiny_state(name="qwen3-0.6b"):
     from cptjax.model import Llama
     from cptjax.model_config import ModelConfig
 
-    cfg = ModelConfig.from_hf_config(hf_models.shrunk_config(name))
+    cfg = ModelConfig.from_hf_config(tiny_configs.shrunk_config(name))
     graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
     return cfg, graphdef, nnx.to_pure_dict(state)
 

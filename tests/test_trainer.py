@@ -9,16 +9,16 @@ import pytest
 from cptjax import load_model
 from cptjax.train_config import config_from_dict
 from cptjax.trainer import run
-from trainer_helpers import CountingData, raw_config
+from batches import CountingData, raw_config
 
 VOCAB = 512
 
 
-def _train(raw, max_steps=None, data_seed=0):
+def _train(raw, until_step=None, data_seed=0):
     config = config_from_dict(raw)
     data = CountingData(VOCAB, config.training.batch_size, config.training.seq_len, data_seed)
     evals = {"domain": [CountingData(VOCAB, 4, 32, seed=99).batch(0)]}
-    return run(config, max_steps=max_steps, data=data, eval_sets=evals)
+    return run(config, until_step=until_step, data=data, eval_sets=evals)
 
 
 def _records(run_dir, kind):
@@ -32,7 +32,7 @@ def test_resume_is_bit_exact(tiny_hf, tmp_path):
     straight = _train(raw_config(tmp_path / "straight", hf))
     assert straight.final_step == 40 and straight.stopped_early is None
 
-    first = _train(raw_config(tmp_path / "split", hf), max_steps=20)
+    first = _train(raw_config(tmp_path / "split", hf), until_step=20)
     assert first.final_step == 20 and "weights from" in first.origin
     second = _train(raw_config(tmp_path / "split", hf))
     assert second.origin.startswith("resumed from step 20") and second.final_step == 40
@@ -102,7 +102,7 @@ def test_init_from_a_bf16_checkpoint_then_resume_without_it(tiny_hf, tmp_path):
 
     raw = raw_config(tmp_path / "run", source, training={"steps": 4}, checkpoint={"every": 2},
                      eval={"every": 100, "at_start": False}, schedule={"peak_lr": 1e-30, "warmup": 1, "end_lr": 0.0})
-    first = _train(raw, max_steps=2)
+    first = _train(raw, until_step=2)
     assert "weights from" in first.origin
     params = first.state["params"]
     assert params["norm"].dtype == np.float32  # fp32 master weights from a bf16 checkpoint

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_helpers import CountingData  # noqa: E402
+from batches import CountingData  # noqa: E402
 
 from cptjax.train_config import config_from_dict  # noqa: E402
 from cptjax.trainer import run  # noqa: E402

@@ -1,8 +1,27 @@
-"""A deterministic stand-in for the data pipeline, and configs for short trainer runs."""
+"""Batches and short trainer runs for tests, without torch (worker subprocesses import this)."""
 
+import jax.numpy as jnp
 import numpy as np
 
-from test_train_step import packed_batch
+
+def packed_batch(docs, length, sources=None):
+    """One row per list of documents: inputs/targets within each document, padding after."""
+    rows = {k: [] for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids", "source_ids")}
+    for row_docs in docs:
+        row = {k: [] for k in rows}
+        for seg, doc in enumerate(row_docs, start=1):
+            n = len(doc) - 1
+            row["inputs"] += list(doc[:-1])
+            row["targets"] += list(doc[1:])
+            row["loss_mask"] += [1.0] * n
+            row["positions"] += list(range(n))
+            row["segment_ids"] += [seg] * n
+            row["source_ids"] += [0 if sources is None else sources[seg - 1]] * n
+        pad = length - len(row["inputs"])
+        for key, fill in (("inputs", 0), ("targets", 0), ("loss_mask", 0.0), ("positions", 0),
+                          ("segment_ids", 0), ("source_ids", -1)):
+            rows[key].append(row[key] + [fill] * pad)
+    return {k: jnp.asarray(np.array(v, np.float32 if k == "loss_mask" else np.int32)) for k, v in rows.items()}
 
 
 class CountingData:
@@ -35,7 +54,8 @@ class CountingData:
         return {"batches": self.k}
 
     def set_state(self, state):
-        self.k = state["batches"]
+        """This process's state, or the list of every process's (what the trainer checkpoints)."""
+        self.k = (state[0] if isinstance(state, list) else state)["batches"]
 
 
 def raw_config(run_dir, init_from, **sections):

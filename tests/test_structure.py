@@ -1,0 +1,72 @@
+"""The package's shape: no import cycles (function-local imports included), modules a reader can
+hold in their head, and a README layout that lists every module that exists, and only those."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "cptjax"
+MAX_LINES = 400
+
+
+def _modules() -> dict[str, Path]:
+    """'cptjax.data.read' -> its file, for every module of the package."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return modules
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The cptjax modules `name` imports anywhere in its file (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from cptjax.data import read` imports the module cptjax.data.read
+            targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def test_the_import_graph_has_no_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    # The package's own lazy re-exports (cptjax/__init__.py) name modules in strings, not imports.
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycle = path[path.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, path + [target])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_module_is_longer_than_a_reader_can_follow():
+    long = {name: n for name, path in _modules().items()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_readme_layout_lists_every_module_once():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^(cptjax/\S+\.py)\s", section, flags=re.MULTILINE)
+    actual = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py"))
+    assert sorted(listed) == actual, {"missing from README": sorted(set(actual) - set(listed)),
+                                      "listed but absent": sorted(set(listed) - set(actual)),
+                                      "listed twice": sorted({p for p in listed if listed.count(p) > 1})}
