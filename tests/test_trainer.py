@@ -112,3 +112,20 @@ def test_init_from_a_bf16_checkpoint_then_resume_without_it(tiny_hf, tmp_path):
     shutil.rmtree(source)  # the run needs only its own checkpoint from now on
     second = _train(raw)
     assert second.origin.startswith("resumed from step 2") and second.final_step == 4
+
+
+def test_source_shares_and_packing_cover_the_whole_logging_window(tiny_hf, tmp_path):
+    """A record every 4 steps reports the tokens of all 4 steps, not only the logged one."""
+    raw = raw_config(tmp_path / "run", tiny_hf("llama-3.2-1b"), training={"steps": 8},
+                     logging={"every": 4, "progress": "lines"}, eval={"every": 100, "at_start": False})
+    _train(raw)
+    train = _records(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == [4, 8]
+    rows, length = 4, 32
+    # CountingData rows: a 'domain' document of 17 tokens (16 targets), a 'replay' one of 16
+    # (15 targets), one padding position.
+    for record in train:
+        assert record["window_steps"] == 4
+        assert record["source_tokens"] == {"domain": 4 * rows * 16, "replay": 4 * rows * 15}
+        assert record["source_share"]["domain"] == pytest.approx(16 / 31)
+        assert record["packing_efficiency"] == pytest.approx((length - 1) / length)
