@@ -102,7 +102,9 @@ def test_remat_changes_nothing(remat):
 
     loss_a, grads_a = nnx.value_and_grad(loss)(plain)
     loss_b, grads_b = nnx.value_and_grad(loss)(rematted)
-    assert loss_a == loss_b
+    # The same math, but XLA fuses the recomputed forward differently, so float32 sums may round
+    # differently in the last bit on some CPUs (seen on an AMD EPYC): compare within 1e-6.
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(nnx.state(grads_a)), jax.tree.leaves(nnx.state(grads_b)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
