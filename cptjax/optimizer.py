@@ -1,4 +1,4 @@
-"""AdamW for continued pretraining: a decay mask, global-norm clipping, the schedule from config."""
+"""AdamW for continued pretraining: a decay mask and global-norm clipping (the step applies the schedule)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import jax
 import optax
 
 from cptjax.errors import CptjaxError
-from cptjax.schedules import ScheduleConfig, make_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +47,18 @@ def decay_mask(params: dict, decay_norms_and_biases: bool = False) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def build_optimizer(config: OptimizerConfig, schedule: ScheduleConfig) -> optax.GradientTransformation:
-    lr = make_schedule(schedule)
+def build_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW's update direction, before the learning rate: clipping, Adam, decoupled weight decay.
+
+    The step multiplies it by -lr(step) itself (train_step.py), with the step counter of the train
+    state, so the learning rate logged for a step is the one applied, also after a skipped
+    (non-finite) step: optax's own schedule would count only the updates it applied.
+    `optax.adamw(lr)` is this chain followed by `scale_by_learning_rate(lr)`.
+    """
     chain = []
     if config.grad_clip_norm is not None:
         chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    chain.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay,
-                             mask=lambda p: decay_mask(p, config.decay_norms_and_biases)))
+    chain.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
+    chain.append(optax.add_decayed_weights(
+        config.weight_decay, mask=lambda p: decay_mask(p, config.decay_norms_and_biases)))
     return optax.chain(*chain)

@@ -14,9 +14,13 @@ traced int32 steps under `jax.jit` and returns a float32 scalar. The kinds:
   (`anneal_shape` "cosine" is the other choice) because an exponential is undefined for the usual
   `end_lr = 0`, never reaches `end_lr` exactly, and a linear decay-to-end is what the WSD cooldown
   studies (Hägele et al. 2024) found as good as cosine.
-- "cycles": one re-warmed segment per data stage; stage k spans
-  [stage_boundaries[k-1], stage_boundaries[k]) and is a warmup_cosine or wsd segment of its own
-  length, re-warming from `init_lr` to its own peak (`stage_peak_lrs`, or `peak_lr`).
+- "cycles": one re-warmed segment per data stage; stage k runs from step stage_boundaries[k-1]
+  to the step before stage_boundaries[k] and is a warmup_cosine or wsd segment of its own length,
+  re-warming from `init_lr` to its own peak (`stage_peak_lrs`, or `peak_lr`).
+
+Steps count optimizer updates from 1, as the logs, checkpoints and data stages do: step N is the
+N-th update, and its lr is the schedule at N - 1, the update's 0-based count (what optax passes).
+A stage boundary S is the first step of its stage: step S gets the stage's first warmup lr.
 
 For CPT, re-warm to roughly 10% of the original pretraining peak with a short warmup (1-3% of steps);
 the defaults (init_lr 0, warmup 1%) follow that, the peak is the caller's to choose.
@@ -95,7 +99,7 @@ class ScheduleConfig:
     decay: Length | None = None  # "infinite": cosine from peak_lr to constant_lr; default 10%
     anneal: Length | None = None  # "infinite": final decay to end_lr; default 10%
     anneal_shape: AnnealShape | None = None  # "infinite": default "linear"
-    stage_boundaries: tuple[int, ...] | None = None  # "cycles": steps where stages 2.. begin (required)
+    stage_boundaries: tuple[int, ...] | None = None  # "cycles": first steps of stages 2.. (required)
     stage_peak_lrs: tuple[float, ...] | None = None  # "cycles": one per stage; default peak_lr for all
     stage_kind: StageKind | None = None  # "cycles": default "warmup_cosine"
     count_from_one: bool = True  # update s gets the curve at s + 1 (see the module docstring)
@@ -110,8 +114,9 @@ class ScheduleConfig:
 
     @property
     def stage_spans(self) -> tuple[tuple[int, int], ...]:
-        """(start, end) of each segment: one for every kind but "cycles"."""
-        edges = (0, *(self.stage_boundaries or ()), self.total_steps)
+        """[start, end) of each segment in 0-based update counts (step N is count N - 1): one
+        segment for every kind but "cycles"."""
+        edges = (0, *(b - 1 for b in self.stage_boundaries or ()), self.total_steps)
         return tuple(zip(edges[:-1], edges[1:]))
 
     @property
@@ -273,7 +278,7 @@ def _validate(c: ScheduleConfig) -> None:
                   f"got {c.constant_lr}")
 
     for (start, end), peak in zip(c.stage_spans, c.stage_peaks):
-        where = f"stage [{start}, {end})" if c.kind == "cycles" else "total_steps"
+        where = f"the stage of steps {start + 1}-{end}" if c.kind == "cycles" else "total_steps"
         peak_name = "stage_peak_lrs" if c.stage_peak_lrs is not None else "peak_lr"
         in_stage = f" in {where}" if c.kind == "cycles" else ""
         if c.init_lr > peak:
@@ -290,9 +295,9 @@ def _validate_stages(c: ScheduleConfig) -> None:
               f"the steps where stages 2.. begin (e.g. [1000, 2500]); got {b!r}")
     if any(x <= y for x, y in zip(b[1:], b[:-1])):
         _fail("stage_boundaries", f"must be strictly increasing, got {list(b)}")
-    if b[0] <= 0 or b[-1] >= c.total_steps:
-        _fail("stage_boundaries", f"must lie strictly between 0 and total_steps ({c.total_steps}), "
-              f"got {list(b)}")
+    if b[0] < 2 or b[-1] > c.total_steps:
+        _fail("stage_boundaries", f"must be first steps of stages 2.., between 2 and total_steps "
+              f"({c.total_steps}), got {list(b)}")
     if c.stage_peak_lrs is not None:
         if len(c.stage_peak_lrs) != len(b) + 1:
             _fail("stage_peak_lrs", f"must give one lr per stage ({len(b) + 1} for {len(b)} boundaries), "

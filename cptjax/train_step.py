@@ -92,11 +92,17 @@ def loss_and_grads(graphdef, params, batch, config: StepConfig):
 
 def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientTransformation,
                schedule, config: StepConfig) -> tuple[dict, dict[str, Any]]:
-    """One optimizer update. A non-finite loss or gradient leaves params and optimizer state as
-    they were (the step counter still advances), and the metrics say so."""
+    """One optimizer update, step number state["step"] + 1 (steps count updates from 1).
+
+    The update is `optimizer`'s direction times -schedule(state["step"]): the learning rate of
+    step N is the schedule at N - 1 (its 0-based update count), logged as applied. A non-finite
+    loss or gradient leaves params and optimizer state as they were (the step counter still
+    advances, so the schedule does too), and the metrics say so."""
     loss, grads, sums = loss_and_grads(graphdef, state["params"], batch, config)
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    learning_rate = schedule(state["step"])
+    direction, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, direction)
     new_params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -108,15 +114,16 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
     count = jnp.maximum(sums["tokens"], 1.0)
     metrics = {
         "loss": loss,
-        "z_loss": sums["z"] / count,
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state["step"]),
+        "learning_rate": learning_rate,
         "tokens": sums["tokens"],
         "input_tokens": sums["input_tokens"],
         "source_loss": sums["source_nll"] / jnp.maximum(sums["source_tokens"], 1.0),
         "source_tokens": sums["source_tokens"],
         "skipped": jnp.logical_not(finite),
     }
+    if config.z_loss:  # the term the objective adds, only when it adds one
+        metrics["z_loss"] = config.z_loss * sums["z"] / count
     return new_state, metrics
 
 
@@ -160,7 +167,7 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     p_shardings = param_shardings(abstract, mesh, rules)
     abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                                    nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
-    optimizer = build_optimizer(config.optimizer, config.schedule)
+    optimizer = build_optimizer(config.optimizer)
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     opt_shardings = optimizer_state_shardings(abstract_opt_state, p_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

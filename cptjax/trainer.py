@@ -100,6 +100,8 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             origin = plan.describe(config)
             logger.message(f"cptjax train: {origin}; {plan.model_config.hf_architecture}, "
                            f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
+            for note in config.data.weight_notes():
+                logger.message(f"cptjax train: {note}")
             start = int(jax.device_get(state["step"]))
             end = config.training.steps if until_step is None else min(config.training.steps, until_step)
             loop = Loop(config, setup, plan.model_config, data, eval_sets, checkpointer, logger, origin,
@@ -240,7 +242,8 @@ def _finish(loop: Loop, step: int, metrics) -> bool:
     loop.window.add(values)
     record = {
         "loss": float(values["loss"]), "grad_norm": float(values["grad_norm"]),
-        "learning_rate": float(values["learning_rate"]), "z_loss": float(values["z_loss"]),
+        "learning_rate": float(values["learning_rate"]),
+        **({"z_loss": float(values["z_loss"])} if "z_loss" in values else {}),
         "tokens": float(values["tokens"]), "skipped": bool(values["skipped"]),
         "source_loss": {n: float(v) for n, v, c in zip(fields.source_names, values["source_loss"],
                                                         values["source_tokens"]) if c > 0},

@@ -41,18 +41,18 @@ def test_stage_changes_weights_at_its_step():
                         stages=(StageConfig(start_step=60, weights=(0.8, 0.2)),), seed=5)
     pipeline = build_train_pipeline(config, tokenizer_dir("llama"), seq_len=64, batch_size=20,
                                     process_index=0, process_count=1)
-    batches = collect(pipeline, 160)
-    before, after = _shares(batches[:60]), _shares(batches[60:])
+    batches = collect(pipeline, 160)  # batches[k] is the batch of step k + 1
+    before, after = _shares(batches[:59]), _shares(batches[59:])
     assert abs(before[1] - 0.05) < 0.01 and abs(after[1] - 0.2) < 0.01, (before, after)
-    # the change is at step 60 exactly: batch 59 has the old mixture, batch 60 the new
-    assert _shares([batches[59]])[1] == 0.05 and _shares([batches[60]])[1] == 0.2
+    # the change is at step 60 exactly: step 59 has the old mixture, step 60 the new
+    assert _shares([batches[58]])[1] == 0.05 and _shares([batches[59]])[1] == 0.2
     reported = pipeline.realized_shares()  # over the whole run so far
-    assert abs(reported["wiki"] - (60 * 0.05 + 100 * 0.2) / 160) < 0.01
+    assert abs(reported["wiki"] - (59 * 0.05 + 101 * 0.2) / 160) < 0.01
     pipeline.close()
 
 
 def test_selection_map_is_exact_and_random_access():
-    selection = StagedSelectionMap([(0, (0.7, 0.2, 0.1)), (3, (0.0, 0.5, 0.5))], rows_per_step=400)
+    selection = StagedSelectionMap([(1, (0.7, 0.2, 0.1)), (4, (0.0, 0.5, 0.5))], rows_per_step=400)
     rows = selection.sources_of(0, 2 * PERIOD)
     first = np.bincount(rows[:1200], minlength=3)
     np.testing.assert_array_equal(first, [840, 240, 120])

@@ -222,7 +222,7 @@ def test_config_tree_builds_data_config_from_yaml_mapping():
                          "on_exhaustion": "stop"}],
             "stages": [{"start_step": 100, "weights": [0.8, 0.2]}], "num_workers": 2}
     config = from_dict(DataConfig, tree, "data")
-    assert config.stage_weights() == [(0, (0.9, 0.1)), (100, (0.8, 0.2))]
+    assert config.stage_weights() == [(1, (0.9, 0.1)), (100, (0.8, 0.2))]
     tree["sources"][1]["weight"] = -1
     with pytest.raises(CptjaxError, match=r"^data.sources\[1\].weight: must be >= 0, got -1"):
         from_dict(DataConfig, tree, "data")

@@ -130,9 +130,10 @@ def test_infinite_phases(shape):
 
 
 def test_cycles_rewarm_each_stage_to_its_own_peak():
-    # Stages [0, 400), [400, 700), [700, 1000); warmup 5% of each stage = 20, 15, 15 steps.
+    # Stages of steps 1-400, 401-700, 701-1000 (update counts [0, 400), [400, 700), [700, 1000));
+    # warmup 5% of each stage = 20, 15, 15 steps.
     peaks = (P, P / 2, P / 4)
-    config = ScheduleConfig(T, P, kind="cycles", stage_boundaries=(400, 700), stage_peak_lrs=peaks,
+    config = ScheduleConfig(T, P, kind="cycles", stage_boundaries=(401, 701), stage_peak_lrs=peaks,
                             warmup=0.05, end_lr=END)
     assert [config.warmup_steps(end - start) for start, end in config.stage_spans] == [20, 15, 15]
     assert_values(config, {
@@ -144,9 +145,9 @@ def test_cycles_rewarm_each_stage_to_its_own_peak():
 
 
 def test_cycles_of_wsd_stages():
-    config = ScheduleConfig(T, P, kind="cycles", stage_kind="wsd", stage_boundaries=[500], warmup=10,
+    config = ScheduleConfig(T, P, kind="cycles", stage_kind="wsd", stage_boundaries=[501], warmup=10,
                             cooldown=0.2)
-    assert config.stage_boundaries == (500,)  # a list from JSON becomes a tuple
+    assert config.stage_boundaries == (501,)  # a list from JSON becomes a tuple
     # Each stage: 500 steps, warmup 10, cooldown the last 100 (linear to 0).
     assert_values(config, {0: P / 10, 9: P, 399: P, 449: P / 2, 499: 0.0,
                            500: P / 10, 509: P, 899: P, 949: P / 2, 999: 0.0, 1200: 0.0})
@@ -159,7 +160,7 @@ EVERY_KIND = {
     "wsd": ScheduleConfig(T, P, kind="wsd", init_lr=INIT, end_lr=END, warmup=30, cooldown_shape="1-sqrt"),
     "constant": ScheduleConfig(T, P, kind="constant", warmup=30, cooldown=0.1, cooldown_shape="cosine"),
     "infinite": ScheduleConfig(T, P, kind="infinite", warmup=30, constant_lr=3e-5, end_lr=END),
-    "cycles": ScheduleConfig(T, P, kind="cycles", stage_boundaries=(300, 600), warmup=30, end_lr=END),
+    "cycles": ScheduleConfig(T, P, kind="cycles", stage_boundaries=(301, 601), warmup=30, end_lr=END),
 }
 
 
@@ -227,8 +228,8 @@ def test_jit_with_traced_step_matches_python_ints(kind):
     (dict(kind="cycles"), "stage_boundaries"),
     (dict(kind="cycles", stage_boundaries=(500, 300)), "stage_boundaries"),
     (dict(kind="cycles", stage_boundaries=(300, 300)), "stage_boundaries"),
-    (dict(kind="cycles", stage_boundaries=(0, 300)), "stage_boundaries"),
-    (dict(kind="cycles", stage_boundaries=(300, T)), "stage_boundaries"),
+    (dict(kind="cycles", stage_boundaries=(1, 300)), "stage_boundaries"),  # step 1 starts stage 1
+    (dict(kind="cycles", stage_boundaries=(300, T + 1)), "stage_boundaries"),
     (dict(kind="cycles", stage_boundaries=(300,), stage_peak_lrs=(P,)), "stage_peak_lrs"),
     (dict(kind="cycles", stage_boundaries=(300,), stage_peak_lrs=(P, -P)), "stage_peak_lrs[1]"),
     (dict(kind="cycles", stage_boundaries=(300,), warmup=300), "warmup"),  # longer than stage 1

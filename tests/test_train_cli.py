@@ -91,3 +91,26 @@ def _restore(path) -> list[np.ndarray]:
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.restore(path)
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_one_step_convention_for_logs_stages_and_schedule(cpt_config, tmp_path):
+    """Step N is the N-th update everywhere: a data stage with start_step 6 and the re-warm that
+    cycles derives from it both show first in the record labelled step 6."""
+    run_dir = tmp_path / "run"
+    out = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={run_dir}",
+               "--set", "training.steps=8", "--set", "data.stages=[{start_step: 6, weights: [0, 2]}]",
+               "--set", "schedule={kind: cycles, peak_lr: 0.001, warmup: 2, end_lr: 0.0001}",
+               "--set", "eval.at_start=false")
+    # weights that do not sum to 1 are normalized, and the run says so
+    assert "data.stages[0].weights: 0 + 2 = 2, normalized to 0, 1" in out
+    train = {r["step"]: r for r in _records(run_dir, "train")}
+    assert sorted(train) == list(range(1, 9))
+    assert train[5]["source_share"]["code"] > 0.5 and train[6]["source_share"] == {"code": 0.0, "english": 1.0}
+    # stage 1 (steps 1-5): warmup 2 -> steps 1, 2 at peak/2, peak; stage 2 re-warms at step 6
+    assert train[1]["learning_rate"] == pytest.approx(5e-4, rel=1e-6)
+    assert train[2]["learning_rate"] == pytest.approx(1e-3, rel=1e-6)
+    assert train[5]["learning_rate"] == pytest.approx(1e-4, rel=1e-6)
+    assert train[6]["learning_rate"] == pytest.approx(5e-4, rel=1e-6)
+    assert train[7]["learning_rate"] == pytest.approx(1e-3, rel=1e-6)
+    assert "z_loss" not in train[6]  # optimizer.z_loss is 0: no such term, no such field

@@ -82,7 +82,7 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 def test_non_finite_loss_leaves_params_untouched():
     cfg, graphdef, params = _tiny_state()
-    optimizer = build_optimizer(OptimizerConfig(), ScheduleConfig(total_steps=10, peak_lr=1e-3))
+    optimizer = build_optimizer(OptimizerConfig())
     state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
     batch = packed_batch([[np.arange(10)]], 16)
     bad = dict(params, norm=params["norm"] * jnp.nan)
@@ -103,7 +103,7 @@ def test_decay_mask_spares_norms_and_biases():
     assert mask["layers"]["q_proj"] and mask["embed_tokens"] and mask["layers"]["down_proj"]
     assert not mask["norm"] and not mask["layers"]["input_layernorm"] and not mask["layers"]["q_proj_bias"]
     assert all(jax.tree.leaves(decay_mask(params, decay_norms_and_biases=True)))
-    optimizer = build_optimizer(OptimizerConfig(weight_decay=0.5), ScheduleConfig(total_steps=10, peak_lr=1e-2))
+    optimizer = build_optimizer(OptimizerConfig(weight_decay=0.5))
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zero, optimizer.init(params), params)
     assert float(jnp.abs(updates["layers"]["input_layernorm"]).max()) == 0.0  # no decay on norms
@@ -128,3 +128,62 @@ def test_z_loss_adds_its_term_to_the_objective():
         assert float(sums["z"]) > 0
     # the reported loss is the plain NLL, with or without the z-loss term in the gradient
     assert float(loss) == pytest.approx(float(reference(params, 0.0)), rel=1e-6)
+
+
+def _steps(state, batches, optimizer, schedule, graphdef):
+    metrics = []
+    for batch in batches:
+        state, m = train_step(state, batch, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+                              config=StepConfig(num_sources=1))
+        metrics.append(m)
+    return state, metrics
+
+
+def test_updates_equal_optax_adamw_with_the_same_schedule():
+    """The step applies -lr(step) to the optimizer's direction itself; that is optax.adamw."""
+    import optax
+
+    from cptjax.schedules import make_schedule
+
+    cfg, graphdef, params = _tiny_state("qwen2.5-0.5b")
+    config = OptimizerConfig(weight_decay=0.1, grad_clip_norm=1.0)
+    schedule = make_schedule(ScheduleConfig(total_steps=10, peak_lr=1e-2, warmup=2))
+    rng = np.random.default_rng(0)
+    batches = [packed_batch([[rng.integers(0, cfg.vocab_size, 12)]], 16) for _ in range(3)]
+    ours = build_optimizer(config)
+    state, _ = _steps({"step": jnp.int32(0), "params": params, "opt_state": ours.init(params)}, batches,
+                      ours, schedule, graphdef)
+    reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=0.1,
+        mask=lambda p: decay_mask(p)))
+    ref_params, ref_state = params, reference.init(params)
+    for batch in batches:
+        _, grads, _ = loss_and_grads(graphdef, ref_params, batch, StepConfig(num_sources=1))
+        updates, ref_state = reference.update(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+    # Two programs with the same operations: XLA may fuse them differently, hence a tolerance.
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+
+
+def test_after_a_skipped_step_the_logged_lr_is_the_applied_one():
+    """Step 1 is skipped (NaN); step 2 applies lr(1), logs lr(1), and moves the weights exactly as
+    a first Adam step with that lr does."""
+    import optax
+
+    cfg, graphdef, params = _tiny_state()
+    optimizer = build_optimizer(OptimizerConfig(weight_decay=0.0, grad_clip_norm=None))
+    lrs = [1e-3, 5e-3, 1e-2]
+    schedule = lambda step: jnp.asarray(lrs, jnp.float32)[step]  # noqa: E731
+    good = packed_batch([[np.arange(10)]], 16)
+    bad = dict(good, loss_mask=good["loss_mask"] * jnp.nan)
+    state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
+    state, metrics = _steps(state, [bad, good], optimizer, schedule, graphdef)
+    assert bool(metrics[0]["skipped"]) and not bool(metrics[1]["skipped"])
+    assert float(metrics[1]["learning_rate"]) == np.float32(lrs[1])
+    _, grads, _ = loss_and_grads(graphdef, params, good, StepConfig(num_sources=1))
+    reference = optax.adam(lrs[1], b1=0.9, b2=0.95, eps=1e-8)
+    updates, _ = reference.update(grads, reference.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)

@@ -88,7 +88,8 @@ class SourceConfig(InputConfig):
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """From `start_step` on, the sources are mixed with `weights` (one per source, in order)."""
+    """The batches of step `start_step` and after mix the sources with `weights` (one per source,
+    in order). Steps count optimizer updates from 1, as the logs do."""
 
     start_step: int
     weights: tuple[float, ...]
@@ -143,12 +144,12 @@ class DataConfig:
                 raise CptjaxError(f"{key}.name: {source.name!r} is used twice; names must be unique")
             names.add(source.name)
         _check_not_all_zero([s.weight for s in self.sources], "data.sources[*].weight")
-        previous = 0
+        previous = 1
         for i, stage in enumerate(self.stages):
             key = f"data.stages[{i}]"
             if stage.start_step <= previous:
-                raise CptjaxError(f"{key}.start_step: must be an integer > {previous} (stages start "
-                                  f"after step 0 and in increasing order), got {stage.start_step!r}")
+                raise CptjaxError(f"{key}.start_step: must be > {previous} (step 1 uses the sources' own "
+                                  f"weights; stages come in increasing order), got {stage.start_step!r}")
             previous = stage.start_step
             if len(stage.weights) != len(self.sources):
                 raise CptjaxError(f"{key}.weights: expected {len(self.sources)} weights, one per "
@@ -175,10 +176,18 @@ class DataConfig:
         return tuple(s.name for s in self.sources)
 
     def stage_weights(self) -> list[tuple[int, tuple[float, ...]]]:
-        """[(start_step, normalized weights)], the first stage starting at step 0."""
-        stages = [(0, tuple(s.weight for s in self.sources))]
+        """[(first step, normalized weights)]: the sources' own weights from step 1, then each stage."""
+        stages = [(1, tuple(s.weight for s in self.sources))]
         stages += [(stage.start_step, tuple(stage.weights)) for stage in self.stages]
         return [(start, tuple(w / sum(weights) for w in weights)) for start, weights in stages]
+
+    def weight_notes(self) -> list[str]:
+        """One line per set of weights that does not sum to 1, saying what it is normalized to."""
+        raw = [("data.sources[*].weight", [s.weight for s in self.sources])]
+        raw += [(f"data.stages[{i}].weights", list(stage.weights)) for i, stage in enumerate(self.stages)]
+        return [f"{key}: {' + '.join(f'{w:g}' for w in weights)} = {sum(weights):g}, normalized to "
+                f"{', '.join(f'{w / sum(weights):.4g}' for w in weights)}"
+                for key, weights in raw if abs(sum(weights) - 1.0) > 1e-9]
 
 
 def _check_weight(weight, key: str) -> None:

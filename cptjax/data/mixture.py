@@ -7,7 +7,8 @@ proportional mixing, which has no stages). Over any n rows of a stage each share
 (S + 1) / n of its weight, S sources (~0.1 percentage point over 2,000 rows): the realized mixture
 is the configured one, not a random draw from it.
 
-A stage starts at the first row of its start step; the pattern restarts there.
+A stage starts at the first row of its first step (steps count from 1, batch k is step k + 1); the
+pattern restarts there.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ def _pattern(weights: tuple[float, ...]) -> np.ndarray:
 class StagedSelectionMap:
     """Row index (within one process's stream) -> source index, with weights changing by step.
 
-    `stages` is [(start_step, weights)], the first starting at step 0; `rows_per_step` is the
+    `stages` is [(first step, weights)], the first starting at step 1; `rows_per_step` is the
     number of rows this process contributes to each step's batch. A pure function of the row, so
     a resumed run needs only the step.
     """
 
     def __init__(self, stages: list[tuple[int, tuple[float, ...]]], rows_per_step: int):
-        self._starts = [start * rows_per_step for start, _ in stages]
+        self._starts = [(first_step - 1) * rows_per_step for first_step, _ in stages]
         self._patterns = [_pattern(weights) for _, weights in stages]
 
     def source_of(self, row: int) -> int:
