@@ -1,18 +1,25 @@
-"""Output folders that appear whole or not at all: nothing already written is lost or overwritten."""
+"""Output folders that appear whole or not at all: nothing already written is lost or overwritten.
+
+Work happens in a hidden sibling folder that is renamed into place at the end. On a local disk
+the rename is atomic; on an object store (gs://) it moves the files one by one, after all of
+them were written, so a reader never sees a half-written tensor, only (for a moment) an
+incomplete set of files.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-from pathlib import Path
+
+from etils import epath
 
 from cptjax.errors import CptjaxError
+from cptjax.paths import PathLike, user_path
 
 
-def check_output_dir(out: str | Path, flag: str = "--out") -> Path:
+def check_output_dir(out: PathLike, flag: str = "--out") -> epath.Path:
     """Refuses an existing non-empty folder (or a file) before any work starts."""
-    out = Path(out)
+    out = user_path(out, flag)
     if out.exists():
         if not out.is_dir():
             raise CptjaxError(f"{flag} {out}: exists and is not a folder; choose a new path")
@@ -23,13 +30,13 @@ def check_output_dir(out: str | Path, flag: str = "--out") -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, flag: str = "--out"):
+def atomic_output_dir(out: PathLike, flag: str = "--out"):
     """Yields a temporary sibling folder and renames it to `out` only if the block succeeds."""
     out = check_output_dir(out, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
-        shutil.rmtree(tmp)
+        tmp.rmtree()
     tmp.mkdir()
     try:
         yield tmp
@@ -38,5 +45,6 @@ def atomic_output_dir(out: str | Path, flag: str = "--out"):
             out.rmdir()
         tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            tmp.rmtree()
         raise

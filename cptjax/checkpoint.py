@@ -1,30 +1,37 @@
 """cptjax checkpoints: an Orbax CheckpointManager folder, one subfolder per step.
 
-Layout (the trainer adds items to the same steps):
+Layout (a training run adds items to the same steps; run_folder.py writes those):
   CKPT/<step>/params        the model parameters (a PyTree of arrays, stacked layers)
   CKPT/<step>/model_config  the model's HF config.json, as JSON
   CKPT/hf_assets/           tokenizer and generation files from the source model
 
-Orbax lists only steps whose write finished, so a half-written step is never restored.
+Orbax lists only steps whose write finished, so a half-written step is never restored. A step that
+cannot be read (a damaged or half-deleted file) stops with one line naming the step, the file where
+the store says which, and the other finished steps (`restore_guarded`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from cptjax.errors import CptjaxError
 from cptjax.model import ParamPath, get_param, param_paths, set_param
 from cptjax.model_config import ModelConfig
+from cptjax.paths import PathLike, user_path
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
 ASSETS_DIR = "hf_assets"
+OPT_STATE = "opt_state"
+TRAIN_META = "train_meta"  # step, data iterator state, lr, tokens seen: small JSON
+TRAIN_CONFIG = "train_config"
 
 
-def save_params_checkpoint(directory: Path, step: int, cfg: ModelConfig, params: dict) -> None:
+def save_params_checkpoint(directory: epath.Path, step: int, cfg: ModelConfig, params: dict) -> None:
     """Writes one step holding `params` (NumPy arrays) and the model config (used by hf-to-orbax).
 
     The save is synchronous and the caller owns the arrays, so Orbax's defensive copy of host
@@ -52,15 +59,15 @@ class CheckpointReader:
     "model.init_from"...), for messages. `cptjax.weights.open_weights` decides that a folder is one.
     """
 
-    def __init__(self, directory: str | Path, step: int | None = None, *, flag: str = "--ckpt",
+    def __init__(self, directory: PathLike, step: int | None = None, *, flag: str = "--ckpt",
                  step_flag: str = "--step"):
-        self.directory = Path(directory)
+        self.directory = user_path(directory, flag)
         if not self.directory.is_dir():
             raise CptjaxError(f"{flag} {self.directory}: no such folder")
         options = ocp.CheckpointManagerOptions(create=False, read_only=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=_handlers())
-        steps = sorted(self._manager.all_steps())
+        self.steps = steps = sorted(self._manager.all_steps())
         if not steps:
             raise CptjaxError(f"{flag} {self.directory}: no finished checkpoint step in this folder "
                               "(is it a cptjax checkpoint? an interrupted write leaves none)")
@@ -69,14 +76,20 @@ class CheckpointReader:
         elif step not in steps:
             raise CptjaxError(f"{step_flag} {step}: not in {self.directory}; finished steps are "
                               f"{', '.join(map(str, steps))}")
-        self.step = step
-        config_dict = self._manager.restore(step, args=ocp.args.Composite(**{
-            MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+        self.step, self._flag, self._step_flag = step, flag, step_flag
+        config_dict = self._restore({MODEL_CONFIG: ocp.args.JsonRestore()})[MODEL_CONFIG]
         self.config = ModelConfig.from_hf_config(config_dict, f"{self.directory}/{step}/{MODEL_CONFIG}")
-        self._metadata = self._manager.item_metadata(step)[PARAMS]
+        try:
+            self._metadata = self._manager.item_metadata(step)[PARAMS]
+        except Exception as err:  # noqa: BLE001 - a damaged step raises what the store raises
+            raise CptjaxError(unreadable_step(self.directory, step, steps, err, flag, step_flag)) from None
+
+    def _restore(self, args: dict) -> dict:
+        return restore_guarded(self._manager, self.directory, self.step, self.steps, args, self._flag,
+                               self._step_flag)
 
     @property
-    def assets_dir(self) -> Path:
+    def assets_dir(self) -> epath.Path:
         return self.directory / ASSETS_DIR
 
     def restore(self, paths: list[ParamPath] | None = None) -> dict:
@@ -86,16 +99,14 @@ class CheckpointReader:
         for path in param_paths(meta) if paths is None else paths:
             set_param(item, path, np.empty((0,), dtype=get_param(meta, path).dtype))
             set_param(restore_args, path, ocp.RestoreArgs(restore_type=np.ndarray))
-        restored = self._manager.restore(self.step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}))
+        restored = self._restore({PARAMS: ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)})
         return restored[PARAMS]
 
     def restore_onto(self, abstract_params: dict) -> dict:
         """All parameters straight onto the shardings (and dtypes) of `abstract_params`' leaves."""
-        restored = self._manager.restore(self.step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.PyTreeRestore(
-                item=abstract_params,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))}))
+        restored = self._restore({PARAMS: ocp.args.PyTreeRestore(
+            item=abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))})
         return restored[PARAMS]
 
     def restore_one(self, path: ParamPath) -> np.ndarray:
@@ -114,58 +125,40 @@ def _as_dict(metadata) -> dict:
     return dict(tree)
 
 
-OPT_STATE = "opt_state"
-TRAIN_META = "train_meta"  # step, data iterator state, lr, tokens seen: small JSON
-TRAIN_CONFIG = "train_config"
+def finished_steps(directory: epath.Path) -> list[int]:
+    """The steps of a checkpoint folder whose write finished (none if it is not one)."""
+    if not directory.is_dir():
+        return []
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        return sorted(manager.all_steps())
 
 
-class RunCheckpointer:
-    """A training run's checkpoints: asynchronous saves, the last `keep_last` kept plus every step
-    that is a multiple of `keep_every`. Steps hold params, optimizer state, the model and training
-    configs and `train_meta` (step, data iterator state...), so a run resumes exactly and
-    `cptjax convert orbax-to-hf` and `load_model` read them like any cptjax checkpoint."""
+def restore_guarded(manager: ocp.CheckpointManager, directory: epath.Path, step: int, steps: list[int],
+                    args: dict, flag: str, step_flag: str | None = None) -> dict:
+    """`manager.restore(step, Composite(**args))`, with a damaged step reported as one line."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**args))
+    except CptjaxError:
+        raise
+    except Exception as err:  # noqa: BLE001 - tensorstore, OCDBT and JSON raise several types
+        raise CptjaxError(unreadable_step(directory, step, steps, err, flag, step_flag)) from None
 
-    def __init__(self, directory: Path, keep_last: int | None, keep_every: int | None,
-                 async_save: bool = True):
-        self.directory = Path(directory)
-        options = ocp.CheckpointManagerOptions(
-            create=True, max_to_keep=keep_last, keep_period=keep_every,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            PARAMS: ocp.PyTreeCheckpointHandler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
-            MODEL_CONFIG: ocp.JsonCheckpointHandler(), TRAIN_META: ocp.JsonCheckpointHandler(),
-            TRAIN_CONFIG: ocp.JsonCheckpointHandler()})
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
-
-    def save(self, step: int, state: dict, meta: dict, model_config: ModelConfig, train_config: dict,
-             force: bool = False) -> bool:
-        return self._manager.save(step, force=force, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.PyTreeSave(state["params"]),
-            OPT_STATE: ocp.args.PyTreeSave(state["opt_state"]),
-            MODEL_CONFIG: ocp.args.JsonSave(model_config.to_hf_config()),
-            TRAIN_META: ocp.args.JsonSave(meta),
-            TRAIN_CONFIG: ocp.args.JsonSave(train_config),
-        }))
-
-    def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        """Restores params and optimizer state onto the shardings of `abstract_state`'s leaves."""
-        args = {}
-        for item in (PARAMS, OPT_STATE):
-            target = abstract_state[item]
-            args[item] = ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **args, **{TRAIN_META: ocp.args.JsonRestore()}))
-        state = {"step": None, "params": restored[PARAMS], "opt_state": restored[OPT_STATE]}
-        return state, restored[TRAIN_META]
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.close()
+def unreadable_step(directory: epath.Path, step: int, steps: list[int], err: Exception, flag: str,
+                    step_flag: str | None = None) -> str:
+    """One line: which step, which file (where the error names one), what to do: read another step
+    with `step_flag`, or (a run resuming, step_flag None) set the broken step aside."""
+    first = " ".join(str(err).split())
+    named = re.findall(r"(?:file|path)[^\w/]*((?:gs://|/)[^\s'\",;]+)", first)
+    where = f" ({named[0]})" if named else ""
+    earlier = [s for s in steps if s < step]
+    if not earlier:
+        fix = "no earlier finished step to fall back to"
+    elif step_flag:
+        fix = f"finished steps before it: {', '.join(map(str, earlier))}; read one with {step_flag}"
+    else:
+        fix = (f"finished steps before it: {', '.join(map(str, earlier))}; to resume from step {earlier[-1]}, "
+               f"move {directory / str(step)} aside (e.g. rename it to {step}.broken) and run again")
+    return (f"{flag} {directory}: step {step} cannot be read{where}: {type(err).__name__}: "
+            f"{first[:200]}; {fix}")

@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--ckpt", required=True, help="checkpoint folder")
     to_hf.add_argument("--out", required=True, help="new HF folder (must not exist or be empty)")
     to_hf.add_argument("--step", type=int, help="checkpoint step (default: the latest finished one)")
-    to_hf.add_argument("--dtype", default="bfloat16", choices=FLOAT_NAMES)
+    to_hf.add_argument("--dtype", choices=FLOAT_NAMES,
+                       help="the export's precision (default: the one the source model's config.json "
+                       "recorded, float32 where none)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     to_hf.add_argument("--verify", action="store_true",
                        help="load the export with transformers (needs torch) and report the logit difference")
@@ -56,6 +58,8 @@ def _run(args) -> None:
         from cptjax.demo import run_demo
         run_demo(args.workdir, data_dir=args.data_dir, base_steps=args.base_steps, cpt_steps=args.cpt_steps)
     elif args.command == "train":
+        from cptjax.preemption import install_handler
+        install_handler()  # a SIGTERM during start-up (imports, compiles) exits cleanly too
         from cptjax.train_config import load_config
         from cptjax.trainer import run
         config = load_config(args.config, args.overrides)

@@ -11,11 +11,12 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from cptjax.errors import CptjaxError
+from cptjax.paths import USER_PATH, user_path
 
 
 def from_dict(cls, data: Any, prefix: str = ""):
@@ -50,7 +51,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise CptjaxError(f"--set {item!r}: value is not valid YAML ({err})")
+            raise CptjaxError(f"--set {item!r}: value is not valid YAML ({yaml_error(err)})") from None
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -59,6 +60,11 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return tree
+
+
+def yaml_error(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line."""
+    return " ".join(str(err).split())
 
 
 def _type_name(tp) -> str:
@@ -73,12 +79,16 @@ def _type_name(tp) -> str:
 
 def _convert(tp, value: Any, key: str):
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *marks = typing.get_args(tp)
+        value = _convert(inner, value, key)
+        return str(user_path(value, key)) if USER_PATH in marks and value is not None else value
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
         if not isinstance(value, dict):
             raise CptjaxError(f"{key or 'config'}: expected a section (mapping), got {value!r}")
-        hints = typing.get_type_hints(tp)
+        hints = typing.get_type_hints(tp, include_extras=True)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
         unknown = [k for k in value if k not in fields]
         if unknown:

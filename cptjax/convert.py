@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from cptjax.atomic_dir import atomic_output_dir, check_output_dir
 from cptjax.checkpoint import ASSETS_DIR, save_params_checkpoint
@@ -14,12 +14,13 @@ from cptjax.errors import CptjaxError
 from cptjax.hf.verify import torch_available, verify_export
 from cptjax.hf.write import copy_assets, parse_size, write_hf_dir
 from cptjax.model import model_from_params
+from cptjax.paths import PathLike, is_remote
 from cptjax.pretrained import PretrainedModel, params_to_dtype
 from cptjax.progress import progress_bar
 from cptjax.weights import open_weights
 
 
-def hf_to_orbax(hf_dir: str | Path, out: str | Path, step: int = 0) -> Path:
+def hf_to_orbax(hf_dir: PathLike, out: PathLike, step: int = 0) -> epath.Path:
     """Converts an HF folder to a cptjax checkpoint at `out` (which must be new or empty)."""
     out = check_output_dir(out)
     with open_weights(hf_dir, flag="--hf-dir", kind="hf") as weights:
@@ -33,22 +34,30 @@ def hf_to_orbax(hf_dir: str | Path, out: str | Path, step: int = 0) -> Path:
 
 @dataclass(frozen=True)
 class ExportResult:
-    out: Path
+    out: epath.Path
     step: int
     files: list[str]
     max_logit_diff: float | None  # from --verify, else None
 
 
-def orbax_to_hf(ckpt: str | Path, out: str | Path, step: int | None = None, dtype: str = "bfloat16",
+def orbax_to_hf(ckpt: PathLike, out: PathLike, step: int | None = None, dtype: str | None = None,
                 max_shard_size: str | int = "5GB", verify: bool = False) -> ExportResult:
-    """Exports one step of a cptjax checkpoint as an HF folder, restoring a parameter at a time."""
+    """Exports one step of a cptjax checkpoint as an HF folder, restoring a parameter at a time.
+
+    `dtype` None keeps the precision the source model's config.json recorded (float32 where it
+    recorded none), so HF -> cptjax -> HF is lossless by default."""
     out = check_output_dir(out)
-    target = float_dtype(dtype, "--dtype")
+    if dtype is not None:
+        float_dtype(dtype, "--dtype")
     parse_size(max_shard_size)
     if verify and not torch_available():
         raise CptjaxError("--verify needs torch (pip install torch); run again without --verify to "
                           "export without checking")
+    if verify and is_remote(out):
+        raise CptjaxError(f"--verify: transformers reads local folders only, and --out {out} is remote; "
+                          "export to a local folder to verify, then copy it")
     with open_weights(ckpt, step, flag="--ckpt", kind="checkpoint") as weights:
+        target = float_dtype(dtype or weights.config.dtype or "float32", "--dtype")
         with atomic_output_dir(out) as tmp:
             files = write_hf_dir(tmp, weights.config, weights.read_one, dtype=target,
                                  max_shard_size=max_shard_size, assets_dir=weights.assets_dir,

@@ -20,13 +20,16 @@ def summarize(nll: float, tokens: float, num_bytes: float) -> dict:
             "bits_per_byte": nll / math.log(2) / num_bytes if num_bytes else None, "tokens": tokens}
 
 
-def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global) -> dict[str, dict]:
+def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global, stop=None) -> dict[str, dict] | None:
     """{set name: summarize(...)}: `eval_fn(params, batch) -> {"nll", "tokens"}` (global sums)
-    on every batch; `to_global` lays this process's rows out on the mesh."""
+    on every batch; `to_global` lays this process's rows out on the mesh. `stop()` true between
+    batches abandons the evaluation (None)."""
     results = {}
     for name, batches in eval_sets.items():
         nll = tokens = num_bytes = 0.0
         for batch in batches:
+            if stop is not None and stop():
+                return None
             sums = jax.device_get(eval_fn(params, to_global(batch)))
             nll += float(sums["nll"])
             tokens += float(sums["tokens"])

@@ -3,6 +3,12 @@
 Every record is written to `metrics.jsonl` (one JSON object per line, `{"step", "kind", ...}`) and to
 TensorBoard under `tensorboard/`. The console shows a progress bar with loss, tokens/s and ETA on an
 interactive terminal, and plain log lines otherwise (CI logs, SLURM files). Only process 0 writes.
+
+The log is the history of the run as restored: a run that starts at step k (its checkpoint) keeps
+the records of steps <= k, and moves those of later steps (written before a crash, about to be
+computed again) to `metrics.discarded.jsonl`; TensorBoard purges them too. On an object store
+(gs://), which cannot append, the file is rewritten whole at most every FLUSH_SECONDS and at
+`flush()`, as tensorboardX does for its event files.
 """
 
 from __future__ import annotations
@@ -11,9 +17,13 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
+
+from etils import epath
 
 from cptjax.model_config import ModelConfig
+from cptjax.paths import is_remote
+
+FLUSH_SECONDS = 30.0  # how stale a remote metrics.jsonl may get between flushes
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets; extend with logging.peak_flops.
 PEAK_FLOPS = {
@@ -44,11 +54,60 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * cfg.num_layers * n * h * context
 
 
-class MetricsLogger:
-    """Writes records to JSON Lines, TensorBoard and the console (process 0 only)."""
+class JsonLines:
+    """metrics.jsonl, restored to the run's history at `start_step` (see the module docstring)."""
 
-    def __init__(self, log_dir: Path, total_steps: int, *, enabled: bool = True, tensorboard: bool = True,
-                 progress: str = "auto", stream=None):
+    def __init__(self, path: epath.Path, start_step: int):
+        self.path = path
+        self._remote = is_remote(path)
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line and start_step > 0 and json.loads(line)["step"] <= start_step]
+        dropped = [line for line in lines if line and line not in kept]
+        if dropped:
+            discarded = path.with_name("metrics.discarded.jsonl")
+            old = discarded.read_text() if discarded.exists() else ""
+            discarded.write_text(old + "".join(f"{line}\n" for line in dropped))
+        self._lines = kept
+        self._flushed_at = time.monotonic()
+        if dropped or not path.exists():
+            self._rewrite()
+        self._file = None if self._remote else path.open("a")
+
+    def _rewrite(self) -> None:
+        text = "".join(f"{line}\n" for line in self._lines)
+        if self._remote:  # one object, written whole
+            self.path.write_text(text)
+            return
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        partial.write_text(text)
+        partial.replace(self.path)  # atomic: the log is never seen half rewritten
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, allow_nan=True)
+        self._lines.append(line)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+        elif time.monotonic() - self._flushed_at > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._remote:
+            self._rewrite()
+            self._flushed_at = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+
+
+class MetricsLogger:
+    """Writes records to JSON Lines, TensorBoard and the console (process 0 only). `start_step`
+    is where the run (re)starts: later records already in the log are set aside."""
+
+    def __init__(self, log_dir: epath.Path, total_steps: int, *, start_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True, progress: str = "auto", stream=None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
@@ -58,10 +117,10 @@ class MetricsLogger:
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(log_dir / "metrics.jsonl", "a")
+        self._jsonl = JsonLines(log_dir / "metrics.jsonl", start_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(log_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(log_dir / "tensorboard"), purge_step=start_step + 1)
         if progress == "bar" or (progress == "auto" and self.stream.isatty()):
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, file=self.stream, unit="step", dynamic_ncols=True)
@@ -79,9 +138,7 @@ class MetricsLogger:
     def log(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "kind": kind, **values}
-        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write({"step": step, "kind": kind, **values})
         if self._tb is not None:
             for key, value in _flatten(values):
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -99,6 +156,13 @@ class MetricsLogger:
             self._bar.write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
+
+    def flush(self) -> None:
+        """Makes everything logged so far visible (remote logs are rewritten on a timer)."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any
 
+from cptjax.dtypes import FLOAT_NAMES
 from cptjax.errors import CptjaxError
+from cptjax.paths import PathLike, user_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    dtype: str | None = None  # the precision the source's config.json records: exports default to it
     hf_extra_json: str = "{}"  # source config keys this class does not model, kept for the export
 
     def __post_init__(self):
@@ -121,10 +123,11 @@ class ModelConfig:
         return _to_hf_config(self)
 
 
-def read_hf_config(hf_dir: str | Path) -> ModelConfig:
+def read_hf_config(hf_dir: PathLike) -> ModelConfig:
     """Reads `hf_dir/config.json`, with an error that names the file for every way it can be wrong."""
-    path = Path(hf_dir) / "config.json"
-    if not Path(hf_dir).is_dir():
+    hf_dir = user_path(hf_dir)
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
         raise CptjaxError(f"{hf_dir}: no such directory; pass the folder that holds config.json "
                           "and the *.safetensors files")
     if not path.is_file():
@@ -132,9 +135,9 @@ def read_hf_config(hf_dir: str | Path) -> ModelConfig:
     return read_hf_config_file(path)
 
 
-def read_hf_config_file(path: str | Path) -> ModelConfig:
+def read_hf_config_file(path: PathLike) -> ModelConfig:
     """Reads one HF config.json file (the folder's, or a standalone one for training from scratch)."""
-    path = Path(path)
+    path = user_path(path)
     try:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -250,6 +253,12 @@ def _parse_sliding_window(hf: dict, arch: Architecture, num_layers: int, source:
         "cptjax runs all layers under one scan and supports a window on all layers or on none")
 
 
+def _recorded_dtype(hf: dict) -> str | None:
+    """transformers 5 writes `dtype`, earlier versions `torch_dtype`; "auto" or none records nothing."""
+    recorded = hf.get("dtype") or hf.get("torch_dtype")
+    return recorded if recorded in FLOAT_NAMES else None
+
+
 def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -295,6 +304,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=hf.get("pad_token_id"),
+            dtype=_recorded_dtype(hf),
             hf_extra_json=json.dumps(extra, sort_keys=True),
         )
     except CptjaxError as err:  # __post_init__'s checks, now naming the file
@@ -337,6 +347,8 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     })
     if cfg.pad_token_id is not None:
         hf["pad_token_id"] = cfg.pad_token_id
+    if cfg.dtype is not None:  # both spellings: transformers 4 reads torch_dtype, 5 writes dtype
+        hf["torch_dtype"] = hf["dtype"] = cfg.dtype
     if isinstance(arch.qkv_bias, str):
         hf[arch.qkv_bias] = cfg.qkv_bias
     if isinstance(arch.mlp_bias, str):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +10,7 @@ from flax import nnx
 from cptjax.dtypes import float_dtype
 from cptjax.model import Llama, model_from_params
 from cptjax.model_config import ModelConfig
+from cptjax.paths import PathLike
 from cptjax.weights import open_weights
 
 
@@ -41,7 +40,7 @@ def params_to_dtype(params: dict, dtype) -> dict:
     return jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), params)
 
 
-def load_model(path: str | Path, dtype: str = "float32", step: int | None = None,
+def load_model(path: PathLike, dtype: str = "float32", step: int | None = None,
                **model_kwargs) -> PretrainedModel:
     """Loads an HF model folder (config.json + safetensors) or a cptjax checkpoint folder.
 

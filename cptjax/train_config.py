@@ -7,16 +7,17 @@ and the devices, still before any output folder is touched).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Literal
 
 import yaml
+from etils import epath
 
-from cptjax.config_tree import apply_overrides, from_dict, to_dict
+from cptjax.config_tree import apply_overrides, from_dict, to_dict, yaml_error
 from cptjax.data.config import DataConfig
 from cptjax.dtypes import FloatName
 from cptjax.errors import CptjaxError
 from cptjax.model import Attention, Remat
+from cptjax.paths import PathLike, UserPath, user_path
 from cptjax.optimizer import OptimizerConfig
 from cptjax.schedules import ScheduleConfig
 from cptjax.sharding import MeshConfig
@@ -27,10 +28,10 @@ class ModelSection:
     fresh optimizer, step 0: the CPT default). `hf_config`: a config.json to initialise from scratch.
     A run's own latest checkpoint always wins over both (resume)."""
 
-    init_from: str | None = None
+    init_from: UserPath | None = None
     init_step: int | None = None  # checkpoint step for init_from (default: its latest)
-    hf_config: str | None = None
-    tokenizer: str | None = None  # default: init_from's tokenizer files
+    hf_config: UserPath | None = None
+    tokenizer: UserPath | None = None  # default: init_from's tokenizer files
     param_dtype: FloatName = "float32"
     compute_dtype: FloatName = "bfloat16"
     remat: Remat = "none"
@@ -114,7 +115,7 @@ class DistributedSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    run_dir: str
+    run_dir: UserPath
     model: ModelSection
     data: DataConfig
     training: TrainingSection
@@ -143,37 +144,37 @@ class TrainConfig:
 
     @property
     def paths(self) -> RunPaths:
-        return RunPaths(Path(self.run_dir))
+        return RunPaths(user_path(self.run_dir, "run_dir"))
 
 
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
     """Where a run writes: the README documents this layout."""
 
-    root: Path
+    root: epath.Path
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> epath.Path:
         return self.root / "checkpoints"
 
     @property
-    def logs(self) -> Path:
+    def logs(self) -> epath.Path:
         return self.root / "logs"
 
     @property
-    def config(self) -> Path:
+    def config(self) -> epath.Path:
         return self.root / "config.yaml"
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: PathLike, overrides: list[str] = ()) -> TrainConfig:
     """Reads a YAML config, applies `--set` overrides, and builds the validated tree."""
-    path = Path(path)
+    path = user_path(path, "--config")
     if not path.is_file():
         raise CptjaxError(f"--config {path}: no such file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise CptjaxError(f"{path}: not valid YAML ({err})".replace("\n", " "))
+        raise CptjaxError(f"{path}: not valid YAML ({yaml_error(err)})") from None
     if not isinstance(raw, dict):
         raise CptjaxError(f"{path}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, list(overrides))
@@ -181,7 +182,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def config_from_dict(raw: dict) -> TrainConfig:
-    """Builds the tree from plain data. Relative paths stay relative to the working directory.
+    """Builds the tree from plain data. Local paths are made absolute, relative to the working
+    directory (remote ones, gs://..., are kept as they are).
 
     Two schedule fields default to other sections: `total_steps` to training.steps, and for kind
     "cycles" `stage_boundaries` to the start steps of data.stages (one re-warm per data stage).

@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from cptjax.atomic_dir import check_output_dir
-from cptjax.checkpoint import ASSETS_DIR, RunCheckpointer
 from cptjax.config_tree import to_dict
 from cptjax.data.eval_sets import build_eval_sets
 from cptjax.data.pipeline import build_train_pipeline
+from cptjax.data.tokenize import load_data_tokenizer
 from cptjax.distributed import gather_states, initialize
 from cptjax.errors import CptjaxError
 from cptjax.evaluation import evaluate, format_results
-from cptjax.hf.write import copy_assets
 from cptjax.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.model_config import ModelConfig
 from cptjax.preemption import Preemption
+from cptjax.run_folder import RunCheckpointer, ensure_assets
 from cptjax.run_start import StartPlan, initial_state, plan_start
 from cptjax.schedules import make_schedule
 from cptjax.train_config import TrainConfig, dump_yaml
@@ -65,7 +64,7 @@ def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
     if config.training.batch_size % jax.process_count():
         raise CptjaxError(f"training.batch_size {config.training.batch_size} must be divisible by the "
                           f"{jax.process_count()} processes")
-    root = Path(config.run_dir)
+    root = config.paths.root
     if root.exists() and not (root / "checkpoints").exists():
         check_output_dir(root, "run_dir")  # an existing folder must be this run's own
 
@@ -73,59 +72,72 @@ def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
 def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_sets=None) -> RunResult:
     """Trains until `training.steps`, or until `until_step` (saved, so the same run resumes there).
 
-    `data` and `eval_sets` default to the pipelines built from `config.data`.
+    `data` and `eval_sets` default to the pipelines built from `config.data`. Nothing is written
+    before every check has passed: the plan, the devices, the tokenizer against the model, the
+    first documents of every source, the resume's data position, the weights or checkpoint read.
     """
-    initialize(config.distributed)
-    plan = plan_start(config)
-    try:
-        check_environment(config, plan.model_config)
-        if data is None:
-            data = build_train_pipeline(config.data, plan.tokenizer_dir, seq_len=config.training.seq_len,
-                                        batch_size=config.training.batch_size,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
-        if eval_sets is None:
-            eval_sets = build_eval_sets(config.data, plan.tokenizer_dir, seq_len=config.training.seq_len,
-                                        batch_size=config.training.batch_size,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
-        setup = build_setup(config, plan.model_config, num_sources=len(data.source_names))
-        # Nothing was written before this point: every check above leaves the run folder untouched.
-        _prepare_run_dir(config, plan)
-        checkpointer = RunCheckpointer(config.paths.checkpoints, config.checkpoint.keep_last,
-                                       config.checkpoint.keep_every, config.checkpoint.async_save)
-        logger = MetricsLogger(config.paths.logs, config.training.steps, enabled=jax.process_index() == 0,
-                               tensorboard=config.logging.tensorboard, progress=config.logging.progress)
+    with Preemption() as preemption:
+        initialize(config.distributed)
+        preemption.after_initialize()
+        plan = plan_start(config)
         try:
-            state = initial_state(plan, config, setup, checkpointer, data)
+            check_environment(config, plan.model_config)
+            spec = None
+            if data is None or eval_sets is None:
+                spec = load_data_tokenizer(config.data.tokenizer, plan.tokenizer_dir)
+                check_vocabulary(spec, plan.model_config)
+            shape = dict(seq_len=config.training.seq_len, batch_size=config.training.batch_size,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+            data = data if data is not None else build_train_pipeline(config.data, spec, **shape)
+            eval_sets = eval_sets if eval_sets is not None else build_eval_sets(config.data, spec, **shape)
+            setup = build_setup(config, plan.model_config, num_sources=len(data.source_names))
+            state = initial_state(plan, config, setup, data)
             plan.close()
-            origin = plan.describe(config)
-            logger.message(f"cptjax train: {origin}; {plan.model_config.hf_architecture}, "
-                           f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
-            for note in config.data.weight_notes():
-                logger.message(f"cptjax train: {note}")
-            start = int(jax.device_get(state["step"]))
-            end = config.training.steps if until_step is None else min(config.training.steps, until_step)
-            loop = Loop(config, setup, plan.model_config, data, eval_sets, checkpointer, logger, origin,
-                        state, end, _LogFields(config, plan.model_config, data.source_names))
-            return _train(loop, start)
+            if preemption.requested:
+                return RunResult(plan.resume_step or 0, "SIGTERM during start-up: nothing new to save, "
+                                 "exiting", plan.describe(config), state)
+            # Every check passed: only now is the run folder touched.
+            _prepare_run_dir(config, plan)
+            return _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption)
         finally:
-            checkpointer.wait()
-            checkpointer.close()
-            logger.close()
-    finally:
-        plan.close()
+            plan.close()
+
+
+def check_vocabulary(spec, model_config: ModelConfig) -> None:
+    if spec.vocab_size > model_config.vocab_size:
+        raise CptjaxError(f"tokenizer {spec.path}: {spec.vocab_size} tokens, more than the model's vocab_size "
+                          f"{model_config.vocab_size}; ids past it would index beyond the embedding table. "
+                          "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
+
+
+def _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption) -> RunResult:
+    start = plan.resume_step or 0
+    origin = plan.describe(config)
+    logger = MetricsLogger(config.paths.logs, config.training.steps, start_step=start,
+                           enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
+                           progress=config.logging.progress)
+    checkpointer = RunCheckpointer(config.paths.checkpoints, config.checkpoint.keep_last,
+                                   config.checkpoint.keep_every, config.checkpoint.async_save)
+    try:
+        logger.message(f"cptjax train: {origin}; {plan.model_config.hf_architecture}, "
+                       f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
+        for note in config.data.weight_notes():
+            logger.message(f"cptjax train: {note}")
+        end = config.training.steps if until_step is None else min(config.training.steps, until_step)
+        loop = Loop(config, setup, plan.model_config, data, eval_sets, checkpointer, logger, origin,
+                    state, end, _LogFields(config, plan.model_config, data.source_names), preemption)
+        return _train(loop, start)
+    finally:  # the SIGTERM handler is still in place: a preempted final save completes
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
 
 
 def _prepare_run_dir(config: TrainConfig, plan: StartPlan) -> None:
-    paths = config.paths
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    """config.yaml and a complete hf_assets; the rest of the folder is written as the run goes."""
     if jax.process_index() == 0:
-        paths.config.write_text(dump_yaml(config))
-        assets = paths.checkpoints / ASSETS_DIR
-        if not assets.exists():
-            assets.mkdir()
-            copy_assets(plan.assets_dir, assets)  # generation config, and the source's tokenizer
-            if plan.tokenizer_dir is not None and plan.tokenizer_dir != plan.assets_dir:
-                copy_assets(plan.tokenizer_dir, assets)  # the tokenizer this run trains with
+        ensure_assets(config.paths.checkpoints, plan.asset_sources)
+        config.paths.config.write_text(dump_yaml(config))
 
 
 @dataclasses.dataclass
@@ -186,6 +198,7 @@ class Loop:
     state: dict
     end: int
     fields: _LogFields
+    preemption: Preemption
     window: Window = dataclasses.field(default_factory=Window)
     timer: StepTimer = dataclasses.field(default_factory=StepTimer)
     stopped: str | None = None
@@ -193,40 +206,39 @@ class Loop:
 
 
 def _train(loop: Loop, start: int) -> RunResult:
-    config = loop.config
+    config, preemption = loop.config, loop.preemption
     loop.logger.start_at(start)
-    if config.eval.at_start and start == 0 and loop.eval_sets:
-        _evaluate(loop, 0)
     pending = None  # (step, metrics still on device)
-    with Preemption() as preemption:
-        for step in range(start + 1, loop.end + 1):
-            batch = next(loop.data)
-            data_state = loop.data.get_state()
-            loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
-            if pending is not None:
-                previous, pending = pending, None
-                if not _finish(loop, *previous):
-                    break
-            pending = (step, metrics)
-            preempted = preemption.agreed()
-            due_save = step % config.checkpoint.every == 0 or step == loop.end or preempted
-            due_eval = step % config.eval.every == 0 and loop.eval_sets
-            if due_save or due_eval:
-                ok = _finish(loop, *pending)  # a checkpoint or eval must never follow an unchecked NaN
-                pending = None
-                if not ok:
-                    break
-                if due_eval:
-                    _evaluate(loop, step)
-                if due_save:
-                    _save(loop, step, data_state, force=preempted)
-                loop.timer.restart()  # the next step's time must not include eval or save
-            if preempted:
-                loop.stopped = f"SIGTERM at step {step}: checkpoint saved, exiting"
-                loop.logger.message(f"cptjax train: {loop.stopped}")
-                break
+    for step in range(start + 1, loop.end + 1):
+        batch = next(loop.data)  # the first batch comes before the step-0 eval: bad data fails first
+        data_state = loop.data.get_state()
+        if step == 1 and config.eval.at_start and loop.eval_sets and not preemption.requested:
+            _evaluate(loop, 0)
+        loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
         if pending is not None:
-            _finish(loop, *pending)
+            previous, pending = pending, None
+            if not _finish(loop, *previous):
+                break
+        pending = (step, metrics)
+        preempted = preemption.agreed(step)
+        due_save = step % config.checkpoint.every == 0 or step == loop.end or preempted
+        due_eval = step % config.eval.every == 0 and loop.eval_sets
+        if due_save or due_eval:
+            ok = _finish(loop, *pending)  # a checkpoint or eval must never follow an unchecked NaN
+            pending = None
+            if not ok:
+                break
+            if due_eval:
+                _evaluate(loop, step)
+            if due_save:
+                _save(loop, step, data_state, force=preempted)
+            loop.timer.restart()  # the next step's time must not include eval or save
+        if preempted:
+            loop.stopped = f"SIGTERM at step {step}: checkpoint saved, exiting"
+            loop.logger.message(f"cptjax train: {loop.stopped}")
+            break
+    if pending is not None:
+        _finish(loop, *pending)
     final = int(jax.device_get(loop.state["step"]))
     if loop.stopped is None and final < config.training.steps:
         loop.stopped = f"paused at step {final} as asked (checkpoint saved); run again to continue"
@@ -272,10 +284,17 @@ def _finish(loop: Loop, step: int, metrics) -> bool:
     return True
 
 
-def _evaluate(loop: Loop, step: int) -> dict:
-    results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global)
+def _evaluate(loop: Loop, step: int) -> dict | None:
+    """Evaluates and logs; on SIGTERM it stops between batches and logs nothing (the save comes
+    first)."""
+    results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
+                       stop=lambda: loop.preemption.requested)
+    if results is None:
+        loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged")
+        return None
     loop.logger.log(step, "eval", results)
     loop.logger.message(format_results(step, results))
+    loop.logger.flush()
     return results
 
 
@@ -285,3 +304,4 @@ def _save(loop: Loop, step: int, data_state: dict, force: bool = False) -> None:
     meta = {"step": step, "data_state": data_states, "origin": loop.origin,
             "learning_rate_next": float(make_schedule(loop.config.schedule)(step)), "time": time.time()}
     loop.checkpointer.save(step, loop.state, meta, loop.model_config, to_dict(loop.config), force=force)
+    loop.logger.flush()

@@ -13,23 +13,23 @@ host (NumPy, stored dtype), one at a time (export), or straight onto device shar
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import jax
 import numpy as np
+from etils import epath
 
 from cptjax.checkpoint import ASSETS_DIR, CheckpointReader
 from cptjax.errors import CptjaxError
 from cptjax.hf.read import Progress, ReadPlan, load_hf_params_sharded, plan_read, read_group, read_hf_params
 from cptjax.model import ParamPath
 from cptjax.model_config import ModelConfig, read_hf_config
+from cptjax.paths import PathLike, user_path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 RUN_CHECKPOINTS = "checkpoints"  # a training run's checkpoints, inside its run_dir
 
 
-def find_kind(path: Path) -> tuple[Literal["hf", "checkpoint"], Path] | None:
+def find_kind(path: epath.Path) -> tuple[Literal["hf", "checkpoint"], epath.Path] | None:
     """("hf" | "checkpoint", the folder to read) for a path, or None if it is neither."""
     if (path / "config.json").is_file():
         return "hf", path
@@ -42,7 +42,7 @@ def find_kind(path: Path) -> tuple[Literal["hf", "checkpoint"], Path] | None:
 class Weights:
     """An opened source of weights; close it (or use `with`) when done."""
 
-    def __init__(self, kind: Literal["hf", "checkpoint"], path: Path, config: ModelConfig,
+    def __init__(self, kind: Literal["hf", "checkpoint"], path: epath.Path, config: ModelConfig,
                  reader: CheckpointReader | None = None):
         self.kind = kind
         self.path = path
@@ -56,13 +56,13 @@ class Weights:
         return None if self._reader is None else self._reader.step
 
     @property
-    def assets_dir(self) -> Path:
+    def assets_dir(self) -> epath.Path:
         """The folder that holds the tokenizer and generation files (if there are any)."""
         return self.path if self.kind == "hf" else self.path / ASSETS_DIR
 
     @property
-    def tokenizer_dir(self) -> Path | None:
-        return self.assets_dir if any((self.assets_dir / f).is_file() for f in TOKENIZER_FILES) else None
+    def tokenizer_dir(self) -> epath.Path | None:
+        return self.assets_dir if (self.assets_dir / "tokenizer.json").is_file() else None
 
     def describe(self) -> str:
         return str(self.path) if self.kind == "hf" else f"{self.path} (step {self.step})"
@@ -104,14 +104,14 @@ class Weights:
         self.close()
 
 
-def open_weights(path: str | Path, step: int | None = None, *, flag: str = "--model",
-                 step_flag: str = "--step", kind: Literal["hf", "checkpoint"] | None = None) -> Weights:
+def open_weights(path: PathLike, step: int | None = None, *, flag: str = "--model",
+                 step_flag: str | None = "--step", kind: Literal["hf", "checkpoint"] | None = None) -> Weights:
     """Opens an HF folder or a cptjax checkpoint (the latest finished step, or `step`).
 
     `flag` and `step_flag` are how the user named the path and the step, for messages. `kind`
     says what the caller needs (`cptjax convert` knows its direction); None accepts either.
     """
-    path = Path(path)
+    path = user_path(path, flag)
     if not path.exists():
         raise CptjaxError(f"{flag} {path}: no such folder")
     if not path.is_dir():

@@ -29,10 +29,12 @@ def _tensors(folder):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_round_trip_is_bit_exact_and_loads_in_transformers(name, tiny_hf, tmp_path):
+    """With default flags: the export keeps the precision the source's config.json recorded."""
     source = tiny_hf(name)
+    assert json.loads((source / "config.json").read_text())["dtype"] == "float32"
     assert main(["convert", "hf-to-orbax", "--hf-dir", str(source), "--out", str(tmp_path / "ckpt")]) == 0
     assert main(["convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out",
-                 str(tmp_path / "export"), "--dtype", "float32"]) == 0
+                 str(tmp_path / "export")]) == 0
     before, after = _tensors(source), _tensors(tmp_path / "export")
     assert before.keys() == after.keys()
     for key in before:
@@ -50,7 +52,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(name, tiny_hf, tmp_pa
 
 
 @pytest.mark.slow
-def test_default_export_is_bf16_sharded_with_tokenizer_and_verify(tiny_hf, tmp_path, capsys):
+def test_bf16_export_is_sharded_with_tokenizer_and_verify(tiny_hf, tmp_path, capsys):
     import transformers
 
     source = tmp_path / "source"
@@ -61,7 +63,7 @@ def test_default_export_is_bf16_sharded_with_tokenizer_and_verify(tiny_hf, tmp_p
 
     assert main(["convert", "hf-to-orbax", "--hf-dir", str(source), "--out", str(tmp_path / "ckpt")]) == 0
     assert main(["convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out",
-                 str(tmp_path / "export"), "--max-shard-size", "200KB", "--verify"]) == 0
+                 str(tmp_path / "export"), "--dtype", "bfloat16", "--max-shard-size", "200KB", "--verify"]) == 0
     printed = capsys.readouterr().out
     diff = float(printed.split("max |logit difference| = ")[1].split()[0])
     assert diff < 1e-4

@@ -68,16 +68,16 @@ def test_state_from_another_setup_is_refused():
     state = pipeline.get_state()
     pipeline.close()
     with pytest.raises(CptjaxError, match=r"saved with 1 data-loading processes \(hosts\), this run "
-                       r"has 2.*Resume on 1 processes, or start the data stream afresh"):
+                       r"has 2.*Resume on 1 processes, or start a new run"):
         _pipeline(_config(), process_count=2).set_state(state)
     with pytest.raises(CptjaxError, match=r"saved with 1 data-loading processes"):
         _pipeline(_config(), process_count=2).set_state([state])
-    with pytest.raises(CptjaxError, match=r"data state: batch_size was 8 when it was saved, now 16"):
+    with pytest.raises(CptjaxError, match=r"cannot resume: training.batch_size was 8 when the checkpoint was saved, now 16"):
         _pipeline(_config(), batch_size=16).set_state(state)
-    with pytest.raises(CptjaxError, match=r"data state: seed was 7 when it was saved, now 8"):
+    with pytest.raises(CptjaxError, match=r"cannot resume: data.seed was 7 when the checkpoint was saved, now 8"):
         _pipeline(_config(seed=8)).set_state(state)
     renamed = DataConfig(sources=(_config().sources[0],
                                   SourceConfig(name="web", type="jsonl",
                                                paths=(str(corpus_files()["wiki_jsonl"]),))), seed=7)
-    with pytest.raises(CptjaxError, match=r"data state: sources was \['code', 'wiki'\]"):
+    with pytest.raises(CptjaxError, match=r"cannot resume: data.sources was \['code', 'wiki'\]"):
         _pipeline(renamed).set_state(state)

@@ -93,7 +93,7 @@ def test_init_from_a_bf16_checkpoint_then_resume_without_it(tiny_hf, tmp_path):
     from cptjax.convert import hf_to_orbax, orbax_to_hf
 
     hf_to_orbax(tiny_hf("qwen3-0.6b"), tmp_path / "fp32")
-    orbax_to_hf(tmp_path / "fp32", tmp_path / "bf16_hf")  # bf16 by default
+    orbax_to_hf(tmp_path / "fp32", tmp_path / "bf16_hf", dtype="bfloat16")
     source = hf_to_orbax(tmp_path / "bf16_hf", tmp_path / "bf16_ckpt")
     reader = CheckpointReader(source)
     stored = reader.restore()

@@ -26,6 +26,7 @@ import typing
 from typing import Literal
 
 from cptjax.errors import CptjaxError
+from cptjax.paths import UserPath
 
 SourceType = Literal["jsonl", "text", "parquet", "arrayrecord", "tfds", "prepared"]
 SOURCE_TYPES: tuple[str, ...] = typing.get_args(SourceType)
@@ -45,12 +46,12 @@ class InputConfig:
 
     name: str
     type: SourceType
-    paths: tuple[str, ...] = ()
+    paths: tuple[UserPath, ...] = ()
     text_field: str = "text"
     delimiter: str | None = None
     dataset: str | None = None
     split: str = "train"
-    data_dir: str | None = None
+    data_dir: UserPath | None = None
 
     def validate(self, key: str) -> None:
         if not self.name:
@@ -126,7 +127,7 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 0
     prefetch: int = 2
-    tokenizer: str | None = None
+    tokenizer: UserPath | None = None
     invalid_utf8: Literal["fail", "skip"] = "fail"
 
     def __post_init__(self):

@@ -25,13 +25,14 @@ from cptjax.data.tokenize import DocumentTokenizer, load_data_tokenizer
 from cptjax.errors import CptjaxError
 
 
-def build_eval_sets(config: DataConfig, tokenizer_dir, *, seq_len: int, batch_size: int,
+def build_eval_sets(config: DataConfig, tokenizer, *, seq_len: int, batch_size: int,
                     process_index: int, process_count: int) -> dict[str, list[dict]]:
-    """{eval set name: [batch, ...]}, this process's rows of each batch."""
+    """{eval set name: [batch, ...]}, this process's rows of each batch; `tokenizer` as for
+    `build_train_pipeline`."""
     rows = rows_per_process(batch_size, process_index, process_count)
     if not config.eval_sets:
         return {}
-    tokenizer = DocumentTokenizer(load_data_tokenizer(config.tokenizer, tokenizer_dir))
+    tokenizer = DocumentTokenizer(load_data_tokenizer(config.tokenizer, tokenizer))
     sets = {}
     for index, eval_config in enumerate(config.eval_sets):
         key = f"data.eval_sets[{index}]"

@@ -99,8 +99,7 @@ class RowPacker:
                 self._doc += 1
                 skips += 1
                 if self._max_skips is not None and skips > self._max_skips:
-                    raise CptjaxError(f"{self._name}: every document is skipped (empty, or invalid "
-                                      "UTF-8 with data.invalid_utf8: skip); check its files")
+                    raise CptjaxError(all_skipped(self._name))
                 continue
             self._tokens, self._extra = tokens, extra
             return True
@@ -141,6 +140,11 @@ class RowPacker:
             extra = np.zeros(self._seq_len + 1, dtype=np.float64)
             extra[:filled] = np.concatenate(extras)
         return tokens, segments, extra
+
+
+def all_skipped(name: str) -> str:
+    return (f"{name}: every document is skipped (empty, or invalid UTF-8 with data.invalid_utf8: "
+            "skip); check its files and text field")
 
 
 def rows_per_process(batch_size: int, process_index: int, process_count: int) -> int:

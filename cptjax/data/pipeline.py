@@ -26,12 +26,12 @@ import numpy as np
 from cptjax.data.config import DataConfig
 from cptjax.data.mixture import StagedSelectionMap
 from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
-from cptjax.data.read import open_source, read_documents
+from cptjax.data.read import open_source, probe_documents, read_documents
 from cptjax.data.sources import DocumentSource
 from cptjax.data.tokenize import DocumentTokenizer, TokenizerSpec, load_data_tokenizer
 from cptjax.errors import CptjaxError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def source_seed(seed: int, name: str) -> int:
@@ -218,29 +218,28 @@ class TrainPipeline:
     def _check_state(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CptjaxError("data state: not a cptjax data state of version "
-                              f"{STATE_VERSION} (got {str(state)[:80]}); start the data stream afresh")
+                              f"{STATE_VERSION} (got {str(state)[:80]}); start a new run (another run_dir) with model.init_from set to this run's checkpoints")
         saved, now = state["process_count"], self.process_count
         if saved != now:
             raise CptjaxError(
                 f"data state: saved with {saved} data-loading processes (hosts), this run has "
                 f"{now}; each process reads its own share of the documents, so the stream cannot "
-                f"continue exactly. Resume on {saved} processes, or start the data stream afresh "
-                "(a new document order; some documents will be seen again)")
+                f"continue exactly. Resume on {saved} processes, or start a new run (another run_dir) with model.init_from set to this run's checkpoints (a new document "
+                "order; some documents will be seen again)")
         if state["process_index"] != self.process_index:
             raise CptjaxError(f"data state: belongs to process {state['process_index']}, this is "
                               f"process {self.process_index}; restore each process's own state")
-        for key, now, fix in (
-                ("sources", list(self.source_names), "keep the same sources in the same order"),
-                ("num_docs", [len(s) for s in self._sources], "keep the same files (documents were "
-                 "added or removed)"),
-                ("tokenizer", self._spec.fingerprint, "use the same tokenizer"),
-                ("seed", self.config.seed, "keep data.seed"),
-                ("seq_len", self.seq_len, "keep the sequence length"),
-                ("batch_size", self.batch_size, "keep the global batch size")):
+        for key, name, now, fix in (
+                ("sources", "data.sources", list(self.source_names), "keep the same sources in the same order"),
+                ("num_docs", "the documents per source", [len(s) for s in self._sources],
+                 "keep the same files (documents were added or removed)"),
+                ("tokenizer", "the tokenizer", self._spec.fingerprint, "use the same tokenizer"),
+                ("seed", "data.seed", self.config.seed, "keep data.seed"),
+                ("seq_len", "training.seq_len", self.seq_len, "keep training.seq_len"),
+                ("batch_size", "training.batch_size", self.batch_size, "keep training.batch_size")):
             if state[key] != now:
-                raise CptjaxError(f"data state: {key} was {state[key]!r} when it was saved, now "
-                                  f"{now!r}; to resume exactly, {fix}, or start the data stream "
-                                  "afresh")
+                raise CptjaxError(f"cannot resume: {name} was {state[key]!r} when the checkpoint was "
+                                  f"saved, now {now!r}; to resume exactly, {fix}, or start a new run (another run_dir) with model.init_from set to this run's checkpoints")
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -262,24 +261,28 @@ def _copy_state(state: dict) -> dict:
     return json.loads(json.dumps(state))
 
 
-def build_train_pipeline(config: DataConfig, tokenizer_dir, *, seq_len: int, batch_size: int,
+def build_train_pipeline(config: DataConfig, tokenizer, *, seq_len: int, batch_size: int,
                          process_index: int, process_count: int) -> TrainPipeline:
     """The training batches of process `process_index`: `batch_size // process_count` rows each.
 
-    `batch_size` is the global number of rows per step; `tokenizer_dir` is the model's tokenizer,
-    used unless `data.tokenizer` names another.
+    `batch_size` is the global number of rows per step; `tokenizer` is the model's tokenizer
+    folder (or its loaded TokenizerSpec), used unless `data.tokenizer` names another. The first
+    documents of every source are read here (read.probe_documents).
     """
     if seq_len < 1:
         raise CptjaxError(f"seq_len: must be >= 1, got {seq_len}")
     rows_per_process(batch_size, process_index, process_count)
-    spec = load_data_tokenizer(config.tokenizer, tokenizer_dir)
-    tokenizer = DocumentTokenizer(spec)
+    spec = load_data_tokenizer(config.tokenizer, tokenizer)
+    document_tokenizer = DocumentTokenizer(spec)
     sources = []
     for i, source_config in enumerate(config.sources):
-        source = open_source(source_config, f"data.sources[{i}]", tokenizer)
+        key = f"data.sources[{i}] ({source_config.name})"
+        source = open_source(source_config, f"data.sources[{i}]", document_tokenizer)
+        probe_documents(source, None if source_config.type == "prepared" else document_tokenizer, key,
+                        config.invalid_utf8)
         if len(source) < process_count:
-            raise CptjaxError(f"data.sources[{i}] ({source_config.name}): {len(source)} documents "
-                              f"cannot be shared by {process_count} processes; add documents")
+            raise CptjaxError(f"{key}: {len(source)} documents cannot be shared by {process_count} "
+                              "processes; add documents")
         sources.append(source)
     return TrainPipeline(config, spec, sources, seq_len=seq_len, batch_size=batch_size,
                          process_index=process_index, process_count=process_count)

@@ -8,10 +8,13 @@ tokenizing the same documents on the fly.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from pathlib import Path
+import tempfile
 
 import grain
+from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
 from cptjax.atomic_dir import atomic_output_dir
 from cptjax.data.config import InputConfig
@@ -20,6 +23,7 @@ from cptjax.data.read import DOCS_PER_READ, open_source, read_documents
 from cptjax.data.records import MANIFEST, PREPARED_FORMAT
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.errors import CptjaxError
+from cptjax.paths import is_remote
 from cptjax.progress import progress_bar
 
 
@@ -37,21 +41,19 @@ def prepare_corpus(source: InputConfig, tokenizer_dir, out, *, num_shards: int =
         raise CptjaxError("--shards must be >= 1 and --workers >= 0")
     if invalid_utf8 not in ("fail", "skip"):
         raise CptjaxError(f"--invalid-utf8: {invalid_utf8!r}; choose 'fail' or 'skip'")
-    spec = load_tokenizer_spec(tokenizer_dir)
+    spec = load_tokenizer_spec(tokenizer_dir, "--tokenizer")
     tokenizer = DocumentTokenizer(spec)
     documents = open_source(source, "input", tokenizer)
     total = len(documents)
     if total == 0:
         raise CptjaxError(f"input: {', '.join(source.paths) or source.dataset} holds no documents")
     num_shards = min(num_shards, total)
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     names = [f"tokens-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
     shards = [{"file": name, "num_docs": 0, "num_tokens": 0} for name in names]
     skipped = {"invalid_utf8": 0, "empty": 0}
     dtype = spec.token_dtype.newbyteorder("<")
-    with atomic_output_dir(out) as tmp:
-        writers = [ArrayRecordWriter(str(Path(tmp) / name), "group_size:1") for name in names]
+    with atomic_output_dir(out, "--out") as tmp, _local_staging(tmp) as staging:
+        writers = [ArrayRecordWriter(str(staging / name), "group_size:1") for name in names]
         chunks = read_documents(documents, tokenizer, grain.MapDataset.range(total),
                                 num_workers=num_workers, invalid_utf8=invalid_utf8)
         try:
@@ -86,5 +88,21 @@ def prepare_corpus(source: InputConfig, tokenizer_dir, out, *, num_shards: int =
             "skipped": skipped,
             "shards": shards,
         }
-        (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+@contextlib.contextmanager
+def _local_staging(folder: epath.Path):
+    """A local folder to write ArrayRecord shards into (its writer takes local paths only), whose
+    files are copied into `folder` at the end when `folder` is remote (gs://)."""
+    if not is_remote(folder):
+        yield folder
+        return
+    staging = epath.Path(tempfile.mkdtemp(prefix="cptjax-prepare-"))
+    try:
+        yield staging
+        for file in staging.iterdir():
+            file.copy(folder / file.name)
+    finally:
+        staging.rmtree()

@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from cptjax.data.config import InputConfig
-from cptjax.data.packing import Failed, Skipped
+from cptjax.data.packing import Failed, Skipped, all_skipped
 from cptjax.data.records import ArrayRecordTextSource, PreparedSource, TfdsSource
 from cptjax.data.sources import (DocumentSource, InvalidUtf8, JsonlSource, ParquetSource, TextSource,
                                  expand_paths)
@@ -23,6 +23,7 @@ from cptjax.data.tokenize import DocumentTokenizer
 from cptjax.errors import CptjaxError
 
 DOCS_PER_READ = 32  # documents per Grain element: amortizes the per-element cost, batches the tokenizer
+PROBE_DOCS = 256  # documents of each source read, in file order, before a run touches anything
 
 
 def open_source(config: InputConfig, key: str, tokenizer: DocumentTokenizer | None = None) -> DocumentSource:
@@ -98,6 +99,22 @@ def read_documents(source: DocumentSource, tokenizer: DocumentTokenizer | None, 
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+
+
+def probe_documents(source: DocumentSource, tokenizer: DocumentTokenizer | None, key: str,
+                    invalid_utf8: str = "fail") -> None:
+    """Reads the first PROBE_DOCS documents in file order, so a bad file (unreadable, not JSON, a
+    missing field, invalid UTF-8, nothing but empty documents) stops a run before it writes
+    anything, naming the file and line. The rest is checked as it is read (`cptjax data prepare`
+    checks every document up front)."""
+    if len(source) == 0:
+        raise CptjaxError(f"{key}: no documents; check its paths (empty files hold none)")
+    count = min(len(source), PROBE_DOCS)
+    found = False
+    for items in read_documents(source, tokenizer, grain.MapDataset.range(count), invalid_utf8=invalid_utf8):
+        found = found or any(not isinstance(item, Skipped) and len(item) > 0 for item in items)
+    if not found and count == len(source):
+        raise CptjaxError(all_skipped(key))
 
 
 def with_workers(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:

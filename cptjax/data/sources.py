@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 
 from cptjax.errors import CptjaxError
+from cptjax.paths import is_remote, user_path
 
 _GLOB_CHARS = set("*?[")
 _MAX_OPEN_FILES = 64  # plain files kept open per source (least recently used closed first)
@@ -40,13 +41,13 @@ def expand_paths(patterns: Sequence[str], key: str) -> list[epath.Path]:
     files: list[epath.Path] = []
     for i, pattern in enumerate(patterns):
         if not any(c in _GLOB_CHARS for c in pattern):
-            path = epath.Path(pattern)
+            path = user_path(pattern, f"{key}.paths[{i}]")
             if not path.exists():
                 raise CptjaxError(f"{key}.paths[{i}]: {pattern}: no such file or folder")
             files.append(path)
             continue
-        if "://" not in pattern:
-            matches = [epath.Path(p) for p in sorted(globlib.glob(pattern, recursive=True))]
+        if not is_remote(pattern):
+            matches = [user_path(p) for p in sorted(globlib.glob(pattern, recursive=True))]
         else:
             parts = pattern.split("/")
             first = next(j for j, part in enumerate(parts) if any(c in _GLOB_CHARS for c in part))

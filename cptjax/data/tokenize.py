@@ -15,11 +15,16 @@ import dataclasses
 import functools
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 
 from cptjax.errors import CptjaxError
+from cptjax.paths import PathLike, local_copy, user_path
+
+# The files of an HF tokenizer folder (the ones that exist are copied with a model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,22 +49,23 @@ class TokenizerSpec:
         return np.dtype(np.uint16 if self.vocab_size <= 2**16 else np.uint32)
 
 
-def load_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
-    """Reads an HF tokenizer folder (tokenizer.json + tokenizer_config.json) and its BOS/EOS rule."""
-    path = Path(tokenizer_dir)
+def load_tokenizer_spec(tokenizer_dir: PathLike, key: str = "tokenizer") -> TokenizerSpec:
+    """Reads an HF tokenizer folder (tokenizer.json + tokenizer_config.json) and its BOS/EOS rule;
+    `key` names where the folder came from, for messages."""
+    path = user_path(tokenizer_dir, key)
     if not (path / "tokenizer.json").is_file():
-        raise CptjaxError(f"{path}: no tokenizer.json (a fast HF tokenizer) in this folder; point "
-                          "data.tokenizer (or the model) at a folder saved by transformers")
+        raise CptjaxError(f"{key} {path}: no tokenizer.json (a fast HF tokenizer) in this folder; "
+                          "point it at a folder saved by transformers")
     import transformers
 
     try:
-        hf = transformers.AutoTokenizer.from_pretrained(str(path))
+        hf = transformers.AutoTokenizer.from_pretrained(str(local_copy(path, TOKENIZER_FILES)))
     except Exception as err:  # transformers raises many types for a broken folder
-        raise CptjaxError(f"{path}: transformers cannot load this tokenizer ({err})") from None
+        raise CptjaxError(f"{key} {path}: transformers cannot load this tokenizer ({err})") from None
     if not hf.is_fast:
-        raise CptjaxError(f"{path}: not a fast tokenizer; cptjax needs tokenizer.json")
+        raise CptjaxError(f"{key} {path}: not a fast tokenizer; cptjax needs tokenizer.json")
     if hf.eos_token_id is None:
-        raise CptjaxError(f"{path}: the tokenizer has no eos_token, so documents could not be "
+        raise CptjaxError(f"{key} {path}: the tokenizer has no eos_token, so documents could not be "
                           "ended; set eos_token in tokenizer_config.json")
     probe = hf("a", add_special_tokens=True)["input_ids"]
     adds_bos = hf.bos_token_id is not None and len(probe) > 0 and probe[0] == hf.bos_token_id
@@ -69,11 +75,16 @@ def load_tokenizer_spec(tokenizer_dir: str | Path) -> TokenizerSpec:
 
 
 def load_data_tokenizer(data_tokenizer: str | None, model_tokenizer) -> TokenizerSpec:
-    """The data's tokenizer: `data.tokenizer` if set, else the model's folder."""
-    path = data_tokenizer or model_tokenizer
-    if path is None:
-        raise CptjaxError("data.tokenizer: no tokenizer; set data.tokenizer or give the model's")
-    return load_tokenizer_spec(path)
+    """The data's tokenizer: `data.tokenizer` if set, else the model's folder; a TokenizerSpec
+    given as `model_tokenizer` (loaded once by the caller) is used as it is."""
+    if isinstance(model_tokenizer, TokenizerSpec):
+        return model_tokenizer
+    if data_tokenizer is not None:
+        return load_tokenizer_spec(data_tokenizer, "data.tokenizer")
+    if model_tokenizer is None:
+        raise CptjaxError("data.tokenizer: no tokenizer; set data.tokenizer or model.tokenizer, or "
+                          "start from a model folder that has one")
+    return load_tokenizer_spec(model_tokenizer, "model tokenizer")
 
 
 class DocumentTokenizer:

@@ -12,16 +12,17 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from cptjax.errors import CptjaxError
 from cptjax.hf.keymap import KeyMapping, grouped_key_map
 from cptjax.hf.safetensors import SafetensorsFile
 from cptjax.model import ParamPath, get_param, set_param
 from cptjax.model_config import ModelConfig
+from cptjax.paths import PathLike, user_path
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -32,7 +33,7 @@ _RECOMPUTED_BUFFERS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.in
 Progress = Callable[[Iterator], Iterator]
 
 
-def find_weight_files(hf_dir: Path) -> dict[str, SafetensorsFile]:
+def find_weight_files(hf_dir: epath.Path) -> dict[str, SafetensorsFile]:
     """Opens the headers of every safetensors file: sharded (with the index) or single."""
     index = hf_dir / INDEX_FILE
     if index.is_file():
@@ -62,7 +63,7 @@ def find_weight_files(hf_dir: Path) -> dict[str, SafetensorsFile]:
 class ReadPlan:
     """Checked headers: where each HF tensor is, grouped by cptjax parameter."""
 
-    hf_dir: Path
+    hf_dir: epath.Path
     located: dict[str, SafetensorsFile]
     groups: dict[ParamPath, list[KeyMapping]]
     tied_head: bool  # a tied model whose files still carry lm_head.weight
@@ -83,7 +84,7 @@ class ReadPlan:
                                   "tie_word_embeddings")
 
 
-def plan_read(hf_dir: Path, cfg: ModelConfig) -> ReadPlan:
+def plan_read(hf_dir: epath.Path, cfg: ModelConfig) -> ReadPlan:
     """Opens and checks every header against the key map of `cfg`; reads no tensor data."""
     files = find_weight_files(hf_dir)
     located: dict[str, SafetensorsFile] = {}
@@ -121,12 +122,12 @@ def plan_read(hf_dir: Path, cfg: ModelConfig) -> ReadPlan:
     return ReadPlan(hf_dir, located, groups, tied_head)
 
 
-def read_hf_params(hf_dir: str | Path, cfg: ModelConfig, progress: Progress | None = None) -> dict:
+def read_hf_params(hf_dir: PathLike, cfg: ModelConfig, progress: Progress | None = None) -> dict:
     """Reads an HF folder's weights into cptjax's nested parameter dict of NumPy arrays.
 
     Arrays keep the checkpoint's dtype (a bf16 checkpoint stays bf16).
     """
-    plan = plan_read(Path(hf_dir), cfg)
+    plan = plan_read(user_path(hf_dir), cfg)
     params: dict = {}
     items = list(plan.groups.items())
     for path, group in (progress(items) if progress else items):
@@ -149,13 +150,13 @@ def read_group(plan: ReadPlan, group: list[KeyMapping]) -> np.ndarray:
     return array
 
 
-def load_hf_params_sharded(hf_dir: str | Path, cfg: ModelConfig, shardings: dict, dtype,
+def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, dtype,
                            progress: Progress | None = None) -> dict:
     """Reads an HF folder straight onto the devices: each process reads only the tensors (layers)
     its devices hold, one at a time, and no host ever assembles the whole model."""
     import jax
 
-    plan = plan_read(Path(hf_dir), cfg)
+    plan = plan_read(user_path(hf_dir), cfg)
     params: dict = {}
     items = list(plan.groups.items())
     for path, group in (progress(items) if progress else items):

@@ -15,12 +15,12 @@ import math
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from cptjax.dtypes import SAFETENSORS_CODES, safetensors_code
 from cptjax.errors import CptjaxError
+from cptjax.paths import PathLike, user_path
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
 
@@ -37,13 +37,13 @@ class TensorInfo:
 class SafetensorsFile:
     """The header of one .safetensors file, with `read_into` to fetch one tensor at a time."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: PathLike):
+        self.path = user_path(path)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
+            size = self.path.stat().length
+            with self.path.open("rb") as f:
                 prefix = f.read(8)
                 if len(prefix) < 8:
                     raise CptjaxError(f"{self.path}: truncated safetensors file (no header)")
@@ -79,7 +79,7 @@ class SafetensorsFile:
         if out.dtype != info.dtype or out.nbytes != info.nbytes or not out.flags.c_contiguous:
             raise ValueError(f"destination {out.dtype}{out.shape} does not fit {name} "
                              f"{info.dtype}{info.shape}")
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             f.seek(info.begin)
             view = memoryview(out.reshape(-1).view(np.uint8))
             done = 0
@@ -96,7 +96,7 @@ class SafetensorsFile:
         return out
 
 
-def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
+def write_safetensors(path: PathLike, tensors: Iterable[tuple[str, np.ndarray]],
                       specs: list[tuple[str, np.dtype, tuple[int, ...]]],
                       metadata: dict[str, str] | None = None) -> None:
     """Writes `tensors` (yielded lazily, in the order of `specs`) to `path`, one at a time.
@@ -112,7 +112,7 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
+    with user_path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         tensors = iter(tensors)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+from etils import epath
 
 from cptjax.errors import CptjaxError
 
@@ -17,7 +16,7 @@ def torch_available() -> bool:
     return True
 
 
-def transformers_logits(hf_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
+def transformers_logits(hf_dir: epath.Path, tokens: np.ndarray) -> np.ndarray:
     """float32 logits of the HF folder's model as transformers loads it (never remote code)."""
     import torch
     import transformers
@@ -29,7 +28,7 @@ def transformers_logits(hf_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-def verify_export(hf_dir: Path, reference_logits, vocab_size: int, seed: int = 0,
+def verify_export(hf_dir: epath.Path, reference_logits, vocab_size: int, seed: int = 0,
                   shape: tuple[int, int] = (2, 64)) -> float:
     """Max |logits| difference between transformers on `hf_dir` and `reference_logits(tokens)`."""
     if not torch_available():

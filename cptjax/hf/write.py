@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
+from cptjax.data.tokenize import TOKENIZER_FILES
 from cptjax.dtypes import dtype_name
 from cptjax.errors import CptjaxError
 from cptjax.hf.keymap import KeyMapping, key_map
@@ -22,11 +22,7 @@ from cptjax.model import ParamPath
 from cptjax.model_config import ModelConfig
 
 # Files that travel with the weights: tokenizer, chat template, generation defaults.
-HF_ASSET_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
+HF_ASSET_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 def parse_size(text: str | int) -> int:
@@ -58,8 +54,8 @@ def _shard_plan(mappings: list[KeyMapping], itemsize: int, limit: int) -> list[l
     return shards
 
 
-def write_hf_dir(out: Path, cfg: ModelConfig, get_param: Callable[[ParamPath], np.ndarray],
-                 dtype: np.dtype, max_shard_size: int | str = "5GB", assets_dir: Path | None = None,
+def write_hf_dir(out: epath.Path, cfg: ModelConfig, get_param: Callable[[ParamPath], np.ndarray],
+                 dtype: np.dtype, max_shard_size: int | str = "5GB", assets_dir: epath.Path | None = None,
                  progress: Progress | None = None) -> list[str]:
     """Writes an HF model folder into the existing empty folder `out`; returns the weight files.
 
@@ -95,7 +91,7 @@ def write_hf_dir(out: Path, cfg: ModelConfig, get_param: Callable[[ParamPath], n
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     hf_config = cfg.to_hf_config()
-    hf_config["torch_dtype"] = dtype_name(target)
+    hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name(target)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     copy_assets(assets_dir, out)
     if not (out / "generation_config.json").exists():
@@ -106,13 +102,13 @@ def write_hf_dir(out: Path, cfg: ModelConfig, get_param: Callable[[ParamPath], n
     return names
 
 
-def copy_assets(src: Path | None, dst: Path) -> list[str]:
-    """Copies the tokenizer and generation files that exist in `src` into `dst`."""
-    if src is None or not Path(src).is_dir():
+def copy_assets(src: epath.Path | None, dst: epath.Path) -> list[str]:
+    """Copies the tokenizer and generation files that exist in `src` into `dst` (overwriting)."""
+    if src is None or not src.is_dir():
         return []
     copied = []
     for name in HF_ASSET_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+        if (src / name).is_file():
+            (src / name).copy(dst / name, overwrite=True)
             copied.append(name)
     return copied
