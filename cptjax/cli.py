@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cptjax.dtypes import FLOAT_NAMES
 from cptjax.errors import CptjaxError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from cptjax.dtypes import FLOAT_NAMES  # here, not at import: `cptjax train` installs its SIGTERM
+                                           # handler before anything slow is imported
     parser = argparse.ArgumentParser(prog="cptjax", description="Continued pretraining of "
                                      "Llama-family models in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,8 +59,6 @@ def _run(args) -> None:
         from cptjax.demo import run_demo
         run_demo(args.workdir, data_dir=args.data_dir, base_steps=args.base_steps, cpt_steps=args.cpt_steps)
     elif args.command == "train":
-        from cptjax.preemption import install_handler
-        install_handler()  # a SIGTERM during start-up (imports, compiles) exits cleanly too
         from cptjax.train_config import load_config
         from cptjax.trainer import run
         config = load_config(args.config, args.overrides)
@@ -90,6 +89,10 @@ def _run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from cptjax.preemption import install_handler
+        install_handler()  # a SIGTERM during start-up (imports, compiling) exits cleanly too
     args = _parser().parse_args(argv)
     try:
         _run(args)

@@ -228,9 +228,9 @@ def _train(loop: Loop, start: int) -> RunResult:
             pending = None
             if not ok:
                 break
-            if due_eval:
-                _evaluate(loop, step)
-            if due_save:
+            if due_eval and _evaluate(loop, step) is None:
+                preempted = True  # SIGTERM during the eval: this step is saved, and the run ends
+            if due_save or preempted:
                 _save(loop, step, data_state, force=preempted)
             loop.timer.restart()  # the next step's time must not include eval or save
         if preempted:

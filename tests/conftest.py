@@ -9,6 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hf_models  # noqa: E402
 import tiny_configs  # noqa: E402
+import yaml  # noqa: E402
+from data_helpers import STDLIB, corpus_files, tokenizer_dir  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +25,30 @@ def tiny_hf(tmp_path_factory):
             cache[name] = hf_models.save_hf_model(tiny_configs.shrunk_config(name), out / "hf")
         return cache[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def cpt_config(tmp_path_factory):
+    """A config for a small CPT run on real text: a tiny Llama, code with English replay."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = tokenizer_dir("llama")
+    vocab = Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    model = hf_models.save_hf_model(dict(tiny_configs.shrunk_config("llama-3.2-1b"), vocab_size=vocab),
+                                    root / "hf")
+    raw = {
+        "run_dir": "unset",
+        "model": {"init_from": str(model), "tokenizer": str(tokenizer), "compute_dtype": "float32"},
+        "data": {"sources": [
+            {"name": "code", "type": "text", "paths": [str(STDLIB / "json" / "*.py")], "weight": 0.9},
+            {"name": "english", "type": "jsonl", "paths": [str(corpus_files()["wiki_jsonl"])], "weight": 0.1}],
+            "eval_sets": [{"name": "code", "type": "text", "paths": [str(STDLIB / "email" / "mime" / "*.py")]}],
+            "seed": 3},
+        "training": {"steps": 40, "batch_size": 4, "seq_len": 64},
+        "schedule": {"peak_lr": 3e-3, "warmup": 4, "end_lr": 3e-4},
+        "checkpoint": {"every": 10, "keep_last": 5},
+        "eval": {"every": 20},
+        "logging": {"every": 1, "progress": "lines"},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

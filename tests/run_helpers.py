@@ -1,0 +1,49 @@
+"""Running `cptjax` as users do (a subprocess of the real CLI) and reading what a run wrote."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def cli(*args, cwd=None, check=True) -> str:
+    """Runs `cptjax ARGS`; returns stdout + stderr (asserting exit 0 unless check is False)."""
+    result = subprocess.run([sys.executable, "-m", "cptjax.cli", *map(str, args)], capture_output=True,
+                            text=True, cwd=cwd, env=ENV, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def start(*args) -> subprocess.Popen:
+    """`cptjax ARGS` in the background, stderr line-buffered for watching."""
+    return subprocess.Popen([sys.executable, "-u", "-m", "cptjax.cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def records(run_dir, kind: str) -> list[dict]:
+    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def steps(checkpoints) -> list[int]:
+    """The step folders on disk (finished or not: a test asserts which)."""
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
+
+
+def restore_arrays(path) -> list[np.ndarray]:
+    """Every array of one saved Orbax item, as NumPy, in a fixed order."""
+    import warnings
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            tree = checkpointer.restore(path)
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
