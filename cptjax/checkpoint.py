@@ -149,8 +149,9 @@ def unreadable_step(directory: epath.Path, step: int, steps: list[int], err: Exc
                     step_flag: str | None = None) -> str:
     """One line: which step, which file (where the error names one), what to do: read another step
     with `step_flag`, or (a run resuming, step_flag None) set the broken step aside."""
-    first = " ".join(str(err).split())
-    named = re.findall(r"(?:file|path)[^\w/]*((?:gs://|/)[^\s'\",;]+)", first)
+    full = " ".join(f"{err} {err.__cause__ or ''} {err.__context__ or ''}".split())
+    first = " ".join(str(err).split()).split(" See full TensorStore details")[0]
+    named = re.findall(r"((?:gs://|/)[^\s'\",;]*/" + str(step) + r"/[^\s'\",;]*)", full)
     where = f" ({named[0]})" if named else ""
     earlier = [s for s in steps if s < step]
     if not earlier:

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from cptjax.errors import CptjaxError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other cptjax error (argparse prints the usage too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"cptjax: error: {self.prog.removeprefix('cptjax ')}: {message}; see "
+                     f"{self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from cptjax.dtypes import FLOAT_NAMES  # here, not at import: `cptjax train` installs its SIGTERM
                                            # handler before anything slow is imported
-    parser = argparse.ArgumentParser(prog="cptjax", description="Continued pretraining of "
+    parser = _Parser(prog="cptjax", description="Continued pretraining of "
                                      "Llama-family models in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -88,8 +97,15 @@ def _run(args) -> None:
             print(f"verified with transformers: max |logit difference| = {result.max_logit_diff:.3g}")
 
 
+# Libraries whose warnings are about their own housekeeping (Orbax logs through absl: read-only
+# managers, save intervals; gcsfs: bucket types); their errors still show.
+_QUIET_LOGGERS = ("absl", "gcsfs")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if argv[:1] == ["train"]:
         from cptjax.preemption import install_handler
         install_handler()  # a SIGTERM during start-up (imports, compiling) exits cleanly too

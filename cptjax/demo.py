@@ -151,8 +151,14 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
     from cptjax.train_config import config_from_dict
     from cptjax.trainer import run
 
+    for flag, steps in (("--base-steps", base_steps), ("--cpt-steps", cpt_steps)):
+        if steps < 2:
+            raise CptjaxError(f"{flag} {steps}: the demo needs at least 2 steps")
     data_dir = find_data_dir(data_dir)
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="cptjax-demo-"))
+    if workdir is not None:
+        from cptjax.atomic_dir import check_output_dir
+        check_output_dir(workdir, "--workdir")  # a new or empty folder: nothing there is overwritten
+    workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix="cptjax-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     corpora = write_corpora(workdir, data_dir)
     tokenizer = train_tokenizer(workdir / "tokenizer", data_dir)

@@ -191,6 +191,11 @@ def _parse_rope(hf: dict, source: str) -> RopeConfig:
     if scaling is not None and not isinstance(scaling, dict):
         raise CptjaxError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
     merged: dict[str, Any] = dict(scaling or {})
+    if params and scaling:
+        kinds = {d.get("rope_type", d.get("type", "default")) for d in (params, scaling)}
+        if len(kinds) > 1:
+            raise CptjaxError(f"{source}: rope_scaling and rope_parameters name different rope types "
+                              f"({' vs '.join(sorted(kinds))}); keep one of the two keys")
     if params:
         if "layer_types" in hf and any(k in params for k in ("full_attention", "sliding_attention")):
             raise CptjaxError(f"{source}: per-layer rope_parameters are not supported")

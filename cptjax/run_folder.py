@@ -13,6 +13,10 @@
 - Unfinished steps (a save cut short) are removed at start, here too: Orbax's own clean-up would,
   on an object store, also remove hf_assets (any folder without commit_success.txt looks to it
   like an unfinished step there).
+- Orbax keeps no checksum of array data: a file changed after the save, at the same size, would
+  restore silently with wrong values. Each save records a fingerprint of the parameters and the
+  optimizer state (a position-weighted sum of their bits, computed on the devices), checked on
+  resume.
 - hf_assets is complete only with its `.complete` marker (names and sizes, written last); every
   start verifies it and rewrites it from the run's source when it is not.
 """
@@ -23,11 +27,13 @@ import json
 import threading
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from cptjax.checkpoint import (ASSETS_DIR, MODEL_CONFIG, OPT_STATE, PARAMS, TRAIN_CONFIG, TRAIN_META,
-                               finished_steps, restore_guarded)
+                               finished_steps, restore_guarded, unreadable_step)
 from cptjax.errors import CptjaxError
 from cptjax.hf.write import HF_ASSET_FILES
 from cptjax.model_config import ModelConfig
@@ -45,6 +51,21 @@ def _handlers() -> dict:
             TRAIN_CONFIG: ocp.JsonCheckpointHandler()}
 
 
+@jax.jit
+def _fingerprints(tree) -> jax.Array:
+    def one(x):
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32,
+                                                8: jnp.uint64}[x.dtype.itemsize]).reshape(-1)
+        weights = (jnp.arange(bits.size, dtype=jnp.uint32) % 65521) + 1
+        return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+    return jnp.stack([one(x) for x in jax.tree.leaves(tree)])
+
+
+def fingerprint(state: dict) -> list[int]:
+    """A number per array of params and opt_state that changes if any of their bits does."""
+    return [int(v) for v in np.asarray(jax.device_get(_fingerprints((state["params"], state["opt_state"]))))]
+
+
 def restore_run(directory: epath.Path, step: int, abstract_state: dict, what: str = "run_dir") -> tuple[dict, dict]:
     """Params and optimizer state of a run's step onto the shardings of `abstract_state`'s leaves,
     and its train_meta; a damaged step is one line saying which earlier step to fall back to."""
@@ -57,7 +78,12 @@ def restore_run(directory: epath.Path, step: int, abstract_state: dict, what: st
     with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as manager:
         restored = restore_guarded(manager, directory, step, steps,
                                    {**args, TRAIN_META: ocp.args.JsonRestore()}, what)
-    return {"params": restored[PARAMS], "opt_state": restored[OPT_STATE]}, restored[TRAIN_META]
+    state, meta = {"params": restored[PARAMS], "opt_state": restored[OPT_STATE]}, restored[TRAIN_META]
+    if "fingerprint" in meta and fingerprint(state) != meta["fingerprint"]:
+        error = ValueError("the arrays differ from the fingerprint saved with them (a file changed after "
+                           "the save)")
+        raise CptjaxError(unreadable_step(directory, step, steps, error, what))
+    return state, meta
 
 
 def read_meta(directory: epath.Path, step: int, what: str = "run_dir") -> dict:

@@ -32,7 +32,7 @@ from cptjax.evaluation import evaluate, format_results
 from cptjax.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.model_config import ModelConfig
 from cptjax.preemption import Preemption
-from cptjax.run_folder import RunCheckpointer, ensure_assets
+from cptjax.run_folder import RunCheckpointer, ensure_assets, fingerprint
 from cptjax.run_start import StartPlan, initial_state, plan_start
 from cptjax.schedules import make_schedule
 from cptjax.train_config import TrainConfig, dump_yaml
@@ -84,7 +84,8 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             check_environment(config, plan.model_config)
             spec = None
             if data is None or eval_sets is None:
-                spec = load_data_tokenizer(config.data.tokenizer, plan.tokenizer_dir)
+                spec = load_data_tokenizer(config.data.tokenizer, plan.tokenizer_dir, "model.tokenizer"
+                                           if config.model.tokenizer else "the model's tokenizer")
                 check_vocabulary(spec, plan.model_config)
             shape = dict(seq_len=config.training.seq_len, batch_size=config.training.batch_size,
                          process_index=jax.process_index(), process_count=jax.process_count())
@@ -302,6 +303,7 @@ def _save(loop: Loop, step: int, data_state: dict, force: bool = False) -> None:
     # Orbax writes JSON from process 0 only: keep every process's data position.
     data_states = gather_states(data_state)
     meta = {"step": step, "data_state": data_states, "origin": loop.origin,
-            "learning_rate_next": float(make_schedule(loop.config.schedule)(step)), "time": time.time()}
+            "learning_rate_next": float(make_schedule(loop.config.schedule)(step)), "time": time.time(),
+            "fingerprint": fingerprint(loop.state)}
     loop.checkpointer.save(step, loop.state, meta, loop.model_config, to_dict(loop.config), force=force)
     loop.logger.flush()

@@ -74,9 +74,11 @@ def load_tokenizer_spec(tokenizer_dir: PathLike, key: str = "tokenizer") -> Toke
                          vocab_size=len(hf))
 
 
-def load_data_tokenizer(data_tokenizer: str | None, model_tokenizer) -> TokenizerSpec:
-    """The data's tokenizer: `data.tokenizer` if set, else the model's folder; a TokenizerSpec
-    given as `model_tokenizer` (loaded once by the caller) is used as it is."""
+def load_data_tokenizer(data_tokenizer: str | None, model_tokenizer,
+                        model_key: str = "the model's tokenizer") -> TokenizerSpec:
+    """The data's tokenizer: `data.tokenizer` if set, else the model's folder (`model_key` says
+    where that came from, for messages); a TokenizerSpec given as `model_tokenizer` (loaded once
+    by the caller) is used as it is."""
     if isinstance(model_tokenizer, TokenizerSpec):
         return model_tokenizer
     if data_tokenizer is not None:
@@ -84,7 +86,7 @@ def load_data_tokenizer(data_tokenizer: str | None, model_tokenizer) -> Tokenize
     if model_tokenizer is None:
         raise CptjaxError("data.tokenizer: no tokenizer; set data.tokenizer or model.tokenizer, or "
                           "start from a model folder that has one")
-    return load_tokenizer_spec(model_tokenizer, "model tokenizer")
+    return load_tokenizer_spec(model_tokenizer, model_key)
 
 
 class DocumentTokenizer:

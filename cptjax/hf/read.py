@@ -128,11 +128,12 @@ def read_hf_params(hf_dir: PathLike, cfg: ModelConfig, progress: Progress | None
     Arrays keep the checkpoint's dtype (a bf16 checkpoint stays bf16).
     """
     plan = plan_read(user_path(hf_dir), cfg)
+    if plan.tied_head:  # before the long read: a wrong config.json fails at once
+        plan.check_tied_head(plan.read(plan.groups[("embed_tokens",)][0]))
     params: dict = {}
     items = list(plan.groups.items())
     for path, group in (progress(items) if progress else items):
         set_param(params, path, read_group(plan, group))
-    plan.check_tied_head(params["embed_tokens"])
     return params
 
 
@@ -157,6 +158,8 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
     import jax
 
     plan = plan_read(user_path(hf_dir), cfg)
+    if plan.tied_head:
+        plan.check_tied_head(plan.read(plan.groups[("embed_tokens",)][0]))
     params: dict = {}
     items = list(plan.groups.items())
     for path, group in (progress(items) if progress else items):
@@ -177,6 +180,4 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
             return np.stack([tensor(i)[index[1:]] for i in layers])
 
         set_param(params, path, jax.make_array_from_callback(shape, get_param(shardings, path), shard))
-    if plan.tied_head:
-        plan.check_tied_head(plan.read(plan.groups[("embed_tokens",)][0]))
     return params
