@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the fully resolved config")
     show.add_argument("--config", required=True)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config_commands.add_parser("reference", help="every config key: type, default, what it does (Markdown)")
 
     convert = commands.add_parser("convert", help="convert weights between HF and cptjax")
     directions = convert.add_subparsers(dest="direction", required=True)
@@ -78,6 +79,9 @@ def _run(args) -> None:
             raise CptjaxError(result.stopped_early)
         print(f"cptjax train: {'finished' if result.stopped_early is None else 'stopped'} at step "
               f"{result.final_step}")
+    elif args.command == "config" and args.config_command == "reference":
+        from cptjax.config_reference import reference_markdown
+        print(reference_markdown(), end="")
     elif args.command == "config":
         from cptjax.train_config import dump_yaml, load_config
         print(dump_yaml(load_config(args.config, args.overrides)), end="")

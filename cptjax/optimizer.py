@@ -14,14 +14,14 @@ from cptjax.errors import CptjaxError
 class OptimizerConfig:
     """AdamW hyperparameters; the learning rate comes from the schedule section."""
 
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
+    weight_decay: float = 0.1  # decoupled, scaled by the learning rate
     decay_norms_and_biases: bool = False  # off by default: decay pulls norm scales towards 0
-    grad_clip_norm: float | None = 1.0
+    grad_clip_norm: float | None = 1.0  # global-norm clipping (null: none)
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2), PaLM's stabiliser
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # micro-batches per step; the update equals the full batch's
 
     def __post_init__(self):
         for name in ("b1", "b2"):

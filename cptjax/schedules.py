@@ -87,14 +87,14 @@ class ScheduleConfig:
     Field types are checked where configs are read (cptjax.config_tree); the checks here are on
     values and on how the fields fit together."""
 
-    total_steps: int
-    peak_lr: float
-    kind: Kind = "warmup_cosine"
+    total_steps: int  # the schedule's length (default: training.steps)
+    peak_lr: float  # the re-warm's target: about 10% of the original pretraining peak for CPT
+    kind: Kind = "warmup_cosine"  # the shape (see the README's schedules)
     init_lr: float = 0.0  # where each warmup starts
     end_lr: float = 0.0  # the lr at total_steps and after
-    warmup: Length | None = None  # default 1% (0 for "constant")
-    cooldown: Length | None = None  # final decay (wsd, constant, wsd stages); default 20%, 0 for "constant"
-    cooldown_shape: CooldownShape | None = None  # default "linear"
+    warmup: Length | None = None  # re-warm length: steps (int) or a fraction (float); default 1% (0 for "constant")
+    cooldown: Length | None = None  # final decay (wsd, constant, wsd stages), steps or a fraction; default 20%, 0 for "constant"
+    cooldown_shape: CooldownShape | None = None  # the cooldown's curve; default "linear"
     constant_lr: float | None = None  # "infinite": the lr of the constant phase (required)
     decay: Length | None = None  # "infinite": cosine from peak_lr to constant_lr; default 10%
     anneal: Length | None = None  # "infinite": final decay to end_lr; default 10%
@@ -102,7 +102,7 @@ class ScheduleConfig:
     stage_boundaries: tuple[int, ...] | None = None  # "cycles": first steps of stages 2.. (required)
     stage_peak_lrs: tuple[float, ...] | None = None  # "cycles": one per stage; default peak_lr for all
     stage_kind: StageKind | None = None  # "cycles": default "warmup_cosine"
-    count_from_one: bool = True  # update s gets the curve at s + 1 (see the module docstring)
+    count_from_one: bool = True  # step 1 gets the first warmup lr, not init_lr (false: optax's convention)
 
     def __post_init__(self):
         # Lists from JSON/YAML become tuples so the config stays hashable.

@@ -121,10 +121,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 class MeshConfig:
     """Mesh axis sizes (-1: whatever the devices leave) and the logical-axis rules table."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+    data: int = -1  # data-parallel replicas (-1: whatever the other axes leave)
+    fsdp: int = 1  # ways parameters and optimizer state are split (and batch rows)
+    tensor: int = 1  # ways heads and MLP columns are split
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES  # logical axis -> mesh axes
 
     def __post_init__(self):
         sizes = [getattr(self, a) for a in MESH_AXES]

@@ -28,14 +28,14 @@ class ModelSection:
     fresh optimizer, step 0: the CPT default). `hf_config`: a config.json to initialise from scratch.
     A run's own latest checkpoint always wins over both (resume)."""
 
-    init_from: UserPath | None = None
+    init_from: UserPath | None = None  # an HF folder or a cptjax checkpoint to continue from
     init_step: int | None = None  # checkpoint step for init_from (default: its latest)
-    hf_config: UserPath | None = None
-    tokenizer: UserPath | None = None  # default: init_from's tokenizer files
-    param_dtype: FloatName = "float32"
-    compute_dtype: FloatName = "bfloat16"
-    remat: Remat = "none"
-    attention: Attention = "auto"
+    hf_config: UserPath | None = None  # a config.json to start from scratch instead
+    tokenizer: UserPath | None = None  # HF tokenizer folder (default: init_from's tokenizer files)
+    param_dtype: FloatName = "float32"  # the master weights' precision
+    compute_dtype: FloatName = "bfloat16"  # matmuls' precision; norms, softmax and loss stay float32
+    remat: Remat = "none"  # what the backward pass recomputes per layer, to save memory
+    attention: Attention = "auto"  # the attention kernel; auto picks per backend
 
     def __post_init__(self):
         if (self.init_from is None) == (self.hf_config is None):
@@ -45,11 +45,11 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSection:
-    steps: int
+    steps: int  # optimizer updates in the whole run (the schedule's length)
     batch_size: int  # global rows per optimizer step
-    seq_len: int
-    seed: int = 0
-    on_nan: Literal["stop", "skip"] = "stop"
+    seq_len: int  # tokens per row
+    seed: int = 0  # initialisation from scratch
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop the run, or skip that update
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len"):
@@ -59,10 +59,10 @@ class TrainingSection:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    every: int = 1000
-    keep_last: int = 3
+    every: int = 1000  # save every this many steps (and at the end, and on SIGTERM)
+    keep_last: int = 3  # finished checkpoints kept
     keep_every: int | None = None  # also keep every step that is a multiple of this, forever
-    async_save: bool = True
+    async_save: bool = True  # write in the background while training goes on
 
     def __post_init__(self):
         if self.every < 1:
@@ -76,7 +76,7 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
-    every: int = 500
+    every: int = 500  # evaluate data.eval_sets every this many steps
     at_start: bool = True  # measure the base model before any update: the reference for forgetting
 
     def __post_init__(self):
@@ -86,9 +86,9 @@ class EvalSection:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
-    every: int = 10
-    tensorboard: bool = True
-    progress: Literal["auto", "bar", "lines"] = "auto"
+    every: int = 10  # a train record every this many steps
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: Literal["auto", "bar", "lines"] = "auto"  # console: a bar on a terminal, lines elsewhere
     peak_flops_per_device: float | None = None  # for MFU on chips cptjax does not know
 
     def __post_init__(self):
@@ -101,10 +101,10 @@ class DistributedSection:
     """`auto`: jax.distributed.initialize() on TPU VMs and SLURM jobs of several tasks; `off`;
     `manual`: the coordinator settings below (GPU clusters without SLURM)."""
 
-    mode: Literal["auto", "off", "manual"] = "auto"
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    mode: Literal["auto", "off", "manual"] = "auto"  # auto: TPU VM slices and SLURM jobs join by themselves
+    coordinator_address: str | None = None  # manual: host:port of process 0
+    num_processes: int | None = None  # manual: how many processes in all
+    process_id: int | None = None  # manual: this process's index
 
     def __post_init__(self):
         manual = (self.coordinator_address, self.num_processes, self.process_id)
@@ -115,17 +115,17 @@ class DistributedSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    run_dir: UserPath
-    model: ModelSection
-    data: DataConfig
-    training: TrainingSection
-    schedule: ScheduleConfig
-    optimizer: OptimizerConfig = OptimizerConfig()
-    mesh: MeshConfig = MeshConfig()
-    checkpoint: CheckpointSection = CheckpointSection()
-    eval: EvalSection = EvalSection()
-    logging: LoggingSection = LoggingSection()
-    distributed: DistributedSection = DistributedSection()
+    run_dir: UserPath  # the run's folder: config, checkpoints, logs (local or gs://)
+    model: ModelSection  # where the weights come from, and how the model computes
+    data: DataConfig  # sources and their mixture, held-out sets
+    training: TrainingSection  # steps, batch, sequence length
+    schedule: ScheduleConfig  # the learning rate by step
+    optimizer: OptimizerConfig = OptimizerConfig()  # AdamW
+    mesh: MeshConfig = MeshConfig()  # how devices split the work
+    checkpoint: CheckpointSection = CheckpointSection()  # saves and what is kept
+    eval: EvalSection = EvalSection()  # held-out evaluation
+    logging: LoggingSection = LoggingSection()  # records, TensorBoard, console
+    distributed: DistributedSection = DistributedSection()  # several hosts
 
     def __post_init__(self):
         if self.schedule.total_steps != self.training.steps:

@@ -70,3 +70,11 @@ def test_readme_layout_lists_every_module_once():
     assert sorted(listed) == actual, {"missing from README": sorted(set(actual) - set(listed)),
                                       "listed but absent": sorted(set(listed) - set(actual)),
                                       "listed twice": sorted({p for p in listed if listed.count(p) > 1})}
+
+
+def test_readme_config_reference_is_the_generated_one():
+    from cptjax.config_reference import reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    assert reference_markdown() in section, "README's config reference is stale: paste `cptjax config reference`"

@@ -41,17 +41,16 @@ class InputConfig:
     "arrayrecord" (one UTF-8 document per record), "tfds" (`dataset` by name, `split`, `data_dir`,
     read with tfds.data_source: random access, no TensorFlow), "prepared" (folders written by
     `cptjax data prepare`: token ids, no tokenization at train time).
-    paths: globs, local or remote (etils.epath); unused for "tfds".
     """
 
-    name: str
-    type: SourceType
-    paths: tuple[UserPath, ...] = ()
-    text_field: str = "text"
-    delimiter: str | None = None
-    dataset: str | None = None
-    split: str = "train"
-    data_dir: UserPath | None = None
+    name: str  # names it in logs, metrics and messages (unique)
+    type: SourceType  # jsonl (plain, .gz, .zst), text, parquet, arrayrecord, tfds, or prepared (by cptjax data prepare)
+    paths: tuple[UserPath, ...] = ()  # files, folders or globs, local or gs://; unused for tfds
+    text_field: str = "text"  # jsonl and parquet: the field holding the text; tfds: the feature
+    delimiter: str | None = None  # text: split each file on this string (default: a file is a document)
+    dataset: str | None = None  # tfds: the dataset's name
+    split: str = "train"  # tfds: the split
+    data_dir: UserPath | None = None  # tfds: where it is prepared
 
     def validate(self, key: str) -> None:
         if not self.name:
@@ -73,14 +72,10 @@ class InputConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig(InputConfig):
-    """A training source: documents plus its mixture weight (stage 0) and what happens at its end.
+    """A training source: documents plus its mixture weight and what happens at its end."""
 
-    on_exhaustion: "repeat" starts another epoch in a new order; "stop" ends the run with a
-    CptjaxError once every document has been used once.
-    """
-
-    weight: float = 1.0
-    on_exhaustion: Literal["repeat", "stop"] = "repeat"
+    weight: float = 1.0  # share of the rows until the first stage (normalized over sources)
+    on_exhaustion: Literal["repeat", "stop"] = "repeat"  # another epoch in a new order, or end the run
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -92,15 +87,15 @@ class StageConfig:
     """The batches of step `start_step` and after mix the sources with `weights` (one per source,
     in order). Steps count optimizer updates from 1, as the logs do."""
 
-    start_step: int
-    weights: tuple[float, ...]
+    start_step: int  # the first step with these weights
+    weights: tuple[float, ...]  # one per source, in order (normalized)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSetConfig(InputConfig):
     """A held-out set: the first `max_docs` documents (all if None), in file order, never shuffled."""
 
-    max_docs: int | None = None
+    max_docs: int | None = None  # the first this many documents (default: all)
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -111,24 +106,16 @@ class EvalSetConfig(InputConfig):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """The data section. seq_len and the batch size are the trainer's, passed to the pipeline.
+    """The data section. seq_len and the batch size are the trainer's, passed to the pipeline."""
 
-    seed: fixes the whole stream (document order of every source and epoch).
-    num_workers: Grain worker processes per source that tokenizes on the fly (0: in-process).
-      Prepared sources are read in the main process. Changing it never changes the batches.
-    prefetch: batches built ahead in a background thread (0: built on demand).
-    tokenizer: HF tokenizer folder; default: the model's.
-    invalid_utf8: "fail" stops with the file and line; "skip" drops the document and counts it.
-    """
-
-    sources: tuple[SourceConfig, ...]
-    stages: tuple[StageConfig, ...] = ()
-    eval_sets: tuple[EvalSetConfig, ...] = ()
-    seed: int = 0
-    num_workers: int = 0
-    prefetch: int = 2
-    tokenizer: UserPath | None = None
-    invalid_utf8: Literal["fail", "skip"] = "fail"
+    sources: tuple[SourceConfig, ...]  # what training reads, mixed by weight
+    stages: tuple[StageConfig, ...] = ()  # new weights from given steps on (e.g. more replay later)
+    eval_sets: tuple[EvalSetConfig, ...] = ()  # held-out sets: adaptation and forgetting
+    seed: int = 0  # fixes the whole stream: every source's document order in every epoch
+    num_workers: int = 0  # Grain tokenizer processes per source (0: in-process); batches never change
+    prefetch: int = 2  # batches built ahead in a background thread (0: on demand)
+    tokenizer: UserPath | None = None  # HF tokenizer folder (default: the model's)
+    invalid_utf8: Literal["fail", "skip"] = "fail"  # a document that is not UTF-8: stop naming it, or skip it
 
     def __post_init__(self):
         for name in ("sources", "stages", "eval_sets"):
