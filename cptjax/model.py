@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cptjax.kv_cache import KVCache, LayerCache
 from cptjax.model_config import ModelConfig, rope_inverse_frequencies
 from cptjax.sharding import constrain
 
@@ -171,6 +172,26 @@ class Llama(nnx.Module):
         x, _ = jax.lax.scan(step, x, self.layers.arrays())
         return _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
 
+    def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Generation: runs new `tokens` [B, L] at `positions` [B, L] through the layers, attending
+        over `cache` and their own keys (kv_cache.py); returns the float32 logits of each row's last
+        token [B, V] and the cache with the new tokens added."""
+        cfg = self.config
+        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        block = _Block(cfg, dtype=self.dtype, attention=self.attention)
+
+        def step(x, layer):
+            weights, keys, values = layer
+            return block(x, weights, cos, sin, None,
+                         LayerCache(keys, values, cache.positions, positions, cfg.sliding_window))
+
+        x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
+                                                                     cache.values))
+        last = _rms_norm(x[:, -1], self.norm[...], cfg.rms_norm_eps)  # [B, D]
+        head = self.embed_tokens[...] if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("BD,VD->BV", last, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Block:
@@ -180,7 +201,8 @@ class _Block:
     dtype: Any = jnp.float32
     attention: str = "auto"
 
-    def __call__(self, x, w, cos, sin, mask):
+    def __call__(self, x, w, cos, sin, mask, cache: LayerCache | None = None):
+        """x [B, L, D] -> [B, L, D]; with a `cache` (generation), (x, the layer's keys and values)."""
         cfg, dt = self.cfg, self.dtype
         h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
         q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
@@ -197,10 +219,13 @@ class _Block:
                       ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = constrain(_apply_rope(k, cos, sin),
                       ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-        window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-        attn = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, local_window_size=window,
-            implementation=_attention_backend(self.attention, dt))  # [B, L, N, H]
+        if cache is None:
+            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+            attn = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, local_window_size=window,
+                implementation=_attention_backend(self.attention, dt))  # [B, L, N, H]
+        else:  # generation: the cached keys too, masked by position (kv_cache.py)
+            attn, cache = cache.attend(q, k, v)
         out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))
         if cfg.o_bias:
             out = out + w["o_proj_bias"].astype(dt)
@@ -216,7 +241,8 @@ class _Block:
         down = jnp.einsum("BLF,DF->BLD", act, w["down_proj"].astype(dt))
         if cfg.mlp_bias:
             down = down + w["down_proj_bias"].astype(dt)
-        return constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
+        x = constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
+        return x if cache is None else (x, cache)
 
 
 def _attention_backend(choice: str, dtype) -> str:

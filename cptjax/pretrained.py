@@ -11,7 +11,7 @@ from cptjax.dtypes import float_dtype
 from cptjax.model import Llama, model_from_params
 from cptjax.model_config import ModelConfig
 from cptjax.paths import PathLike
-from cptjax.weights import open_weights
+from cptjax.weights import Weights, open_weights
 
 
 class PretrainedModel:
@@ -47,7 +47,13 @@ def load_model(path: PathLike, dtype: str = "float32", step: int | None = None,
     `dtype` sets both the parameter and compute dtype; `step` picks a checkpoint step (latest
     by default). Extra keyword arguments go to `Llama` (remat, attention).
     """
-    target = float_dtype(dtype, "dtype")
     with open_weights(path, step, flag="path", step_flag="step") as weights:
-        config, params = weights.config, params_to_dtype(weights.read(), target)
-    return PretrainedModel(config, model_from_params(config, params, dtype=target, **model_kwargs))
+        return model_from_weights(weights, dtype, **model_kwargs)
+
+
+def model_from_weights(weights: Weights, dtype: str = "float32", **model_kwargs) -> PretrainedModel:
+    """The model of opened weights, parameters and compute in `dtype` (a name of cptjax.dtypes)."""
+    target = float_dtype(dtype, "dtype")
+    params = params_to_dtype(weights.read(), target)
+    return PretrainedModel(weights.config, model_from_params(weights.config, params, dtype=target,
+                                                             **model_kwargs))

@@ -132,3 +132,13 @@ def open_weights(path: PathLike, step: int | None = None, *, flag: str = "--mode
         return Weights("hf", folder, read_hf_config(folder))
     reader = CheckpointReader(folder, step, flag=flag, step_flag=step_flag)
     return Weights("checkpoint", folder, reader.config, reader)
+
+
+def split_step(text: str, flag: str = "--model") -> tuple[epath.Path, int | None]:
+    """A model argument as users write it: PATH, or PATH@STEP for one step of a cptjax checkpoint
+    (a path that exists as written, '@' included, is taken as the path)."""
+    path = user_path(text, flag)
+    head, sep, step = text.rpartition("@")
+    if sep and head and step.isdigit() and not path.exists():
+        return user_path(head, flag), int(step)
+    return path, None

@@ -121,6 +121,15 @@ class DocumentTokenizer:
         return [self._wrap(e.ids) if text else np.zeros(0, np.int32)
                 for text, e in zip(texts, encodings)]
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A prompt's int32 ids for generation: BOS (when the family adds one) + the text, no EOS."""
+        ids = self._backend().encode(text, add_special_tokens=False).ids
+        return np.asarray(([] if self.spec.bos_id is None else [self.spec.bos_id]) + ids, np.int32)
+
+    def decode(self, ids) -> str:
+        """Token ids -> text, special tokens (BOS, EOS) left out."""
+        return self._backend().decode([int(i) for i in ids], skip_special_tokens=True)
+
     def encode_with_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids, bytes per token): the UTF-8 bytes of `text` each token covers; BOS/EOS cover 0.
 
