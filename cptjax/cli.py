@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="load the export with transformers (needs torch) and report the logit difference")
     from cptjax.data.cli import add_data_commands
     add_data_commands(commands)
+    from cptjax.measure_cli import add_measure_commands
+    add_measure_commands(commands)
     return parser
 
 
@@ -88,6 +90,9 @@ def _run(args) -> None:
     elif args.command == "data":
         from cptjax.data.cli import run_data_command
         run_data_command(args)
+    elif args.command in ("eval", "report", "generate", "merge"):
+        from cptjax.measure_cli import run_measure_command
+        run_measure_command(args)
     elif args.direction == "hf-to-orbax":
         from cptjax.convert import hf_to_orbax
         out = hf_to_orbax(args.hf_dir, args.out)

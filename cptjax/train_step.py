@@ -29,8 +29,8 @@ from cptjax.dtypes import float_dtype
 from cptjax.model import abstract_model
 from cptjax.optimizer import build_optimizer
 from cptjax.schedules import make_schedule
-from cptjax.sharding import (batch_sharding, make_mesh, optimizer_state_shardings, param_shardings,
-                             with_activation_sharding)
+from cptjax.sharding import (MeshConfig, batch_sharding, make_mesh, optimizer_state_shardings,
+                             param_shardings, with_activation_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +151,12 @@ class TrainSetup:
 
     def to_global(self, batch: dict) -> dict:
         """This process's rows of a batch -> global arrays on the mesh (the training keys only)."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
-                for k in BATCH_KEYS}
+        return batch_to_global(self.batch_sharding, batch)
+
+
+def batch_to_global(sharding: jax.sharding.NamedSharding, batch: dict) -> dict:
+    """This process's rows of a batch -> global arrays laid out by `sharding` (the training keys)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
 
 
 def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
@@ -184,9 +188,41 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
             config=step_config), mesh, rules),
         in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, None),
         donate_argnums=0)
-    eval_fn = jax.jit(
+    eval_fn = _jit_eval_step(graphdef, step_config, mesh, rules, p_shardings, b_sharding)
+    return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
+                      b_sharding, step_fn, eval_fn)
+
+
+def _jit_eval_step(graphdef, step_config: StepConfig, mesh, rules, p_shardings, b_sharding):
+    return jax.jit(
         with_activation_sharding(functools.partial(eval_step, graphdef=graphdef, config=step_config),
                                  mesh, rules),
         in_shardings=(p_shardings, b_sharding))
-    return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
-                      b_sharding, step_fn, eval_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetup:
+    """A model's eval step on a mesh, outside a training run (`cptjax eval`, merge sweeps):
+    `eval_fn(params, batch) -> sums`, the trainer's own eval step jitted the same way."""
+
+    mesh: jax.sharding.Mesh
+    abstract_params: dict  # ShapeDtypeStructs carrying their shardings
+    batch_sharding: jax.sharding.NamedSharding
+    eval_fn: Any
+
+    def to_global(self, batch: dict) -> dict:
+        return batch_to_global(self.batch_sharding, batch)
+
+
+def build_eval_setup(model_config, dtype, mesh_config: MeshConfig = MeshConfig(), devices=None) -> EvalSetup:
+    """The eval step of `model_config` with parameters and compute in `dtype`, on a mesh of
+    `devices` (all by default) laid out by `mesh_config`; allocates nothing."""
+    mesh, rules = make_mesh(mesh_config, devices), mesh_config.rules
+    abstract = abstract_model(model_config, param_dtype=dtype, dtype=dtype)
+    p_shardings = param_shardings(abstract, mesh, rules)
+    abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                   nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
+    b_sharding = batch_sharding(mesh, rules)
+    eval_fn = _jit_eval_step(nnx.graphdef(abstract), StepConfig(num_sources=1), mesh, rules, p_shardings,
+                             b_sharding)
+    return EvalSetup(mesh, abstract_params, b_sharding, eval_fn)

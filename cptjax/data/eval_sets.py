@@ -15,9 +15,11 @@ never a target). So bits per byte = sum(loss_mask * nll_nats) / ln(2) / sum(num_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from cptjax.data.config import DataConfig
+from cptjax.data.config import DataConfig, EvalSetConfig
 from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
 from cptjax.data.read import open_source
 from cptjax.data.sources import InvalidUtf8
@@ -29,13 +31,24 @@ def build_eval_sets(config: DataConfig, tokenizer, *, seq_len: int, batch_size: 
                     process_index: int, process_count: int) -> dict[str, list[dict]]:
     """{eval set name: [batch, ...]}, this process's rows of each batch; `tokenizer` as for
     `build_train_pipeline`."""
-    rows = rows_per_process(batch_size, process_index, process_count)
+    rows_per_process(batch_size, process_index, process_count)
     if not config.eval_sets:
         return {}
     tokenizer = DocumentTokenizer(load_data_tokenizer(config.tokenizer, tokenizer))
+    keys = [f"data.eval_sets[{i}]" for i in range(len(config.eval_sets))]
+    return pack_eval_sets(config.eval_sets, keys, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                          process_index=process_index, process_count=process_count,
+                          invalid_utf8=config.invalid_utf8)
+
+
+def pack_eval_sets(eval_sets: Sequence[EvalSetConfig], keys: Sequence[str], tokenizer: DocumentTokenizer,
+                   *, seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1,
+                   invalid_utf8: str = "fail") -> dict[str, list[dict]]:
+    """The batches of each eval set; `keys` name the sets in messages ("data.eval_sets[0]", or the
+    `cptjax eval` flag that gave it)."""
+    rows = rows_per_process(batch_size, process_index, process_count)
     sets = {}
-    for index, eval_config in enumerate(config.eval_sets):
-        key = f"data.eval_sets[{index}]"
+    for index, (eval_config, key) in enumerate(zip(eval_sets, keys, strict=True)):
         if eval_config.type == "prepared":
             raise CptjaxError(f"{key}.type: eval sets need the text (to count bytes); give the "
                               "raw files, not a prepared folder")
@@ -47,7 +60,7 @@ def build_eval_sets(config: DataConfig, tokenizer, *, seq_len: int, batch_size: 
                 try:
                     text = source[i]
                 except InvalidUtf8:
-                    if config.invalid_utf8 == "skip":
+                    if invalid_utf8 == "skip":
                         continue
                     raise
                 if text:
