@@ -48,7 +48,7 @@ DEFAULT_BATCH_SIZE = 8
 
 
 def parse_eval_spec(text: str, flag: str = "--data") -> EvalSetConfig:
-    """NAME=TYPE:PATHS or NAME={yaml mapping} -> an eval set entry; paths made absolute."""
+    """NAME=TYPE:PATHS or NAME={yaml mapping} -> an eval set entry (local paths made absolute)."""
     name, sep, spec = text.partition("=")
     name, spec = name.strip(), spec.strip()
     if not sep or not name or not spec:
@@ -92,11 +92,8 @@ def eval_sets_from_file(path: str) -> tuple[list[EvalSetConfig], dict]:
 
 
 def _eval_set(entry: dict, key: str) -> EvalSetConfig:
-    config = from_dict(EvalSetConfig, entry, key)
+    config = from_dict(EvalSetConfig, entry, key)  # local paths made absolute here
     config.validate(key)
-    if config.type != "tfds":
-        paths = tuple(str(user_path(p, f"{key}.paths")) for p in config.paths)
-        config = dataclasses.replace(config, paths=paths)
     return config
 
 
