@@ -14,6 +14,7 @@ from cptjax.errors import CptjaxError
 from cptjax.hf.verify import torch_available, verify_export
 from cptjax.hf.write import copy_assets, parse_size, write_hf_dir
 from cptjax.model import model_from_params
+from cptjax.model_card import CARD, write_model_card
 from cptjax.paths import PathLike, is_remote
 from cptjax.pretrained import PretrainedModel, params_to_dtype
 from cptjax.progress import progress_bar
@@ -62,6 +63,8 @@ def orbax_to_hf(ckpt: PathLike, out: PathLike, step: int | None = None, dtype: s
             files = write_hf_dir(tmp, weights.config, weights.read_one, dtype=target,
                                  max_shard_size=max_shard_size, assets_dir=weights.assets_dir,
                                  progress=progress_bar("writing safetensors"))
+            if write_model_card(tmp, weights.path, weights.step, weights.config.hf_architecture):
+                files.append(CARD)
         diff = None
         if verify:
             # The reference is cptjax on the exported (rounded) weights, computed in float32.
