@@ -218,7 +218,7 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
         for text, label in zip(models, labels):
             path, step = split_step(text)
             opened.append(open_weights(path, step, flag="--model"))
-            check_vocabulary(opened[0].config, opened[-1].config, (labels[0], label))
+            check_vocabulary(opened[0].config, opened[-1].config, (f"--model {labels[0]}", f"--model {label}"))
         check_tokenizers(opened, labels)
         folder = user_path(tokenizer, "--tokenizer") if tokenizer else next(
             (w.tokenizer_dir for w in opened if w.tokenizer_dir is not None), None)

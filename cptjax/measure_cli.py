@@ -18,7 +18,7 @@ _DATA_HELP = ("a held-out set NAME=SPEC: SPEC is TYPE:PATHS (code=text:'heldout/
               "(code='{type: jsonl, paths: [h.jsonl], max_docs: 200}'); repeatable")
 
 
-def _add_eval_data(parser, flag: str) -> None:
+def _add_eval_data(parser, flag: str, dtype: bool = True) -> None:
     parser.add_argument(flag, dest="data", action="append", default=[], metavar="NAME=SPEC", help=_DATA_HELP)
     parser.add_argument("--data-config", metavar="FILE", help="a YAML file with an eval_sets list (a run's "
                         "config.yaml works: its seq_len and batch size become the defaults)")
@@ -28,8 +28,9 @@ def _add_eval_data(parser, flag: str) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per row (default: the run's, else "
                         "min(2048, max_position_embeddings))")
     parser.add_argument("--batch-size", type=int, help="rows per batch (default: the run's, else 8)")
-    parser.add_argument("--dtype", default="float32", choices=FLOAT_NAMES,
-                        help="parameters and compute (default float32)")
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=FLOAT_NAMES,
+                            help="parameters and compute (default float32)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the models' own)")
 
 
@@ -40,6 +41,31 @@ def add_measure_commands(commands) -> None:
     ev.add_argument("--model", action="append", default=[], required=True, help=_MODEL_HELP + "; repeatable")
     _add_eval_data(ev, "--data")
     ev.add_argument("--out", help="new folder for eval.json and eval.md (default: print only)")
+
+    rep = commands.add_parser("report", help="a training run's Markdown report with PNG plots")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="the run_dir of a cptjax train run")
+    rep.add_argument("--out", help="new folder for the report (default: RUN_DIR/report-step<N>)")
+    rep.add_argument("--domain", action="append", default=[], metavar="NAME",
+                     help="an eval set that measures adaptation (repeatable; default: the first set)")
+
+    mg = commands.add_parser("merge", help="interpolate a tuned model back toward its base; with --eval, "
+                             "a sweep over alphas that picks the best within a forgetting tolerance")
+    mg.add_argument("--base", required=True, help=_MODEL_HELP)
+    mg.add_argument("--tuned", required=True, help=_MODEL_HELP)
+    mg.add_argument("--alpha", required=True, help="the tuned model's weight in [0, 1] (0: the base); with "
+                    "--eval, a comma-separated list such as 0,0.25,0.5,0.75,1")
+    mg.add_argument("--out", required=True, help="new folder: the merged weights, or with --eval the sweep's "
+                    "sweep.json, sweep.md and sweep.png")
+    mg.add_argument("--method", default="linear", choices=["linear", "slerp"])
+    mg.add_argument("--format", default="checkpoint", choices=["checkpoint", "hf"],
+                    help="of the merged weights (default: a cptjax checkpoint)")
+    mg.add_argument("--dtype", choices=FLOAT_NAMES, help="the merged weights' dtype (default: the models' "
+                    "stored one); with --eval, the evaluation's (default float32)")
+    mg.add_argument("--max-shard-size", default="5GB", help="with --format hf (default 5GB)")
+    _add_eval_data(mg, "--eval", dtype=False)
+    mg.add_argument("--max-forgetting", type=float, default=0.05, metavar="NATS",
+                    help="the largest general-set loss rise over the base a sweep accepts (default 0.05 "
+                    "nats/token)")
 
     gen = commands.add_parser("generate", help="sample text from a model (greedy by default)")
     gen.add_argument("--model", required=True, help=_MODEL_HELP)
@@ -57,6 +83,12 @@ def run_measure_command(args: argparse.Namespace) -> None:
         _eval(args)
     elif args.command == "generate":
         _generate(args)
+    elif args.command == "merge":
+        _merge(args)
+    elif args.command == "report":
+        from cptjax.report import write_report
+        report = write_report(args.run_dir, args.out, tuple(args.domain))
+        print(f"wrote {report.out}/report.md with {len(report.figures)} plots")
 
 
 def _eval_inputs(args) -> tuple[list, dict]:
@@ -100,16 +132,28 @@ def _generate(args) -> None:
     print(f"[{result.model}: {result.new_tokens} new tokens, {how}, stopped at {end}]")
 
 
-def check_alpha_list(text: str) -> list[float]:
-    """'0,0.25,1' -> [0.0, 0.25, 1.0], each in [0, 1]."""
-    try:
-        alphas = [float(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise CptjaxError(f"--alpha {text!r}: expected a number or a comma-separated list such as "
-                          "0,0.25,0.5,0.75,1") from None
-    if not alphas:
-        raise CptjaxError("--alpha: give a number in [0, 1]")
-    for alpha in alphas:
-        if not 0 <= alpha <= 1:
-            raise CptjaxError(f"--alpha {alpha:g}: must be in [0, 1] (0: the base, 1: the tuned model)")
-    return alphas
+def _merge(args) -> None:
+    from cptjax.atomic_dir import check_output_dir
+    from cptjax.merge import parse_alphas
+
+    alphas = parse_alphas(args.alpha)
+    check_output_dir(args.out)
+    if not args.data and not args.data_config:
+        if len(alphas) != 1:
+            raise CptjaxError(f"--alpha {args.alpha}: several alphas need --eval NAME=SPEC (a sweep); give "
+                              "one alpha to write a merge")
+        from cptjax.merge import write_merge
+        out = write_merge(args.base, args.tuned, alphas[0], args.out, method=args.method, fmt=args.format,
+                          dtype=args.dtype, max_shard_size=args.max_shard_size)
+        print(f"wrote the {args.method} merge at alpha {alphas[0]:g} ({args.format}) to {out}")
+        return
+    from cptjax.merge_sweep import sweep
+    sets, sizes = _eval_inputs(args)
+    numbers = sweep(args.base, args.tuned, alphas, sets, args.out, method=args.method, domain=args.domain,
+                    max_forgetting=args.max_forgetting, dtype=args.dtype or "float32",
+                    tokenizer=args.tokenizer, **sizes)
+    best = numbers["best"]
+    print(f"wrote {numbers['out']}/sweep.md, sweep.json and sweep.png; " + (
+        f"best alpha {best['alpha']:g}: adaptation {best['adaptation']:+.4f}, forgetting "
+        f"{best['forgetting']:+.4f} nats/token (tolerance {numbers['max_forgetting']:g})" if best else
+        f"no alpha keeps forgetting within {numbers['max_forgetting']:g} nats/token"))
