@@ -7,10 +7,12 @@
    10% English replay, re-warming to 10% of the base's peak learning rate, and evaluates held-out
    code (adaptation) and held-out English (forgetting) as it goes.
 4. Exports the adapted model back to Hugging Face format (checked with transformers when torch is
-   installed) and prints the before/after table.
+   installed; its model card README.md says how it was trained).
+5. Writes the run's report (`cptjax report`: the before/after table, curves in PNG) and ends it
+   with the same code prompt continued by the base and by the adapted model.
 
 Everything lands in one work folder: each run's config.yaml, logs/metrics.jsonl,
-logs/tensorboard/ and checkpoints/, and the HF folders base_hf/ and cpt_hf/.
+logs/tensorboard/ and checkpoints/, the HF folders base_hf/ and cpt_hf/, and report/.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ DEMO_MODEL = {
 }
 CODE_HELDOUT = ("json/*.py",)  # a package; training uses the top-level modules only
 BASE_PEAK_LR = 3e-3
+CODE_PROMPT = "import os\nimport sys\n\n\ndef main("
+# Greedy decoding of a model this small repeats itself; a fixed seed keeps the samples reproducible.
+SAMPLING_NOTE = "40 new tokens, temperature 0.7, top-p 0.95, seed 0"
 
 
 def find_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -147,6 +152,7 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
              base_steps: int = 200, cpt_steps: int = 100, echo=print) -> dict:
     """Runs the four stages in `workdir` (a new temporary folder by default); returns the results."""
     from cptjax.convert import orbax_to_hf
+    from cptjax.evaluation import comparison_table
     from cptjax.hf.verify import torch_available
     from cptjax.train_config import config_from_dict
     from cptjax.trainer import run
@@ -191,5 +197,26 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
     echo(f"4. exported the adapted model to Hugging Face format: {export.out} ({check})")
     echo(f"   logs: {workdir / 'cpt_run' / 'logs'} (metrics.jsonl, tensorboard/); "
          f"checkpoints: {workdir / 'cpt_run' / 'checkpoints'}")
-    return {"workdir": str(workdir), "before": before, "after": after,
+    report, samples = _report(workdir, base_hf, export.out)
+    echo(f"5. the run's report: {report.out / 'report.md'}, its curves: {report.out / 'overview.png'}")
+    for line in comparison_table(report.numbers["before_after"]["rows"], "before", "after").splitlines():
+        echo(f"   {line}")
+    echo(f"   the same code prompt continued by each model ({SAMPLING_NOTE}):")
+    for label, sample in samples.items():
+        echo(f"   {label}: {sample.prompt + sample.text!r}")
+    return {"workdir": str(workdir), "before": before, "after": after, "report": str(report.out),
+            "samples": {label: s.text for label, s in samples.items()},
             "transformers_logit_diff": export.max_logit_diff, "cpt_steps": cpt.final_step}
+
+
+def _report(workdir: Path, base_hf, cpt_hf):
+    """The CPT run's report, ending with a generation from the same code prompt before and after."""
+    from cptjax.generate import Generator, Sampling
+    from cptjax.report import write_report
+
+    sampling = Sampling(max_new_tokens=40, temperature=0.7, top_p=0.95, seed=0)
+    samples = {label: Generator(path).generate(CODE_PROMPT, sampling)
+               for label, path in (("base model", base_hf), ("after CPT", cpt_hf))}
+    extra = [f"## Generation before and after\n\nThe prompt continued by each model ({SAMPLING_NOTE}):\n"]
+    extra += [f"{label} (`{s.model}`):\n\n```\n{s.prompt + s.text}\n```\n" for label, s in samples.items()]
+    return write_report(workdir / "cpt_run", workdir / "report", extra="\n".join(extra)), samples

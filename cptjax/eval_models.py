@@ -217,7 +217,7 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
     try:
         for text, label in zip(models, labels):
             path, step = split_step(text)
-            opened.append(open_weights(path, step, flag="--model"))
+            opened.append(open_weights(path, step, flag="--model", step_flag="--model PATH@STEP"))
             check_vocabulary(opened[0].config, opened[-1].config, (f"--model {labels[0]}", f"--model {label}"))
         check_tokenizers(opened, labels)
         folder = user_path(tokenizer, "--tokenizer") if tokenizer else next(

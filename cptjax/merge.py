@@ -134,7 +134,7 @@ def open_pair(base: str, tuned: str, dtype: str | None = None) -> MergePair:
     try:
         for text, flag in ((base, "--base"), (tuned, "--tuned")):
             path, step = split_step(text, flag)
-            opened.append(open_weights(path, step, flag=flag))
+            opened.append(open_weights(path, step, flag=flag, step_flag=f"{flag} PATH@STEP"))
         check_same_architecture(*opened)
         check_tokenizers(opened, ("--base", "--tuned"))
         stored = {np.dtype(opened[0].read_one(("norm",)).dtype), np.dtype(opened[1].read_one(("norm",)).dtype)}

@@ -33,12 +33,13 @@ def draw_training_loss(ax: Axes, run: RunLog) -> None:
         if points:
             ax.plot(*zip(*points), color=_color(i), lw=1, alpha=0.85, label=f"source: {name}")
     ax.set(title="Training loss (each logged step's batch)", xlabel="step", ylabel=LOSS)
-    ax.legend(fontsize=8)
+    _legend(ax)
 
 
 def draw_heldout(ax: Axes, run: RunLog, domain: tuple[str, ...], change: bool = False) -> None:
     """Held-out loss per set over steps (or its change from step 0), the base's value marked."""
     base = run.base_eval()
+    drawn = False
     for i, name in enumerate(run.eval_names):
         points = [(r["step"], r[name]["loss"]) for r in run.evals if name in r]
         reference = base[name]["loss"] if base and name in base else None
@@ -48,16 +49,19 @@ def draw_heldout(ax: Axes, run: RunLog, domain: tuple[str, ...], change: bool = 
             points = [(s, v - reference) for s, v in points]
         role = "domain (adaptation)" if name in domain else "general (forgetting)"
         ax.plot(*zip(*points), color=_color(i), marker="o", ms=4, lw=1.5, label=f"{name}: {role}")
+        drawn = True
         if reference is not None and not change:
             ax.axhline(reference, color=_color(i), ls="--", lw=0.9)
             ax.plot([0], [reference], color=_color(i), marker="*", ms=13, ls="none")
     if change:
-        ax.axhline(0.0, color="black", lw=0.9, label="the base (step 0)")
+        if drawn:
+            ax.axhline(0.0, color="black", lw=0.9, label="the base (step 0)")
         ax.set(title="Held-out loss change from the base (step 0)", xlabel="step",
                ylabel="loss - base loss (nats/token)\nbelow 0: better than the base")
     else:
         ax.set(title="Held-out loss (star, dashed: the base at step 0)", xlabel="step", ylabel=LOSS)
-    ax.legend(fontsize=8)
+    _legend(ax, "no held-out evaluation (with a step-0 base) in the logs" if change else
+            "no held-out evaluation in the logs")
 
 
 def draw_learning_rate(ax: Axes, run: RunLog) -> None:
@@ -72,7 +76,7 @@ def draw_learning_rate(ax: Axes, run: RunLog) -> None:
         ax.axvline(start - 0.5, color="gray", ls=":", lw=1, label="new data stage" if k == 0 else None)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax.set(title=f"Learning rate ({run.config.schedule.kind} schedule)", xlabel="step", ylabel="learning rate")
-    ax.legend(fontsize=8)
+    _legend(ax)
 
 
 def draw_source_shares(ax: Axes, run: RunLog) -> None:
@@ -100,14 +104,14 @@ def draw_source_shares(ax: Axes, run: RunLog) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.set(title="Source mixture: share of target tokens per logging window", xlabel="step",
            ylabel="share of tokens")
-    ax.legend(fontsize=8)
+    _legend(ax)
 
 
 def draw_throughput(ax: Axes, run: RunLog) -> None:
     points = [(r["step"], r["tokens_per_s"]) for r in run.train if "tokens_per_s" in r]
     if points:
         ax.plot(*zip(*points), color="tab:green", marker=".", lw=1, label="tokens/s (batch x seq_len)")
-        ax.legend(fontsize=8)
+    _legend(ax)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_ylim(bottom=0)
     ax.set(title="Training throughput (eval and save time excluded)", xlabel="step", ylabel="tokens per second")
@@ -151,7 +155,7 @@ def save_sweep_figure(sweep: dict, out: epath.Path) -> str:
         left.axvline(best["alpha"], color="black", ls=":", label=f"best alpha {best['alpha']:g}")
     left.set(title="Held-out loss of the merge (dashed: the base)",
              xlabel="alpha (0: base, 1: tuned)", ylabel=LOSS)
-    left.legend(fontsize=8)
+    _legend(left)
 
     xs = [p["forgetting"] for p in sweep["points"]]
     ys = [p["adaptation"] for p in sweep["points"]]
@@ -169,8 +173,16 @@ def save_sweep_figure(sweep: dict, out: epath.Path) -> str:
     right.set(title=f"Adaptation against forgetting ({sweep['method']} merges, labelled by alpha)",
               xlabel="forgetting: worst general-set loss rise over the base (nats/token)",
               ylabel="adaptation: domain loss drop from the base (nats/token)")
-    right.legend(fontsize=8)
+    _legend(right)
     return _save(fig, out, "sweep.png")
+
+
+def _legend(ax: Axes, empty: str = "nothing logged for this plot yet") -> None:
+    """A legend, or the note `empty` when the panel has nothing to show."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", color="gray")
 
 
 def _save(fig: Figure, out: epath.Path, name: str, dpi: int = 110) -> str:

@@ -30,6 +30,19 @@ def test_cpt_demo_adapts_and_leaves_everything_where_the_readme_says(tmp_path, c
         assert (tmp_path / "demo" / "cpt_hf" / name).is_file(), name
     assert any("adaptation" in line for line in lines) and any("forgetting" in line for line in lines)
 
+    # It ends with the run's report: the table, the curves, and the same prompt before and after.
+    report = tmp_path / "demo" / "report"
+    assert result["report"] == str(report)
+    markdown = (report / "report.md").read_text()
+    assert f"| code | domain | {before['code']['loss']:.4f} | {after['code']['loss']:.4f} |" in markdown
+    assert (report / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = result["samples"]
+    assert set(samples) == {"base model", "after CPT"} and all(samples.values())
+    assert all(text in markdown for text in samples.values())
+    assert any(line.startswith("   | code | domain |") for line in lines)
+    card = (tmp_path / "demo" / "cpt_hf" / "README.md").read_text()  # the export's model card
+    assert "continued from" in card and "english_replay" in card
+
     # `cptjax convert orbax-to-hf` reads a training run's checkpoints at any kept step.
     capsys.readouterr()
     assert main(["convert", "orbax-to-hf", "--ckpt", str(run / "checkpoints"), "--step", "12",

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 import hf_models
 import tiny_configs
 from cptjax.cli import main
-from cptjax.train_config import config_from_dict
+from cptjax.schedules import make_schedule
+from cptjax.train_config import config_from_dict, load_config
 from cptjax.trainer import run
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
@@ -92,6 +93,10 @@ def test_report_numbers_match_the_logs_and_plots_are_images(run_dir, capsys):
     markdown = (out / "report.md").read_text()
     _check_before_after(markdown, evals[0], evals[-1])
     _check_mixture(markdown, train, STEPS)
+    # The learning-rate plot draws the schedule at step - 1 for step N: the trainer's convention.
+    schedule = make_schedule(load_config(run_dir / "config.yaml").schedule)
+    for record in train:
+        assert record["learning_rate"] == pytest.approx(float(schedule(record["step"] - 1)), rel=1e-6)
     numbers = json.loads((out / "report.json").read_text())
     rows = {r["set"]: r for r in numbers["before_after"]["rows"]}
     assert rows["code"]["loss_before"] == evals[0]["code"]["loss"]  # exact: straight from the log
@@ -125,6 +130,11 @@ def test_a_resumed_run_logs_steps_again_and_the_later_records_count(run_dir, tmp
     after = json.loads(json.dumps(evals[-1]))
     after["code"]["loss"] += 0.5
     _check_before_after((tmp_path / "report" / "report.md").read_text(), evals[0], after)
+
+    # Without evaluations (eval_sets left out) the report says so, and still draws the rest.
+    metrics.write_text("\n".join(line for line in lines if '"kind": "train"' in line) + "\n")
+    assert main(["report", str(copy), "--out", str(tmp_path / "no_evals")]) == 0
+    assert "No before/after table" in (tmp_path / "no_evals" / "report.md").read_text()
 
 
 @pytest.mark.slow
