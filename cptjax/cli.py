@@ -7,8 +7,6 @@ import logging
 import sys
 
 from cptjax.errors import CptjaxError
-from cptjax.measure_cli import COMMANDS as MEASURE_COMMANDS
-from cptjax.measure_cli import add_measure_commands, run_measure_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="load the export with transformers (needs torch) and report the logit difference")
     from cptjax.data.cli import add_data_commands
     add_data_commands(commands)
+    from cptjax.measure_cli import add_measure_commands
     add_measure_commands(commands)
     return parser
 
@@ -91,7 +90,8 @@ def _run(args) -> None:
     elif args.command == "data":
         from cptjax.data.cli import run_data_command
         run_data_command(args)
-    elif args.command in MEASURE_COMMANDS:
+    elif getattr(args, "measure", False):  # eval, report, generate, merge
+        from cptjax.measure_cli import run_measure_command
         run_measure_command(args)
     elif args.direction == "hf-to-orbax":
         from cptjax.convert import hf_to_orbax

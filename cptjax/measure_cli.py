@@ -11,7 +11,6 @@ import argparse
 from cptjax.dtypes import FLOAT_NAMES
 from cptjax.errors import CptjaxError
 
-COMMANDS = ("eval", "report", "generate", "merge")
 _MODEL_HELP = "an HF folder or a cptjax checkpoint (or a run folder); PATH@STEP for one checkpoint step"
 _DATA_HELP = ("a held-out set NAME=SPEC: SPEC is TYPE:PATHS (code=text:'heldout/*.py', "
               "wiki=jsonl:heldout/wiki.jsonl) or a YAML mapping of the set's keys "
@@ -76,9 +75,12 @@ def add_measure_commands(commands) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=FLOAT_NAMES)
     gen.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
+    for parser in (ev, rep, mg, gen):
+        parser.set_defaults(measure=True)
 
 
 def run_measure_command(args: argparse.Namespace) -> None:
+    """Runs a command of `add_measure_commands` (they set `measure`)."""
     if args.command == "eval":
         _eval(args)
     elif args.command == "generate":
