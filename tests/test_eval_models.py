@@ -126,3 +126,25 @@ def test_bad_eval_specs_get_one_line(spec, expected, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--data", spec]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cptjax: error: ") and expected in err[0], err
+
+
+@pytest.mark.slow
+def test_bad_models_and_empty_sets_get_one_line_and_write_nothing(model_dirs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.py").write_text("")
+    (tmp_path / "not_a_model").mkdir()
+    cases = [
+        (["--model", str(tmp_path / "not_a_model"), "--data", CODE],
+         "neither an HF model folder (no config.json) nor a cptjax checkpoint"),
+        (["--model", str(model_dirs[0]), "--data", f"code=text:{tmp_path}/empty/*.py"],
+         "--data code: no documents with text"),
+        (["--model", str(model_dirs[0]), "--data", f"code=text:{tmp_path}/nowhere/*.py"], "--data code.paths"),
+        (["--model", f"{model_dirs[0]}@3", "--data", CODE], "is an HF folder, which has no steps"),
+        (["--model", str(model_dirs[0]), "--data", CODE, "--domain", "wiki"], "--domain wiki: no eval set"),
+    ]
+    for args, expected in cases:
+        capsys.readouterr()
+        assert main(["eval", *args, "--out", str(tmp_path / "out")]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cptjax: error: ") and expected in err[0], (args, err)
+        assert not (tmp_path / "out").exists()
