@@ -65,6 +65,21 @@ def _sums(graphdef, params, batch, config: StepConfig):
     }
 
 
+def summed_over_micro_batches(fn, batch: dict, accum: int):
+    """fn(batch) summed over `accum` equal slices of the batch's rows, one after the other (a
+    scan), so only one micro-batch's activations are alive at a time."""
+    if accum == 1:
+        return fn(batch)
+    micro_batches = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def add(carry, micro):
+        return jax.tree.map(jnp.add, carry, fn(micro)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro_batches)))
+    total, _ = jax.lax.scan(add, zeros, micro_batches)
+    return total
+
+
 def loss_and_grads(graphdef, params, batch, config: StepConfig):
     """Mean loss over the batch's target tokens and its gradient, accumulated over micro-batches."""
     def objective(p, micro):
@@ -72,19 +87,8 @@ def loss_and_grads(graphdef, params, batch, config: StepConfig):
         return sums["nll"] + config.z_loss * sums["z"], sums
 
     grad_fn = jax.grad(objective, has_aux=True)
-    accum = config.grad_accum_steps
-    if accum == 1:
-        grads, sums = grad_fn(params, batch)
-    else:
-        micro_batches = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-
-        def add(carry, micro):
-            grads, sums = grad_fn(params, micro)
-            return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0],
-                                                                                           micro_batches)))
-        (grads, sums), _ = jax.lax.scan(add, zeros, micro_batches)
+    grads, sums = summed_over_micro_batches(lambda micro: grad_fn(params, micro), batch,
+                                            config.grad_accum_steps)
     count = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     return sums["nll"] / count, grads, sums
@@ -128,9 +132,12 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
 
 
 def eval_step(params: dict, batch: dict, *, graphdef, config: StepConfig) -> dict[str, jax.Array]:
-    """Token sums for held-out evaluation (loss, perplexity and bits per byte are ratios of these)."""
-    sums = _sums(graphdef, params, batch, config)
-    return {"nll": sums["nll"], "tokens": sums["tokens"]}
+    """Token sums for held-out evaluation (loss, perplexity and bits per byte are ratios of these),
+    in the training step's micro-batches: evaluation never needs more memory than training."""
+    def sums(micro):
+        out = _sums(graphdef, params, micro, config)
+        return {"nll": out["nll"], "tokens": out["tokens"]}
+    return summed_over_micro_batches(sums, batch, config.grad_accum_steps)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
         initialize(config.distributed)
         preemption.after_initialize()
         plan = plan_start(config)
+        built = None  # the pipeline this call built: its Grain worker processes stop with the run
         try:
             check_environment(config, plan.model_config)
             spec = None
@@ -89,7 +90,8 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
                 check_vocabulary(spec, plan.model_config)
             shape = dict(seq_len=config.training.seq_len, batch_size=config.training.batch_size,
                          process_index=jax.process_index(), process_count=jax.process_count())
-            data = data if data is not None else build_train_pipeline(config.data, spec, **shape)
+            if data is None:
+                data = built = build_train_pipeline(config.data, spec, **shape)
             eval_sets = eval_sets if eval_sets is not None else build_eval_sets(config.data, spec, **shape)
             setup = build_setup(config, plan.model_config, num_sources=len(data.source_names))
             state = initial_state(plan, config, setup, data)
@@ -102,6 +104,8 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             return _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption)
         finally:
             plan.close()
+            if built is not None:
+                built.close()
 
 
 def check_vocabulary(spec, model_config: ModelConfig) -> None:

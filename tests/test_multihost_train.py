@@ -3,9 +3,11 @@ the real data pipeline: each process reads its own share of a code + English mix
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -28,9 +30,9 @@ def _summary(err: str) -> str:
     return "\n".join(keep[-15:]) or err[-3000:]
 
 
-def _train_both(config_path, steps):
+def _start_both(config_path, steps):
     port = _free_port()
-    processes = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-m", "cptjax.cli", "train", "--config", str(config_path),
          "--set", f"training.steps={steps}", "--set", "distributed.mode=manual",
          "--set", f"distributed.coordinator_address=127.0.0.1:{port}",
@@ -38,14 +40,17 @@ def _train_both(config_path, steps):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"))
         for i in range(2)]
+
+
+def _train_both(config_path, steps):
+    processes = _start_both(config_path, steps)
     outputs = [p.communicate(timeout=420) for p in processes]
     for p, (out, err) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, _summary(err)
     return [out + err for out, err in outputs]
 
 
-@pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
+def _config(tmp_path, **changes):
     tokenizer = tokenizer_dir("llama")
     from tokenizers import Tokenizer
 
@@ -64,9 +69,15 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
         "eval": {"every": 100, "at_start": False},
         "logging": {"every": 1, "progress": "lines"},
     }
+    raw.update(changes)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw))
+    return config_path
 
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume(tmp_path):
+    config_path = _config(tmp_path)
     first = _train_both(config_path, 4)
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}, 2 devices" in first[0]  # only process 0 logs
     assert all("cptjax train: finished at step 4" in out for out in first)
@@ -82,3 +93,26 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "logs" / "metrics.jsonl")
               .read_text().splitlines() if '"train"' in line]
     assert logged == [1, 2, 3, 4, 5, 6]  # only process 0 logs, and nothing twice
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_it_saved(tmp_path):
+    """JAX's preemption service: one host preempted, every host saves the same step and exits 0,
+    with no per-step collective to agree on it."""
+    config_path = _config(tmp_path, checkpoint={"every": 100_000, "keep_last": 2})
+    processes = _start_both(config_path, 100_000)
+    metrics = tmp_path / "run" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train"') < 5):
+        assert all(p.poll() is None for p in processes), [p.communicate()[1][-2000:] for p in processes]
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (out, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, _summary(err)
+    assert all("cptjax train: stopped at step" in out for out, _ in outputs), outputs
+    stopped = {int(out.split("stopped at step ")[1].split()[0]) for out, _ in outputs}
+    assert len(stopped) == 1, outputs  # both at the same step
+    assert "SIGTERM at step" in outputs[0][1]  # process 0, which logs, says why
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == sorted(stopped)

@@ -1,0 +1,120 @@
+"""The README's commands, and the shipped configs' own commands, run as written, from a fresh user
+folder with the relative paths they use. The models and corpora they name are stand-ins put at
+those paths: a tiny model with Llama 3.2 1B's structure and context length, real text.
+
+Training commands run with `--until-step 1` added (a documented flag): their configs describe
+runs of thousands of steps at full size."""
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+from tokenizers import Tokenizer
+
+import hf_models
+import tiny_configs
+from data_helpers import STDLIB, corpus_files, tokenizer_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands(text: str, commented: bool = False) -> list[str]:
+    """`cptjax ...` lines of bash blocks (of a config header's comment when `commented`), joined
+    across backslash continuations, without trailing comments and [--optional] parts."""
+    joined = re.sub(r"\\\n#?\s*", " ", text)
+    found = []
+    for line in joined.splitlines():
+        line = re.sub(r"^#\s+", "", line) if commented else line
+        if line.startswith("cptjax "):
+            line = re.sub(r"\s+#.*$", "", re.sub(r"\[--[^\]]*\]", "", line)).strip()
+            found.append(re.sub(r"\s+", " ", line))
+    return found
+
+
+def _write_jsonl_zst(path: Path, texts) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user")
+    shutil.copytree(ROOT / "configs", folder / "configs")
+    tokenizer = tokenizer_dir("llama")
+    vocab = Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    hf = dict(tiny_configs.shrunk_config("llama-3.2-1b"), vocab_size=vocab,
+              max_position_embeddings=tiny_configs.full_config("llama-3.2-1b")["max_position_embeddings"])
+    for where in ("Llama-3.2-1B", "models/Llama-3.2-1B"):
+        hf_models.save_hf_model(hf, folder / where)
+        for file in tokenizer.iterdir():
+            shutil.copy(file, folder / where / file.name)
+    code = [p.read_text() for p in sorted((STDLIB / "json").glob("*.py"))]
+    english = [json.loads(line)["text"] for line in corpus_files()["wiki_jsonl"].read_text().splitlines()]
+    _write_jsonl_zst(folder / "corpus" / "code" / "part-0.jsonl.zst", code)
+    _write_jsonl_zst(folder / "corpus" / "general" / "part-0.jsonl.zst", english[:40])
+    for name, texts in (("code", code[:2]), ("general", english[40:44])):
+        (folder / "heldout" / name).mkdir(parents=True)
+        lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+        (folder / "heldout" / name / "part-0.jsonl").write_text(lines)
+        (folder / "heldout" / f"{name}.jsonl").write_text(lines)
+    return folder
+
+
+def _run(command: str, cwd: Path) -> str:
+    executable = shutil.which("cptjax")
+    argv = shlex.split(command)
+    argv = [executable, *argv[1:]] if executable else [sys.executable, "-m", "cptjax.cli", *argv[1:]]
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def test_the_readme_shows_the_commands_this_test_runs():
+    readme = _commands("\n".join(re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)))
+    header = _commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
+    assert len(readme) >= 10 and len(header) == 3, (readme, header)
+    assert all(c.split()[1] in ("demo", "train", "config", "convert", "eval", "report", "generate", "merge")
+               for c in readme), readme
+
+
+@pytest.mark.slow
+def test_readme_and_config_commands_work_as_written_from_a_fresh_folder(user_folder):
+    # the config's own header: convert, prepare the code corpus, train
+    header = _commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
+    for command in header:
+        out = _run(command + (" --until-step 1" if command.startswith("cptjax train") else ""), user_folder)
+    assert "stopped at step 1" in out
+    assert (user_folder / "prepared" / "code" / "manifest.json").is_file()
+    assert (user_folder / "models" / "llama-3.2-1b-ckpt" / "0").is_dir()
+    run = user_folder / "runs" / "llama-3.2-1b-code"
+    assert (run / "checkpoints" / "1").is_dir() and (run / "config.yaml").is_file()
+
+    readme = _commands("\n".join(re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)))
+    for command in readme:
+        if command.startswith("cptjax demo"):
+            continue  # the demo runs in test_demo.py
+        # The examples name the full run's steps; this run stops at step 3.
+        if command.startswith("cptjax train") and "--until-step" not in command:
+            command += " --until-step 2"  # the same run, one step further (it resumes)
+        command = command.replace("--until-step 500", "--until-step 3").replace("@6000", "@3")
+        out = _run(command, user_folder)
+        if command.startswith("cptjax config show"):
+            assert f"run_dir: {run}" in out  # relative paths resolved against the user's folder
+        if "--verify" in command:
+            assert "verified with transformers: max |logit difference|" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == "3"
+
+    # the README's Python example, on the export it made
+    script = ('import cptjax, numpy as np\nmodel = cptjax.load_model("./export", dtype="float32")\n'
+              'print(model.logits(np.zeros((1, 4), np.int32)).shape)')
+    result = subprocess.run([sys.executable, "-c", script], cwd=user_folder, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith(", 4, " + str(
+        json.loads((user_folder / "export" / "config.json").read_text())["vocab_size"]) + ")"), result.stderr
