@@ -67,6 +67,20 @@ def yaml_error(err: yaml.YAMLError) -> str:
     return " ".join(str(err).split())
 
 
+def read_yaml_mapping(path, key: str) -> dict:
+    """A YAML file whose top level is a mapping (a config); `key` names the flag that gave it."""
+    file = user_path(path, key)
+    if not file.is_file():
+        raise CptjaxError(f"{key} {file}: no such file")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CptjaxError(f"{file}: not valid YAML ({yaml_error(err)})") from None
+    if not isinstance(raw, dict):
+        raise CptjaxError(f"{file}: expected a mapping of sections at the top level")
+    return raw
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from cptjax.atomic_dir import atomic_output_dir, check_output_dir
-from cptjax.config_tree import from_dict
+from cptjax.config_tree import from_dict, read_yaml_mapping, yaml_error
 from cptjax.data.config import EvalSetConfig
 from cptjax.data.eval_sets import pack_eval_sets
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
@@ -59,7 +59,7 @@ def parse_eval_spec(text: str, flag: str = "--data") -> EvalSetConfig:
         try:
             entry = yaml.safe_load(spec)
         except yaml.YAMLError as err:
-            raise CptjaxError(f"{key}: not a valid YAML mapping ({err})".replace("\n", " ")) from None
+            raise CptjaxError(f"{key}: not a valid YAML mapping ({yaml_error(err)})") from None
         if not isinstance(entry, dict):
             raise CptjaxError(f"{key}: expected a YAML mapping such as {{type: jsonl, paths: [...]}}")
         if "name" in entry:
@@ -76,13 +76,8 @@ def eval_sets_from_file(path: str) -> tuple[list[EvalSetConfig], dict]:
     """The eval sets of a YAML file (top-level or `data:` `eval_sets`), and the defaults it sets
     ({"seq_len", "batch_size"} from a training config's `training` section)."""
     file = user_path(path, "--data-config")
-    if not file.is_file():
-        raise CptjaxError(f"--data-config {file}: no such file")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise CptjaxError(f"--data-config {file}: not valid YAML ({err})".replace("\n", " ")) from None
-    section = raw.get("data", raw) if isinstance(raw, dict) else None
+    raw = read_yaml_mapping(file, "--data-config")
+    section = raw.get("data", raw)
     entries = section.get("eval_sets") if isinstance(section, dict) else None
     if not isinstance(entries, list) or not entries:
         raise CptjaxError(f"--data-config {file}: no eval_sets list (at the top level or under data:)")

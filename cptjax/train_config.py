@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from etils import epath
 
-from cptjax.config_tree import apply_overrides, from_dict, to_dict, yaml_error
+from cptjax.config_tree import apply_overrides, from_dict, read_yaml_mapping, to_dict
 from cptjax.data.config import DataConfig
 from cptjax.dtypes import FloatName
 from cptjax.errors import CptjaxError
@@ -168,16 +168,7 @@ class RunPaths:
 
 def load_config(path: PathLike, overrides: list[str] = ()) -> TrainConfig:
     """Reads a YAML config, applies `--set` overrides, and builds the validated tree."""
-    path = user_path(path, "--config")
-    if not path.is_file():
-        raise CptjaxError(f"--config {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise CptjaxError(f"{path}: not valid YAML ({yaml_error(err)})") from None
-    if not isinstance(raw, dict):
-        raise CptjaxError(f"{path}: expected a mapping of sections at the top level")
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_overrides(read_yaml_mapping(path, "--config"), list(overrides))
     return config_from_dict(raw)
 
 
