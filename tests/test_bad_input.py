@@ -270,6 +270,26 @@ CASES = [
     ("prepare bad line", [*PREPARE, "--paths", "corpus/bad_json.jsonl"], "bad_json.jsonl:2: malformed JSON"),
     ("prepare type", [*PREPARE, "--paths", "x", "--type", "prepared"], "--type"),
     ("prepare empty", [*PREPARE, "--paths", "corpus/empty.jsonl"], "holds no documents"),
+    # --- eval, report, generate, merge --------------------------------------------------------------
+    ("eval not a model", ["eval", "--model", "corpus", "--data", "w=jsonl:corpus/good.jsonl"], "--model"),
+    ("eval no such step", ["eval", "--model", "runs/done@9", "--data", "w=jsonl:corpus/good.jsonl"], "9"),
+    ("eval empty set", ["eval", "--model", "hf", "--data", "e=jsonl:corpus/empty_docs.jsonl"], "e"),
+    ("eval missing set", ["eval", "--model", "hf", "--data", "w=jsonl:corpus/none.jsonl"], "none.jsonl"),
+    ("eval spec form", ["eval", "--model", "hf", "--data", "w"], "--data"),
+    ("eval vocabularies", ["eval", "--model", "hf", "--model", "small_vocab_hf", "--data",
+                           "w=jsonl:corpus/good.jsonl"], "vocab"),
+    ("eval out not empty", ["eval", "--model", "hf", "--data", "w=jsonl:corpus/good.jsonl", "--out", "other"], "--out"),
+    ("report not a run", ["report", "corpus"], "corpus"),
+    ("report out not empty", ["report", "runs/done", "--out", "other"], "--out"),
+    ("generate not a model", ["generate", "--model", "corpus", "--prompt", "x"], "--model"),
+    ("generate top-p", ["generate", "--model", "hf", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    ("generate no tokenizer", ["generate", "--model", "small_vocab_hf", "--prompt", "x"], "tokenizer"),
+    ("merge alpha", ["merge", "--base", "hf", "--tuned", "ckpt", "--alpha", "1.5", "--out", "m"], "--alpha"),
+    ("merge shapes", ["merge", "--base", "hf", "--tuned", "small_vocab_hf", "--alpha", "0.5", "--out", "m"], "vocab"),
+    ("merge not a model", ["merge", "--base", "corpus", "--tuned", "hf", "--alpha", "0.5", "--out", "m"], "--base"),
+    ("merge out not empty", ["merge", "--base", "hf", "--tuned", "ckpt", "--alpha", "0.5", "--out", "other"], "--out"),
+    ("merge sweep empty set", ["merge", "--base", "hf", "--tuned", "ckpt", "--alpha", "0,1", "--eval",
+                               "e=jsonl:corpus/empty_docs.jsonl", "--out", "m"], "e"),
     # --- demo ------------------------------------------------------------------------------------
     ("demo no steps", ["demo", "--base-steps", "0", "--workdir", "demo"], "--base-steps 0"),
     ("demo data dir", ["demo", "--data-dir", "corpus", "--workdir", "demo"], "demo corpora not found"),
@@ -292,7 +312,7 @@ def test_the_catalogue_is_large_and_covers_every_command():
     commands = {tuple(argv[:2]) if argv[:1] in (["convert"], ["data"], ["config"]) else tuple(argv[:1])
                 for _, argv, _ in CASES}
     assert {("convert", "hf-to-orbax"), ("convert", "orbax-to-hf"), ("train",), ("config", "show"),
-            ("data", "prepare"), ("demo",)} <= commands
+            ("data", "prepare"), ("demo",), ("eval",), ("report",), ("generate",), ("merge",)} <= commands
 
 
 @pytest.mark.slow
