@@ -157,7 +157,8 @@ def make_schedule(config: ScheduleConfig) -> optax.Schedule:
     joined = optax.join_schedules(segments, starts) if starts else segments[0]
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        return jnp.asarray(joined(step), dtype=jnp.float32)
+        # broadcast: optax's constant schedule returns a scalar even for an array of steps
+        return jnp.broadcast_to(jnp.asarray(joined(step), dtype=jnp.float32), jnp.shape(step))
 
     return schedule
 

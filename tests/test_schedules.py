@@ -284,3 +284,11 @@ def test_plot_draws_one_matching_polyline_per_schedule(tmp_path):
         schedule = make_schedule(config)
         for i in np.linspace(0, len(steps) - 1, 9).astype(int):
             assert lrs[i] == pytest.approx(float(schedule(int(steps[i]))), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_array_of_steps_gives_an_array_of_lrs(kind):
+    """What plots and reports do; optax's constant schedule alone would return one scalar."""
+    steps = jnp.arange(7)
+    assert make_schedule(EVERY_KIND[kind])(steps).shape == (7,)
+    assert make_schedule(ScheduleConfig(T, P, kind="constant"))(steps).shape == (7,)
