@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cptjax.attention import ATTENTION_KERNELS, attend
 from cptjax.model_config import ModelConfig, rope_inverse_frequencies
 from cptjax.sharding import constrain
 
@@ -36,9 +37,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 assert tuple(REMAT_POLICIES) == typing.get_args(Remat)
-# The attention kernel: "auto" picks the fastest one the backend has for the compute dtype.
-Attention = Literal["auto", "xla", "cudnn"]
-ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(Attention)
 
 # (name, shape in letters, logical axes) of each per-layer weight; the stacked array adds Ly in front.
 _LAYER_WEIGHTS = (
@@ -112,16 +110,16 @@ class Llama(nnx.Module):
     """`Llama(cfg, rngs=...)(tokens [B, L]) -> logits [B, L, V]` in float32.
 
     `positions` restart at 0 in each packed document; `segment_ids` keep packed documents from
-    attending to each other. `remat` is a key of REMAT_POLICIES; `attention` chooses the backend of
-    `jax.nn.dot_product_attention` ('auto' takes cuDNN flash attention on GPU in 16-bit compute).
+    attending to each other. `remat` is a key of REMAT_POLICIES; `attention` is a kernel of
+    cptjax.attention ('auto': splash on TPU, Pallas flash on GPU, XLA on CPU).
     """
 
     def __init__(self, cfg: ModelConfig, *, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
                  remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
-        if attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
@@ -158,13 +156,10 @@ class Llama(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         cos, sin = _rope_tables(cfg, positions, self.dtype)
-        mask = None
-        if segment_ids is not None:
-            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, L, S]
         block = _Block(cfg, dtype=self.dtype, attention=self.attention)
 
         def step(carry, weights):
-            return block(carry, weights, cos, sin, mask), None
+            return block(carry, weights, cos, sin, segment_ids), None
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -180,7 +175,7 @@ class _Block:
     dtype: Any = jnp.float32
     attention: str = "auto"
 
-    def __call__(self, x, w, cos, sin, mask):
+    def __call__(self, x, w, cos, sin, segment_ids):
         cfg, dt = self.cfg, self.dtype
         h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
         q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
@@ -197,10 +192,7 @@ class _Block:
                       ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = constrain(_apply_rope(k, cos, sin),
                       ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-        window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-        attn = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, local_window_size=window,
-            implementation=_attention_backend(self.attention, dt))  # [B, L, N, H]
+        attn = attend(q, k, v, segment_ids, choice=self.attention, window=cfg.sliding_window)  # [B, L, N, H]
         out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))
         if cfg.o_bias:
             out = out + w["o_proj_bias"].astype(dt)
@@ -217,13 +209,6 @@ class _Block:
         if cfg.mlp_bias:
             down = down + w["down_proj_bias"].astype(dt)
         return constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
-
-
-def _attention_backend(choice: str, dtype) -> str:
-    if choice != "auto":
-        return choice
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def _rms_norm(x, weight, eps):

@@ -105,6 +105,11 @@ def with_activation_sharding(fn, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT
     return wrapped
 
 
+def active_mesh() -> tuple[jax.sharding.Mesh, Rules] | None:
+    """The mesh and rules that `constrain` uses at this point of tracing, or None (one device)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """A sharding constraint by logical names; a no-op when no mesh is active (one device)."""
     active = _ACTIVE.get()

@@ -12,11 +12,12 @@ from typing import Literal
 
 import yaml
 
+from cptjax.attention import Attention
 from cptjax.config_tree import apply_overrides, from_dict, to_dict
 from cptjax.data.config import DataConfig
 from cptjax.dtypes import FloatName
 from cptjax.errors import CptjaxError
-from cptjax.model import Attention, Remat
+from cptjax.model import Remat
 from cptjax.optimizer import OptimizerConfig
 from cptjax.schedules import ScheduleConfig
 from cptjax.sharding import MeshConfig
