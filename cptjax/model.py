@@ -135,12 +135,14 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
         hidden = self.hidden_states(tokens, positions, segment_ids)
-        head = self.embed_tokens[...] if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BLD,VD->BLV", hidden, head.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BLD,VD->BLV", hidden, self.output_head(), preferred_element_type=jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def output_head(self) -> jax.Array:
+        """The output projection [V, D] in the compute dtype (the embedding, when tied)."""
+        head = self.embed_tokens[...] if self.config.tie_word_embeddings else self.lm_head[...]
+        return head.astype(self.dtype)
 
     def hidden_states(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """The final-normed hidden states [B, L, D] in the compute dtype."""

@@ -17,6 +17,7 @@ from cptjax.config_tree import apply_overrides, from_dict, to_dict
 from cptjax.data.config import DataConfig
 from cptjax.dtypes import FloatName
 from cptjax.errors import CptjaxError
+from cptjax.loss import DEFAULT_LOSS_CHUNK
 from cptjax.model import Remat
 from cptjax.optimizer import OptimizerConfig
 from cptjax.schedules import ScheduleConfig
@@ -36,11 +37,14 @@ class ModelSection:
     compute_dtype: FloatName = "bfloat16"
     remat: Remat = "none"
     attention: Attention = "auto"
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
 
     def __post_init__(self):
         if (self.init_from is None) == (self.hf_config is None):
             raise CptjaxError("model: set exactly one of init_from (an HF folder or cptjax checkpoint "
                               "to continue from) and hf_config (a config.json to start from scratch)")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise CptjaxError(f"model.loss_chunk: must be >= 1 or null (whole rows), got {self.loss_chunk}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.dtypes import float_dtype
+from cptjax.loss import DEFAULT_LOSS_CHUNK, loss_sums
 from cptjax.model import abstract_model
 from cptjax.optimizer import build_optimizer
 from cptjax.schedules import make_schedule
@@ -38,10 +39,11 @@ class StepConfig:
     num_sources: int
     z_loss: float = 0.0
     grad_accum_steps: int = 1
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row per chunk of the loss; None: dense
 
 
 def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
-    """Per-token float32 NLL and log-partition [B, L]."""
+    """Per-token float32 NLL and log-partition [B, L], from the whole [B, L, V] logits."""
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, L, V] f32
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -50,17 +52,18 @@ def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Arra
 
 
 def _sums(graphdef, params, batch, config: StepConfig):
-    """Sums over tokens (so micro-batches add up exactly): loss, z-loss, counts, per source."""
-    nll, log_z = token_losses(graphdef, params, batch)
+    """Sums over tokens (so micro-batches add up exactly): loss, z-loss, counts, per source. The
+    logits exist one chunk of `config.loss_chunk` positions at a time (cptjax.loss)."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
+    sums = loss_sums(hidden, model.output_head(), batch["targets"], mask, batch["source_ids"],
+                     config.num_sources, config.loss_chunk)
     sources = jax.nn.one_hot(batch["source_ids"], config.num_sources, dtype=jnp.float32)  # [B, L, S]
-    weighted = nll * mask
     return {
-        "nll": weighted.sum(),
-        "z": (jnp.square(log_z) * mask).sum(),
+        **sums,  # nll, z, source_nll
         "tokens": mask.sum(),
         "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),  # not padding
-        "source_nll": jnp.einsum("BL,BLS->S", weighted, sources),
         "source_tokens": jnp.einsum("BL,BLS->S", mask, sources),
     }
 
@@ -169,7 +172,8 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt_state, opt_shardings)}
 
     step_config = StepConfig(num_sources=num_sources, z_loss=config.optimizer.z_loss,
-                             grad_accum_steps=config.optimizer.grad_accum_steps)
+                             grad_accum_steps=config.optimizer.grad_accum_steps,
+                             loss_chunk=config.model.loss_chunk)
     b_sharding = batch_sharding(mesh, rules)
     step_fn = jax.jit(
         with_activation_sharding(functools.partial(
