@@ -24,8 +24,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cptjax.attention import check_kernel
 from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.dtypes import float_dtype
+from cptjax.errors import CptjaxError
 from cptjax.loss import DEFAULT_LOSS_CHUNK, loss_sums
 from cptjax.model import abstract_model
 from cptjax.optimizer import build_optimizer
@@ -149,6 +151,24 @@ class TrainSetup:
         """This process's rows of a batch -> global arrays on the mesh (the training keys only)."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
                 for k in BATCH_KEYS}
+
+
+def check_layout(config, model_config, devices) -> str:
+    """The checks of `config` (a TrainConfig) that need the model config and the devices it will
+    run on (the trainer's, or a TPU topology's for `cptjax plan`); returns the attention kernel."""
+    seq_len = config.training.seq_len
+    if seq_len > model_config.max_position_embeddings:
+        raise CptjaxError(f"training.seq_len {seq_len} exceeds the model's max_position_embeddings "
+                          f"({model_config.max_position_embeddings})")
+    sizes = config.mesh.axis_sizes(len(devices))
+    data_ways, accum = sizes[0] * sizes[1], config.optimizer.grad_accum_steps
+    if config.training.batch_size % (data_ways * accum):
+        raise CptjaxError(
+            f"training.batch_size {config.training.batch_size} must be divisible by the data-parallel "
+            f"ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum})")
+    return check_kernel(config.model.attention, devices[0].platform,
+                        float_dtype(config.model.compute_dtype, "model.compute_dtype"), seq_len,
+                        model_config.sliding_window, "training.seq_len")
 
 
 def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
