@@ -206,11 +206,15 @@ class _Block:
         if cfg.mlp_bias:
             gate = gate + w["gate_proj_bias"].astype(dt)
             up = up + w["up_proj_bias"].astype(dt)
-        act = constrain(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        act = constrain(_swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))
         down = jnp.einsum("BLF,DF->BLD", act, w["down_proj"].astype(dt))
         if cfg.mlp_bias:
             down = down + w["down_proj_bias"].astype(dt)
         return constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _swiglu(gate, up):
+    return jax.nn.silu(gate) * up
 
 
 def _rms_norm(x, weight, eps):
