@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cptjax.errors import CptjaxError
@@ -37,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--until-step", type=int, metavar="N",
                        help="stop after step N with a checkpoint (a time-limited job); the same "
                        "command without it continues the run")
+    plan = commands.add_parser("plan", help="compile a config's train step for its hardware (a TPU "
+                               "slice from any host, or this machine) and say whether it fits")
+    plan.add_argument("--config", required=True, help="YAML config (see configs/)")
+    plan.add_argument("--topology", help="a TPU slice, e.g. v5p-128, v5e-256, v6e-64 (needs the tpu "
+                      "extra); default: this machine's devices")
+    plan.add_argument("--hf-config", help="the model's config.json, when model.init_from is not on "
+                      "this machine (no weights are read either way)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the fully resolved config")
@@ -66,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args) -> None:
+def _run(args) -> int | None:
     if args.command == "demo":
         from cptjax.demo import run_demo
         run_demo(args.workdir, data_dir=args.data_dir, base_steps=args.base_steps, cpt_steps=args.cpt_steps)
@@ -84,6 +93,16 @@ def _run(args) -> None:
     elif args.command == "config" and args.config_command == "reference":
         from cptjax.config_reference import reference_markdown
         print(reference_markdown(), end="")
+    elif args.command == "plan":
+        if args.topology:  # compile-only TPU devices; this host's own backend stays the CPU
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from cptjax.plan import format_plan, model_config_for, plan
+        from cptjax.train_config import load_config
+        config = load_config(args.config, args.overrides)
+        model_config = model_config_for(config, args.hf_config)
+        result = plan(config, model_config, args.topology)
+        print(format_plan(result, args.config, model_config, config))
+        return 0 if result.fits else 1
     elif args.command == "config":
         from cptjax.train_config import dump_yaml, load_config
         print(dump_yaml(load_config(args.config, args.overrides)), end="")
@@ -120,11 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         install_handler()  # a SIGTERM during start-up (imports, compiling) exits cleanly too
     args = _parser().parse_args(argv)
     try:
-        _run(args)
+        return _run(args) or 0  # `plan` returns 1 when the step does not fit
     except CptjaxError as err:
         print(f"cptjax: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

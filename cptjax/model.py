@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cptjax.attention import ATTENTION_KERNELS, attend
 from cptjax.kv_cache import KVCache, LayerCache
 from cptjax.model_config import ModelConfig, rope_inverse_frequencies
 from cptjax.sharding import constrain
@@ -37,9 +38,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 assert tuple(REMAT_POLICIES) == typing.get_args(Remat)
-# The attention kernel: "auto" picks the fastest one the backend has for the compute dtype.
-Attention = Literal["auto", "xla", "cudnn"]
-ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(Attention)
 
 # (name, shape in letters, logical axes) of each per-layer weight; the stacked array adds Ly in front.
 _LAYER_WEIGHTS = (
@@ -113,16 +111,16 @@ class Llama(nnx.Module):
     """`Llama(cfg, rngs=...)(tokens [B, L]) -> logits [B, L, V]` in float32.
 
     `positions` restart at 0 in each packed document; `segment_ids` keep packed documents from
-    attending to each other. `remat` is a key of REMAT_POLICIES; `attention` chooses the backend of
-    `jax.nn.dot_product_attention` ('auto' takes cuDNN flash attention on GPU in 16-bit compute).
+    attending to each other. `remat` is a key of REMAT_POLICIES; `attention` is a kernel of
+    cptjax.attention ('auto': splash on TPU, Pallas flash on GPU, XLA on CPU).
     """
 
     def __init__(self, cfg: ModelConfig, *, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
                  remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
-        if attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
@@ -138,12 +136,14 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
         hidden = self.hidden_states(tokens, positions, segment_ids)
-        head = self.embed_tokens[...] if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BLD,VD->BLV", hidden, head.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BLD,VD->BLV", hidden, self.output_head(), preferred_element_type=jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def output_head(self) -> jax.Array:
+        """The output projection [V, D] in the compute dtype (the embedding, when tied)."""
+        head = self.embed_tokens[...] if self.config.tie_word_embeddings else self.lm_head[...]
+        return head.astype(self.dtype)
 
     def hidden_states(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """The final-normed hidden states [B, L, D] in the compute dtype."""
@@ -159,13 +159,10 @@ class Llama(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         cos, sin = _rope_tables(cfg, positions, self.dtype)
-        mask = None
-        if segment_ids is not None:
-            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, L, S]
         block = _Block(cfg, dtype=self.dtype, attention=self.attention)
 
         def step(carry, weights):
-            return block(carry, weights, cos, sin, mask), None
+            return block(carry, weights, cos, sin, segment_ids), None
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -188,8 +185,7 @@ class Llama(nnx.Module):
         x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
                                                                      cache.values))
         last = _rms_norm(x[:, -1], self.norm[...], cfg.rms_norm_eps)  # [B, D]
-        head = self.embed_tokens[...] if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BD,VD->BV", last, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BD,VD->BV", last, self.output_head(), preferred_element_type=jnp.float32)
         return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
 
 
@@ -201,7 +197,7 @@ class _Block:
     dtype: Any = jnp.float32
     attention: str = "auto"
 
-    def __call__(self, x, w, cos, sin, mask, cache: LayerCache | None = None):
+    def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None):
         """x [B, L, D] -> [B, L, D]; with a `cache` (generation), (x, the layer's keys and values)."""
         cfg, dt = self.cfg, self.dtype
         h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
@@ -220,10 +216,7 @@ class _Block:
         k = constrain(_apply_rope(k, cos, sin),
                       ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         if cache is None:
-            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-            attn = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=True, local_window_size=window,
-                implementation=_attention_backend(self.attention, dt))  # [B, L, N, H]
+            attn = attend(q, k, v, segment_ids, choice=self.attention, window=cfg.sliding_window)  # [B, L, N, H]
         else:  # generation: the cached keys too, masked by position (kv_cache.py)
             attn, cache = cache.attend(q, k, v)
         out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))
@@ -237,7 +230,7 @@ class _Block:
         if cfg.mlp_bias:
             gate = gate + w["gate_proj_bias"].astype(dt)
             up = up + w["up_proj_bias"].astype(dt)
-        act = constrain(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        act = constrain(_swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))
         down = jnp.einsum("BLF,DF->BLD", act, w["down_proj"].astype(dt))
         if cfg.mlp_bias:
             down = down + w["down_proj_bias"].astype(dt)
@@ -245,11 +238,8 @@ class _Block:
         return x if cache is None else (x, cache)
 
 
-def _attention_backend(choice: str, dtype) -> str:
-    if choice != "auto":
-        return choice
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+def _swiglu(gate, up):
+    return jax.nn.silu(gate) * up
 
 
 def _rms_norm(x, weight, eps):

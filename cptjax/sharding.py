@@ -105,6 +105,11 @@ def with_activation_sharding(fn, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT
     return wrapped
 
 
+def active_mesh() -> tuple[jax.sharding.Mesh, Rules] | None:
+    """The mesh and rules that `constrain` uses at this point of tracing, or None (one device)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """A sharding constraint by logical names; a no-op when no mesh is active (one device)."""
     active = _ACTIVE.get()
@@ -164,8 +169,13 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     """The one place meshes are built: named axes, Auto axis types (sharding by jit and constraints)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = config.axis_sizes(len(devices))
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # e.g. tensor 4 on a TPU v6e 8x8 torus: split a physical axis
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def spec_for_shape(names, shape, mesh: Mesh, rules: Rules) -> PartitionSpec:

@@ -12,11 +12,13 @@ from typing import Literal
 import yaml
 from etils import epath
 
+from cptjax.attention import Attention
 from cptjax.config_tree import apply_overrides, from_dict, read_yaml_mapping, to_dict
 from cptjax.data.config import DataConfig
 from cptjax.dtypes import FloatName
 from cptjax.errors import CptjaxError
-from cptjax.model import Attention, Remat
+from cptjax.loss import DEFAULT_LOSS_CHUNK
+from cptjax.model import Remat
 from cptjax.paths import PathLike, UserPath, user_path
 from cptjax.optimizer import OptimizerConfig
 from cptjax.schedules import ScheduleConfig
@@ -36,11 +38,14 @@ class ModelSection:
     compute_dtype: FloatName = "bfloat16"  # matmuls' precision; norms, softmax and loss stay float32
     remat: Remat = "none"  # what the backward pass recomputes per layer, to save memory
     attention: Attention = "auto"  # the attention kernel; auto picks per backend
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
 
     def __post_init__(self):
         if (self.init_from is None) == (self.hf_config is None):
             raise CptjaxError("model: set exactly one of init_from (an HF folder or cptjax checkpoint "
                               "to continue from) and hf_config (a config.json to start from scratch)")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise CptjaxError(f"model.loss_chunk: must be >= 1 or null (whole rows), got {self.loss_chunk}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cptjax.attention import check_kernel
 from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.dtypes import float_dtype
+from cptjax.errors import CptjaxError
+from cptjax.loss import DEFAULT_LOSS_CHUNK, loss_sums
 from cptjax.model import abstract_model
 from cptjax.optimizer import build_optimizer
 from cptjax.schedules import make_schedule
@@ -38,10 +41,11 @@ class StepConfig:
     num_sources: int
     z_loss: float = 0.0
     grad_accum_steps: int = 1
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row per chunk of the loss; None: dense
 
 
 def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
-    """Per-token float32 NLL and log-partition [B, L]."""
+    """Per-token float32 NLL and log-partition [B, L], from the whole [B, L, V] logits."""
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, L, V] f32
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -50,17 +54,18 @@ def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Arra
 
 
 def _sums(graphdef, params, batch, config: StepConfig):
-    """Sums over tokens (so micro-batches add up exactly): loss, z-loss, counts, per source."""
-    nll, log_z = token_losses(graphdef, params, batch)
+    """Sums over tokens (so micro-batches add up exactly): loss, z-loss, counts, per source. The
+    logits exist one chunk of `config.loss_chunk` positions at a time (cptjax.loss)."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
+    sums = loss_sums(hidden, model.output_head(), batch["targets"], mask, batch["source_ids"],
+                     config.num_sources, config.loss_chunk)
     sources = jax.nn.one_hot(batch["source_ids"], config.num_sources, dtype=jnp.float32)  # [B, L, S]
-    weighted = nll * mask
     return {
-        "nll": weighted.sum(),
-        "z": (jnp.square(log_z) * mask).sum(),
+        **sums,  # nll, z, source_nll
         "tokens": mask.sum(),
         "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),  # not padding
-        "source_nll": jnp.einsum("BL,BLS->S", weighted, sources),
         "source_tokens": jnp.einsum("BL,BLS->S", mask, sources),
     }
 
@@ -166,6 +171,24 @@ def batch_to_global(sharding: jax.sharding.NamedSharding, batch: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
 
 
+def check_layout(config, model_config, devices) -> str:
+    """The checks of `config` (a TrainConfig) that need the model config and the devices it will
+    run on (the trainer's, or a TPU topology's for `cptjax plan`); returns the attention kernel."""
+    seq_len = config.training.seq_len
+    if seq_len > model_config.max_position_embeddings:
+        raise CptjaxError(f"training.seq_len {seq_len} exceeds the model's max_position_embeddings "
+                          f"({model_config.max_position_embeddings})")
+    sizes = config.mesh.axis_sizes(len(devices))
+    data_ways, accum = sizes[0] * sizes[1], config.optimizer.grad_accum_steps
+    if config.training.batch_size % (data_ways * accum):
+        raise CptjaxError(
+            f"training.batch_size {config.training.batch_size} must be divisible by the data-parallel "
+            f"ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum})")
+    return check_kernel(config.model.attention, devices[0].platform,
+                        float_dtype(config.model.compute_dtype, "model.compute_dtype"), seq_len,
+                        model_config.sliding_window, "training.seq_len")
+
+
 def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
     """Builds the mesh, the abstract state with its shardings, and the jitted steps of `config`
     (a TrainConfig) for `model_config`; allocates nothing."""
@@ -187,7 +210,8 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt_state, opt_shardings)}
 
     step_config = StepConfig(num_sources=num_sources, z_loss=config.optimizer.z_loss,
-                             grad_accum_steps=config.optimizer.grad_accum_steps)
+                             grad_accum_steps=config.optimizer.grad_accum_steps,
+                             loss_chunk=config.model.loss_chunk)
     b_sharding = batch_sharding(mesh, rules)
     step_fn = jax.jit(
         with_activation_sharding(functools.partial(

@@ -36,7 +36,7 @@ from cptjax.run_folder import RunCheckpointer, ensure_assets, fingerprint
 from cptjax.run_start import StartPlan, initial_state, plan_start
 from cptjax.schedules import make_schedule
 from cptjax.train_config import TrainConfig, dump_yaml
-from cptjax.train_step import TrainSetup, build_setup
+from cptjax.train_step import TrainSetup, build_setup, check_layout
 
 
 @dataclasses.dataclass
@@ -51,16 +51,7 @@ class RunResult:
 def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
     """The checks that need the model config and the devices; all run before the run folder is
     touched."""
-    if config.training.seq_len > model_config.max_position_embeddings:
-        raise CptjaxError(f"training.seq_len {config.training.seq_len} exceeds the model's "
-                          f"max_position_embeddings ({model_config.max_position_embeddings})")
-    sizes = config.mesh.axis_sizes(jax.device_count())
-    data_ways = sizes[0] * sizes[1]
-    if config.training.batch_size % (data_ways * config.optimizer.grad_accum_steps):
-        raise CptjaxError(
-            f"training.batch_size {config.training.batch_size} must be divisible by the data-parallel "
-            f"ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps "
-            f"({config.optimizer.grad_accum_steps})")
+    check_layout(config, model_config, jax.devices())  # lengths, batch split, attention kernel
     if config.training.batch_size % jax.process_count():
         raise CptjaxError(f"training.batch_size {config.training.batch_size} must be divisible by the "
                           f"{jax.process_count()} processes")

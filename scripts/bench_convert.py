@@ -1,6 +1,7 @@
 """Benchmarks `cptjax convert` on a random Llama-3.2-1B-shaped bf16 checkpoint: time and peak memory.
 
     python scripts/bench_convert.py --workdir /tmp/bench-convert --keep
+    python scripts/bench_convert.py --workdir /tmp/bench-convert --keep --sharded-load 8
 
 Runs, each in a fresh process: (a) `cptjax convert hf-to-orbax`, (b) `cptjax convert orbax-to-hf`
 (bf16, 5GB shards), and a baseline that reads every tensor with the `safetensors` package and writes
@@ -8,6 +9,10 @@ the same bytes back out. Targets: peak RSS of (a) and (b) at most 1.3x the check
 conversion at most 3x the baseline's time. Prints a table and writes JSON (default
 bench_results/convert.json). The source checkpoint is ~2.5 GB and the run writes three more of that
 size; expect a few minutes on a small machine.
+
+`--sharded-load N` measures multi-host loading instead: N processes (jax.distributed on this CPU, one
+device each) load the source onto one fsdp mesh as `cptjax train` loads model.init_from, and each
+reports the checkpoint bytes it read; together they should read the checkpoint about once.
 """
 
 from __future__ import annotations
@@ -217,6 +222,92 @@ def check_same_tensors(source: Path, export: Path) -> None:
                 raise SystemExit(f"bench_convert: {name} differs between {source} and {export}")
 
 
+# --- sharded load: several processes load one HF folder onto one mesh, as a multi-host run does ----
+
+def load_worker(hf_dir: str, process_id: int, processes: int, port: int, out: str) -> None:
+    """One process of `--sharded-load`: joins the others (jax.distributed on this CPU, one device
+    each), loads the HF folder onto an fsdp mesh over every process's devices the way `cptjax train`
+    does for model.init_from (Weights.read_onto), and writes what it read and how long it took."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.distributed.initialize(f"127.0.0.1:{port}", processes, process_id)
+    from flax import nnx
+
+    from cptjax.hf import safetensors
+    from cptjax.model import abstract_model
+    from cptjax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
+    from cptjax.weights import open_weights
+
+    with open_weights(Path(hf_dir)) as weights:
+        mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+        abstract = abstract_model(weights.config, param_dtype=jnp.float32)
+        abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                       nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+                                       param_shardings(abstract, mesh, DEFAULT_RULES))
+        counted = getattr(safetensors, "bytes_read", None)  # cptjax's own count of checkpoint bytes
+        counted_before = counted() if counted else None
+        io_before = psutil.Process().io_counters()
+        start = time.perf_counter()
+        params = weights.read_onto(abstract_params)
+        jax.block_until_ready(params)
+        seconds = time.perf_counter() - start
+        io_after = psutil.Process().io_counters()
+    Path(out).write_text(json.dumps({
+        "process": process_id, "seconds": seconds,
+        "checkpoint_bytes_read": None if counted is None else counted() - counted_before,
+        "read_chars": io_after.read_chars - io_before.read_chars,  # every read syscall, sockets included
+        "disk_read_bytes": io_after.read_bytes - io_before.read_bytes,
+        "peak_rss_bytes": psutil.Process().memory_info().rss}))
+
+
+def sharded_load(args) -> dict:
+    """`--sharded-load N`: N processes load the same random source onto one mesh; bytes per process."""
+    config_path = Path(args.config).resolve()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-")).resolve()
+    hf_dir = workdir / "hf-random"
+    if not ((hf_dir / SOURCE_MARKER).is_file() and json.loads((hf_dir / SOURCE_MARKER).read_text())
+            == _source_key(config_path, args.max_shard_size, args.seed)):
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        make_source(hf_dir, config_path, args.max_shard_size, args.seed)
+    ckpt_bytes = dir_bytes(hf_dir, ".safetensors")
+    cold = drop_page_cache()
+    if not cold:
+        read_through(hf_dir)
+    processes = args.sharded_load
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as reports:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        start = time.perf_counter()
+        workers = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--load-worker", str(hf_dir),
+                                     str(i), str(processes), str(port), f"{reports}/{i}.json"], env=env)
+                   for i in range(processes)]
+        codes = [w.wait() for w in workers]
+        wall = time.perf_counter() - start
+        if any(codes):
+            raise SystemExit(f"bench_convert: a load worker failed (exit codes {codes})")
+        per_process = [json.loads(Path(f"{reports}/{i}.json").read_text()) for i in range(processes)]
+    counted = [p["checkpoint_bytes_read"] for p in per_process]
+    return {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine_facts(),
+        "mode": f"sharded load: {processes} processes (jax.distributed on this CPU, one device each), "
+                "mesh fsdp over all of them, Weights.read_onto as `cptjax train` loads model.init_from",
+        "page_cache": "dropped before the run" if cold else "warm: the source read once before the run",
+        "checkpoint_bytes": ckpt_bytes, "wall_s_all_processes": wall, "processes": per_process,
+        "checkpoint_bytes_read_total": None if None in counted else sum(counted),
+        "reads_of_the_checkpoint": None if None in counted else sum(counted) / ckpt_bytes,
+        "read_chars_total_over_checkpoint": sum(p["read_chars"] for p in per_process) / ckpt_bytes,
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # --- the run ---------------------------------------------------------------------------------------
 
 def machine_facts() -> dict:
@@ -345,6 +436,20 @@ def print_table(results: dict) -> None:
               f"time <= {TARGET_TIME_RATIO}x baseline {'met' if met['time_met'] else 'NOT met'}")
 
 
+def print_sharded(results: dict) -> None:
+    size = results["checkpoint_bytes"]
+    print(f"\ncheckpoint: {size:,} bytes; {results['mode']}; page cache: {results['page_cache']}")
+    print(f"{'process':>8}{'checkpoint bytes read':>24}{'share':>8}{'read_chars':>16}{'load s':>8}")
+    for p in results["processes"]:
+        counted = p["checkpoint_bytes_read"]
+        print(f"{p['process']:>8}{'n/a' if counted is None else f'{counted:,}':>24}"
+              f"{'' if counted is None else f'{counted / size:.3f}':>8}{p['read_chars']:>16,}{p['seconds']:>8.1f}")
+    if results["reads_of_the_checkpoint"] is not None:
+        print(f"all processes together read the checkpoint {results['reads_of_the_checkpoint']:.3f} times")
+    print(f"read syscalls (sockets included) over the checkpoint: {results['read_chars_total_over_checkpoint']:.3f}; "
+          f"wall time of the whole load: {results['wall_s_all_processes']:.1f} s")
+
+
 def _cell(step: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
     return f"{step[key] / scale:.{digits}f}" if key in step else ""
 
@@ -358,13 +463,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench_results/convert.json"), help="JSON results file")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir")
+    parser.add_argument("--sharded-load", type=int, metavar="N", help="instead: N processes load the "
+                        "source onto one fsdp mesh; reports the bytes each reads (default --out "
+                        "bench_results/convert_sharded_load.json)")
     parser.add_argument("--plain-copy", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
+    parser.add_argument("--load-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_copy:
         plain_copy(Path(args.plain_copy[0]), Path(args.plain_copy[1]))
         return
-    results = run(args)
-    print_table(results)
+    if args.load_worker:
+        hf_dir, process_id, processes, port, out = args.load_worker
+        load_worker(hf_dir, int(process_id), int(processes), int(port), out)
+        return
+    if args.sharded_load:
+        results = sharded_load(args)
+        print_sharded(results)
+        if args.out == str(REPO / "bench_results/convert.json"):
+            args.out = str(REPO / "bench_results/convert_sharded_load.json")
+    else:
+        results = run(args)
+        print_table(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

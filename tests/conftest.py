@@ -6,6 +6,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite is CPU-only. With libtpu installed (the `tpu` extra, for `cptjax plan`), JAX would
+# otherwise probe for a TPU in every process and print libtpu's warnings.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import hf_models  # noqa: E402
 import tiny_configs  # noqa: E402

@@ -19,8 +19,9 @@ from cptjax.schedules import ScheduleConfig
 from cptjax.train_step import StepConfig, loss_and_grads, train_step
 
 
+@pytest.mark.parametrize("loss_chunk", [None, 16], ids=["dense-loss", "chunked-loss"])
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b-v0.1"])
-def test_loss_and_gradients_match_pytorch_autograd(name, tiny_hf):
+def test_loss_and_gradients_match_pytorch_autograd(name, loss_chunk, tiny_hf):
     hf_dir = tiny_hf(name)
     cfg = read_hf_config(hf_dir)
     params = jax.tree.map(jnp.asarray, read_hf_params(hf_dir, cfg))
@@ -28,7 +29,7 @@ def test_loss_and_gradients_match_pytorch_autograd(name, tiny_hf):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, cfg.vocab_size, 21), rng.integers(0, cfg.vocab_size, 27)]
     batch = packed_batch([docs], 48)
-    loss, grads, _ = loss_and_grads(graphdef, params, batch, StepConfig(num_sources=1))
+    loss, grads, _ = loss_and_grads(graphdef, params, batch, StepConfig(num_sources=1, loss_chunk=loss_chunk))
 
     model = hf_models.load_hf_model(hf_dir)
     total, count = 0.0, 0

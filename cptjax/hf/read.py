@@ -8,6 +8,7 @@ no torch model, no second copy of the weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -153,8 +154,14 @@ def read_group(plan: ReadPlan, group: list[KeyMapping]) -> np.ndarray:
 
 def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, dtype,
                            progress: Progress | None = None) -> dict:
-    """Reads an HF folder straight onto the devices: each process reads only the tensors (layers)
-    its devices hold, one at a time, and no host ever assembles the whole model."""
+    """Reads an HF folder straight onto the devices, each checkpoint byte read by one process only.
+
+    Each parameter is first read in its stored dtype onto a "read layout" that splits it in
+    contiguous blocks over every device of the mesh (whole layers, or row blocks), each process
+    reading only its devices' blocks (byte ranges of the safetensors files), so N hosts together
+    read the checkpoint once, not N times. One jitted copy then casts it to `dtype` and lays it
+    out on its own sharding (the devices exchange the blocks). No host holds more than its share.
+    """
     import jax
 
     plan = plan_read(user_path(hf_dir), cfg)
@@ -165,19 +172,42 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
     for path, group in (progress(items) if progress else items):
         stacked = group[0].layer is not None
         shape = ((len(group),) if stacked else ()) + group[0].shape
-        cache: dict[int | None, np.ndarray] = {}  # devices on one host often want the same layer
+        target = get_param(shardings, path)
+        stored = plan.dtype(group[0])
+        if any(plan.dtype(m) != stored for m in group):  # layers stored in several dtypes: rare
+            stored = np.dtype(dtype)
 
-        def tensor(layer, group=group, cache=cache):
-            if layer not in cache:
-                cache.clear()
-                cache[layer] = plan.read(group[layer if layer is not None else 0]).astype(dtype)
-            return cache[layer]
+        def block(index, group=group, stacked=stacked, stored=stored):
+            rows = range(len(group))[index[0]] if stacked else [None]
+            inner = index[1:] if stacked else index
+            out = np.empty(((len(rows),) if stacked else ()) + tuple(len(range(*s.indices(n)))
+                           for s, n in zip(inner, group[0].shape)), stored)
+            for i, layer in enumerate(rows):
+                m = group[layer if layer is not None else 0]
+                dest = out[i] if stacked else out
+                if plan.dtype(m) == stored:
+                    plan.located[m.hf_name].read_block_into(m.hf_name, m.shape, inner, dest)
+                else:
+                    dest[...] = plan.read(m)[inner].astype(stored)
+            return out
 
-        def shard(index, stacked=stacked, shape=shape, tensor=tensor):
-            if not stacked:
-                return tensor(None)[index]
-            layers = range(shape[0])[index[0]]
-            return np.stack([tensor(i)[index[1:]] for i in layers])
-
-        set_param(params, path, jax.make_array_from_callback(shape, get_param(shardings, path), shard))
+        read = jax.make_array_from_callback(shape, _read_layout(shape, target.mesh), block)
+        set_param(params, path, _cast_onto(target, np.dtype(dtype))(read))
     return params
+
+
+def _read_layout(shape: tuple[int, ...], mesh):
+    """A sharding that gives each device one contiguous block: the first axis (layers, else rows)
+    that every device of the mesh divides; replicated if none does (tiny tensors)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    for axis, size in enumerate(shape):
+        if size % mesh.size == 0:
+            return NamedSharding(mesh, PartitionSpec(*(None,) * axis, tuple(mesh.axis_names)))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@functools.lru_cache(maxsize=64)
+def _cast_onto(sharding, dtype):
+    import jax
+    return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)

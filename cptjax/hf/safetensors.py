@@ -23,6 +23,13 @@ from cptjax.errors import CptjaxError
 from cptjax.paths import PathLike, user_path
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
+_bytes_read = 0  # tensor bytes this process has read through SafetensorsFile
+
+
+def bytes_read() -> int:
+    """Tensor bytes this process has read from safetensors files so far (for tests and benchmarks
+    of how much of a checkpoint each host reads)."""
+    return _bytes_read
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,45 @@ class SafetensorsFile:
             raise ValueError(f"destination {out.dtype}{out.shape} does not fit {name} "
                              f"{info.dtype}{info.shape}")
         with self.path.open("rb") as f:
-            f.seek(info.begin)
-            view = memoryview(out.reshape(-1).view(np.uint8))
+            self._read_runs(f, name, np.array([info.begin]), info.nbytes, out)
+
+    def read_block_into(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...],
+                        out: np.ndarray) -> None:
+        """Reads the block `index` (slices with step 1) of tensor `name`, viewed as the C-order
+        `shape` (the same bytes: a reshape of the stored shape), into `out`, reading only its bytes:
+        one contiguous run per combination of the indices before the last sliced axis."""
+        info = self.tensors[name]
+        ranges = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
+        block = tuple(stop - start for start, stop in ranges)
+        if out.dtype != info.dtype or out.shape != block or not out.flags.c_contiguous:
+            raise ValueError(f"destination {out.dtype}{out.shape} does not fit {name}{list(block)}")
+        if math.prod(shape) * info.dtype.itemsize != info.nbytes:
+            raise ValueError(f"shape {shape} does not view {name} {info.shape}")
+        # Axes after `last` are whole, so each run spans block[last:]; the runs start at the
+        # offsets of every index combination of the axes up to `last`.
+        last = max((d for d, (r, n) in enumerate(zip(ranges, shape)) if r != (0, n)), default=0)
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        starts = np.zeros((), np.int64)
+        for d in range(last + 1):
+            axis = np.arange(*ranges[d], dtype=np.int64) if d < last else np.array([ranges[d][0]])
+            starts = (starts[..., None] + axis * strides[d])
+        run = math.prod(block[last:]) * info.dtype.itemsize
+        with self.path.open("rb") as f:
+            self._read_runs(f, name, info.begin + starts.reshape(-1) * info.dtype.itemsize, run, out)
+
+    def _read_runs(self, f, name: str, offsets: np.ndarray, run: int, out: np.ndarray) -> None:
+        """Reads `run` bytes at each file offset into consecutive parts of `out`."""
+        global _bytes_read
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        for i, offset in enumerate(offsets.tolist()):
+            f.seek(offset)
             done = 0
-            while done < info.nbytes:
-                got = f.readinto(view[done:])
+            while done < run:
+                got = f.readinto(view[i * run + done:(i + 1) * run])
                 if not got:
                     raise CptjaxError(f"{self.path}: truncated while reading tensor {name!r}")
                 done += got
+        _bytes_read += run * len(offsets)
 
     def read(self, name: str) -> np.ndarray:
         info = self.tensors[name]

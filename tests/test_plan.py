@@ -1,0 +1,128 @@
+"""`cptjax plan`: the trainer's own step compiled ahead of time for TPU slices from this CPU host
+(libtpu, the `tpu` extra, which CI installs), or for the local devices; every shipped TPU config
+fits its named target with at least 10% headroom."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+import yaml
+
+import tiny_configs
+from batches import raw_config
+from cptjax.cli import main
+from cptjax.errors import CptjaxError
+from cptjax.plan import TPU_HBM_GIB, model_config_for, plan, topology_devices, topology_name
+from cptjax.train_config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# The model each shipped config continues from (its init_from is not on this machine).
+MODELS = {"llama-3.1-8b-tpu-wsd.yaml": "llama-3.1-8b", "llama-3.2-1b-code.yaml": "llama-3.2-1b",
+          "qwen2.5-0.5b-two-stage.yaml": "qwen2.5-0.5b"}
+HEADROOM = 0.10
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed: pip install -e '.[tpu]' (the test extra brings it on x86-64 Linux)")
+
+
+def hardware(path: Path) -> str:
+    """The target named in a config's header: '# Hardware: TPU v5p-128 (...)' -> 'TPU v5p-128 (...)'."""
+    lines = [line for line in path.read_text().splitlines()[:20] if line.startswith("# Hardware: ")]
+    assert len(lines) == 1, f"{path.name}: its header must name its target hardware once"
+    return lines[0].removeprefix("# Hardware: ")
+
+
+def tpu_target(path: Path) -> str | None:
+    match = re.match(r"TPU (v\w+-\d+)\b", hardware(path))
+    return match.group(1) if match else None
+
+
+def hf_config(path: Path) -> str:
+    return str(tiny_configs.FIXTURES / f"{MODELS[path.name]}.json")
+
+
+def test_every_config_names_its_hardware_and_the_tpu_ones_are_planned():
+    assert set(MODELS) == {p.name for p in CONFIGS}
+    assert any(tpu_target(p) for p in CONFIGS)
+    for path in CONFIGS:
+        assert hardware(path).startswith(("TPU ", "one NVIDIA", "NVIDIA")), path.name
+
+
+def test_slice_names_map_to_the_standard_topologies():
+    assert topology_name("v5p-128") == "v5p:4x4x4"  # 128 TensorCores, 64 chips
+    assert topology_name("v5p-8") == "v5p:2x2x1"
+    assert topology_name("v5p-256") == "v5p:4x4x8"
+    assert topology_name("v5e-256") == "v5e:16x16"
+    assert topology_name("v5litepod-8") == "v5e:2x4"
+    assert topology_name("v6e-64") == "v6e:8x8"
+    assert topology_name("v6e-8") == "v6e:2x4"
+    assert topology_name("v5p:2x4x4") == "v5p:2x4x4"
+    with pytest.raises(CptjaxError, match="--topology v5p-100: cptjax knows slices of 4, 8, 16"):
+        topology_name("v5p-100")
+    with pytest.raises(CptjaxError, match="expected a TPU slice such as v5p-128"):
+        topology_name("h100-8")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name,chips", [("v5p-128", 64), ("v5p-16", 8), ("v5e-256", 256), ("v6e-64", 64),
+                                        ("v6e-8", 8)])
+def test_libtpu_builds_the_slice_with_one_device_per_chip(name, chips):
+    assert len(topology_devices(name)) == chips
+
+
+@needs_libtpu
+@pytest.mark.parametrize("slice_name", ["v5p-8", "v5e-4", "v6e-4"])
+def test_the_hbm_table_is_what_the_tpu_compiler_enforces(slice_name):
+    device = topology_devices(slice_name)[0]
+    mesh = jax.sharding.Mesh([device], ("x",))
+    big = jax.ShapeDtypeStruct((2**36,), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED") as err:
+        jax.jit(lambda x: jnp.cumsum(x * 2)).lower(big).compile()  # 256 GiB in and out: too much
+    available = re.search(r"available HBM \(([\d.]+)G\)", str(err.value)).group(1)
+    assert float(available) == TPU_HBM_GIB[device.device_kind]
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [p for p in CONFIGS if tpu_target(p)], ids=lambda p: p.name)
+def test_every_tpu_config_fits_its_target_with_headroom(path):
+    config = load_config(path)
+    result = plan(config, model_config_for(config, hf_config(path)), tpu_target(path))
+    assert result.attention == "splash" and result.memory is not None
+    assert result.fits and result.headroom >= HEADROOM, (result.needed, result.device_memory)
+
+
+@needs_libtpu
+def test_a_step_that_does_not_fit_fails_as_the_chip_would_and_names_the_knobs(capsys):
+    # The flagship before flash attention and the chunked loss: [B, N, L, S] scores, [B, L, V] logits.
+    path = ROOT / "configs/llama-3.1-8b-tpu-wsd.yaml"
+    code = main(["plan", "--config", str(path), "--topology", "v5p-128", "--hf-config", hf_config(path),
+                 "--set", "model.attention=xla", "--set", "model.loss_chunk=null"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "RESOURCE_EXHAUSTED: Ran out of memory on HBM" in out and "does NOT fit" in out
+    assert "- model.attention: auto" in out and "- model.loss_chunk: 256" in out
+
+
+def test_plan_for_the_local_devices(tmp_path, capsys):
+    hf = tmp_path / "config.json"
+    hf.write_text(json.dumps(tiny_configs.shrunk_config("qwen2.5-0.5b")))
+    raw = raw_config(tmp_path / "run", hf, training={"steps": 10, "batch_size": 4, "seq_len": 64})
+    raw["model"] = {"hf_config": str(hf), "compute_dtype": "float32", "loss_chunk": 16}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["plan", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"on local: {jax.device_count()} x cpu" in out and "attention xla" in out
+    assert re.search(r"fits: [\d.]+ GiB of [\d.]+ GiB per device, \d+% headroom", out)
+    assert not (tmp_path / "run").exists()  # plans touch nothing
+
+
+def test_a_remote_init_from_needs_hf_config(capsys):
+    assert main(["plan", "--config", str(ROOT / "configs/llama-3.1-8b-tpu-wsd.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.init_from gs://" in err and "pass --hf-config" in err

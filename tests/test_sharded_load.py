@@ -1,0 +1,68 @@
+"""Loading an HF folder onto a mesh reads each checkpoint byte once in total: a process reads only
+its devices' share of each tensor (byte ranges of the safetensors files), and every shard equals
+the plain host read."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cptjax.hf.read import find_weight_files
+from cptjax.hf.safetensors import bytes_read
+
+WORKER = Path(__file__).parent / "load_worker.py"
+
+
+def _tensor_bytes(hf_dir) -> int:
+    return sum(info.nbytes for f in find_weight_files(Path(hf_dir)).values() for info in f.tensors.values())
+
+
+def _worker_env(devices: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
+def test_a_block_read_reads_only_its_bytes(tiny_hf):
+    files = find_weight_files(tiny_hf("llama-3.2-1b"))
+    file = next(f for f in files.values() if "model.layers.1.mlp.up_proj.weight" in f.tensors)
+    full = file.read("model.layers.1.mlp.up_proj.weight")  # [F, D] = [160, 64]
+    for index in [(slice(40, 80), slice(0, 64)), (slice(0, 160), slice(16, 32)), (slice(8, 9), slice(3, 5))]:
+        out = np.empty((index[0].stop - index[0].start, index[1].stop - index[1].start), full.dtype)
+        before = bytes_read()
+        file.read_block_into("model.layers.1.mlp.up_proj.weight", full.shape, index, out)
+        assert bytes_read() - before == out.nbytes  # its own bytes, nothing around them
+        assert np.array_equal(out, full[index])
+
+
+@pytest.mark.parametrize("mesh,dtype", [((2, 2, 2), "float32"), ((1, 8, 1), "bfloat16")])
+def test_eight_devices_of_one_process_read_the_checkpoint_once(tiny_hf, mesh, dtype):
+    hf_dir = tiny_hf("qwen2.5-0.5b")  # q/k/v biases, tied embeddings
+    result = subprocess.run([sys.executable, str(WORKER), str(hf_dir), *map(str, mesh), dtype],
+                            capture_output=True, text=True, env=_worker_env(8), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["devices"] == 8 and found["all_equal"] and found["shards_checked"] > 8
+    assert found["bytes_read"] == _tensor_bytes(hf_dir)  # once, not once per device
+
+
+@pytest.mark.slow
+def test_each_of_two_processes_reads_half_the_checkpoint(tiny_hf):
+    hf_dir = tiny_hf("llama-3.1-8b")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = [subprocess.Popen([sys.executable, str(WORKER), str(hf_dir), "1", "8", "1", "float32", str(i), "2",
+                                 str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_worker_env(4)) for i in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    found = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    total = _tensor_bytes(hf_dir)
+    assert all(f["process_count"] == 2 and f["devices"] == 8 and f["all_equal"] for f in found)
+    # Every tensor of this model splits evenly over the 8 devices: exactly half each.
+    assert [f["bytes_read"] for f in found] == [total // 2, total // 2]
