@@ -12,6 +12,7 @@ the store says which, and the other finished steps (`restore_guarded`).
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -29,6 +30,18 @@ ASSETS_DIR = "hf_assets"
 OPT_STATE = "opt_state"
 TRAIN_META = "train_meta"  # step, data iterator state, lr, tokens seen: small JSON
 TRAIN_CONFIG = "train_config"
+
+# Orbax's notices (through absl's logger) that a read-only manager is read-only: true of every
+# checkpoint cptjax reads, so in a notebook or script they are only noise. Its other messages pass.
+_READ_ONLY_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+class _DropReadOnlyNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_READ_ONLY_NOTICES)
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
 
 
 def save_params_checkpoint(directory: epath.Path, step: int, cfg: ModelConfig, params: dict) -> None:
@@ -66,7 +79,7 @@ class CheckpointReader:
             raise CptjaxError(f"{flag} {self.directory}: no such folder")
         options = ocp.CheckpointManagerOptions(create=False, read_only=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_handlers=_handlers())
+                                              item_handlers=item_handlers())
         self.steps = steps = sorted(self._manager.all_steps())
         if not steps:
             raise CptjaxError(f"{flag} {self.directory}: no finished checkpoint step in this folder "
@@ -116,8 +129,12 @@ class CheckpointReader:
         self._manager.close()
 
 
-def _handlers() -> dict:
-    return {PARAMS: ocp.PyTreeCheckpointHandler(), MODEL_CONFIG: ocp.JsonCheckpointHandler()}
+def item_handlers() -> dict:
+    """Every item a cptjax checkpoint may hold (a converted one has params and model_config; a run's
+    has all five). Orbax warns of each item present but unregistered, even when it is not read."""
+    return {PARAMS: ocp.PyTreeCheckpointHandler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
+            MODEL_CONFIG: ocp.JsonCheckpointHandler(), TRAIN_META: ocp.JsonCheckpointHandler(),
+            TRAIN_CONFIG: ocp.JsonCheckpointHandler()}
 
 
 def _as_dict(metadata) -> dict:

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from cptjax.checkpoint import (ASSETS_DIR, MODEL_CONFIG, OPT_STATE, PARAMS, TRAIN_CONFIG, TRAIN_META,
-                               finished_steps, restore_guarded, unreadable_step)
+                               finished_steps, item_handlers, restore_guarded, unreadable_step)
 from cptjax.errors import CptjaxError
 from cptjax.hf.write import HF_ASSET_FILES
 from cptjax.model_config import ModelConfig
@@ -43,12 +43,6 @@ COMPLETE = ".complete"
 _TMP = ".orbax-checkpoint-tmp"  # in a name, Orbax never lists the folder
 _UNLISTED = f"{_TMP}-deleting"  # a step being removed: already unlisted
 _COMMIT_FILE = "commit_success.txt"  # what marks a step finished on an object store
-
-
-def _handlers() -> dict:
-    return {PARAMS: ocp.PyTreeCheckpointHandler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
-            MODEL_CONFIG: ocp.JsonCheckpointHandler(), TRAIN_META: ocp.JsonCheckpointHandler(),
-            TRAIN_CONFIG: ocp.JsonCheckpointHandler()}
 
 
 @jax.jit
@@ -75,7 +69,7 @@ def restore_run(directory: epath.Path, step: int, abstract_state: dict, what: st
                                              abstract_state[item]))
             for item in (PARAMS, OPT_STATE)}
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-    with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as manager:
+    with ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers()) as manager:
         restored = restore_guarded(manager, directory, step, steps,
                                    {**args, TRAIN_META: ocp.args.JsonRestore()}, what)
     state, meta = {"params": restored[PARAMS], "opt_state": restored[OPT_STATE]}, restored[TRAIN_META]
@@ -89,7 +83,7 @@ def restore_run(directory: epath.Path, step: int, abstract_state: dict, what: st
 def read_meta(directory: epath.Path, step: int, what: str = "run_dir") -> dict:
     """A step's train_meta alone (small JSON), to check a resume before anything is touched."""
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-    with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as manager:
+    with ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers()) as manager:
         return restore_guarded(manager, directory, step, finished_steps(directory),
                                {TRAIN_META: ocp.args.JsonRestore()}, what)[TRAIN_META]
 
@@ -106,7 +100,7 @@ class RunCheckpointer:
         if jax.process_index() == 0:
             remove_unfinished(directory)
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+        self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers())
         self._deleting: list[threading.Thread] = []
 
     def save(self, step: int, state: dict, meta: dict, model_config: ModelConfig, train_config: dict,

@@ -34,6 +34,7 @@ REDUCED = {"model": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_la
            "seeds": [0],
            "variants": [{"name": "rewarm_replay0"}, {"name": "rewarm_replay25", "replay": 0.25},
                         {"name": "constant_min_lr", "schedule": {"kind": "constant", "peak_lr": 2.5e-4}}]}
+PROGRESS = "progress.json"  # "base", "seedN/variant" -> {done, minutes} (summed over continuations)
 CODE_HELDOUT = ("json/*.py", "email/*.py", "http/*.py")  # packages; training reads the top-level modules
 DOMAIN, GENERAL = "code", "english"
 
@@ -93,8 +94,6 @@ def pretrain_base(out: Path, study: dict, corpora: dict, tokenizer: Path) -> Pat
     from tokenizers import Tokenizer
 
     from cptjax.demo import DEMO_MODEL
-    from cptjax.train_config import config_from_dict
-    from cptjax.trainer import run
 
     trained = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
     special = {name: trained.token_to_id(token) for name, token in (
@@ -108,8 +107,35 @@ def pretrain_base(out: Path, study: dict, corpora: dict, tokenizer: Path) -> Pat
                          [{"name": GENERAL, "type": "jsonl", "paths": [corpora["english_train"]]}],
                          {"kind": "warmup_cosine", "peak_lr": base["peak_lr"], "warmup": base["warmup"],
                           "end_lr": base["end_lr"]}, corpora, seed=0)
-    run(config_from_dict(config))
+    _train(config)
     return out / "base" / "checkpoints"
+
+
+class Stopped(Exception):
+    """A run stopped before its last step (SIGTERM: the trainer saved it); the study stops too."""
+
+
+def _train(config: dict) -> None:
+    """Trains one run to its end, or not at all if the study's progress file says it is done (a
+    study run again in the same --out continues where it stopped: runs resume from their saves)."""
+    from cptjax.train_config import config_from_dict
+    from cptjax.trainer import run
+
+    run_dir = Path(config["run_dir"])
+    study_dir = run_dir.parent if run_dir.name == "base" else run_dir.parents[1]  # out/seedN/variant
+    progress_file = study_dir / PROGRESS
+    progress = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+    key = str(run_dir.relative_to(progress_file.parent))
+    if progress.get(key, {}).get("done"):
+        return
+    start = time.perf_counter()
+    result = run(config_from_dict(config))
+    minutes = progress.get(key, {}).get("minutes", 0.0) + (time.perf_counter() - start) / 60
+    progress[key] = {"done": result.stopped_early is None, "minutes": minutes}
+    progress_file.write_text(json.dumps(progress, indent=2) + "\n")
+    if result.stopped_early is not None:
+        raise Stopped(f"{run_dir}: stopped at step {result.final_step} ({result.stopped_early}); "
+                      "run the same command again to continue")
 
 
 def variant_config(study: dict, variant: dict, base: Path, corpora: dict, run_dir: Path, seed: int) -> dict:
@@ -235,26 +261,26 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     from cptjax.demo import train_tokenizer
     from cptjax.eval_models import evaluate_models
     from cptjax.report import write_report
-    from cptjax.train_config import config_from_dict
-    from cptjax.trainer import run
 
     out.mkdir(parents=True, exist_ok=True)
     corpora = write_corpora(out, data_dir)
-    tokenizer = train_tokenizer(out / "tokenizer", data_dir, vocab_size=study["tokenizer_vocab"])
-    start = time.perf_counter()
+    tokenizer = out / "tokenizer"
+    if not (tokenizer / "tokenizer.json").exists():  # kept when the study continues
+        train_tokenizer(tokenizer, data_dir, vocab_size=study["tokenizer_vocab"])
     base = pretrain_base(out, study, corpora, tokenizer)
-    minutes = {"base": (time.perf_counter() - start) / 60, "seeds": {}}
+    progress = json.loads((out / PROGRESS).read_text())
+    minutes = {"base": progress["base"]["minutes"], "seeds": {}}
     write_report(out / "base", out / "base_report")
     echo(f"base pretrained in {minutes['base']:.1f} min: {base}")
 
     sets = [EvalSetConfig(name=s["name"], type=s["type"], paths=tuple(s["paths"])) for s in eval_sets(corpora)]
     finals, curves, base_loss = {}, {}, None
     for seed in study["seeds"]:
-        start = time.perf_counter()
+        start = time.perf_counter()  # the final evaluation's time; training times are in progress.json
         curves[seed] = {}
         for variant in study["variants"]:
             run_dir = out / f"seed{seed}" / variant["name"]
-            run(config_from_dict(variant_config(study, variant, base, corpora, run_dir, seed)))
+            _train(variant_config(study, variant, base, corpora, run_dir, seed))
             curves[seed][variant["name"]] = heldout_curve(run_dir)
             if seed == study["seeds"][0]:
                 write_report(run_dir, out / "reports" / variant["name"])
@@ -267,7 +293,8 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
         base_loss = {k: results[0][k]["loss"] for k in (DOMAIN, GENERAL)}
         finals[seed] = {v["name"]: {k: r[k]["loss"] for k in (DOMAIN, GENERAL)}
                         for v, r in zip(study["variants"], results[1:])}
-        minutes["seeds"][seed] = (time.perf_counter() - start) / 60
+        runs = [r for key, r in json.loads((out / PROGRESS).read_text()).items() if key.startswith(f"seed{seed}/")]
+        minutes["seeds"][seed] = sum(r["minutes"] for r in runs) + (time.perf_counter() - start) / 60
         echo(f"seed {seed}: {minutes['seeds'][seed]:.1f} min")
     table = summarize(study, base_loss, finals, curves)
     figures = plot(study, base_loss, table, curves, out)
@@ -286,18 +313,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the study (default: %(default)s)")
     parser.add_argument("--reduced", action="store_true", help="the CI version: minutes, one seed")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the config's")
-    parser.add_argument("--out", required=True, help="a new folder for everything the study writes")
+    parser.add_argument("--out", required=True, help="a new folder for everything the study writes, or "
+                        "the folder of a stopped study to continue it")
     args = parser.parse_args(argv)
     study = yaml.safe_load(Path(args.config).read_text())
     if args.reduced:
         study = {**study, **REDUCED}
     if args.seeds:
         study["seeds"] = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
+    out = Path(args.out).absolute()
+    recorded = out / "study.json"
     if out.exists() and any(out.iterdir()):
-        print(f"reproduce_cpt_findings: --out {out}: not empty; choose a new folder", file=sys.stderr)
-        return 2
-    run_study(study, out.absolute(), ROOT / "data")
+        if not recorded.exists() or json.loads(recorded.read_text()) != study:
+            print(f"reproduce_cpt_findings: --out {out}: not empty and not a stopped run of this study; "
+                  "choose a new folder", file=sys.stderr)
+            return 2
+        print(f"reproduce_cpt_findings: continuing the study in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(study, indent=2) + "\n")
+    try:
+        run_study(study, out, ROOT / "data")
+    except Stopped as stop:
+        print(f"reproduce_cpt_findings: {stop}", file=sys.stderr)
+        return 3
     return 0
 
 
