@@ -152,7 +152,7 @@ def check_same_architecture(base: Weights, tuned: Weights) -> None:
         a, b = getattr(base.config, field.name), getattr(tuned.config, field.name)
         if field.name not in _METADATA_FIELDS and a != b:
             raise CptjaxError(f"--tuned {tuned.describe()}: {field.name} is {b}, but {a} in --base; a merge "
-                              "needs two models of the same architecture and shapes")
+                              "or a comparison of weights needs two models of the same architecture and shapes")
 
 
 def write_merge(base: str, tuned: str, alpha: float, out: PathLike, *, method: Method = "linear",

@@ -177,6 +177,31 @@ def save_sweep_figure(sweep: dict, out: epath.Path) -> str:
     return _save(fig, out, "sweep.png")
 
 
+def draw_weight_change(ax: Axes, change) -> None:
+    """Relative change from the base per layer, one line per parameter kind (a WeightChange)."""
+    for i, (kind, values) in enumerate(change.layers.items()):
+        if not np.isnan(values).all():  # zero-initialised biases have no relative change
+            ax.plot(range(len(values)), values, color=_color(i), ls="-" if i < len(COLORS) else "--",
+                    marker="o", ms=3, lw=1.2, label=kind)
+    ax.set_yscale("log")
+    ax.set(title="Weight change from the base, per layer", xlabel="layer",
+           ylabel="||W - W_base|| / ||W_base||")
+    _legend(ax)
+
+
+def save_weight_change_figure(change, out: epath.Path, name: str = "weight_change.png") -> str:
+    """The per-layer lines, and a bar for each parameter outside the layers (embeddings, final norm)."""
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=(3, 1))
+    draw_weight_change(left, change)
+    names = list(change.other)
+    right.bar(range(len(names)), [change.other[n] for n in names], color="tab:gray")
+    right.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    right.set(title="Outside the layers", ylabel="||W - W_base|| / ||W_base||")
+    fig.suptitle(f"{change.tuned} against {change.base}", fontsize=10)
+    return _save(fig, out, name)
+
+
 def _legend(ax: Axes, empty: str = "nothing logged for this plot yet") -> None:
     """A legend, or the note `empty` when the panel has nothing to show."""
     if ax.get_legend_handles_labels()[0]:
