@@ -270,7 +270,8 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     base = pretrain_base(out, study, corpora, tokenizer)
     progress = json.loads((out / PROGRESS).read_text())
     minutes = {"base": progress["base"]["minutes"], "seeds": {}}
-    write_report(out / "base", out / "base_report")
+    if not (out / "base_report").exists():  # reports are never overwritten; kept when continuing
+        write_report(out / "base", out / "base_report")
     echo(f"base pretrained in {minutes['base']:.1f} min: {base}")
 
     sets = [EvalSetConfig(name=s["name"], type=s["type"], paths=tuple(s["paths"])) for s in eval_sets(corpora)]
@@ -282,7 +283,7 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
             run_dir = out / f"seed{seed}" / variant["name"]
             _train(variant_config(study, variant, base, corpora, run_dir, seed))
             curves[seed][variant["name"]] = heldout_curve(run_dir)
-            if seed == study["seeds"][0]:
+            if seed == study["seeds"][0] and not (out / "reports" / variant["name"]).exists():
                 write_report(run_dir, out / "reports" / variant["name"])
             echo(f"seed {seed} {variant['name']}: done")
         # the final numbers: cptjax eval on the base and every run's last checkpoint, together
