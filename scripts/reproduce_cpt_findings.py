@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this clone's cptjax, whichever copy is installed
 DEFAULT_CONFIG = ROOT / "configs" / "studies" / "reproduce_cpt_findings.yaml"
 # The CI version: the same study, shrunk until it runs in minutes (the calibration in
 # docs/guide.md measured its seed spread).
