@@ -75,6 +75,9 @@ def topology_devices(slice_name: str) -> list:
     # the topology compiled for is `name` either way.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", slice_name if ":" not in slice_name else "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compiling touches no chip, so libtpu's one-process-per-host lock is not needed: without this,
+    # any other process that loaded libtpu (a run on this TPU VM, another plan) makes it fail.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except (RuntimeError, jax.errors.JaxRuntimeError) as err:

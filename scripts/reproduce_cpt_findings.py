@@ -310,13 +310,19 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     return results
 
 
+def _without_seeds(study: dict) -> dict:
+    """What makes two studies the same: everything but the seeds (a study can gain seeds later, and
+    a table can be made from the seeds finished so far)."""
+    return {key: value for key, value in study.items() if key != "seeds"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the study (default: %(default)s)")
     parser.add_argument("--reduced", action="store_true", help="the CI version: minutes, one seed")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the config's")
     parser.add_argument("--out", required=True, help="a new folder for everything the study writes, or "
-                        "the folder of a stopped study to continue it")
+                        "the folder of a stopped study to continue it (with the same or other seeds)")
     args = parser.parse_args(argv)
     study = yaml.safe_load(Path(args.config).read_text())
     if args.reduced:
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).absolute()
     recorded = out / "study.json"
     if out.exists() and any(out.iterdir()):
-        if not recorded.exists() or json.loads(recorded.read_text()) != study:
+        if not recorded.exists() or _without_seeds(json.loads(recorded.read_text())) != _without_seeds(study):
             print(f"reproduce_cpt_findings: --out {out}: not empty and not a stopped run of this study; "
                   "choose a new folder", file=sys.stderr)
             return 2

@@ -57,6 +57,10 @@ def user_folder(tmp_path_factory):
         hf_models.save_hf_model(hf, folder / where)
         for file in tokenizer.iterdir():
             shutil.copy(file, folder / where / file.name)
+    # `cptjax plan --topology` reads only a config.json (the flagship's weights are on gs://)
+    (folder / "models" / "Llama-3.1-8B").mkdir(parents=True)
+    (folder / "models" / "Llama-3.1-8B" / "config.json").write_text(
+        json.dumps(tiny_configs.full_config("llama-3.1-8b")))
     code = [p.read_text() for p in sorted((STDLIB / "json").glob("*.py"))]
     english = [json.loads(line)["text"] for line in corpus_files()["wiki_jsonl"].read_text().splitlines()]
     _write_jsonl_zst(folder / "corpus" / "code" / "part-0.jsonl.zst", code)
@@ -82,7 +86,8 @@ def test_the_readme_shows_the_commands_this_test_runs():
     readme = _commands("\n".join(re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)))
     header = _commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
     assert len(readme) >= 10 and len(header) == 3, (readme, header)
-    assert all(c.split()[1] in ("demo", "train", "config", "convert", "eval", "report", "generate", "merge")
+    assert all(c.split()[1] in ("demo", "train", "config", "convert", "eval", "report", "generate", "merge",
+                                "plan")
                for c in readme), readme
 
 
@@ -107,11 +112,13 @@ def test_readme_and_config_commands_work_as_written_from_a_fresh_folder(user_fol
         if command.startswith("cptjax train") and "--until-step" not in command:
             command += " --until-step 2"  # the same run, one step further (it resumes)
         command = command.replace("--until-step 500", "--until-step 3").replace("@6000", "@3")
-        if command.startswith("cptjax train"):
-            command += SMALLER
+        if command.startswith("cptjax train") or (command.startswith("cptjax plan") and "--topology" not in command):
+            command += SMALLER  # a plan for this machine's CPU: the batch this test trains with
         out = _run(command, user_folder)
         if command.startswith("cptjax config show"):
             assert f"run_dir: {run}" in out  # relative paths resolved against the user's folder
+        if command.startswith("cptjax plan"):
+            assert re.search(r"fits: [\d.]+ GiB of [\d.]+ GiB per device", out), out
         if "--verify" in command:
             assert "verified with transformers: max |logit difference|" in out
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == "3"
