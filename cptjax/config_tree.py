@@ -67,13 +67,27 @@ def yaml_error(err: yaml.YAMLError) -> str:
     return " ".join(str(err).split())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path, key: str) -> dict:
     """A YAML file whose top level is a mapping (a config); `key` names the flag that gave it."""
     file = user_path(path, key)
     if not file.is_file():
         raise CptjaxError(f"{key} {file}: no such file")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
+        raw = yaml.load(file.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise CptjaxError(f"{file}: not valid YAML ({yaml_error(err)})") from None
     if not isinstance(raw, dict):

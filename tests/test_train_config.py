@@ -88,3 +88,11 @@ def test_batch_not_divisible_by_the_data_axes_on_two_devices(tiny_hf, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "training.batch_size 3 must be divisible by the data-parallel ways" in last
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path, capsys):
+    path = tmp_path / "twice.yaml"
+    path.write_text("run_dir: r\nmodel:\n  hf_config: c.json\n  remat: full\n  remat: none\n")
+    assert main(["config", "show", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "key 'remat' appears twice" in err and "line 5" in err
