@@ -147,9 +147,15 @@ class Plan:
         return None if not self.device_memory else 1 - self.needed / self.device_memory
 
 
-def plan(config: TrainConfig, model_config: ModelConfig, topology: str | None = None) -> Plan:
-    """Compiles `config`'s train step for `topology` (a TPU slice) or the local devices."""
+def plan(config: TrainConfig, model_config: ModelConfig, topology: str | None = None,
+         device_count: int | None = None) -> Plan:
+    """Compiles `config`'s train step for `topology` (a TPU slice) or the local devices; with
+    `device_count`, for that many of them (the tests' stand-in for a GPU node's devices)."""
     devices = topology_devices(topology) if topology else jax.devices()
+    if device_count is not None:
+        if device_count > len(devices):
+            raise CptjaxError(f"{device_count} devices asked for; {topology or 'this machine'} has {len(devices)}")
+        devices = devices[:device_count]
     attention = check_layout(config, model_config, devices)
     setup = build_setup(config, model_config, num_sources=len(config.data.sources), devices=devices)
     rows, length = config.training.batch_size, config.training.seq_len

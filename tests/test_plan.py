@@ -23,7 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # The model each shipped config continues from (its init_from is not on this machine).
 MODELS = {"llama-3.1-8b-tpu-wsd.yaml": "llama-3.1-8b", "llama-3.2-1b-code.yaml": "llama-3.2-1b",
-          "qwen2.5-0.5b-two-stage.yaml": "qwen2.5-0.5b"}
+          "qwen2.5-0.5b-two-stage.yaml": "qwen2.5-0.5b", "llama-3.1-8b-8xh100.yaml": "llama-3.1-8b",
+          "llama-3.1-8b-tpu-v6e-64.yaml": "llama-3.1-8b", "mistral-7b-tpu-v5p-64.yaml": "mistral-7b-v0.1",
+          "qwen2.5-0.5b-cpu.yaml": "qwen2.5-0.5b"}
+# GPU configs cannot be compiled for a GPU here. Their stand-in: the same step compiled for as many
+# TPU v5p chips (95.74 GiB each, so the compile does not stop short), whose peak must leave 10% of
+# an 80 GB H100 as JAX uses it: 81,559 MiB (nvidia-smi) x XLA_PYTHON_CLIENT_MEM_FRACTION 0.95, which
+# scripts/slurm_train.sbatch sets. A proxy (GPU kernels and fusions differ); on the GPU, `cptjax plan`.
+H100_GIB = 81_559 / 1024 * 0.95
+GPU_PROXY = {1: "v5p-8", 8: "v5p-16"}  # GPUs -> a slice with at least that many chips
+# A CPU config must fit the RAM its header names (16 GB) with 10% to spare.
+CPU_RAM_GIB = 16e9 / 2**30
 HEADROOM = 0.10
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed: pip install -e '.[tpu]' (the test extra brings it on x86-64 Linux)")
@@ -34,6 +44,12 @@ def hardware(path: Path) -> str:
     lines = [line for line in path.read_text().splitlines()[:20] if line.startswith("# Hardware: ")]
     assert len(lines) == 1, f"{path.name}: its header must name its target hardware once"
     return lines[0].removeprefix("# Hardware: ")
+
+
+def gpu_count(path: Path) -> int | None:
+    """'NVIDIA 8 x H100 80GB' -> 8, 'one NVIDIA GPU with 80 GB' -> 1; None for other hardware."""
+    match = re.match(r"(?:one NVIDIA|NVIDIA (\d+) x)", hardware(path))
+    return None if not match else int(match.group(1) or 1)
 
 
 def tpu_target(path: Path) -> str | None:
@@ -49,7 +65,8 @@ def test_every_config_names_its_hardware_and_the_tpu_ones_are_planned():
     assert set(MODELS) == {p.name for p in CONFIGS}
     assert any(tpu_target(p) for p in CONFIGS)
     for path in CONFIGS:
-        assert hardware(path).startswith(("TPU ", "one NVIDIA", "NVIDIA")), path.name
+        assert hardware(path).startswith(("TPU ", "one NVIDIA", "NVIDIA", "CPU")), path.name
+        assert tpu_target(path) or gpu_count(path) or hardware(path).startswith("CPU"), path.name
 
 
 def test_slice_names_map_to_the_standard_topologies():
@@ -94,6 +111,27 @@ def test_every_tpu_config_fits_its_target_with_headroom(path):
     result = plan(config, model_config_for(config, hf_config(path)), tpu_target(path))
     assert result.attention == "splash" and result.memory is not None
     assert result.fits and result.headroom >= HEADROOM, (result.needed, result.device_memory)
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [p for p in CONFIGS if gpu_count(p)], ids=lambda p: p.name)
+def test_every_gpu_config_fits_an_h100_by_the_tpu_compilers_count(path):
+    config = load_config(path)
+    count = gpu_count(path)
+    result = plan(config, model_config_for(config, hf_config(path)), GPU_PROXY[count], device_count=count)
+    assert result.devices == count and result.memory is not None, result.error
+    assert result.needed <= (1 - HEADROOM) * H100_GIB * 2**30, (result.needed / 2**30, H100_GIB)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [p for p in CONFIGS if hardware(p).startswith("CPU")], ids=lambda p: p.name)
+def test_every_cpu_config_fits_16_gb_of_ram(path):
+    config = load_config(path)
+    result = plan(config, model_config_for(config, hf_config(path)), device_count=1)
+    assert result.memory is not None and result.attention == "xla", result.error
+    assert "16 GB of RAM" in hardware(path)
+    assert result.needed <= (1 - HEADROOM) * CPU_RAM_GIB * 2**30, result.needed / 2**30
 
 
 @needs_libtpu
