@@ -64,7 +64,9 @@ def write_corpora(out: Path, data_dir: Path) -> dict:
                        ("english_heldout", english[::10])):
         path = out / "corpora" / f"{name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:  # a continued study reads it
+            path.write_text(text, encoding="utf-8")
         corpora[name] = str(path)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpora["code_train"] = [str(stdlib / "*.py")]
