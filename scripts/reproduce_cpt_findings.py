@@ -280,7 +280,6 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     sets = [EvalSetConfig(name=s["name"], type=s["type"], paths=tuple(s["paths"])) for s in eval_sets(corpora)]
     finals, curves, base_loss = {}, {}, None
     for seed in study["seeds"]:
-        start = time.perf_counter()  # the final evaluation's time; training times are in progress.json
         curves[seed] = {}
         for variant in study["variants"]:
             run_dir = out / f"seed{seed}" / variant["name"]
@@ -290,6 +289,7 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
                 write_report(run_dir, out / "reports" / variant["name"])
             echo(f"seed {seed} {variant['name']}: done")
         # the final numbers: cptjax eval on the base and every run's last checkpoint, together
+        start = time.perf_counter()  # the evaluation's time; the runs' training times are in progress.json
         models = [str(base)] + [str(out / f"seed{seed}" / v["name"] / "checkpoints") for v in study["variants"]]
         report = evaluate_models(models, sets, domain=[DOMAIN], seq_len=study["seq_len"],
                                  batch_size=study["batch_size"])
