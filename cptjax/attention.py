@@ -1,8 +1,12 @@
 """Attention kernels: the one function the decoder block calls, and which kernel runs it.
 
-  xla         `jax.nn.dot_product_attention` through XLA, packed documents as a dense [B, 1, L, S]
-              mask: any backend, any length; float32 scores [B, N, L, S] in memory.
-  cudnn       the same call through cuDNN flash attention (GPU, 16-bit compute); the segment mask
+  xla         plain XLA einsums, any backend, any length. Float32 scores exist within one layer's
+              forward and again within its backward, not between them: the backward recomputes
+              them from q, k and each row's log-sum-exp, as flash attention does. The queries go
+              in up to 8 blocks, each scoring only the keys up to its own end (and from its
+              window's start), so most of the causal mask's empty half is never computed; the
+              packed-document mask is built from segment ids within each block.
+  cudnn       `jax.nn.dot_product_attention` through cuDNN flash attention (GPU, 16-bit compute); the segment mask
               still reaches cuDNN as a dense [B, 1, L, S] bias.
   splash      TPU splash attention (Pallas, Mosaic): segment ids, the causal or sliding-window mask
               and GQA inside the kernel, nothing of size L x S in memory.
@@ -93,7 +97,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     seq_len = q.shape[1]
     name = check_kernel(choice, platform, q.dtype, seq_len, window)
     window = effective_window(window, seq_len)
-    if name in ("xla", "cudnn"):
+    if name == "xla":
+        return _xla(q, k, v, segment_ids, window)
+    if name == "cudnn":
         mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         return jax.nn.dot_product_attention(  # mask: [B, 1, L, S]
             q, k, v, mask=mask, is_causal=True, implementation=name,
@@ -101,6 +107,89 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     local = _splash if name == "splash" else _pallas_gpu
     interpret = platform != _NATIVE_PLATFORM[name]
     return _on_mesh(functools.partial(local, window=window, interpret=interpret), q, k, v, segment_ids)
+
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a score no query keeps: exp(_MASKED - max) == 0
+
+
+def query_blocks(seq_len: int) -> int:
+    """How many blocks the xla kernel cuts the queries into: block i attends to keys up to its own
+    end only, which skips most of the causal mask's empty upper triangle (at 4 blocks, 62% of the
+    scores remain). 128-query blocks, at most 8 of them; 1 when L does not divide."""
+    blocks = max(1, min(8, seq_len // 128))
+    return blocks if seq_len % blocks == 0 else 1
+
+
+def _xla(q, k, v, segment_ids, window):
+    """Causal attention in query blocks; one head group's queries at a time per kv head:
+    q [B, K, G, L, H] against k, v [B, K, S, H] (no kv head is repeated)."""
+    rows, length, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    qt = q.reshape(rows, length, num_kv, num_heads // num_kv, head_dim).transpose(0, 2, 3, 1, 4)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    size = length // query_blocks(length)
+    outs = []
+    for first in range(0, length, size):
+        end = first + size
+        # Keys before this block's window start are masked for all its queries: skip whole blocks.
+        key_first = 0 if window is None else max(0, first - window + 1) // size * size
+        q_seg, k_seg = (None, None) if segment_ids is None else (segment_ids[:, first:end],
+                                                                  segment_ids[:, key_first:end])
+        outs.append(_xla_attention(qt[:, :, :, first:end], kt[:, :, key_first:end], vt[:, :, key_first:end],
+                                   q_seg, k_seg, first - key_first, window, head_dim ** -0.5))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, L, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+
+
+def _allowed(q_segments, k_segments, offset: int, q_len: int, k_len: int, window: int | None) -> jax.Array:
+    """[B or 1, Lq, Lk]: whether query l (at position offset + l among the keys) may see key s:
+    causal, within the window, same document."""
+    query, key = offset + jnp.arange(q_len)[:, None], jnp.arange(k_len)[None, :]
+    ok = key <= query
+    if window is not None:
+        ok &= query - key < window
+    ok = ok[None]
+    if q_segments is not None:
+        ok = ok & (q_segments[:, :, None] == k_segments[:, None, :])
+    return ok
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _xla_attention(q, k, v, q_segments, k_segments, offset, window, scale):
+    return _xla_forward(q, k, v, q_segments, k_segments, offset, window, scale)[0]
+
+
+def _xla_forward(q, k, v, q_segments, k_segments, offset, window, scale):
+    ok = _allowed(q_segments, k_segments, offset, q.shape[3], k.shape[2], window)[:, None, None]
+    scores = jnp.einsum("BKGLH,BKSH->BKGLS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(ok, scores, _MASKED)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("BKGLS,BKSH->BKGLH", (weights / total).astype(v.dtype), v)
+    log_sum_exp = peak[..., 0] + jnp.log(total[..., 0])  # [B, K, G, L]
+    return out, (q, k, v, q_segments, k_segments, out, log_sum_exp)
+
+
+def _xla_backward(offset, window, scale, residuals, d_out):
+    # In the transposed score space [B, K, S, G, L]: each kv head's keys against all its group's
+    # queries, which makes dk and dv plain matmuls over (G, L).
+    q, k, v, q_segments, k_segments, out, log_sum_exp = residuals
+    ok = _allowed(q_segments, k_segments, offset, q.shape[3], k.shape[2], window)
+    ok = jnp.swapaxes(ok, 1, 2)[:, None, :, None]  # [B, 1, S, 1, L]
+    scores = jnp.einsum("BKSH,BKGLH->BKSGL", k, q, preferred_element_type=jnp.float32) * scale
+    probs = jnp.where(ok, jnp.exp(scores - log_sum_exp[:, :, None]), 0.0)
+    d_v = jnp.einsum("BKSGL,BKGLH->BKSH", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("BKSH,BKGLH->BKSGL", v, d_out, preferred_element_type=jnp.float32)
+    # softmax backward: d_scores = probs * (d_probs - sum_s probs * d_probs), and that sum is <d_out, out>.
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G, L]
+    d_scores = (probs * (d_probs - row_dot[:, :, None]) * scale).astype(q.dtype)
+    d_k = jnp.einsum("BKSGL,BKGLH->BKSH", d_scores, q)
+    d_q = jnp.moveaxis(jnp.einsum("BKSH,BKSGL->BKHGL", k, d_scores), 2, 4)
+    return d_q, d_k, d_v, None, None
+
+
+_xla_attention.defvjp(_xla_forward, _xla_backward)
 
 
 def _on_mesh(local, q, k, v, segment_ids):

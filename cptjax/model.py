@@ -225,8 +225,10 @@ class _Block:
         x = constrain(x + out, ("activation_batch", "activation_length", "activation_embed"))
 
         h = _rms_norm(x, w["post_attention_layernorm"], cfg.rms_norm_eps)
-        gate = jnp.einsum("BLD,FD->BLF", h, w["gate_proj"].astype(dt))
-        up = jnp.einsum("BLD,FD->BLF", h, w["up_proj"].astype(dt))
+        # One matmul for both projections (one pass over h, and one for its gradient), stacked on a
+        # new axis rather than concatenated along F, so an F-sharded mesh needs no data movement.
+        gate_up = jnp.einsum("BLD,TFD->BLTF", h, jnp.stack([w["gate_proj"], w["up_proj"]]).astype(dt))
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         if cfg.mlp_bias:
             gate = gate + w["gate_proj_bias"].astype(dt)
             up = up + w["up_proj_bias"].astype(dt)
@@ -238,8 +240,24 @@ class _Block:
         return x if cache is None else (x, cache)
 
 
+@jax.custom_vjp
 def _swiglu(gate, up):
     return jax.nn.silu(gate) * up
+
+
+def _swiglu_forward(gate, up):
+    return _swiglu(gate, up), (gate, up)
+
+
+def _swiglu_backward(residuals, d_out):
+    # One sigmoid for both gradients; autodiff of silu(gate) * up evaluates it more than once.
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return d_out * up * (sig + silu * (1 - sig)), d_out * silu
+
+
+_swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 def _rms_norm(x, weight, eps):

@@ -1,7 +1,8 @@
 """Inputs and comparisons for the attention-kernel tests (no torch: the 8-device worker imports it).
 
-Kernels are compared with XLA attention (`jax.nn.dot_product_attention` with a dense segment mask,
-the path cptjax used before) on packed rows: 1-4 documents of random lengths, then padding.
+Kernels are compared with `jax.nn.dot_product_attention` (XLA, a dense segment mask: the path
+cptjax used before its own memory-lean XLA attention), on packed rows: 1-4 documents of random
+lengths, then padding.
 """
 
 import jax
@@ -39,6 +40,13 @@ def qkv(shape_name: str, seed: int = 0, rows: int = B):
     normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
     return (normal(B, L, num_heads, head_dim), normal(B, L, num_kv, head_dim), normal(B, L, num_kv, head_dim),
             normal(B, L, num_heads, head_dim), jnp.asarray(packed_segment_ids(rng, B, L)), window)
+
+
+def reference(q, k, v, segment_ids, window):
+    """jax.nn.dot_product_attention with the packed documents as a dense [B, 1, L, S] mask."""
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla",
+                                        local_window_size=None if window is None else (window - 1, 0))
 
 
 def value_and_grads(fn, q, k, v, cotangent):

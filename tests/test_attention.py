@@ -1,6 +1,6 @@
-"""The attention kernels against XLA attention: splash (TPU) and the Pallas GPU flash kernel run in
-Pallas interpret mode on CPU, forward and backward, on packed documents with GQA and a sliding
-window; alone, inside the model (layers under scan with remat), and under shard_map on 8 devices."""
+"""The attention kernels against jax.nn.dot_product_attention: cptjax's own XLA attention, and
+splash (TPU) and the Pallas GPU flash kernel in Pallas interpret mode on CPU, forward and backward,
+on packed documents with GQA and a sliding window; alone, inside the model (layers under scan with remat), and under shard_map on 8 devices."""
 
 import json
 import os
@@ -26,20 +26,37 @@ from cptjax.train_step import StepConfig, loss_and_grads
 WORKER = Path(__file__).parent / "attention_worker.py"
 
 
-@pytest.mark.parametrize("shape_name,kernel", [("qwen2.5", "splash"), ("mistral", "splash"),
-                                               ("qwen2.5", "pallas_gpu")])
-def test_kernel_matches_xla_forward_and_backward(shape_name, kernel):
+@pytest.mark.parametrize("shape_name,kernel", [("qwen2.5", "xla"), ("mistral", "xla"), ("qwen2.5", "splash"),
+                                               ("mistral", "splash"), ("qwen2.5", "pallas_gpu")])
+def test_kernel_matches_dot_product_attention_forward_and_backward(shape_name, kernel):
     q, k, v, cotangent, seg, window = cases.qkv(shape_name)
     reference = cases.value_and_grads(
-        lambda q, k, v: attend(q, k, v, seg, choice="xla", window=window), q, k, v, cotangent)
+        lambda q, k, v: cases.reference(q, k, v, seg, window), q, k, v, cotangent)
     ours = cases.value_and_grads(
         lambda q, k, v: attend(q, k, v, seg, choice=kernel, window=window), q, k, v, cotangent)
     errors = cases.relative_errors(ours, reference)  # out, dq, dk, dv
     assert max(errors) <= cases.TOLERANCE, errors
     if window is not None:  # the window really masks something here: far more than the tolerance
         causal = cases.value_and_grads(
-            lambda q, k, v: attend(q, k, v, seg, choice="xla", window=None), q, k, v, cotangent)
+            lambda q, k, v: cases.reference(q, k, v, seg, None), q, k, v, cotangent)
         assert cases.relative_errors(causal[:1], reference[:1])[0] > 100 * cases.TOLERANCE
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_xla_query_blocks_skip_only_masked_keys(window):
+    # L = 1024: 8 query blocks of 128; with a 200-token window the late blocks start their keys
+    # blocks later (768 -> 512), so whole key blocks are skipped, which must change nothing.
+    from cptjax.attention import query_blocks
+
+    assert query_blocks(1024) == 8 and query_blocks(100) == 1
+    rng = np.random.default_rng(1)
+    q, k, v, cotangent = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                          for s in ((1, 1024, 4, 16), (1, 1024, 2, 16), (1, 1024, 2, 16), (1, 1024, 4, 16)))
+    seg = jnp.asarray(cases.packed_segment_ids(rng, 1, 1024))
+    reference = cases.value_and_grads(lambda q, k, v: cases.reference(q, k, v, seg, window), q, k, v, cotangent)
+    ours = cases.value_and_grads(lambda q, k, v: attend(q, k, v, seg, choice="xla", window=window),
+                                 q, k, v, cotangent)
+    assert max(cases.relative_errors(ours, reference)) <= cases.TOLERANCE
 
 
 @pytest.mark.parametrize("name,kernel", [("mistral-7b-v0.1", "splash"), ("qwen2.5-0.5b", "pallas_gpu"),
