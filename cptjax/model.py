@@ -202,8 +202,9 @@ class _Block:
         cfg, dt = self.cfg, self.dtype
         h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
         q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
-        k = jnp.einsum("BLD,KHD->BLKH", h, w["k_proj"].astype(dt))
-        v = jnp.einsum("BLD,KHD->BLKH", h, w["v_proj"].astype(dt))
+        # k and v in one matmul, stacked as gate and up are below.
+        kv = jnp.einsum("BLD,TKHD->BLTKH", h, jnp.stack([w["k_proj"], w["v_proj"]]).astype(dt))
+        k, v = kv[:, :, 0], kv[:, :, 1]
         if cfg.qkv_bias:
             q = q + w["q_proj_bias"].astype(dt)
             k = k + w["k_proj_bias"].astype(dt)
