@@ -233,32 +233,42 @@ class _Block:
         if cfg.mlp_bias:
             gate = gate + w["gate_proj_bias"].astype(dt)
             up = up + w["up_proj_bias"].astype(dt)
-        act = constrain(_swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))
-        down = jnp.einsum("BLF,DF->BLD", act, w["down_proj"].astype(dt))
+        down = _swiglu_down(gate, up, w["down_proj"].astype(dt))
         if cfg.mlp_bias:
             down = down + w["down_proj_bias"].astype(dt)
         x = constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
         return x if cache is None else (x, cache)
 
 
-@jax.custom_vjp
 def _swiglu(gate, up):
     return jax.nn.silu(gate) * up
 
 
-def _swiglu_forward(gate, up):
-    return _swiglu(gate, up), (gate, up)
+@jax.custom_vjp
+def _swiglu_down(gate, up, down_proj):
+    """The MLP's output: silu(gate) * up [B, L, F] through down_proj [D, F]. The backward
+    recomputes silu(gate) * up from gate and up, which it needs anyway, instead of keeping it:
+    one [B, L, F] tensor per layer less held between forward and backward, and one sigmoid for
+    both gradients (autodiff of silu(gate) * up evaluates it more than once)."""
+    return _swiglu_down_forward(gate, up, down_proj)[0]
 
 
-def _swiglu_backward(residuals, d_out):
-    # One sigmoid for both gradients; autodiff of silu(gate) * up evaluates it more than once.
-    gate, up = residuals
+def _swiglu_down_forward(gate, up, down_proj):
+    act = constrain(_swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))
+    return jnp.einsum("BLF,DF->BLD", act, down_proj), (gate, up, down_proj)
+
+
+def _swiglu_down_backward(residuals, d_out):
+    gate, up, down_proj = residuals
     sig = jax.nn.sigmoid(gate)
     silu = gate * sig
-    return d_out * up * (sig + silu * (1 - sig)), d_out * silu
+    act = constrain(silu * up, ("activation_batch", "activation_length", "activation_mlp"))
+    d_act = jnp.einsum("BLD,DF->BLF", d_out, down_proj)
+    d_down = jnp.einsum("BLF,BLD->DF", act, d_out)
+    return d_act * up * (sig + silu * (1 - sig)), d_act * silu, d_down
 
 
-_swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+_swiglu_down.defvjp(_swiglu_down_forward, _swiglu_down_backward)
 
 
 def _rms_norm(x, weight, eps):
@@ -275,11 +285,32 @@ def _rope_tables(cfg: ModelConfig, positions, dtype):
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@jax.custom_vjp
 def _apply_rope(x, cos, sin):
     # HF's rotate-half convention (its checkpoints are permuted for it), so weights need no permutation.
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+def _apply_rope_forward(x, cos, sin):
+    return _apply_rope(x, cos, sin), (cos, sin)
+
+
+def _apply_rope_backward(residuals, d_out):
+    # A rotation's transpose, written directly (autodiff pads and adds the two halves); the
+    # tables are functions of the positions only and get no gradient.
+    cos, sin = residuals
+    d_rotated = d_out * sin[:, :, None, :]
+    half = d_out.shape[-1] // 2
+    return (d_out * cos[:, :, None, :] + jnp.concatenate([d_rotated[..., half:], -d_rotated[..., :half]], axis=-1),
+            None, None)
+
+
+_apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)
 
 
 def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -> Llama:
