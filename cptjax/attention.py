@@ -6,8 +6,8 @@
               in up to 8 blocks, each scoring only the keys up to its own end (and from its
               window's start), so most of the causal mask's empty half is never computed; the
               packed-document mask is built from segment ids within each block.
-  cudnn       `jax.nn.dot_product_attention` through cuDNN flash attention (GPU, 16-bit compute); the segment mask
-              still reaches cuDNN as a dense [B, 1, L, S] bias.
+  cudnn       `jax.nn.dot_product_attention` through cuDNN flash attention (GPU, 16-bit
+              compute); the segment mask still reaches cuDNN as a dense [B, 1, L, S] bias.
   splash      TPU splash attention (Pallas, Mosaic): segment ids, the causal or sliding-window mask
               and GQA inside the kernel, nothing of size L x S in memory.
   pallas_gpu  the Pallas GPU flash kernel (Triton) with segment ids, nothing of size L x S in

@@ -301,13 +301,10 @@ def _apply_rope_forward(x, cos, sin):
 
 
 def _apply_rope_backward(residuals, d_out):
-    # A rotation's transpose, written directly (autodiff pads and adds the two halves); the
-    # tables are functions of the positions only and get no gradient.
+    # rotate_half's transpose is -rotate_half, written directly (autodiff pads and adds the two
+    # halves); the tables are functions of the positions only and get no gradient.
     cos, sin = residuals
-    d_rotated = d_out * sin[:, :, None, :]
-    half = d_out.shape[-1] // 2
-    return (d_out * cos[:, :, None, :] + jnp.concatenate([d_rotated[..., half:], -d_rotated[..., :half]], axis=-1),
-            None, None)
+    return d_out * cos[:, :, None, :] - _rotate_half(d_out * sin[:, :, None, :]), None, None
 
 
 _apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)

@@ -1,6 +1,7 @@
 """The attention kernels against jax.nn.dot_product_attention: cptjax's own XLA attention, and
 splash (TPU) and the Pallas GPU flash kernel in Pallas interpret mode on CPU, forward and backward,
-on packed documents with GQA and a sliding window; alone, inside the model (layers under scan with remat), and under shard_map on 8 devices."""
+on packed documents with GQA and a sliding window; alone, inside the model (layers under scan with
+remat), and under shard_map on 8 devices."""
 
 import json
 import os
