@@ -2,6 +2,7 @@
 
     python scripts/reproduce_cpt_findings.py --config configs/studies/reproduce_cpt_findings.yaml --out study/
     python scripts/reproduce_cpt_findings.py --reduced --out study-reduced/
+    python scripts/reproduce_cpt_findings.py --config other.yaml --base-from study/ --out study2/  # same base
 
 One base model is pretrained on English until its held-out English loss has flattened; from it,
 each variant of the study's config continues pretraining on Python code with the same tokens,
@@ -312,6 +313,33 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     return results
 
 
+BASE_KEYS = ("model", "tokenizer_vocab", "seq_len", "batch_size", "base")  # what the base depends on
+
+
+def reuse_base(other: Path, study: dict, out: Path) -> str | None:
+    """Copies the tokenizer and the finished base of the study in `other` into `out` (a new study
+    whose base settings are the same: only its CPT runs are new); returns why not, or None."""
+    import shutil
+
+    recorded = other / "study.json"
+    if not recorded.exists():
+        return f"--base-from {other}: no study.json there; name the --out folder of an earlier study"
+    theirs = json.loads(recorded.read_text())
+    differ = [key for key in BASE_KEYS if theirs.get(key) != study.get(key)]
+    if differ:
+        return (f"--base-from {other}: its base was made with other {', '.join(differ)}; "
+                "reuse only a base made with the same settings")
+    progress = json.loads((other / PROGRESS).read_text()) if (other / PROGRESS).exists() else {}
+    if not progress.get("base", {}).get("done"):
+        return f"--base-from {other}: its base is not finished; finish that study's base first"
+    for name in ("tokenizer", "base", "base_report"):
+        if (other / name).exists():
+            shutil.copytree(other / name, out / name)
+    shutil.copy2(other / "base_config.json", out / "base_config.json")
+    (out / PROGRESS).write_text(json.dumps({"base": progress["base"]}, indent=2) + "\n")
+    return None
+
+
 def _without_seeds(study: dict) -> dict:
     """What makes two studies the same: everything but the seeds (a study can gain seeds later, and
     a table can be made from the seeds finished so far)."""
@@ -323,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the study (default: %(default)s)")
     parser.add_argument("--reduced", action="store_true", help="the CI version: minutes, one seed")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the config's")
+    parser.add_argument("--base-from", help="the --out folder of an earlier study with the same model, "
+                        "tokenizer, batch and base settings: its pretrained base is copied, not trained again")
     parser.add_argument("--out", required=True, help="a new folder for everything the study writes, or "
                         "the folder of a stopped study to continue it (with the same or other seeds)")
     args = parser.parse_args(argv)
@@ -338,8 +368,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reproduce_cpt_findings: --out {out}: not empty and not a stopped run of this study; "
                   "choose a new folder", file=sys.stderr)
             return 2
+        if args.base_from:
+            print(f"reproduce_cpt_findings: --base-from: {out} already has its base; leave --base-from out "
+                  "to continue that study", file=sys.stderr)
+            return 2
         print(f"reproduce_cpt_findings: continuing the study in {out}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.base_from:
+        refusal = reuse_base(Path(args.base_from).absolute(), study, out)
+        if refusal:
+            print(f"reproduce_cpt_findings: {refusal}", file=sys.stderr)
+            return 2
+        print(f"reproduce_cpt_findings: the base of {args.base_from}, copied")
     recorded.write_text(json.dumps(study, indent=2) + "\n")
     try:
         run_study(study, out, ROOT / "data")

@@ -73,3 +73,54 @@ def test_another_study_in_a_used_folder_is_refused(tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0 and "not empty" in refused.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["something.txt"]
+
+
+def _finished_study(folder: Path, study_settings: dict, base_done: bool = True) -> Path:
+    """A study folder as the script leaves it once its base is pretrained (files, not a real base)."""
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(study_settings))
+    (folder / "progress.json").write_text(json.dumps({"base": {"done": base_done, "minutes": 47.5}}))
+    for name in ("tokenizer", "base/checkpoints/1600", "base_report"):
+        (folder / name).mkdir(parents=True)
+    (folder / "tokenizer" / "tokenizer.json").write_text("{}")
+    (folder / "base" / "checkpoints" / "1600" / "weights").write_text("w")
+    (folder / "base_config.json").write_text("{}")
+    return folder
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_cpt_findings", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_new_study_reuses_the_base_of_one_with_the_same_base_settings(tmp_path):
+    script = _script()
+    settings = {**script.REDUCED, "cpt": {**script.REDUCED["cpt"], "eval_every": 40}}
+    other = _finished_study(tmp_path / "earlier", script.REDUCED)
+    out = tmp_path / "new"
+    out.mkdir()
+    assert script.reuse_base(other, settings, out) is None  # only the CPT runs differ
+    assert (out / "base" / "checkpoints" / "1600" / "weights").read_text() == "w"
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "base_report").is_dir()
+    assert json.loads((out / "progress.json").read_text()) == {"base": {"done": True, "minutes": 47.5}}
+
+    for changed, named in (({"seq_len": 256}, "seq_len"), ({"base": {**script.REDUCED["base"], "steps": 9}}, "base")):
+        out = tmp_path / f"refused-{named}"
+        out.mkdir()
+        why = script.reuse_base(other, {**script.REDUCED, **changed}, out)
+        assert why is not None and f"other {named};" in why and str(other) in why
+        assert list(out.iterdir()) == []
+    unfinished = _finished_study(tmp_path / "unfinished", script.REDUCED, base_done=False)
+    assert "not finished" in script.reuse_base(unfinished, script.REDUCED, tmp_path / "refused-unfinished")
+
+
+def test_base_from_a_folder_that_is_no_study_is_refused_in_one_line(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    refused = study(tmp_path / "new", "--base-from", str(tmp_path / "elsewhere"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "no study.json" in refused.stderr
+    assert not (tmp_path / "new" / "study.json").exists() and not (tmp_path / "new" / "base").exists()
