@@ -204,10 +204,10 @@ def markdown(study: dict, base_loss: dict, table: dict, minutes: dict) -> str:
         return f"{entry['mean'] * scale:.{1 if percent else 3}f}{'%' if percent else ''}{spread}"
 
     lines = ["# Continued pretraining findings at small scale\n",
-             f"Base: held-out {GENERAL} loss {base_loss[GENERAL]:.3f}, {DOMAIN} loss {base_loss[DOMAIN]:.3f} "
-             f"nats/token. Seeds {', '.join(map(str, study['seeds']))}: mean ± standard deviation. Losses "
-             "in nats/token; forgetting = the English loss rise, adaptation = the code loss drop, both "
-             "against the base; replay rows against 0% replay of the same seed.\n",
+             (f"Base: held-out {GENERAL} loss {base_loss[GENERAL]:.3f}, {DOMAIN} loss {base_loss[DOMAIN]:.3f} "
+              f"nats/token. Seeds {', '.join(map(str, study['seeds']))}: mean ± standard deviation. Losses "
+              "in nats/token; forgetting = the English loss rise, adaptation = the code loss drop, both "
+              "against the base; replay rows against 0% replay of the same seed.\n"),
              "| variant | forgetting | adaptation | peak forgetting | forgetting removed | code loss cost |",
              "|---|---|---|---|---|---|"]
     for name, row in table.items():
