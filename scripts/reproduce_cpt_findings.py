@@ -36,8 +36,11 @@ REDUCED = {"model": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_la
            "seeds": [0],
            "variants": [{"name": "rewarm_replay0"}, {"name": "rewarm_replay25", "replay": 0.25},
                         {"name": "constant_min_lr", "schedule": {"kind": "constant", "peak_lr": 2.5e-4}}]}
+# What the evaluations read, unless the study's `heldout` says less: every 10th English document
+# (training never reads them) and these standard-library packages (training reads the top-level modules).
+HELDOUT = {"english_stride": 1, "code": ["json/*.py", "email/*.py", "http/*.py"]}
+REDUCED["heldout"] = HELDOUT  # its calibration was measured on the whole held-out sets
 PROGRESS = "progress.json"  # "base", "seedN/variant" -> {done, minutes} (summed over continuations)
-CODE_HELDOUT = ("json/*.py", "email/*.py", "http/*.py")  # packages; training reads the top-level modules
 DOMAIN, GENERAL = "code", "english"
 
 
@@ -55,14 +58,20 @@ def english_documents(data_dir: Path) -> list[str]:
     return wiki_and_jargon(data_dir) + scenes
 
 
-def write_corpora(out: Path, data_dir: Path) -> dict:
-    """English split by document (every tenth held out), code split by package."""
+def heldout(study: dict) -> dict:
+    """The study's held-out sets: HELDOUT, changed as its `heldout` says."""
+    return {**HELDOUT, **study.get("heldout", {})}
+
+
+def write_corpora(out: Path, data_dir: Path, held: dict = HELDOUT) -> dict:
+    """English split by document (every tenth held out; the evaluations read every
+    `english_stride`-th of those), code split by package (`held["code"]`, globs in the stdlib)."""
     import sysconfig
 
     english = english_documents(data_dir)
     corpora = {}
     for name, docs in (("english_train", [d for i, d in enumerate(english) if i % 10]),
-                       ("english_heldout", english[::10])):
+                       ("english_heldout", english[::10][::held["english_stride"]])):
         path = out / "corpora" / f"{name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
@@ -71,7 +80,7 @@ def write_corpora(out: Path, data_dir: Path) -> dict:
         corpora[name] = str(path)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpora["code_train"] = [str(stdlib / "*.py")]
-    corpora["code_heldout"] = [str(stdlib / pattern) for pattern in CODE_HELDOUT]
+    corpora["code_heldout"] = [str(stdlib / pattern) for pattern in held["code"]]
     return corpora
 
 
@@ -81,14 +90,14 @@ def eval_sets(corpora: dict) -> list[dict]:
 
 
 def _run_config(run_dir: Path, study: dict, section: dict, model: dict, sources: list[dict], schedule: dict,
-                corpora: dict, seed: int) -> dict:
+                corpora: dict, seed: int, at_start: bool = True) -> dict:
     steps = section["steps"]
     return {
         "run_dir": str(run_dir), "model": {**model, "compute_dtype": "float32"},
         "data": {"sources": sources, "eval_sets": eval_sets(corpora), "seed": seed},
         "training": {"steps": steps, "batch_size": study["batch_size"], "seq_len": study["seq_len"], "seed": 0},
         "schedule": schedule, "optimizer": {"weight_decay": 0.1},
-        "checkpoint": {"every": steps, "keep_last": 1}, "eval": {"every": section["eval_every"]},
+        "checkpoint": {"every": steps, "keep_last": 1}, "eval": {"every": section["eval_every"], "at_start": at_start},
         "logging": {"every": max(steps // 20, 1), "progress": "lines", "tensorboard": False},
     }
 
@@ -157,11 +166,14 @@ def variant_config(study: dict, variant: dict, base: Path, corpora: dict, run_di
     if replay:
         sources.append({"name": f"{GENERAL}_replay", "type": "jsonl", "paths": [corpora["english_train"]],
                         "weight": replay})
-    return _run_config(run_dir, study, cpt, {"init_from": str(base)}, sources, schedule, corpora, seed)
+    # no evaluation at step 0: the base is the same in every run, and the seed's final evaluation
+    # measures it once (run_study puts that first in every curve)
+    return _run_config(run_dir, study, cpt, {"init_from": str(base)}, sources, schedule, corpora, seed,
+                       at_start=False)
 
 
 def heldout_curve(run_dir: Path) -> list[dict]:
-    """The trainer's evaluations: [{"step", DOMAIN, GENERAL}] losses, the base's step 0 first."""
+    """The trainer's evaluations: [{"step", DOMAIN, GENERAL}] losses."""
     from cptjax.run_logs import read_run
 
     return [{"step": r["step"], **{k: r[k]["loss"] for k in (DOMAIN, GENERAL)}} for r in read_run(run_dir).evals]
@@ -267,7 +279,7 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     from cptjax.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    corpora = write_corpora(out, data_dir)
+    corpora = write_corpora(out, data_dir, heldout(study))
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():  # kept when the study continues
         train_tokenizer(tokenizer, data_dir, vocab_size=study["tokenizer_vocab"])
@@ -298,6 +310,8 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
         base_loss = {k: results[0][k]["loss"] for k in (DOMAIN, GENERAL)}
         finals[seed] = {v["name"]: {k: r[k]["loss"] for k in (DOMAIN, GENERAL)}
                         for v, r in zip(study["variants"], results[1:])}
+        for name, curve in curves[seed].items():  # step 0: the base, measured by this evaluation
+            curves[seed][name] = [{"step": 0, **base_loss}] + [c for c in curve if c["step"] > 0]
         runs = [r for key, r in json.loads((out / PROGRESS).read_text()).items() if key.startswith(f"seed{seed}/")]
         minutes["seeds"][seed] = sum(r["minutes"] for r in runs) + (time.perf_counter() - start) / 60
         echo(f"seed {seed}: {minutes['seeds'][seed]:.1f} min")
@@ -313,7 +327,7 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     return results
 
 
-BASE_KEYS = ("model", "tokenizer_vocab", "seq_len", "batch_size", "base")  # what the base depends on
+BASE_KEYS = ("model", "tokenizer_vocab", "seq_len", "batch_size", "base", "heldout")  # the base and its curve
 
 
 def reuse_base(other: Path, study: dict, out: Path) -> str | None:
@@ -325,7 +339,10 @@ def reuse_base(other: Path, study: dict, out: Path) -> str | None:
     if not recorded.exists():
         return f"--base-from {other}: no study.json there; name the --out folder of an earlier study"
     theirs = json.loads(recorded.read_text())
-    differ = [key for key in BASE_KEYS if theirs.get(key) != study.get(key)]
+    def settings(s: dict) -> dict:
+        return {**{key: s.get(key) for key in BASE_KEYS}, "heldout": heldout(s)}
+
+    differ = [key for key in BASE_KEYS if settings(theirs)[key] != settings(study)[key]]
     if differ:
         return (f"--base-from {other}: its base was made with other {', '.join(differ)}; "
                 "reuse only a base made with the same settings")

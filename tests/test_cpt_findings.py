@@ -49,6 +49,10 @@ def test_replay_and_rewarming_show_their_published_effects(reduced):
     # Without a re-warm (constant LR at the schedule's minimum) the model adapts less and forgets less.
     assert no_replay["adaptation"] - constant["adaptation"] > bounds["min_adaptation_gain_of_rewarming"]
     assert no_replay["forgetting"] - constant["forgetting"] > bounds["min_forgetting_cost_of_rewarming"]
+    # every curve starts at the base as the final evaluation measured it (the runs skip step 0)
+    for name, curve in results["curves"]["0"].items():
+        assert curve[0] == {"step": 0, **results["base_loss"]}, name
+        assert [c["step"] for c in curve[1:]] == list(range(20, 81, 20)), name
     # the outputs a reader looks at
     out, _ = reduced
     for name in ("results.md", "forgetting_vs_adaptation.png", "curves.png", "base_report/overview.png"):
@@ -108,12 +112,21 @@ def test_a_new_study_reuses_the_base_of_one_with_the_same_base_settings(tmp_path
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "base_report").is_dir()
     assert json.loads((out / "progress.json").read_text()) == {"base": {"done": True, "minutes": 47.5}}
 
-    for changed, named in (({"seq_len": 256}, "seq_len"), ({"base": {**script.REDUCED["base"], "steps": 9}}, "base")):
+    smaller = {"english_stride": 2, "code": ["json/*.py"]}  # the base is the same; its curve is not
+    for changed, named in (({"seq_len": 256}, "seq_len"), ({"base": {**script.REDUCED["base"], "steps": 9}}, "base"),
+                           ({"heldout": smaller}, "heldout")):
         out = tmp_path / f"refused-{named}"
         out.mkdir()
         why = script.reuse_base(other, {**script.REDUCED, **changed}, out)
         assert why is not None and f"other {named};" in why and str(other) in why
         assert list(out.iterdir()) == []
+    # a study recorded before `heldout` existed read the whole held-out sets
+    older = _finished_study(tmp_path / "older", {k: v for k, v in script.REDUCED.items() if k != "heldout"})
+    (tmp_path / "from-older").mkdir()
+    assert script.reuse_base(older, script.REDUCED, tmp_path / "from-older") is None
+    (tmp_path / "from-older-smaller").mkdir()
+    assert "other heldout;" in script.reuse_base(older, {**script.REDUCED, "heldout": smaller},
+                                                 tmp_path / "from-older-smaller")
     unfinished = _finished_study(tmp_path / "unfinished", script.REDUCED, base_done=False)
     assert "not finished" in script.reuse_base(unfinished, script.REDUCED, tmp_path / "refused-unfinished")
 
@@ -124,3 +137,16 @@ def test_base_from_a_folder_that_is_no_study_is_refused_in_one_line(tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0 and "no study.json" in refused.stderr
     assert not (tmp_path / "new" / "study.json").exists() and not (tmp_path / "new" / "base").exists()
+
+
+def test_the_held_out_sets_are_the_study_s(tmp_path):
+    script = _script()
+    whole = script.write_corpora(tmp_path / "whole", ROOT / "data")
+    smaller = script.write_corpora(tmp_path / "smaller", ROOT / "data", {"english_stride": 2, "code": ["json/*.py"]})
+    lines = {name: Path(c["english_heldout"]).read_text().splitlines() for name, c in (("whole", whole),
+                                                                                      ("smaller", smaller))}
+    assert lines["smaller"] == lines["whole"][::2] and len(lines["smaller"]) > 100
+    assert [Path(p).name for p in whole["code_heldout"]] == ["*.py"] * 3
+    assert smaller["code_heldout"] == [whole["code_heldout"][0]] and smaller["code_heldout"][0].endswith("json/*.py")
+    # training reads the same English either way: the base does not depend on the held-out choice
+    assert Path(whole["english_train"]).read_text() == Path(smaller["english_train"]).read_text()
