@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import signal
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-
+# JAX is imported where it is used, not here: the CLI installs the handler before anything slow
+# (importing JAX takes seconds, and a SIGTERM in them would kill the process unsaved and unexplained)
 _requested = [False]  # set by the handler; a list so the handler needs no global statement
 
 
@@ -45,6 +43,10 @@ class Preemption:
     def after_initialize(self) -> None:
         """Call once jax.distributed is up: from then on JAX's service decides, and a request that
         came before it is shared with every process (one collective, at start-up)."""
+        import jax
+        import numpy as np
+        from jax.experimental import multihost_utils
+
         self._service = jax.distributed.is_initialized()
         if self._service and jax.process_count() > 1:
             _requested[0] = bool(multihost_utils.process_allgather(np.int32(_requested[0])).any())
@@ -57,6 +59,8 @@ class Preemption:
     def agreed(self, step: int) -> bool:
         """True on every process at the same step once any process got SIGTERM."""
         if self._service:
+            from jax.experimental import multihost_utils
+
             return _requested[0] or multihost_utils.reached_preemption_sync_point(step)
         return _requested[0]
 

@@ -3,8 +3,11 @@ SIGTERM at each phase of a run exits 0 with every finished step saved; SIGKILL a
 (the first start, steps, evaluations, saves and deletions of old steps, the final save) loses at
 most the steps since the last checkpoint, and the run ends bit-identical to one never killed."""
 
+import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -131,3 +134,20 @@ def test_random_sigkills_resume_every_time_and_end_bit_identical(cpt_config, tmp
         for x, y in zip(a, b, strict=True):
             assert x.dtype == y.dtype and np.array_equal(x, y)
     assert steps(split / "checkpoints") == [38, 40]  # keep_last 2, nothing half-deleted left
+
+
+def test_cptjax_train_catches_sigterm_before_importing_jax():
+    # A SIGTERM in the seconds JAX takes to import (longer on a busy machine) must find the handler
+    # already there: the start-up case above then exits 0 however slow the machine is.
+    probe = (
+        "import json, signal, sys\n"
+        "import cptjax.cli as cli\n"
+        "def parser():\n"
+        "    handler = signal.getsignal(signal.SIGTERM)\n"
+        "    print(json.dumps({'jax': 'jax' in sys.modules, 'handler': getattr(handler, '__module__', None)}))\n"
+        "    raise SystemExit(0)\n"
+        "cli._parser = parser\n"
+        "cli.main(['train', '--config', 'unused.yaml'])\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"jax": False, "handler": "cptjax.preemption"}
