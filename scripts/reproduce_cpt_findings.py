@@ -207,6 +207,28 @@ def summarize(study: dict, base_loss: dict, finals: dict, curves: dict) -> dict:
     return table
 
 
+# The findings as paired differences (same seed, so the same data order): (what, variant, against it)
+COMPARISONS = (("re-warm + cosine against a constant minimum LR", "rewarm_replay0", "constant_min_lr"),
+               ("peak LR x1 against x0.5", "rewarm_replay0", "peak_lr_x0.5"),
+               ("peak LR x2 against x1", "peak_lr_x2", "rewarm_replay0"),
+               ("5% warmup against 1%", "warmup_5pct", "rewarm_replay0"),
+               ("WSD (1-sqrt cooldown) against cosine", "wsd_1sqrt", "rewarm_replay0"))
+
+
+def comparisons(table: dict) -> list[dict]:
+    """Each of COMPARISONS whose variants the study ran: adaptation and forgetting differences,
+    per seed and their mean."""
+    rows = []
+    for what, variant, against in COMPARISONS:
+        if variant in table and against in table:
+            row = {"what": what, "variant": variant, "against": against}
+            for key in ("adaptation", "forgetting"):
+                seeds = [a - b for a, b in zip(table[variant][key]["seeds"], table[against][key]["seeds"])]
+                row[key] = {"mean": statistics.fmean(seeds), "seeds": seeds}
+            rows.append(row)
+    return rows
+
+
 def markdown(study: dict, base_loss: dict, table: dict, minutes: dict) -> str:
     def cell(entry, percent=False):
         if entry is None:
@@ -226,6 +248,14 @@ def markdown(study: dict, base_loss: dict, table: dict, minutes: dict) -> str:
         lines.append(f"| {name} | {cell(row['forgetting'])} | {cell(row['adaptation'])} | "
                      f"{cell(row['peak_forgetting'])} | {cell(row.get('forgetting_removed'), True)} | "
                      f"{cell(row.get('domain_cost'))} |")
+    paired = comparisons(table)
+    if paired:
+        lines += ["\nPaired differences (each seed against itself; mean, then seeds " + ", ".join(map(str, study["seeds"]))
+                  + "):\n", "| comparison | adaptation difference | forgetting difference |", "|---|---|---|"]
+        for row in paired:
+            lines.append(f"| {row['what']} | " + " | ".join(
+                f"{row[k]['mean']:+.3f} (" + ", ".join(f"{v:+.3f}" for v in row[k]["seeds"]) + ")"
+                for k in ("adaptation", "forgetting")) + " |")
     lines.append(f"\nTimes: base {minutes['base']:.1f} min; per seed "
                  + ", ".join(f"{s}: {m:.1f} min" for s, m in minutes["seeds"].items()) + ".")
     return "\n".join(lines) + "\n"
@@ -319,7 +349,8 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     figures = plot(study, base_loss, table, curves, out)
     results = {"study": study, "base_loss": base_loss, "base_curve": heldout_curve(out / "base"),
                "finals": {str(s): f for s, f in finals.items()},
-               "curves": {str(s): c for s, c in curves.items()}, "table": table, "minutes": minutes,
+               "curves": {str(s): c for s, c in curves.items()}, "table": table,
+               "comparisons": comparisons(table), "minutes": minutes,
                "figures": figures}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(study, base_loss, table, minutes))

@@ -49,6 +49,11 @@ def test_replay_and_rewarming_show_their_published_effects(reduced):
     # Without a re-warm (constant LR at the schedule's minimum) the model adapts less and forgets less.
     assert no_replay["adaptation"] - constant["adaptation"] > bounds["min_adaptation_gain_of_rewarming"]
     assert no_replay["forgetting"] - constant["forgetting"] > bounds["min_forgetting_cost_of_rewarming"]
+    # the paired differences: each seed's, against the same seed's run without the change
+    (rewarming,) = results["comparisons"]  # the reduced study's variants allow only this one
+    assert rewarming["variant"] == "rewarm_replay0" and rewarming["against"] == "constant_min_lr"
+    assert rewarming["adaptation"]["mean"] == pytest.approx(no_replay["adaptation"] - constant["adaptation"])
+    assert "| re-warm + cosine against a constant minimum LR |" in (reduced[0] / "results.md").read_text()
     # every curve starts at the base as the final evaluation measured it (the runs skip step 0)
     for name, curve in results["curves"]["0"].items():
         assert curve[0] == {"step": 0, **results["base_loss"]}, name
