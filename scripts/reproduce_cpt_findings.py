@@ -361,6 +361,11 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
 BASE_KEYS = ("model", "tokenizer_vocab", "seq_len", "batch_size", "base", "heldout")  # the base and its curve
 
 
+def base_settings(study: dict) -> dict:
+    """What a study's base and its curve depend on (a study recorded before `heldout` read HELDOUT)."""
+    return {**{key: study.get(key) for key in BASE_KEYS}, "heldout": heldout(study)}
+
+
 def reuse_base(other: Path, study: dict, out: Path) -> str | None:
     """Copies the tokenizer and the finished base of the study in `other` into `out` (a new study
     whose base settings are the same: only its CPT runs are new); returns why not, or None."""
@@ -370,10 +375,8 @@ def reuse_base(other: Path, study: dict, out: Path) -> str | None:
     if not recorded.exists():
         return f"--base-from {other}: no study.json there; name the --out folder of an earlier study"
     theirs = json.loads(recorded.read_text())
-    def settings(s: dict) -> dict:
-        return {**{key: s.get(key) for key in BASE_KEYS}, "heldout": heldout(s)}
-
-    differ = [key for key in BASE_KEYS if settings(theirs)[key] != settings(study)[key]]
+    theirs, ours = base_settings(theirs), base_settings(study)
+    differ = [key for key in BASE_KEYS if theirs[key] != ours[key]]
     if differ:
         return (f"--base-from {other}: its base was made with other {', '.join(differ)}; "
                 "reuse only a base made with the same settings")
