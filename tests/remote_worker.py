@@ -7,55 +7,22 @@ which must be set before any of them starts.
 """
 
 import json
-import logging
-from http import HTTPStatus
 import os
-import socket
 import sys
+import time
 
+import gcs_emulator
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+server = gcs_emulator.start()  # before any storage client starts: they read its address once
+os.environ["JAX_PLATFORMS"] = "cpu"
 
+import numpy as np
+import yaml
+from etils import epath
 
-URL = f"http://127.0.0.1:{_free_port()}"
-os.environ.update({
-    "STORAGE_EMULATOR_HOST": URL,             # gcsfs (epath) and google-cloud-storage (Orbax, tensorboardX)
-    "TENSORSTORE_GCS_HTTP_URL": URL,          # tensorstore: Orbax's array data
-    "CLOUD_STORAGE_EMULATOR_ENDPOINT": URL,   # google-cloud-cpp: ArrayRecord
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",  # tensorstore: no credentials lookup
-    "GOOGLE_CLOUD_PROJECT": "test",
-    "NO_GCE_CHECK": "True",                   # google-auth: no metadata-server probe (seconds each)
-    "EPATH_USE_TF": "false",
-    "JAX_PLATFORMS": "cpu",
-})
-logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
-
-from gcp_storage_emulator import server as emulator  # noqa: E402
-
-
-def _no_move(request, response, storage):
-    """The emulator lacks the moveTo API; answering 400 at once (not its 501, which clients retry
-    with backoff for half a minute) makes gcsfs fall back to copy and delete, as it does on a
-    bucket without the API."""
-    response.status = HTTPStatus.BAD_REQUEST
-    response.json({"error": {"code": 400, "message": "moveTo is not emulated"}})
-
-
-emulator.HANDLERS = ((r"^/storage/v1/b/[-.\w]+/o/.*/moveTo/o/.*$", {"POST": _no_move}), *emulator.HANDLERS)
-server = emulator.create_server("127.0.0.1", int(URL.rsplit(":", 1)[1]), in_memory=True, default_bucket="bucket")
-server.start()
-
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from etils import epath  # noqa: E402
-
-import time  # noqa: E402
-
-from cptjax import load_model  # noqa: E402
-from cptjax.cli import main as _cli  # noqa: E402
+from cptjax import load_model
+from cptjax.cli import main as _cli
+from cptjax.hf.safetensors import SafetensorsFile
 
 
 def cli(argv):
@@ -63,7 +30,6 @@ def cli(argv):
     code = _cli(argv)
     print(f"timing: {' '.join(argv[:2])} {time.monotonic() - start:.1f}s", file=sys.stderr, flush=True)
     return code
-from cptjax.hf.safetensors import SafetensorsFile  # noqa: E402
 
 
 def upload(local: str, remote: str) -> str:

@@ -21,6 +21,7 @@ from data_helpers import corpus_files, tokenizer_dir
 from cptjax.paths import user_path
 
 WORKER = Path(__file__).parent / "remote_worker.py"
+EMULATOR = Path(__file__).parent / "gcs_emulator.py"
 
 
 def test_user_paths_keep_uris_and_make_local_paths_absolute(tmp_path, monkeypatch):
@@ -29,6 +30,16 @@ def test_user_paths_keep_uris_and_make_local_paths_absolute(tmp_path, monkeypatc
     assert str(user_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
     assert user_path("runs/x") == epath.Path(tmp_path / "runs" / "x")
     assert user_path("~/x") == epath.Path(os.path.expanduser("~/x"))
+
+
+def test_emulator_sends_object_generations_like_cloud_storage():
+    # An OCDBT database (Orbax's arrays) written, opened afresh and written again. Without the
+    # x-goog-generation header tensorstore took the manifest's generation as 0 and refused its own
+    # next write ("Malformed StorageGeneration"), which failed test_every_command_on_gs_paths in CI
+    # whenever Orbax happened to read a manifest back.
+    result = subprocess.run([sys.executable, str(EMULATOR)], capture_output=True, text=True, timeout=120)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"keys": ["a", "b"]}, result.stderr[-2000:]
+    assert result.returncode == 0
 
 
 @pytest.mark.slow
