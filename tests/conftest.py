@@ -14,19 +14,25 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
+# The `cptjax` processes the tests start (dozens of runs of the same tiny model, some killed and
+# resumed) share a persistent XLA compilation cache, as a user's resumed runs would with
+# JAX_COMPILATION_CACHE_DIR: a later process loads the train step's executable instead of compiling
+# it again (about 6 of a run's 18 s here). Each test still compiles everything once. The tests' own
+# process keeps JAX's default (no persistent cache), so what it compiles, such as the TPU programs of
+# test_plan, is never a deserialized executable. Each pytest-xdist worker makes its own folder (one it
+# inherited from the controller is dropped before JAX reads it): JAX writes entries non-atomically.
+_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "CPTJAX_TESTS_XLA_CACHE")
+if "CPTJAX_TESTS_XLA_CACHE" in os.environ:
+    for _name in _CACHE_ENV:
+        os.environ.pop(_name, None)
+
 import jax  # noqa: E402, F401  (this process reads its settings now, before the cache below)
 
-# The `cptjax` processes the tests start (dozens of runs of the same tiny model, some killed and
-# resumed) share one persistent XLA compilation cache for the session, as a user's resumed runs
-# would with JAX_COMPILATION_CACHE_DIR: a later process loads the train step's executable instead of
-# compiling it again (about 6 of a run's 18 s here). Each test still compiles everything once; the
-# tests' own process keeps JAX's default (no persistent cache), so what it compiles, such as the
-# TPU programs of test_plan, is never a deserialized executable.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="cptjax-tests-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    os.environ.update(dict(zip(_CACHE_ENV, (_cache, "0", "0", "1"), strict=True)))
 
 import hf_models  # noqa: E402
 import tiny_configs  # noqa: E402
