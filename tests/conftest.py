@@ -79,3 +79,16 @@ def cpt_config(tmp_path_factory):
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+# The files that take longest (seconds on two Zen 4 cores, one at a time), run first: the README's
+# command spreads whole files over two pytest-xdist workers in this order (--no-loadscope-reorder),
+# and a long file started last would leave one worker busy alone at the end.
+LONGEST_FIRST = ("test_plan.py", "test_crash.py", "test_readme.py", "test_cpt_findings.py", "test_attention.py",
+                 "test_train_step.py", "test_bad_input.py", "test_multihost_train.py", "test_remote_paths.py",
+                 "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
