@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from data_helpers import STDLIB
 from run_helpers import cli, records, restore_arrays, start, steps
 
 
@@ -58,8 +59,7 @@ class _Watcher:
 # The eval phase's held-out set: the first 40 of the standard library's modules, an evaluation of
 # seconds (the signal comes within milliseconds of the step line); the other phases keep the
 # config's small set, and the final save has no evaluation before it to land in instead.
-LARGE_EVAL = {"eval_sets": [{"name": "stdlib", "type": "text", "max_docs": 40, "paths": [
-    str(__import__("sysconfig").get_paths()["stdlib"]) + "/*.py"]}]}
+LARGE_EVAL = {"eval_sets": [{"name": "stdlib", "type": "text", "max_docs": 40, "paths": [str(STDLIB / "*.py")]}]}
 
 
 @pytest.mark.slow
