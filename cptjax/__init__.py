@@ -8,11 +8,11 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "CptjaxError": "cptjax.errors",
-    "Llama": "cptjax.model",
-    "ModelConfig": "cptjax.model_config",
-    "PretrainedModel": "cptjax.pretrained",
-    "load_model": "cptjax.pretrained",
+    "CptjaxError": "cptjax.core.errors",
+    "Llama": "cptjax.model.transformer",
+    "ModelConfig": "cptjax.model.config",
+    "PretrainedModel": "cptjax.io.pretrained",
+    "load_model": "cptjax.io.pretrained",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from cptjax.dtypes import FLOAT_NAMES  # here, not at import: `cptjax train` installs its SIGTERM
+    from cptjax.core.dtypes import FLOAT_NAMES  # here, not at import: `cptjax train` installs its SIGTERM
                                            # handler before anything slow is imported
     parser = _Parser(prog="cptjax", description="Continued pretraining of "
                                      "Llama-family models in JAX.")
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="load the export with transformers (needs torch) and report the logit difference")
     from cptjax.data.cli import add_data_commands
     add_data_commands(commands)
-    from cptjax.measure_cli import add_measure_commands
+    from cptjax.measure.cli import add_measure_commands
     add_measure_commands(commands)
     return parser
 
@@ -80,8 +80,8 @@ def _run(args) -> int | None:
         from cptjax.demo import run_demo
         run_demo(args.workdir, data_dir=args.data_dir, base_steps=args.base_steps, cpt_steps=args.cpt_steps)
     elif args.command == "train":
-        from cptjax.train_config import load_config
-        from cptjax.trainer import run
+        from cptjax.train.config import load_config
+        from cptjax.train.trainer import run
         config = load_config(args.config, args.overrides)
         if args.until_step is not None and args.until_step < 1:
             raise CptjaxError(f"--until-step {args.until_step}: must be >= 1")
@@ -91,26 +91,26 @@ def _run(args) -> int | None:
         print(f"cptjax train: {'finished' if result.stopped_early is None else 'stopped'} at step "
               f"{result.final_step}")
     elif args.command == "config" and args.config_command == "reference":
-        from cptjax.config_reference import reference_markdown
+        from cptjax.train.config_reference import reference_markdown
         print(reference_markdown(), end="")
     elif args.command == "plan":
         if args.topology:  # compile-only TPU devices; this host's own backend stays the CPU
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from cptjax.plan import format_plan, model_config_for, plan
-        from cptjax.train_config import load_config
+        from cptjax.train.plan import format_plan, model_config_for, plan
+        from cptjax.train.config import load_config
         config = load_config(args.config, args.overrides)
         model_config = model_config_for(config, args.hf_config)
         result = plan(config, model_config, args.topology)
         print(format_plan(result, args.config, model_config, config))
         return 0 if result.fits else 1
     elif args.command == "config":
-        from cptjax.train_config import dump_yaml, load_config
+        from cptjax.train.config import dump_yaml, load_config
         print(dump_yaml(load_config(args.config, args.overrides)), end="")
     elif args.command == "data":
         from cptjax.data.cli import run_data_command
         run_data_command(args)
     elif getattr(args, "measure", False):  # eval, report, generate, merge
-        from cptjax.measure_cli import run_measure_command
+        from cptjax.measure.cli import run_measure_command
         run_measure_command(args)
     elif args.direction == "hf-to-orbax":
         from cptjax.convert import hf_to_orbax
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if argv[:1] == ["train"]:
-        from cptjax.preemption import install_handler
+        from cptjax.train.preemption import install_handler
         install_handler()  # a SIGTERM during start-up (imports, compiling) exits cleanly too
     args = _parser().parse_args(argv)
     try:

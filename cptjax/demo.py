@@ -23,7 +23,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
+from cptjax.io.run_layout import RunPaths
 
 CORPORA = ("wikitext-2/valid.txt", "jargon/jargon.txt")
 # The base model: Llama-3.2's structure (GQA, tied embeddings, explicit head_dim), tiny sizes.
@@ -144,7 +145,7 @@ def cpt_config(workdir: Path, corpora: dict, base_hf: Path, steps: int, replay: 
 
 
 def _evals(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    lines = RunPaths(run_dir).metrics.read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
 
 
@@ -152,17 +153,17 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
              base_steps: int = 200, cpt_steps: int = 100, echo=print) -> dict:
     """Runs the four stages in `workdir` (a new temporary folder by default); returns the results."""
     from cptjax.convert import orbax_to_hf
-    from cptjax.evaluation import comparison_table
+    from cptjax.train.evaluation import comparison_table
     from cptjax.hf.verify import torch_available
-    from cptjax.train_config import config_from_dict
-    from cptjax.trainer import run
+    from cptjax.train.config import config_from_dict
+    from cptjax.train.trainer import run
 
     for flag, steps in (("--base-steps", base_steps), ("--cpt-steps", cpt_steps)):
         if steps < 2:
             raise CptjaxError(f"{flag} {steps}: the demo needs at least 2 steps")
     data_dir = find_data_dir(data_dir)
     if workdir is not None:
-        from cptjax.atomic_dir import check_output_dir
+        from cptjax.core.atomic_dir import check_output_dir
         check_output_dir(workdir, "--workdir")  # a new or empty folder: nothing there is overwritten
     workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix="cptjax-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -178,12 +179,13 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
     echo(f"1. tokenizer ({vocab} tokens) trained on the bundled English and Python's sources: {tokenizer}")
 
     base = run(config_from_dict(base_config(workdir, corpora, tokenizer, base_steps)))
-    base_hf = orbax_to_hf(workdir / "base_run" / "checkpoints", workdir / "base_hf").out
+    base_hf = orbax_to_hf(RunPaths(workdir / "base_run").checkpoints, workdir / "base_hf").out
     echo(f"2. pretrained a base model from scratch on English ({base.final_step} steps) and "
          f"exported it to Hugging Face format: {base_hf}")
 
     cpt = run(config_from_dict(cpt_config(workdir, corpora, base_hf, cpt_steps)))
-    evals = _evals(workdir / "cpt_run")
+    cpt_run = RunPaths(workdir / "cpt_run")
+    evals = _evals(cpt_run.root)
     before, after = evals[0], evals[-1]
     echo(f"3. continued pretraining on Python code with 10% English replay ({cpt.final_step} steps, "
          f"re-warmed to lr {BASE_PEAK_LR / 10:g}):")
@@ -191,12 +193,12 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
     for name, role in (("code", "adaptation"), ("english", "forgetting")):
         echo(f"   {name:<14}{before[name]['loss']:>10.3f}{after[name]['loss']:>10.3f}   {role}; "
              f"bpb {before[name]['bits_per_byte']:.3f} -> {after[name]['bits_per_byte']:.3f}")
-    export = orbax_to_hf(workdir / "cpt_run" / "checkpoints", workdir / "cpt_hf", verify=torch_available())
+    export = orbax_to_hf(cpt_run.checkpoints, workdir / "cpt_hf", verify=torch_available())
     check = (f"transformers loads it, logits within {export.max_logit_diff:.1e} of cptjax"
              if export.max_logit_diff is not None else "install torch to check it with transformers")
     echo(f"4. exported the adapted model to Hugging Face format: {export.out} ({check})")
-    echo(f"   logs: {workdir / 'cpt_run' / 'logs'} (metrics.jsonl, tensorboard/); "
-         f"checkpoints: {workdir / 'cpt_run' / 'checkpoints'}")
+    echo(f"   logs: {cpt_run.logs} ({cpt_run.metrics.name}, {cpt_run.tensorboard.name}/); "
+         f"checkpoints: {cpt_run.checkpoints}")
     report, samples = _report(workdir, base_hf, export.out)
     echo(f"5. the run's report: {report.out / 'report.md'}, its curves: {report.out / 'overview.png'}")
     for line in comparison_table(report.numbers["before_after"]["rows"], "before", "after").splitlines():
@@ -211,8 +213,8 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
 
 def _report(workdir: Path, base_hf, cpt_hf):
     """The CPT run's report, ending with a generation from the same code prompt before and after."""
-    from cptjax.generate import Generator, Sampling
-    from cptjax.report import write_report
+    from cptjax.measure.generate import Generator, Sampling
+    from cptjax.measure.report import write_report
 
     sampling = Sampling(max_new_tokens=40, temperature=0.7, top_p=0.95, seed=0)
     samples = {label: Generator(path).generate(CODE_PROMPT, sampling)

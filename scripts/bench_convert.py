@@ -68,9 +68,9 @@ def random_param(shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
 def make_source(hf_dir: Path, config_path: Path, shard_size: str, seed: int) -> None:
     """Writes a random bf16 HF folder through `write_hf_dir`, generating one stacked parameter at a time."""
     from cptjax.hf.keymap import key_map
-    from cptjax.dtypes import DTYPES
+    from cptjax.core.dtypes import DTYPES
     from cptjax.hf.write import write_hf_dir
-    from cptjax.model_config import ModelConfig
+    from cptjax.model.config import ModelConfig
 
     hf_config = json.loads(config_path.read_text())
     cfg = ModelConfig.from_hf_config(hf_config, str(config_path))
@@ -111,7 +111,7 @@ def _log_each(description: str):
 
 def estimated_bytes(config_path: Path) -> int:
     from cptjax.hf.keymap import key_map
-    from cptjax.model_config import ModelConfig
+    from cptjax.model.config import ModelConfig
 
     cfg = ModelConfig.from_hf_config(json.loads(config_path.read_text()), str(config_path))
     return sum(math.prod(m.shape) * 2 for m in key_map(cfg))
@@ -235,9 +235,9 @@ def load_worker(hf_dir: str, process_id: int, processes: int, port: int, out: st
     from flax import nnx
 
     from cptjax.hf import safetensors
-    from cptjax.model import abstract_model
-    from cptjax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
-    from cptjax.weights import open_weights
+    from cptjax.model.transformer import abstract_model
+    from cptjax.model.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
+    from cptjax.io.weights import open_weights
 
     with open_weights(Path(hf_dir)) as weights:
         mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))

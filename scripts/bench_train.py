@@ -11,7 +11,7 @@ then PyTorch) after warm-up steps, so a load change on a shared machine hits bot
 reported, with their ratio.
 
 MFU = model FLOPs per step / step time / the measured matmul rate, where model FLOPs per token are
-PaLM's (cptjax.metrics.training_flops_per_token): 6 x matmul parameters (embedding lookup excluded,
+PaLM's (cptjax.train.metrics.training_flops_per_token): 6 x matmul parameters (embedding lookup excluded,
 output head included) + 12 x layers x heads x head_dim x seq_len (attention). The matmul rate is
 measured here: the median of XLA float32 2048 x 2048 x 2048 matmuls (PyTorch's is printed beside
 it). Beside PyTorch's step the script prints the largest ratio the machine allows, 1 / PyTorch's
@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cptjax.data.packing import BATCH_KEYS  # noqa: E402
-from cptjax.metrics import training_flops_per_token  # noqa: E402
-from cptjax.model_config import ModelConfig  # noqa: E402
+from cptjax.train.metrics import training_flops_per_token  # noqa: E402
+from cptjax.model.config import ModelConfig  # noqa: E402
 
 # Llama-shaped models (GQA, SwiGLU, untied head, 8k vocabulary) and their batches (rows x length).
 SHAPES = {
@@ -77,9 +77,9 @@ def cptjax_setup(shape: str, workdir: Path, layers: int | None = None, **model):
     """(setup, state, global batch) for `shape`, built as `cptjax train` builds them."""
     from flax import nnx
 
-    from cptjax.model import Llama
-    from cptjax.train_config import config_from_dict
-    from cptjax.train_step import build_setup
+    from cptjax.model.transformer import Llama
+    from cptjax.train.config import config_from_dict
+    from cptjax.train.step import build_setup
 
     hf = hf_config(shape, layers)
     path = workdir / f"{shape}-{layers}.json"
@@ -216,7 +216,7 @@ def bench_shape(shape: str, args, workdir: Path, matmul: dict) -> dict:
 
 
 def _param_count(cfg: ModelConfig) -> int:
-    from cptjax.model import abstract_model, param_count
+    from cptjax.model.transformer import abstract_model, param_count
     return param_count(abstract_model(cfg))
 
 

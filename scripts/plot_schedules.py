@@ -2,7 +2,7 @@
 
     python scripts/plot_schedules.py --out schedules.svg
 
-With no config given, plots `EXAMPLES`: every schedule kind and cooldown shape of cptjax.schedules
+With no config given, plots `EXAMPLES`: every schedule kind and cooldown shape of cptjax.train.schedules
 on a 1000-step run. The SVG is written by hand (a polyline per schedule) so that plotting needs no
 matplotlib; each polyline's points are (step, lr) in data units, mapped to the page by its group's
 transform, so a test can read the values back exactly.
@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape
 import jax.numpy as jnp
 import numpy as np
 
-from cptjax.schedules import ScheduleConfig, make_schedule
+from cptjax.train.schedules import ScheduleConfig, make_schedule
 
 EXAMPLES: dict[str, ScheduleConfig] = {
     "warmup_cosine": ScheduleConfig(1000, 1e-4, warmup=0.03, end_lr=1e-5),

@@ -131,8 +131,8 @@ class Stopped(Exception):
 def _train(config: dict) -> None:
     """Trains one run to its end, or not at all if the study's progress file says it is done (a
     study run again in the same --out continues where it stopped: runs resume from their saves)."""
-    from cptjax.train_config import config_from_dict
-    from cptjax.trainer import run
+    from cptjax.train.config import config_from_dict
+    from cptjax.train.trainer import run
 
     run_dir = Path(config["run_dir"])
     study_dir = run_dir.parent if run_dir.name == "base" else run_dir.parents[1]  # out/seedN/variant
@@ -174,7 +174,7 @@ def variant_config(study: dict, variant: dict, base: Path, corpora: dict, run_di
 
 def heldout_curve(run_dir: Path) -> list[dict]:
     """The trainer's evaluations: [{"step", DOMAIN, GENERAL}] losses."""
-    from cptjax.run_logs import read_run
+    from cptjax.measure.run_logs import read_run
 
     return [{"step": r["step"], **{k: r[k]["loss"] for k in (DOMAIN, GENERAL)}} for r in read_run(run_dir).evals]
 
@@ -305,8 +305,8 @@ def plot(study: dict, base_loss: dict, table: dict, curves: dict, out: Path) -> 
 def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     from cptjax.data.config import EvalSetConfig
     from cptjax.demo import train_tokenizer
-    from cptjax.eval_models import evaluate_models
-    from cptjax.report import write_report
+    from cptjax.measure.eval_models import evaluate_models
+    from cptjax.measure.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     corpora = write_corpora(out, data_dir, heldout(study))

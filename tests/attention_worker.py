@@ -20,12 +20,12 @@ import attention_cases as cases  # noqa: E402
 import tiny_configs  # noqa: E402
 from batches import packed_batch  # noqa: E402
 
-from cptjax.attention import attend  # noqa: E402
-from cptjax.model import Llama  # noqa: E402
-from cptjax.model_config import ModelConfig  # noqa: E402
-from cptjax.sharding import (DEFAULT_RULES, MeshConfig, make_mesh, spec_for_shape,  # noqa: E402
+from cptjax.model.attention import attend  # noqa: E402
+from cptjax.model.transformer import Llama  # noqa: E402
+from cptjax.model.config import ModelConfig  # noqa: E402
+from cptjax.model.sharding import (DEFAULT_RULES, MeshConfig, make_mesh, spec_for_shape,  # noqa: E402
                              with_activation_sharding)
-from cptjax.train_step import StepConfig, loss_and_grads  # noqa: E402
+from cptjax.train.step import StepConfig, loss_and_grads  # noqa: E402
 
 Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")

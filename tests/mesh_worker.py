@@ -15,10 +15,10 @@ import jax
 sys.path.insert(0, str(Path(__file__).parent))
 from batches import CountingData, raw_config  # noqa: E402
 
-from cptjax.train_config import config_from_dict  # noqa: E402
-from cptjax.train_step import build_setup  # noqa: E402
-from cptjax.trainer import run  # noqa: E402
-from cptjax.weights import open_weights  # noqa: E402
+from cptjax.train.config import config_from_dict  # noqa: E402
+from cptjax.train.step import build_setup  # noqa: E402
+from cptjax.train.trainer import run  # noqa: E402
+from cptjax.io.weights import open_weights  # noqa: E402
 
 VOCAB = 512
 

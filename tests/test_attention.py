@@ -18,11 +18,11 @@ from flax import nnx
 import attention_cases as cases
 import tiny_configs
 from batches import packed_batch
-from cptjax.attention import attend, check_kernel, resolve
-from cptjax.errors import CptjaxError
-from cptjax.model import Llama
-from cptjax.model_config import ModelConfig
-from cptjax.train_step import StepConfig, loss_and_grads
+from cptjax.model.attention import attend, check_kernel, resolve
+from cptjax.core.errors import CptjaxError
+from cptjax.model.transformer import Llama
+from cptjax.model.config import ModelConfig
+from cptjax.train.step import StepConfig, loss_and_grads
 
 WORKER = Path(__file__).parent / "attention_worker.py"
 
@@ -47,7 +47,7 @@ def test_kernel_matches_dot_product_attention_forward_and_backward(shape_name, k
 def test_xla_query_blocks_skip_only_masked_keys(window):
     # L = 1024: 8 query blocks of 128; with a 200-token window the late blocks start their keys
     # blocks later (768 -> 512), so whole key blocks are skipped, which must change nothing.
-    from cptjax.attention import query_blocks
+    from cptjax.model.attention import query_blocks
 
     assert query_blocks(1024) == 8 and query_blocks(100) == 1
     rng = np.random.default_rng(1)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cptjax.config_tree import to_dict
-from cptjax.train_config import TrainConfig, load_config
+from cptjax.core.config_tree import to_dict
+from cptjax.train.config import TrainConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -23,5 +23,5 @@ def test_config_loads_and_documents_itself(path):
     assert head[0].startswith("# ") and any(f"--config configs/{path.name}" in line for line in head)
     assert any("What to expect" in line for line in head)
     # the resolved tree round-trips through plain data (what `config show` prints)
-    from cptjax.train_config import config_from_dict
+    from cptjax.train.config import config_from_dict
     assert config_from_dict(to_dict(config)) == config

@@ -157,4 +157,4 @@ def test_cptjax_train_catches_sigterm_before_importing_jax():
         "cli.main(['train', '--config', 'unused.yaml'])\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"jax": False, "handler": "cptjax.preemption"}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"jax": False, "handler": "cptjax.train.preemption"}

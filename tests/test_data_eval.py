@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from cptjax.data.config import DataConfig, EvalSetConfig, SourceConfig
 from cptjax.data.eval_sets import build_eval_sets
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 
 def _config() -> DataConfig:

@@ -21,8 +21,8 @@ from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, re
 
 from cptjax.data.config import DataConfig, SourceConfig  # noqa: E402
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.distributed import gather_states  # noqa: E402
-from cptjax.errors import CptjaxError  # noqa: E402
+from cptjax.train.distributed import gather_states  # noqa: E402
+from cptjax.core.errors import CptjaxError  # noqa: E402
 
 
 def _mixture(wiki: str) -> DataConfig:

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from cptjax.data.config import DataConfig, SourceConfig
 from cptjax.data.packing import BATCH_KEYS
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 
 def _epoch(source: SourceConfig, style: str, seq_len: int, batch_size: int) -> list[dict]:

@@ -11,7 +11,7 @@ from cptjax.data.cli import add_data_commands, run_data_command
 from cptjax.data.config import DataConfig, InputConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
 from cptjax.data.prepare import prepare_corpus
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 
 def _cli(argv: list[str]) -> None:

@@ -7,7 +7,7 @@ from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, to
 
 from cptjax.data.config import DataConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 
 def _config(**kwargs) -> DataConfig:

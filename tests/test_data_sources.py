@@ -13,7 +13,7 @@ from data_helpers import STDLIB, corpus_files, jargon_paragraphs, tokenizer_dir,
 from cptjax.data.config import DataConfig, InputConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
 from cptjax.data.read import open_source
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 
 def _read_all(config: InputConfig) -> list[str]:
@@ -207,15 +207,15 @@ def _source(**kwargs):
 ])
 def test_config_errors_name_the_key(tree, message):
     """Read as a config is: config_tree checks the types, DataConfig the values."""
-    from cptjax.config_tree import from_dict
+    from cptjax.core.config_tree import from_dict
 
     with pytest.raises(CptjaxError, match=message):
         from_dict(DataConfig, tree, "data")
 
 
 def test_config_tree_builds_data_config_from_yaml_mapping():
-    """The generic loader (cptjax.config_tree) builds and validates this tree."""
-    from cptjax.config_tree import from_dict
+    """The generic loader (cptjax.core.config_tree) builds and validates this tree."""
+    from cptjax.core.config_tree import from_dict
 
     tree = {"sources": [{"name": "code", "type": "text", "paths": ["x/*.py"], "weight": 0.9},
                         {"name": "wiki", "type": "jsonl", "paths": ["w.jsonl"], "weight": 0.1,

@@ -10,7 +10,7 @@ import torch
 
 import hf_models
 from cptjax.cli import main
-from cptjax.eval_models import load_eval_data, parse_eval_spec
+from cptjax.measure.eval_models import load_eval_data, parse_eval_spec
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 CODE = f"code=text:{STDLIB}/json/decoder.py,{STDLIB}/json/scanner.py"

@@ -12,10 +12,10 @@ import hf_models
 import tiny_configs
 from cptjax import load_model
 from cptjax.cli import main
-from cptjax.generate import Sampling, generate_ids
-from cptjax.kv_cache import KVCache
-from cptjax.model import model_from_params
-from cptjax.pretrained import PretrainedModel
+from cptjax.measure.generate import Sampling, generate_ids
+from cptjax.model.kv_cache import KVCache
+from cptjax.model.transformer import model_from_params
+from cptjax.io.pretrained import PretrainedModel
 from data_helpers import tokenizer_dir
 
 PROMPT_LEN = 20  # longer than the sliding window (12): the ring of cache slots wraps while decoding

@@ -119,7 +119,7 @@ def test_slurm_two_nodes_start_sixteen_processes_that_jax_places(slurm):
     tasks = [json.loads((fake / f"task{p}").read_text()) for p in range(16)]
     from jax._src.clusters.slurm_cluster import SlurmCluster
 
-    from cptjax.distributed import _cluster_detected
+    from cptjax.train.distributed import _cluster_detected
 
     for p, task in enumerate(tasks):
         assert task["argv"] == ["train", "--config", "configs/llama-3.1-8b-8xh100.yaml", "--set", "training.steps=10"]

@@ -11,10 +11,10 @@ from flax import nnx
 
 import tiny_configs
 from batches import packed_batch
-from cptjax.loss import loss_sums
-from cptjax.model import Llama
-from cptjax.model_config import ModelConfig
-from cptjax.train_step import StepConfig, loss_and_grads
+from cptjax.model.loss import loss_sums
+from cptjax.model.transformer import Llama
+from cptjax.model.config import ModelConfig
+from cptjax.train.step import StepConfig, loss_and_grads
 
 # float32 sums taken in another order (per chunk, then across chunks): ~1e-7 in practice.
 RELATIVE = 1e-6

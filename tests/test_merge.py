@@ -9,8 +9,8 @@ import pytest
 import hf_models
 import tiny_configs
 from cptjax.cli import main
-from cptjax.merge import merge_tensor, slerp_weights
-from cptjax.weights import open_weights
+from cptjax.measure.merge import merge_tensor, slerp_weights
+from cptjax.io.weights import open_weights
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 CODE = f"code=text:{STDLIB}/json/decoder.py"

@@ -7,8 +7,8 @@ import pytest
 
 import hf_models
 import tiny_configs
-from cptjax.errors import CptjaxError
-from cptjax.model_config import ModelConfig, rope_inverse_frequencies
+from cptjax.core.errors import CptjaxError
+from cptjax.model.config import ModelConfig, rope_inverse_frequencies
 
 
 @pytest.mark.parametrize("name", tiny_configs.NAMES)

@@ -11,8 +11,8 @@ from flax import nnx
 import hf_models
 import tiny_configs
 from cptjax import load_model
-from cptjax.model import Llama, abstract_model, model_from_params, param_count
-from cptjax.model_config import ModelConfig
+from cptjax.model.transformer import Llama, abstract_model, model_from_params, param_count
+from cptjax.model.config import ModelConfig
 
 ALL = tiny_configs.NAMES + sorted(tiny_configs.VARIANTS)
 
@@ -117,7 +117,7 @@ def test_remat_changes_nothing(remat):
 
 def test_scan_matches_layer_by_layer_loop():
     """The scanned stack equals applying each layer's weights in turn (no hidden layer mixing)."""
-    from cptjax.model import _Block, _rms_norm, _rope_tables
+    from cptjax.model.transformer import _Block, _rms_norm, _rope_tables
 
     cfg, model = _random_model("llama-3.1-8b")
     tokens = jnp.asarray(_tokens(cfg.vocab_size, 1, 16))

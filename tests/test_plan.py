@@ -15,9 +15,9 @@ import yaml
 import tiny_configs
 from batches import raw_config
 from cptjax.cli import main
-from cptjax.errors import CptjaxError
-from cptjax.plan import TPU_HBM_GIB, model_config_for, plan, topology_devices, topology_name
-from cptjax.train_config import load_config
+from cptjax.core.errors import CptjaxError
+from cptjax.train.plan import TPU_HBM_GIB, model_config_for, plan, topology_devices, topology_name
+from cptjax.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -18,7 +18,7 @@ import hf_models
 import tiny_configs
 from data_helpers import corpus_files, tokenizer_dir
 
-from cptjax.paths import user_path
+from cptjax.core.paths import user_path
 
 WORKER = Path(__file__).parent / "remote_worker.py"
 EMULATOR = Path(__file__).parent / "gcs_emulator.py"

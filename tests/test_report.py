@@ -13,9 +13,9 @@ from tokenizers import Tokenizer
 import hf_models
 import tiny_configs
 from cptjax.cli import main
-from cptjax.schedules import make_schedule
-from cptjax.train_config import config_from_dict, load_config
-from cptjax.trainer import run
+from cptjax.train.schedules import make_schedule
+from cptjax.train.config import config_from_dict, load_config
+from cptjax.train.trainer import run
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 STEPS = 12

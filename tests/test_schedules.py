@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cptjax.config_tree import from_dict
-from cptjax.errors import CptjaxError
-from cptjax.schedules import KINDS, ScheduleConfig, make_schedule
+from cptjax.core.config_tree import from_dict
+from cptjax.core.errors import CptjaxError
+from cptjax.train.schedules import KINDS, ScheduleConfig, make_schedule
 
 P, INIT, END, T = 1e-4, 1e-5, 1e-6, 1000
 

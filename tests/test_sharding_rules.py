@@ -4,10 +4,10 @@ import pytest
 from flax import nnx
 
 import tiny_configs
-from cptjax.errors import CptjaxError
-from cptjax.model import abstract_model
-from cptjax.model_config import ModelConfig
-from cptjax.sharding import ACTIVATION_AXES, DEFAULT_RULES, PARAM_AXES, check_rules, logical_to_spec
+from cptjax.core.errors import CptjaxError
+from cptjax.model.transformer import abstract_model
+from cptjax.model.config import ModelConfig
+from cptjax.model.sharding import ACTIVATION_AXES, DEFAULT_RULES, PARAM_AXES, check_rules, logical_to_spec
 
 
 def test_default_rules_cover_each_name_once():
@@ -50,7 +50,7 @@ def test_activation_constraints_reach_the_traced_program():
     import jax
     import jax.numpy as jnp
 
-    from cptjax.sharding import MeshConfig, activation_sharding, constrain, make_mesh, with_activation_sharding
+    from cptjax.model.sharding import MeshConfig, activation_sharding, constrain, make_mesh, with_activation_sharding
 
     mesh = make_mesh(MeshConfig())
     fn = lambda x: constrain(x, ("activation_batch", "activation_length"))  # noqa: E731

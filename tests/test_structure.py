@@ -1,5 +1,6 @@
-"""The package's shape: no import cycles (function-local imports included), modules a reader can
-hold in their head, and a README layout that lists every module that exists, and only those."""
+"""The package's shape: folders by role in layers that import only downwards, no import cycles
+(function-local imports included), modules a reader can hold in their head, and a README layout
+that lists every module that exists, and only those."""
 
 import ast
 import re
@@ -8,6 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cptjax"
 MAX_LINES = 400
+# The layers, lowest first: a module imports only from its own layer and the ones before it. The
+# top level (cli.py, demo.py, convert.py, __init__.py) may import anything.
+LAYERS = ("core", "model", "data", "hf", "io", "train", "measure")
+TOP = "cptjax"
 
 
 def _modules() -> dict[str, Path]:
@@ -56,6 +61,39 @@ def test_the_import_graph_has_no_cycles():
             visit(name, [name])
 
 
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else len(LAYERS)
+
+
+def test_every_module_sits_in_a_layer_folder_or_is_a_command():
+    modules = _modules()
+    top = sorted(name for name in modules if name.count(".") == 1 and name.split(".")[1] not in LAYERS)
+    assert top == ["cptjax.cli", "cptjax.convert", "cptjax.demo"], top
+    folders = {name.split(".")[1] for name in modules if name.count(".") >= 1}
+    assert folders - {"cli", "convert", "demo"} == set(LAYERS), folders
+
+
+def test_lower_layers_never_import_higher_ones():
+    modules = _modules()
+    upward = sorted(f"{name} ({LAYERS[_layer(name)]}) imports {target} ({LAYERS[_layer(target)]})"
+                    for name, path in modules.items() if name != TOP and _layer(name) < len(LAYERS)
+                    for target in _imports(name, path, set(modules))
+                    if target != TOP and _layer(target) > _layer(name))
+    assert not upward, "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The check above reads function-local imports too: a model module importing the trainer counts."""
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from cptjax.train.trainer import run\n")
+    modules = set(_modules())
+    found = _imports("cptjax.model.fake", module, modules)
+    assert found == {"cptjax.train.trainer"}
+    assert _layer("cptjax.train.trainer") > _layer("cptjax.model.fake")
+    assert _layer("cptjax.cli") == len(LAYERS) and _layer("cptjax.core.errors") == 0
+
+
 def test_no_module_is_longer_than_a_reader_can_follow():
     long = {name: n for name, path in _modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
@@ -73,7 +111,7 @@ def test_readme_layout_lists_every_module_once():
 
 
 def test_readme_config_reference_is_the_generated_one():
-    from cptjax.config_reference import reference_markdown
+    from cptjax.train.config_reference import reference_markdown
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]

@@ -12,11 +12,11 @@ from batches import packed_batch
 import tiny_configs
 from cptjax.hf.keymap import key_map
 from cptjax.hf.read import read_hf_params
-from cptjax.model import abstract_model
-from cptjax.model_config import read_hf_config
-from cptjax.optimizer import OptimizerConfig, build_optimizer, decay_mask
-from cptjax.schedules import ScheduleConfig
-from cptjax.train_step import StepConfig, loss_and_grads, train_step
+from cptjax.model.transformer import abstract_model
+from cptjax.model.config import read_hf_config
+from cptjax.train.optimizer import OptimizerConfig, build_optimizer, decay_mask
+from cptjax.train.schedules import ScheduleConfig
+from cptjax.train.step import StepConfig, loss_and_grads, train_step
 
 
 @pytest.mark.parametrize("loss_chunk", [None, 16], ids=["dense-loss", "chunked-loss"])
@@ -57,8 +57,8 @@ def test_loss_and_gradients_match_pytorch_autograd(name, loss_chunk, tiny_hf):
 
 
 def _tiny_state(name="qwen3-0.6b"):
-    from cptjax.model import Llama
-    from cptjax.model_config import ModelConfig
+    from cptjax.model.transformer import Llama
+    from cptjax.model.config import ModelConfig
 
     cfg = ModelConfig.from_hf_config(tiny_configs.shrunk_config(name))
     graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
@@ -114,7 +114,7 @@ def test_decay_mask_spares_norms_and_biases():
 def test_z_loss_adds_its_term_to_the_objective():
     cfg, graphdef, params = _tiny_state()
     batch = packed_batch([[np.arange(1, 12)], [np.arange(20, 35)]], 16)
-    from cptjax.train_step import token_losses
+    from cptjax.train.step import token_losses
 
     def reference(p, coefficient):
         nll, log_z = token_losses(graphdef, p, batch)
@@ -144,7 +144,7 @@ def test_updates_equal_optax_adamw_with_the_same_schedule():
     """The step applies -lr(step) to the optimizer's direction itself; that is optax.adamw."""
     import optax
 
-    from cptjax.schedules import make_schedule
+    from cptjax.train.schedules import make_schedule
 
     cfg, graphdef, params = _tiny_state("qwen2.5-0.5b")
     config = OptimizerConfig(weight_decay=0.1, grad_clip_norm=1.0)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cptjax import load_model
-from cptjax.train_config import config_from_dict
-from cptjax.trainer import run
+from cptjax.train.config import config_from_dict
+from cptjax.train.trainer import run
 from batches import CountingData, raw_config
 
 VOCAB = 512
@@ -89,7 +89,7 @@ def test_init_from_a_bf16_checkpoint_then_resume_without_it(tiny_hf, tmp_path):
 
     import ml_dtypes
 
-    from cptjax.checkpoint import CheckpointReader
+    from cptjax.io.checkpoint import CheckpointReader
     from cptjax.convert import hf_to_orbax, orbax_to_hf
 
     hf_to_orbax(tiny_hf("qwen3-0.6b"), tmp_path / "fp32")

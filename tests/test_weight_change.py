@@ -10,9 +10,9 @@ from matplotlib.image import imread
 from safetensors.numpy import load_file, save_file
 
 from cptjax.cli import main
-from cptjax.errors import CptjaxError
-from cptjax.plots import save_weight_change_figure
-from cptjax.weight_change import weight_change
+from cptjax.core.errors import CptjaxError
+from cptjax.measure.plots import save_weight_change_figure
+from cptjax.measure.weight_change import weight_change
 
 HF_KIND = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)?\.?(\w+?)\.(weight|bias)$")
 

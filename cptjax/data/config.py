@@ -1,6 +1,6 @@
 """The `data` section of the config tree: sources, mixture stages, eval sets, and loader settings.
 
-Every class is a frozen dataclass of plain types, so `cptjax.config_tree.from_dict(DataConfig, d,
+Every class is a frozen dataclass of plain types, so `cptjax.core.config_tree.from_dict(DataConfig, d,
 "data")` builds it from YAML and checks the types. The checks on values live in
 `DataConfig.__post_init__`, which knows each nested entry's place and so names the full dotted key
 ("data.sources[1].weight: ...").
@@ -25,8 +25,8 @@ import math
 import typing
 from typing import Literal
 
-from cptjax.errors import CptjaxError
-from cptjax.paths import UserPath
+from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import UserPath
 
 SourceType = Literal["jsonl", "text", "parquet", "arrayrecord", "tfds", "prepared"]
 SOURCE_TYPES: tuple[str, ...] = typing.get_args(SourceType)

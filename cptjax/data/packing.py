@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "source_ids")
 

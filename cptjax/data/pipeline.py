@@ -29,7 +29,7 @@ from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
 from cptjax.data.read import open_source, probe_documents, read_documents
 from cptjax.data.sources import DocumentSource
 from cptjax.data.tokenize import DocumentTokenizer, TokenizerSpec, load_data_tokenizer
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 STATE_VERSION = 2
 
@@ -193,7 +193,7 @@ class TrainPipeline:
          "tokenizer" (fingerprint), "sources" (names), "num_docs" (per source), "step" (batches
          returned), "streams" (per source: {"doc", "offset", "skipped", "exhausted"}),
          "tokens" (per source, non-padding tokens returned)}. Each process saves its own; the
-         trainer keeps every process's (`cptjax.distributed.gather_states`).
+         trainer keeps every process's (`cptjax.train.distributed.gather_states`).
         """
         return _copy_state(self._state)
 

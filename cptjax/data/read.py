@@ -20,7 +20,7 @@ from cptjax.data.records import ArrayRecordTextSource, PreparedSource, TfdsSourc
 from cptjax.data.sources import (DocumentSource, InvalidUtf8, JsonlSource, ParquetSource, TextSource,
                                  expand_paths)
 from cptjax.data.tokenize import DocumentTokenizer
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 DOCS_PER_READ = 32  # documents per Grain element: amortizes the per-element cost, batches the tokenizer
 PROBE_DOCS = 256  # documents of each source read, in file order, before a run touches anything

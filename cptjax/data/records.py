@@ -23,7 +23,7 @@ from etils import epath
 
 from cptjax.data.sources import DocumentSource, decode_utf8
 from cptjax.data.tokenize import DocumentTokenizer
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 PREPARED_FORMAT = "cptjax-prepared-tokens-v1"
 MANIFEST = "manifest.json"

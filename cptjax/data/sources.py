@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from cptjax.errors import CptjaxError
-from cptjax.paths import is_remote, user_path
+from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import is_remote, user_path
 
 _GLOB_CHARS = set("*?[")
 _MAX_OPEN_FILES = 64  # plain files kept open per source (least recently used closed first)

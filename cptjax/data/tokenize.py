@@ -18,8 +18,8 @@ import json
 
 import numpy as np
 
-from cptjax.errors import CptjaxError
-from cptjax.paths import PathLike, local_copy, user_path
+from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import PathLike, local_copy, user_path
 
 # The files of an HF tokenizer folder (the ones that exist are copied with a model).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

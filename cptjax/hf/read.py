@@ -18,12 +18,12 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 from cptjax.hf.keymap import KeyMapping, grouped_key_map
 from cptjax.hf.safetensors import SafetensorsFile
-from cptjax.model import ParamPath, get_param, set_param
-from cptjax.model_config import ModelConfig
-from cptjax.paths import PathLike, user_path
+from cptjax.model.transformer import ParamPath, get_param, set_param
+from cptjax.model.config import ModelConfig
+from cptjax.core.paths import PathLike, user_path
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -61,7 +61,7 @@ def find_weight_files(hf_dir: epath.Path) -> dict[str, SafetensorsFile]:
 
 
 @dataclass(frozen=True)
-class ReadPlan:
+class ReadAssignment:
     """Checked headers: where each HF tensor is, grouped by cptjax parameter."""
 
     hf_dir: epath.Path
@@ -85,7 +85,7 @@ class ReadPlan:
                                   "tie_word_embeddings")
 
 
-def plan_read(hf_dir: epath.Path, cfg: ModelConfig) -> ReadPlan:
+def assign_reads(hf_dir: epath.Path, cfg: ModelConfig) -> ReadAssignment:
     """Opens and checks every header against the key map of `cfg`; reads no tensor data."""
     files = find_weight_files(hf_dir)
     located: dict[str, SafetensorsFile] = {}
@@ -120,7 +120,7 @@ def plan_read(hf_dir: epath.Path, cfg: ModelConfig) -> ReadPlan:
         if info.dtype.kind != "f" and info.dtype != ml_dtypes.bfloat16:
             raise CptjaxError(f"{info.name!r} in {located[m.hf_name].path.name} has dtype {info.dtype}; "
                               "weights must be floating point")
-    return ReadPlan(hf_dir, located, groups, tied_head)
+    return ReadAssignment(hf_dir, located, groups, tied_head)
 
 
 def read_hf_params(hf_dir: PathLike, cfg: ModelConfig, progress: Progress | None = None) -> dict:
@@ -128,7 +128,7 @@ def read_hf_params(hf_dir: PathLike, cfg: ModelConfig, progress: Progress | None
 
     Arrays keep the checkpoint's dtype (a bf16 checkpoint stays bf16).
     """
-    plan = plan_read(user_path(hf_dir), cfg)
+    plan = assign_reads(user_path(hf_dir), cfg)
     if plan.tied_head:  # before the long read: a wrong config.json fails at once
         plan.check_tied_head(plan.read(plan.groups[("embed_tokens",)][0]))
     params: dict = {}
@@ -138,7 +138,7 @@ def read_hf_params(hf_dir: PathLike, cfg: ModelConfig, progress: Progress | None
     return params
 
 
-def read_group(plan: ReadPlan, group: list[KeyMapping]) -> np.ndarray:
+def read_group(plan: ReadAssignment, group: list[KeyMapping]) -> np.ndarray:
     """One cptjax parameter (stacked over layers if it is per-layer), in layer 0's stored dtype."""
     stacked = group[0].layer is not None
     array = np.empty(((len(group),) if stacked else ()) + group[0].shape, plan.dtype(group[0]))
@@ -164,7 +164,7 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
     """
     import jax
 
-    plan = plan_read(user_path(hf_dir), cfg)
+    plan = assign_reads(user_path(hf_dir), cfg)
     if plan.tied_head:
         plan.check_tied_head(plan.read(plan.groups[("embed_tokens",)][0]))
     params: dict = {}

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cptjax.dtypes import SAFETENSORS_CODES, safetensors_code
-from cptjax.errors import CptjaxError
-from cptjax.paths import PathLike, user_path
+from cptjax.core.dtypes import SAFETENSORS_CODES, safetensors_code
+from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import PathLike, user_path
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own limit
 _bytes_read = 0  # tensor bytes this process has read through SafetensorsFile

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from etils import epath
 
-from cptjax.errors import CptjaxError
+from cptjax.core.errors import CptjaxError
 
 
 def torch_available() -> bool:

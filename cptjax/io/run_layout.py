@@ -1,0 +1,55 @@
+"""A training run's folder, named in this one place; every reader and writer of a run asks here.
+
+  RUN_DIR/config.yaml                 the resolved config, written once every check has passed
+  RUN_DIR/checkpoints/<step>/         Orbax steps (train/run_folder.py writes them)
+  RUN_DIR/checkpoints/hf_assets/      tokenizer and generation files (io/checkpoint.py: ASSETS_DIR)
+  RUN_DIR/logs/metrics.jsonl          every record, one JSON object a line (train/metrics.py)
+  RUN_DIR/logs/tensorboard/           the same scalars for TensorBoard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from etils import epath
+
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+CONFIG = "config.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps each thing, under its root (the config's run_dir)."""
+
+    root: epath.Path
+
+    @classmethod
+    def of_checkpoints(cls, folder: epath.Path) -> RunPaths | None:
+        """The run whose checkpoints `folder` is (its config and metrics beside it), or None."""
+        run = cls(folder.parent)
+        if folder.name == CHECKPOINTS and run.config.is_file() and run.metrics.is_file():
+            return run
+        return None
+
+    @property
+    def checkpoints(self) -> epath.Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def logs(self) -> epath.Path:
+        return self.root / LOGS
+
+    @property
+    def metrics(self) -> epath.Path:
+        return self.logs / METRICS
+
+    @property
+    def tensorboard(self) -> epath.Path:
+        return self.logs / TENSORBOARD
+
+    @property
+    def config(self) -> epath.Path:
+        return self.root / CONFIG

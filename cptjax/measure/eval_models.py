@@ -1,0 +1,281 @@
+"""`cptjax eval`: held-out loss, perplexity and bits per byte of saved models on eval sets.
+
+Models are HF folders or cptjax checkpoints (PATH, or PATH@STEP for a step of a checkpoint or
+run). Eval sets are the `data.eval_sets` entries of training, given on the command line as
+NAME=SPEC, where SPEC is
+  - TYPE:PATHS   a source type and comma-separated files or globs: `code=text:heldout/*.py`,
+                 `general=jsonl:heldout/wiki.jsonl`;
+  - a YAML mapping of the entry's other keys, for options and TFDS:
+                 `code={type: jsonl, paths: [heldout/code.jsonl], text_field: content, max_docs: 200}`,
+                 `wiki={type: tfds, dataset: wikitext, split: test, data_dir: ~/tfds}`;
+or as a YAML file (`--data-config`) whose `eval_sets` list sits at the top or under `data:`, as in
+a run's config.yaml (whose training seq_len and batch_size then become the defaults).
+
+The sets are tokenized and packed once, exactly as during training (cptjax.data.eval_sets), with
+the first model's tokenizer; every model must share it. Each model is read onto the devices and
+scored by the trainer's own eval step (train_step.build_eval_setup) through evaluation.evaluate.
+The first model is the reference: every other one is compared with it (adaptation on the domain
+sets, forgetting on the others).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
+from cptjax.core.config_tree import from_dict, read_yaml_mapping, yaml_error
+from cptjax.data.config import EvalSetConfig
+from cptjax.data.eval_sets import pack_eval_sets
+from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
+from cptjax.core.dtypes import float_dtype
+from cptjax.core.errors import CptjaxError
+from cptjax.train.evaluation import compare, comparison_table, domain_sets, evaluate, results_table
+from cptjax.model.config import ModelConfig
+from cptjax.core.paths import user_path
+from cptjax.core.progress import progress_bar
+from cptjax.train.step import EvalSetup, build_eval_setup
+from cptjax.io.weights import Weights, open_weights, split_step
+
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_BATCH_SIZE = 8
+
+
+def parse_eval_spec(text: str, flag: str = "--data") -> EvalSetConfig:
+    """NAME=TYPE:PATHS or NAME={yaml mapping} -> an eval set entry (local paths made absolute)."""
+    name, sep, spec = text.partition("=")
+    name, spec = name.strip(), spec.strip()
+    if not sep or not name or not spec:
+        raise CptjaxError(f"{flag} {text!r}: expected NAME=SPEC, e.g. code=text:heldout/*.py or "
+                          "code={type: jsonl, paths: [heldout.jsonl], max_docs: 100}")
+    key = f"{flag} {name}"
+    if spec.startswith("{"):
+        try:
+            entry = yaml.safe_load(spec)
+        except yaml.YAMLError as err:
+            raise CptjaxError(f"{key}: not a valid YAML mapping ({yaml_error(err)})") from None
+        if not isinstance(entry, dict):
+            raise CptjaxError(f"{key}: expected a YAML mapping such as {{type: jsonl, paths: [...]}}")
+        if "name" in entry:
+            raise CptjaxError(f"{key}: the name comes before '='; leave 'name' out of the mapping")
+    else:
+        kind, colon, paths = spec.partition(":")
+        if not colon or not paths:
+            raise CptjaxError(f"{key}: expected TYPE:PATHS (e.g. text:heldout/*.py) or a YAML mapping")
+        entry = {"type": kind, "paths": [p for p in paths.split(",") if p]}
+    return _eval_set({"name": name, **entry}, key)
+
+
+def eval_sets_from_file(path: str) -> tuple[list[EvalSetConfig], dict]:
+    """The eval sets of a YAML file (top-level or `data:` `eval_sets`), and the defaults it sets
+    ({"seq_len", "batch_size"} from a training config's `training` section)."""
+    file = user_path(path, "--data-config")
+    raw = read_yaml_mapping(file, "--data-config")
+    section = raw.get("data", raw)
+    entries = section.get("eval_sets") if isinstance(section, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise CptjaxError(f"--data-config {file}: no eval_sets list (at the top level or under data:)")
+    sets = [_eval_set(e, f"{file}: eval_sets[{i}]") for i, e in enumerate(entries)]
+    training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
+    return sets, {k: training[k] for k in ("seq_len", "batch_size") if isinstance(training.get(k), int)}
+
+
+def _eval_set(entry: dict, key: str) -> EvalSetConfig:
+    config = from_dict(EvalSetConfig, entry, key)  # local paths made absolute here
+    config.validate(key)
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How saved models are scored, by `cptjax eval` and by `cptjax merge --eval` alike: the sets,
+    which of them measure adaptation, and their packing. `flag` is the option the sets came from."""
+
+    sets: tuple[EvalSetConfig, ...]
+    domain: tuple[str, ...] = ()
+    seq_len: int | None = None  # default: min(DEFAULT_SEQ_LEN, every model's max_position_embeddings)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    dtype: str = "float32"
+    tokenizer: str | None = None  # default: the models' own
+    flag: str = "--data"
+
+    def check(self) -> tuple[str, ...]:
+        """The checks that need no model; returns the domain sets' names."""
+        if not self.sets:
+            raise CptjaxError(f"{self.flag}: no eval set given; add {self.flag} NAME=SPEC or --data-config FILE")
+        names = [s.name for s in self.sets]
+        for name in names:
+            if names.count(name) > 1:
+                raise CptjaxError(f"{self.flag} {name}: the name is used twice; give each set its own name")
+        if (self.seq_len is not None and self.seq_len < 1) or self.batch_size < 1:
+            raise CptjaxError(f"--seq-len {self.seq_len} / --batch-size {self.batch_size}: both must be >= 1")
+        float_dtype(self.dtype, "--dtype")
+        return domain_sets(names, self.domain)
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Eval sets tokenized and packed once, for every model evaluated with them."""
+
+    sets: dict[str, list[dict]]
+    tokenizer: DocumentTokenizer
+    seq_len: int
+    batch_size: int
+    domain: tuple[str, ...] = ()
+
+
+def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequence[str]) -> EvalData:
+    """The one set-up of an evaluation of opened models: every check that models, tokenizer, length
+    and sets fit together, then the sets tokenized and packed with the models' tokenizer."""
+    domain = settings.check()
+    for model, label in zip(models, labels):
+        check_vocabulary(models[0].config, model.config, (labels[0], label))
+    check_tokenizers(models, labels)
+    folder = user_path(settings.tokenizer, "--tokenizer") if settings.tokenizer else next(
+        (m.tokenizer_dir for m in models if m.tokenizer_dir is not None), None)
+    if folder is None:
+        raise CptjaxError(f"{labels[0]}: no tokenizer files beside the weights; pass --tokenizer")
+    length = settings.seq_len or min(DEFAULT_SEQ_LEN, *(m.config.max_position_embeddings for m in models))
+    for model, label in zip(models, labels):
+        if length > model.config.max_position_embeddings:
+            raise CptjaxError(f"--seq-len {length}: exceeds {label}'s max_position_embeddings "
+                              f"({model.config.max_position_embeddings})")
+    data = load_eval_data(settings.sets, folder, seq_len=length, batch_size=settings.batch_size,
+                          flag=settings.flag)
+    top = max(int(b["inputs"].max()) for batches in data.sets.values() for b in batches)
+    if top >= models[0].config.vocab_size:
+        raise CptjaxError(f"--tokenizer {folder}: gives token id {top}, beyond the models' vocabulary "
+                          f"of {models[0].config.vocab_size}; use the models' own tokenizer")
+    data.domain = domain
+    return data
+
+
+def load_eval_data(sets: Sequence[EvalSetConfig], tokenizer_dir, *, seq_len: int, batch_size: int,
+                   flag: str = "--data") -> EvalData:
+    """The sets tokenized with the tokenizer in `tokenizer_dir` and packed, as in training."""
+    EvalSettings(tuple(sets), seq_len=seq_len, batch_size=batch_size, flag=flag).check()
+    tokenizer = DocumentTokenizer(load_tokenizer_spec(tokenizer_dir))
+    packed = pack_eval_sets(sets, [f"{flag} {s.name}" for s in sets], tokenizer, seq_len=seq_len,
+                            batch_size=batch_size, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    return EvalData(packed, tokenizer, seq_len, batch_size)
+
+
+def check_vocabulary(reference: ModelConfig, other: ModelConfig, names: tuple[str, str]) -> None:
+    """Models compared (or merged) on the same tokens must share a vocabulary."""
+    if reference.vocab_size != other.vocab_size:
+        raise CptjaxError(f"{names[1]}: vocabulary of {other.vocab_size} tokens, but {names[0]} has "
+                          f"{reference.vocab_size}; models with different vocabularies cannot be "
+                          "compared or merged on the same tokens")
+
+
+def check_tokenizers(weights: Sequence[Weights], labels: Sequence[str]) -> None:
+    """Every model that carries a tokenizer carries the same one (by fingerprint)."""
+    first = None
+    for w, label in zip(weights, labels):
+        if w.tokenizer_dir is None:
+            continue
+        spec = load_tokenizer_spec(w.tokenizer_dir)
+        if first is None:
+            first = (label, spec.fingerprint)
+        elif spec.fingerprint != first[1]:
+            raise CptjaxError(f"{label}: its tokenizer differs from {first[0]}'s; losses per token of "
+                              "models with different tokenizers are not comparable")
+
+
+def evaluate_weights(weights: Weights, data: EvalData, dtype: str = "float32", label: str = "") -> dict:
+    """{set: summarize(...)} of one model, read straight onto the devices in `dtype`."""
+    setup = build_eval_setup(weights.config, float_dtype(dtype, "--dtype"))
+    params = weights.read_onto(setup.abstract_params)
+    return _evaluate(setup, params, data, label or weights.describe())
+
+
+def evaluate_host_params(setup: EvalSetup, params: dict, data: EvalData, label: str) -> dict:
+    """{set: summarize(...)} of parameters held on the host (NumPy), e.g. a merge in memory."""
+    def place(array, abstract):
+        array = np.asarray(array).astype(abstract.dtype, copy=False)
+        return jax.make_array_from_callback(array.shape, abstract.sharding, lambda index: array[index])
+    return _evaluate(setup, jax.tree.map(place, params, setup.abstract_params), data, label)
+
+
+def _evaluate(setup: EvalSetup, params, data: EvalData, label: str) -> dict:
+    sets = {name: progress_bar(f"evaluating {label} on {name}")(batches)
+            for name, batches in data.sets.items()}
+    return evaluate(setup.eval_fn, params, sets, setup.to_global)
+
+
+@dataclasses.dataclass
+class EvalReport:
+    results: dict[str, dict[str, dict]]  # {model label: {set: summary}}
+    domain: tuple[str, ...]
+    seq_len: int
+    batch_size: int
+    dtype: str
+
+    @property
+    def comparisons(self) -> dict[str, list[dict]]:
+        """{model label: compare(reference, model)} for every model after the first."""
+        labels = list(self.results)
+        return {label: compare(self.results[labels[0]], self.results[label], self.domain)
+                for label in labels[1:]}
+
+    def to_json(self) -> dict:
+        return {"models": self.results, "domain_sets": list(self.domain), "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "dtype": self.dtype,
+                "reference": next(iter(self.results)), "comparisons": self.comparisons}
+
+    def markdown(self) -> str:
+        text = (f"# Held-out evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; "
+                f"domain sets (adaptation): {', '.join(self.domain)}; the others measure forgetting.\n\n"
+                + results_table(self.results))
+        reference = next(iter(self.results))
+        for label, rows in self.comparisons.items():
+            text += (f"\n## {label} against {reference}\n\nadaptation = domain loss drop, forgetting = "
+                     f"general loss rise, in nats/token\n\n"
+                     + comparison_table(rows, before="reference", after="model"))
+        return text
+
+
+def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, domain: Sequence[str] = (),
+                    seq_len: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                    dtype: str = "float32", tokenizer: str | None = None) -> EvalReport:
+    """Every model (PATH or PATH@STEP) on every set; the first model is the reference."""
+    settings = EvalSettings(tuple(sets), tuple(domain), seq_len, batch_size, dtype, tokenizer)
+    if not models:
+        raise CptjaxError("--model: give at least one model (an HF folder or a cptjax checkpoint)")
+    settings.check()
+    labels = _labels(models)
+    opened: list[Weights] = []
+    try:
+        for text in models:
+            path, step = split_step(text)
+            opened.append(open_weights(path, step, flag="--model", step_flag="--model PATH@STEP"))
+        data = prepare_eval(settings, opened, [f"--model {label}" for label in labels])
+        results = {label: evaluate_weights(w, data, dtype, label) for w, label in zip(opened, labels)}
+    finally:
+        for w in opened:
+            w.close()
+    return EvalReport(results, data.domain, data.seq_len, batch_size, dtype)
+
+
+def _labels(models: Sequence[str]) -> list[str]:
+    labels = [m.rstrip("/") for m in models]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise CptjaxError(f"--model {label}: given twice")
+    return labels
+
+
+def write_report(report: EvalReport, out: str) -> Path:
+    """eval.json and eval.md in a new folder `out` (written whole or not at all)."""
+    folder = check_output_dir(user_path(out, "--out"))
+    with atomic_output_dir(folder) as tmp:
+        (tmp / "eval.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        (tmp / "eval.md").write_text(report.markdown())
+    return folder

@@ -1,0 +1,86 @@
+"""`cptjax report RUN_DIR`: what a training run did, in a Markdown report with PNG plots.
+
+Read from the run's own folder (run_logs.py): training loss overall and per source, held-out loss
+per set over steps with the base's step-0 value marked (adaptation and forgetting curves), the
+learning rate, realized source shares against the configured weights, tokens/s, and the
+before/after table of the base (step 0) against the last evaluation. The report folder
+(default RUN_DIR/report-step<N>, N the last logged step) holds report.md, report.json (the
+tables' numbers), one PNG per plot and overview.png with all of them; it is written whole or not
+at all, and an existing one is never replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from etils import epath
+
+from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
+from cptjax.train.evaluation import comparison_table, domain_sets
+from cptjax.core.paths import PathLike, user_path
+from cptjax.measure.plots import save_report_figures
+from cptjax.measure.run_logs import RunLog, mixture_table, read_run, run_summary
+
+CAPTIONS = {
+    "training_loss": "Training loss of each logged step's batch, overall and per source.",
+    "heldout_loss": "Held-out loss per eval set over steps; the star and dashed line mark the base model "
+                    "(step 0). A falling domain curve is adaptation, a rising general curve forgetting.",
+    "heldout_change": "The same, as the change from the base: below 0 is better than the base.",
+    "learning_rate": "The configured re-warm schedule, and the learning rate the logged steps applied.",
+    "source_shares": "Each source's share of the target tokens per logging window (thin line) against its "
+                     "configured weight (wide pale line).",
+    "throughput": "Training tokens per second (batch x seq_len over the step time).",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    out: epath.Path
+    markdown: str
+    numbers: dict  # what report.json holds
+    figures: dict[str, str]
+
+
+def default_out(run: RunLog) -> epath.Path:
+    return run.run_dir / f"report-step{run.last_step}"
+
+
+def write_report(run_dir: PathLike, out: PathLike | None = None, domain: tuple[str, ...] = (),
+                 extra: str = "") -> Report:
+    """Writes the report of `run_dir` into the new folder `out`; `extra` is Markdown appended at
+    the end (the demo adds its generations)."""
+    run = read_run(run_dir)
+    out = check_output_dir(user_path(out, "--out") if out else default_out(run))
+    domain = domain_sets(run.eval_names, domain) if run.eval_names else ()
+    rows, after_step = run.before_after(domain)
+    mixture, covered = run.mixture()
+    numbers = {"run_dir": str(run.run_dir), "last_step": run.last_step, "domain_sets": list(domain),
+               "before_after": {"base_step": 0 if rows else None, "after_step": after_step, "rows": rows},
+               "mixture": {"rows": mixture, "steps_covered": covered}}
+    with atomic_output_dir(out) as tmp:
+        figures = save_report_figures(run, tmp, domain)
+        text = _markdown(run, rows, after_step, mixture, covered, figures, domain) + extra
+        (tmp / "report.md").write_text(text)
+        (tmp / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    return Report(out, text, numbers, figures)
+
+
+def _markdown(run: RunLog, rows, after_step, mixture, covered, figures, domain) -> str:
+    lines = [f"# Run report: {run.run_dir.name}", "", *run_summary(run), "",
+             f"![overview]({figures['overview']})", "", "## Before and after", ""]
+    if rows:
+        lines += [f"The base model (step 0) against step {after_step}. Domain sets (adaptation: the loss "
+                  f"drop): {', '.join(domain)}; the others measure forgetting (the loss rise). Losses in "
+                  "nats/token.", "", comparison_table(rows, before="base (step 0)", after=f"step {after_step}")]
+    else:
+        lines += ["No before/after table: the run has no step-0 evaluation and a later one yet "
+                  "(eval.at_start and eval.every set when they happen).", ""]
+    lines += ["## Data mixture", "", mixture_table(mixture)]
+    if covered < run.last_step:
+        lines += [f"Token counts cover {covered} of {run.last_step} steps (logging windows cut short by a "
+                  "resume are not in the logs).", ""]
+    lines += ["## Plots", ""]
+    for name, caption in CAPTIONS.items():
+        lines += [f"![{name}]({figures[name]})", "", caption, ""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,62 @@
+"""Next-token cross-entropy sums from the final hidden states, without [B, L, V] float32 logits.
+
+The logits of `chunk` positions of every row at a time ([B, chunk, V] float32) are all that exist:
+chunks run along L under `jax.lax.scan`, and the backward pass recomputes each chunk's logits
+(`jax.checkpoint`) instead of keeping them. Chunking along L keeps the rows (sharded over the data
+axes) whole, so no device gathers another's hidden states. A chunk of at least L positions is the
+dense computation. Sums, not means, so micro-batches and chunks add up exactly (up to float32
+summation order): the train step divides once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cptjax.model.sharding import constrain
+
+# Positions per row per chunk. Memory: rows per device x chunk x V x 4 bytes of logits (and as much
+# again for their gradient): 2 GiB for 8 rows of a 128k vocabulary.
+DEFAULT_LOSS_CHUNK = 512
+
+
+def logit_sums(hidden, head, targets, mask, source_ids, num_sources: int) -> dict[str, jax.Array]:
+    """Float32 sums over hidden [B, L, D] (compute dtype) with the output head [V, D]: the target
+    NLL, the squared log-partition (z-loss) and the NLL per source [S], each weighted by mask."""
+    logits = jnp.einsum("BLD,VD->BLV", hidden, head, preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (log_z - target_logit) * mask
+    sources = jax.nn.one_hot(source_ids, num_sources, dtype=jnp.float32)  # [B, L, S]; -1: none
+    return {"nll": nll.sum(), "z": (jnp.square(log_z) * mask).sum(),
+            "source_nll": jnp.einsum("BL,BLS->S", nll, sources)}
+
+
+def loss_sums(hidden, head, targets, mask, source_ids, num_sources: int,
+              chunk: int | None = DEFAULT_LOSS_CHUNK) -> dict[str, jax.Array]:
+    """`logit_sums` over chunks of `chunk` positions (None: all at once); [B, L] arrays besides
+    hidden [B, L, D] and head [V, D]; mask float32."""
+    rows, length = targets.shape
+    if chunk is None or chunk >= length:
+        return logit_sums(hidden, head, targets, mask, source_ids, num_sources)
+    count = -(-length // chunk)
+    pad = count * chunk - length
+    if pad:  # padded positions have mask 0 and no source: they add nothing
+        widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
+        hidden, targets, mask = (jnp.pad(x, widths(x)) for x in (hidden, targets, mask))
+        source_ids = jnp.pad(source_ids, widths(source_ids), constant_values=-1)
+
+    def chunks(x):  # [B, count * chunk, ...] -> [count, B, chunk, ...]
+        x = x.reshape(rows, count, chunk, *x.shape[2:])
+        return jnp.swapaxes(x, 0, 1)
+
+    @jax.checkpoint
+    def add(total, xs):
+        part = logit_sums(*xs[:1], head, *xs[1:], num_sources)
+        return jax.tree.map(jnp.add, total, part), None
+
+    zeros = {"nll": jnp.zeros((), jnp.float32), "z": jnp.zeros((), jnp.float32),
+             "source_nll": jnp.zeros((num_sources,), jnp.float32)}
+    total, _ = jax.lax.scan(add, zeros, tuple(chunks(x) for x in (hidden, targets, mask, source_ids)))
+    return total

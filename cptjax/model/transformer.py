@@ -1,0 +1,354 @@
+"""The Llama-family decoder in Flax NNX: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, TinyLlama, SmolLM.
+
+Dimension letters (used in einsums, comments and sharding names):
+  B batch, L length (S for keys), D model, V vocab, F mlp, N query heads, K kv heads, H head dim,
+  Ly layers.
+
+Weights keep Hugging Face's layout ([out, in] for every projection, heads split out of `out`), so
+the HF key map is a reshape, never a transpose. The layers' weights are stacked on a leading Ly axis
+and run under `jax.lax.scan`, so compile time does not grow with depth.
+
+Numerics: parameters are stored in `param_dtype` and cast to `dtype` for compute; RMSNorm statistics,
+the attention softmax and the logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cptjax.model.attention import ATTENTION_KERNELS, attend
+from cptjax.model.kv_cache import KVCache, LayerCache
+from cptjax.model.config import ModelConfig, rope_inverse_frequencies
+from cptjax.model.sharding import constrain
+
+# What the backward pass recomputes, per decoder layer: nothing ("none"), everything ("full"),
+# or all but the matmul outputs ("dots"; "dots_no_batch": those without batch dimensions).
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert tuple(REMAT_POLICIES) == typing.get_args(Remat)
+
+# (name, shape in letters, logical axes) of each per-layer weight; the stacked array adds Ly in front.
+_LAYER_WEIGHTS = (
+    ("input_layernorm", "D", ("norm",)),
+    ("q_proj", "NHD", ("q_heads", "head_dim", "embed")),
+    ("k_proj", "KHD", ("kv_heads", "head_dim", "embed")),
+    ("v_proj", "KHD", ("kv_heads", "head_dim", "embed")),
+    ("o_proj", "DNH", ("embed", "q_heads", "head_dim")),
+    ("q_proj_bias", "NH", ("q_heads", "head_dim")),
+    ("k_proj_bias", "KH", ("kv_heads", "head_dim")),
+    ("v_proj_bias", "KH", ("kv_heads", "head_dim")),
+    ("o_proj_bias", "D", ("embed",)),
+    ("q_norm", "H", ("head_dim",)),
+    ("k_norm", "H", ("head_dim",)),
+    ("post_attention_layernorm", "D", ("norm",)),
+    ("gate_proj", "FD", ("mlp", "embed")),
+    ("up_proj", "FD", ("mlp", "embed")),
+    ("down_proj", "DF", ("embed", "mlp")),
+    ("gate_proj_bias", "F", ("mlp",)),
+    ("up_proj_bias", "F", ("mlp",)),
+    ("down_proj_bias", "D", ("embed",)),
+)
+
+
+def layer_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The per-layer weights this config has (biases and q/k norms only where the config says)."""
+    present = {
+        "q_proj_bias": cfg.qkv_bias, "k_proj_bias": cfg.qkv_bias, "v_proj_bias": cfg.qkv_bias,
+        "o_proj_bias": cfg.o_bias, "q_norm": cfg.qk_norm, "k_norm": cfg.qk_norm,
+        "gate_proj_bias": cfg.mlp_bias, "up_proj_bias": cfg.mlp_bias, "down_proj_bias": cfg.mlp_bias,
+    }
+    return tuple(name for name, _, _ in _LAYER_WEIGHTS if present.get(name, True))
+
+
+def layer_weight_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    sizes = {"D": cfg.hidden_size, "F": cfg.intermediate_size, "N": cfg.num_heads,
+             "K": cfg.num_kv_heads, "H": cfg.head_dim}
+    letters = next(letters for n, letters, _ in _LAYER_WEIGHTS if n == name)
+    return tuple(sizes[c] for c in letters)
+
+
+def _init_value(name: str, shape, key, dtype, std: float):
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if name.endswith("bias"):
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _param(value, names) -> nnx.Param:
+    # Logical names as metadata only (eager_sharding=False): sharding.py maps them to the mesh and
+    # the trainer places arrays with explicit shardings.
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, each stacked on a leading Ly axis."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype, std: float, rngs: nnx.Rngs):
+        self.names = layer_weight_names(cfg)
+        for name in self.names:
+            shape = (cfg.num_layers, *layer_weight_shape(cfg, name))
+            axes = ("layers", *next(a for n, _, a in _LAYER_WEIGHTS if n == name))
+            setattr(self, name, _param(_init_value(name, shape, rngs.params(), param_dtype, std), axes))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Llama(nnx.Module):
+    """`Llama(cfg, rngs=...)(tokens [B, L]) -> logits [B, L, V]` in float32.
+
+    `positions` restart at 0 in each packed document; `segment_ids` keep packed documents from
+    attending to each other. `remat` is a key of REMAT_POLICIES; `attention` is a kernel of
+    cptjax.model.attention ('auto': splash on TPU, Pallas flash on GPU, XLA on CPU).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+                 remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.remat = remat
+        self.attention = attention
+        std = 0.02
+        self.embed_tokens = _param(_init_value("embed", (cfg.vocab_size, cfg.hidden_size),
+                                               rngs.params(), param_dtype, std), ("vocab", "embed"))
+        self.layers = DecoderLayers(cfg, param_dtype=param_dtype, std=std, rngs=rngs)
+        self.norm = _param(jnp.ones((cfg.hidden_size,), param_dtype), ("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(_init_value("lm_head", (cfg.vocab_size, cfg.hidden_size),
+                                              rngs.params(), param_dtype, std), ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        hidden = self.hidden_states(tokens, positions, segment_ids)
+        logits = jnp.einsum("BLD,VD->BLV", hidden, self.output_head(), preferred_element_type=jnp.float32)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def output_head(self) -> jax.Array:
+        """The output projection [V, D] in the compute dtype (the embedding, when tied)."""
+        head = self.embed_tokens[...] if self.config.tie_word_embeddings else self.lm_head[...]
+        return head.astype(self.dtype)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """The final-normed hidden states [B, L, D] in the compute dtype."""
+        return self.decode(self.embed(tokens), positions, segment_ids)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, L, D]
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def decode(self, x: jax.Array, positions=None, segment_ids=None) -> jax.Array:
+        """Runs the decoder layers and the final norm on input embeddings x [B, L, D]."""
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        block = _Block(cfg, dtype=self.dtype, attention=self.attention)
+
+        def step(carry, weights):
+            return block(carry, weights, cos, sin, segment_ids), None
+
+        if self.remat != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(step, x, self.layers.arrays())
+        return _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Generation: runs new `tokens` [B, L] at `positions` [B, L] through the layers, attending
+        over `cache` and their own keys (kv_cache.py); returns the float32 logits of each row's last
+        token [B, V] and the cache with the new tokens added."""
+        cfg = self.config
+        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        block = _Block(cfg, dtype=self.dtype, attention=self.attention)
+
+        def step(x, layer):
+            weights, keys, values = layer
+            return block(x, weights, cos, sin, None,
+                         LayerCache(keys, values, cache.positions, positions, cfg.sliding_window))
+
+        x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
+                                                                     cache.values))
+        last = _rms_norm(x[:, -1], self.norm[...], cfg.rms_norm_eps)  # [B, D]
+        logits = jnp.einsum("BD,VD->BV", last, self.output_head(), preferred_element_type=jnp.float32)
+        return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One decoder layer as a pure function of its (unstacked) weights."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    attention: str = "auto"
+
+    def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None):
+        """x [B, L, D] -> [B, L, D]; with a `cache` (generation), (x, the layer's keys and values)."""
+        cfg, dt = self.cfg, self.dtype
+        h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
+        q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
+        # k and v in one matmul, stacked as gate and up are below.
+        kv = jnp.einsum("BLD,TKHD->BLTKH", h, jnp.stack([w["k_proj"], w["v_proj"]]).astype(dt))
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if cfg.qkv_bias:
+            q = q + w["q_proj_bias"].astype(dt)
+            k = k + w["k_proj_bias"].astype(dt)
+            v = v + w["v_proj_bias"].astype(dt)
+        if cfg.qk_norm:
+            q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+            k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q = constrain(_apply_rope(q, cos, sin),
+                      ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = constrain(_apply_rope(k, cos, sin),
+                      ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        if cache is None:
+            attn = attend(q, k, v, segment_ids, choice=self.attention, window=cfg.sliding_window)  # [B, L, N, H]
+        else:  # generation: the cached keys too, masked by position (kv_cache.py)
+            attn, cache = cache.attend(q, k, v)
+        out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))
+        if cfg.o_bias:
+            out = out + w["o_proj_bias"].astype(dt)
+        x = constrain(x + out, ("activation_batch", "activation_length", "activation_embed"))
+
+        h = _rms_norm(x, w["post_attention_layernorm"], cfg.rms_norm_eps)
+        # One matmul for both projections (one pass over h, and one for its gradient), stacked on a
+        # new axis rather than concatenated along F, so an F-sharded mesh needs no data movement.
+        gate_up = jnp.einsum("BLD,TFD->BLTF", h, jnp.stack([w["gate_proj"], w["up_proj"]]).astype(dt))
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        if cfg.mlp_bias:
+            gate = gate + w["gate_proj_bias"].astype(dt)
+            up = up + w["up_proj_bias"].astype(dt)
+        down = _swiglu_down(gate, up, w["down_proj"].astype(dt))
+        if cfg.mlp_bias:
+            down = down + w["down_proj_bias"].astype(dt)
+        x = constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
+        return x if cache is None else (x, cache)
+
+
+def _swiglu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def _swiglu_down(gate, up, down_proj):
+    """The MLP's output: silu(gate) * up [B, L, F] through down_proj [D, F]. The backward
+    recomputes silu(gate) * up from gate and up, which it needs anyway, instead of keeping it:
+    one [B, L, F] tensor per layer less held between forward and backward, and one sigmoid for
+    both gradients (autodiff of silu(gate) * up evaluates it more than once)."""
+    return _swiglu_down_forward(gate, up, down_proj)[0]
+
+
+def _swiglu_down_forward(gate, up, down_proj):
+    act = constrain(_swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))
+    return jnp.einsum("BLF,DF->BLD", act, down_proj), (gate, up, down_proj)
+
+
+def _swiglu_down_backward(residuals, d_out):
+    gate, up, down_proj = residuals
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    act = constrain(silu * up, ("activation_batch", "activation_length", "activation_mlp"))
+    d_act = jnp.einsum("BLD,DF->BLF", d_out, down_proj)
+    d_down = jnp.einsum("BLF,BLD->DF", act, d_out)
+    return d_act * up * (sig + silu * (1 - sig)), d_act * silu, d_down
+
+
+_swiglu_down.defvjp(_swiglu_down_forward, _swiglu_down_backward)
+
+
+def _rms_norm(x, weight, eps):
+    # Statistics in float32, then back to the input dtype before the scale, as transformers does.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _rope_tables(cfg: ModelConfig, positions, dtype):
+    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg.rope, cfg.head_dim))  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, H]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@jax.custom_vjp
+def _apply_rope(x, cos, sin):
+    # HF's rotate-half convention (its checkpoints are permuted for it), so weights need no permutation.
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+def _apply_rope_forward(x, cos, sin):
+    return _apply_rope(x, cos, sin), (cos, sin)
+
+
+def _apply_rope_backward(residuals, d_out):
+    # rotate_half's transpose is -rotate_half, written directly (autodiff pads and adds the two
+    # halves); the tables are functions of the positions only and get no gradient.
+    cos, sin = residuals
+    return d_out * cos[:, :, None, :] - _rotate_half(d_out * sin[:, :, None, :]), None, None
+
+
+_apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)
+
+
+def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -> Llama:
+    """The model with ShapeDtypeStructs for weights: builds any size without allocating."""
+    return nnx.eval_shape(lambda: Llama(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0), **kwargs))
+
+
+def param_count(model: Llama) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+ParamPath = tuple[str, ...]  # ("layers", "q_proj"): a leaf of the nested parameter dict
+
+
+def param_paths(tree: dict) -> list[ParamPath]:
+    """The path of every leaf of a nested dict of parameters, in insertion order."""
+    paths = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            paths += [(key, *rest) for rest in param_paths(value)]
+        else:
+            paths.append((key,))
+    return paths
+
+
+def get_param(tree: dict, path: ParamPath):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_param(tree: dict, path: ParamPath, value) -> None:
+    """Puts `value` at `path`, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def model_from_params(cfg: ModelConfig, params: dict, **kwargs) -> Llama:
+    """A model whose weights are `params` (a nested dict shaped like `nnx.to_pure_dict`)."""
+    first = next(iter(jax.tree.leaves(params)))
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype=first.dtype, **kwargs))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,183 @@
+"""The one config tree of `cptjax train`: model / data / optimizer / schedule / mesh / training /
+checkpoint / eval / logging / distributed. Loaded from YAML, `--set a.b=value` overrides applied,
+validated before anything heavy starts (`check_environment` adds the checks that need the files
+and the devices, still before any output folder is touched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import yaml
+from etils import epath
+
+from cptjax.model.attention import Attention
+from cptjax.core.config_tree import apply_overrides, from_dict, read_yaml_mapping, to_dict
+from cptjax.data.config import DataConfig
+from cptjax.core.dtypes import FloatName
+from cptjax.core.errors import CptjaxError
+from cptjax.model.loss import DEFAULT_LOSS_CHUNK
+from cptjax.model.transformer import Remat
+from cptjax.core.paths import PathLike, UserPath, user_path
+from cptjax.io.run_layout import RunPaths
+from cptjax.train.optimizer import OptimizerConfig
+from cptjax.train.schedules import ScheduleConfig
+from cptjax.model.sharding import MeshConfig
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Where the weights come from. `init_from`: an HF folder or a cptjax checkpoint (weights only,
+    fresh optimizer, step 0: the CPT default). `hf_config`: a config.json to initialise from scratch.
+    A run's own latest checkpoint always wins over both (resume)."""
+
+    init_from: UserPath | None = None  # an HF folder or a cptjax checkpoint to continue from
+    init_step: int | None = None  # checkpoint step for init_from (default: its latest)
+    hf_config: UserPath | None = None  # a config.json to start from scratch instead
+    tokenizer: UserPath | None = None  # HF tokenizer folder (default: init_from's tokenizer files)
+    param_dtype: FloatName = "float32"  # the master weights' precision
+    compute_dtype: FloatName = "bfloat16"  # matmuls' precision; norms, softmax and loss stay float32
+    remat: Remat = "none"  # what the backward pass recomputes per layer, to save memory
+    attention: Attention = "auto"  # the attention kernel; auto picks per backend
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
+
+    def __post_init__(self):
+        if (self.init_from is None) == (self.hf_config is None):
+            raise CptjaxError("model: set exactly one of init_from (an HF folder or cptjax checkpoint "
+                              "to continue from) and hf_config (a config.json to start from scratch)")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise CptjaxError(f"model.loss_chunk: must be >= 1 or null (whole rows), got {self.loss_chunk}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSection:
+    steps: int  # optimizer updates in the whole run (the schedule's length)
+    batch_size: int  # global rows per optimizer step
+    seq_len: int  # tokens per row
+    seed: int = 0  # initialisation from scratch
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop the run, or skip that update
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise CptjaxError(f"training.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 1000  # save every this many steps (and at the end, and on SIGTERM)
+    keep_last: int = 3  # finished checkpoints kept
+    keep_every: int | None = None  # also keep every step that is a multiple of this, forever
+    async_save: bool = True  # write in the background while training goes on
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise CptjaxError(f"checkpoint.every: must be >= 1, got {self.every}")
+        if self.keep_last < 1:
+            raise CptjaxError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")
+        if self.keep_every is not None and (self.keep_every < 1 or self.keep_every % self.every):
+            raise CptjaxError(f"checkpoint.keep_every: must be a positive multiple of checkpoint.every "
+                              f"({self.every}), got {self.keep_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every: int = 500  # evaluate data.eval_sets every this many steps
+    at_start: bool = True  # measure the base model before any update: the reference for forgetting
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise CptjaxError(f"eval.every: must be >= 1, got {self.every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    every: int = 10  # a train record every this many steps
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: Literal["auto", "bar", "lines"] = "auto"  # console: a bar on a terminal, lines elsewhere
+    peak_flops_per_device: float | None = None  # for MFU on chips cptjax does not know
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise CptjaxError(f"logging.every: must be >= 1, got {self.every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """`auto`: jax.distributed.initialize() on TPU VMs and SLURM jobs of several tasks; `off`;
+    `manual`: the coordinator settings below (GPU clusters without SLURM)."""
+
+    mode: Literal["auto", "off", "manual"] = "auto"  # auto: TPU VM slices and SLURM jobs join by themselves
+    coordinator_address: str | None = None  # manual: host:port of process 0
+    num_processes: int | None = None  # manual: how many processes in all
+    process_id: int | None = None  # manual: this process's index
+
+    def __post_init__(self):
+        manual = (self.coordinator_address, self.num_processes, self.process_id)
+        if self.mode == "manual" and None in manual:
+            raise CptjaxError("distributed: mode 'manual' needs coordinator_address, num_processes "
+                              "and process_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: UserPath  # the run's folder: config, checkpoints, logs (local or gs://)
+    model: ModelSection  # where the weights come from, and how the model computes
+    data: DataConfig  # sources and their mixture, held-out sets
+    training: TrainingSection  # steps, batch, sequence length
+    schedule: ScheduleConfig  # the learning rate by step
+    optimizer: OptimizerConfig = OptimizerConfig()  # AdamW
+    mesh: MeshConfig = MeshConfig()  # how devices split the work
+    checkpoint: CheckpointSection = CheckpointSection()  # saves and what is kept
+    eval: EvalSection = EvalSection()  # held-out evaluation
+    logging: LoggingSection = LoggingSection()  # records, TensorBoard, console
+    distributed: DistributedSection = DistributedSection()  # several hosts
+
+    def __post_init__(self):
+        if self.schedule.total_steps != self.training.steps:
+            raise CptjaxError(f"schedule.total_steps ({self.schedule.total_steps}) differs from "
+                              f"training.steps ({self.training.steps}); leave schedule.total_steps out "
+                              "to use training.steps")
+        starts = tuple(stage.start_step for stage in self.data.stages)
+        if self.schedule.kind == "cycles" and starts and self.schedule.stage_boundaries != starts:
+            raise CptjaxError(f"schedule.stage_boundaries {list(self.schedule.stage_boundaries)} differ "
+                              f"from the start steps of data.stages {list(starts)}; leave "
+                              "schedule.stage_boundaries out to re-warm at each data stage")
+        accum = self.optimizer.grad_accum_steps
+        if self.training.batch_size % accum:
+            raise CptjaxError(f"training.batch_size {self.training.batch_size} is not divisible by "
+                              f"optimizer.grad_accum_steps {accum}")
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(user_path(self.run_dir, "run_dir"))
+
+
+def load_config(path: PathLike, overrides: list[str] = ()) -> TrainConfig:
+    """Reads a YAML config, applies `--set` overrides, and builds the validated tree."""
+    raw = apply_overrides(read_yaml_mapping(path, "--config"), list(overrides))
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    """Builds the tree from plain data. Local paths are made absolute, relative to the working
+    directory (remote ones, gs://..., are kept as they are).
+
+    Two schedule fields default to other sections: `total_steps` to training.steps, and for kind
+    "cycles" `stage_boundaries` to the start steps of data.stages (one re-warm per data stage).
+    """
+    raw = dict(raw)
+    schedule = dict(raw.get("schedule") or {})
+    training = raw.get("training") or {}
+    if "total_steps" not in schedule and isinstance(training, dict) and "steps" in training:
+        schedule["total_steps"] = training["steps"]
+    data = raw.get("data") or {}
+    if schedule.get("kind") == "cycles" and "stage_boundaries" not in schedule and isinstance(data, dict):
+        stages = data.get("stages") or []
+        schedule["stage_boundaries"] = [s.get("start_step") if isinstance(s, dict) else s for s in stages]
+    raw["schedule"] = schedule
+    return from_dict(TrainConfig, raw)
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,102 @@
+"""Held-out evaluation: loss, perplexity and bits per byte of one model on fixed eval sets, and the
+tables that compare two evaluations (adaptation on the domain sets, forgetting on the others).
+
+Every number is a ratio of sums over the whole set (token-weighted NLL, bytes), so it does not
+depend on the batch size or the number of hosts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cptjax.core.errors import CptjaxError
+
+
+def summarize(nll: float, tokens: float, num_bytes: float) -> dict:
+    """The reported numbers of one eval set from its sums (NLL in nats)."""
+    loss = nll / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+            "bits_per_byte": nll / math.log(2) / num_bytes if num_bytes else None, "tokens": tokens}
+
+
+def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global, stop=None) -> dict[str, dict] | None:
+    """{set name: summarize(...)}: `eval_fn(params, batch) -> {"nll", "tokens"}` (global sums)
+    on every batch; `to_global` lays this process's rows out on the mesh. `stop()` true between
+    batches abandons the evaluation (None)."""
+    results = {}
+    for name, batches in eval_sets.items():
+        nll = tokens = num_bytes = 0.0
+        for batch in batches:
+            if stop is not None and stop():
+                return None
+            sums = jax.device_get(eval_fn(params, to_global(batch)))
+            nll += float(sums["nll"])
+            tokens += float(sums["tokens"])
+            num_bytes += float(np.sum(batch["num_bytes"]))
+        if jax.process_count() > 1:  # nll and tokens are global sums; the bytes are this host's
+            num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
+        results[name] = summarize(nll, tokens, num_bytes)
+    return results
+
+
+def format_results(step: int, results: dict[str, dict]) -> str:
+    return f"step {step} eval: " + ", ".join(
+        f"{n} loss {r['loss']:.4f} bpb {r['bits_per_byte'] or float('nan'):.4f}" for n, r in results.items())
+
+
+# -- comparing results: `cptjax eval`, reports, model cards and merge sweeps share these tables ----
+
+def domain_sets(names: Sequence[str], domain: Sequence[str] = (), flag: str = "--domain") -> tuple[str, ...]:
+    """The eval sets that measure adaptation: `domain` if given, else the first set. The others
+    measure forgetting."""
+    for name in domain:
+        if name not in names:
+            raise CptjaxError(f"{flag} {name}: no eval set of that name; the sets are {', '.join(names)}")
+    return tuple(domain) if domain else tuple(names[:1])
+
+
+def compare(before: dict[str, dict], after: dict[str, dict], domain: Sequence[str]) -> list[dict]:
+    """Per set in both: losses before and after (nats/token), the change, and what it measures:
+    adaptation (the domain loss drop) or forgetting (the general loss rise)."""
+    rows = []
+    for name in (n for n in before if n in after):
+        b, a = before[name], after[name]
+        role = "domain" if name in domain else "general"
+        rows.append({"set": name, "role": role, "loss_before": b["loss"], "loss_after": a["loss"],
+                     "change": a["loss"] - b["loss"], "bpb_before": b.get("bits_per_byte"),
+                     "bpb_after": a.get("bits_per_byte"),
+                     "measure": "adaptation" if role == "domain" else "forgetting",
+                     "amount": b["loss"] - a["loss"] if role == "domain" else a["loss"] - b["loss"]})
+    return rows
+
+
+def comparison_table(rows: list[dict], before: str = "before", after: str = "after") -> str:
+    """`compare`'s rows as Markdown: adaptation and forgetting side by side."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    return markdown_table(
+        ["held-out set", "role", f"loss {before}", f"loss {after}", "change",
+         f"bits/byte {before}", f"bits/byte {after}", "adaptation", "forgetting"],
+        [[r["set"], r["role"], fmt(r["loss_before"]), fmt(r["loss_after"]), f"{r['change']:+.4f}",
+          fmt(r["bpb_before"]), fmt(r["bpb_after"]),
+          f"{r['amount']:+.4f}" if r["measure"] == "adaptation" else "",
+          f"{r['amount']:+.4f}" if r["measure"] == "forgetting" else ""] for r in rows])
+
+
+def results_table(results: dict[str, dict[str, dict]]) -> str:
+    """{model: {set: summarize(...)}} as Markdown, one row per model and set."""
+    return markdown_table(
+        ["model", "held-out set", "loss (nats/token)", "perplexity", "bits/byte", "tokens"],
+        [[model, name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}",
+          "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}", f"{r['tokens']:,.0f}"]
+         for model, sets in results.items() for name, r in sets.items()])
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,198 @@
+"""Training metrics: JSON Lines, TensorBoard event files, and a console that suits where it runs.
+
+Every record is written to `metrics.jsonl` (one JSON object per line, `{"step", "kind", ...}`) and to
+TensorBoard under `tensorboard/`. The console shows a progress bar with loss, tokens/s and ETA on an
+interactive terminal, and plain log lines otherwise (CI logs, SLURM files). Only process 0 writes.
+
+The log is the history of the run as restored: a run that starts at step k (its checkpoint) keeps
+the records of steps <= k, and moves those of later steps (written before a crash, about to be
+computed again) to `metrics.discarded.jsonl`; TensorBoard purges them too. On an object store
+(gs://), which cannot append, the file is rewritten whole at most every FLUSH_SECONDS and at
+`flush()`, as tensorboardX does for its event files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+from etils import epath
+
+from cptjax.model.config import ModelConfig
+from cptjax.core.paths import is_remote
+
+FLUSH_SECONDS = 30.0  # how stale a remote metrics.jsonl may get between flushes
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets; extend with logging.peak_flops.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12, "NVIDIA B200": 2250e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, override: float | None = None) -> float | None:
+    if override:
+        return override
+    for prefix, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if device_kind.startswith(prefix):
+            return flops
+    return None  # CPUs and unknown chips: MFU is not reported rather than guessed
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token, attention included (PaLM, appendix B): 6 x the matmul
+    parameters (embedding lookup excluded, output projection included) + 12 x layers x heads x
+    head_dim x attended length. Causal masking's skipped half is counted, as PaLM counts it; the
+    attended length is the sliding window when there is one."""
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f
+    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * d
+    context = min(seq_len, cfg.sliding_window or seq_len)
+    return 6.0 * matmul_params + 12.0 * cfg.num_layers * n * h * context
+
+
+class JsonLines:
+    """metrics.jsonl, restored to the run's history at `start_step` (see the module docstring)."""
+
+    def __init__(self, path: epath.Path, start_step: int):
+        self.path = path
+        self._remote = is_remote(path)
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line and start_step > 0 and json.loads(line)["step"] <= start_step]
+        dropped = [line for line in lines if line and line not in kept]
+        if dropped:
+            discarded = path.with_name("metrics.discarded.jsonl")
+            old = discarded.read_text() if discarded.exists() else ""
+            discarded.write_text(old + "".join(f"{line}\n" for line in dropped))
+        self._lines = kept
+        self._flushed_at = time.monotonic()
+        if dropped or not path.exists():
+            self._rewrite()
+        self._file = None if self._remote else path.open("a")
+
+    def _rewrite(self) -> None:
+        text = "".join(f"{line}\n" for line in self._lines)
+        if self._remote:  # one object, written whole
+            self.path.write_text(text)
+            return
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        partial.write_text(text)
+        partial.replace(self.path)  # atomic: the log is never seen half rewritten
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, allow_nan=True)
+        self._lines.append(line)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+        elif time.monotonic() - self._flushed_at > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._remote:
+            self._rewrite()
+            self._flushed_at = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+
+
+class MetricsLogger:
+    """Writes records to JSON Lines, TensorBoard and the console (process 0 only). `start_step`
+    is where the run (re)starts: later records already in the log are set aside."""
+
+    def __init__(self, run: RunPaths, total_steps: int, *, start_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True, progress: str = "auto", stream=None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.stream = stream or sys.stderr
+        self._bar = None
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        run.logs.mkdir(parents=True, exist_ok=True)
+        self._jsonl = JsonLines(run.metrics, start_step)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1)
+        if progress == "bar" or (progress == "auto" and self.stream.isatty()):
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, file=self.stream, unit="step", dynamic_ncols=True)
+
+    @property
+    def has_bar(self) -> bool:
+        """True when a progress bar shows the train records (no separate log lines needed)."""
+        return self._bar is not None
+
+    def start_at(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def log(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write({"step": step, "kind": kind, **values})
+        if self._tb is not None:
+            for key, value in _flatten(values):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._bar is not None and kind == "train":
+            self._bar.n = step
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values.get('tokens_per_s', 0):,.0f}",
+                                  refresh=False)
+            self._bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def flush(self) -> None:
+        """Makes everything logged so far visible (remote logs are rewritten on a timer)."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _flatten(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+class StepTimer:
+    """Wall time between consecutive fetched steps, for step time and tokens/s."""
+
+    def __init__(self):
+        self._last = None
+
+    def restart(self) -> None:
+        """Forget the last mark: the next lap reports nothing (used after eval or a save)."""
+        self._last = None
+
+    def lap(self) -> float | None:
+        now = time.perf_counter()
+        elapsed = None if self._last is None else now - self._last
+        self._last = now
+        return elapsed

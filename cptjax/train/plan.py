@@ -1,0 +1,259 @@
+"""`cptjax plan`: does a config's train step fit its hardware? Compiled, not estimated.
+
+Compiles the step `cptjax train` runs (train_step.build_setup: the same mesh, shardings, donation,
+remat, attention kernel and loss) ahead of time, for a TPU slice named by `--topology` from any
+host with libtpu installed (the `tpu` extra; no TPU needed), or for this machine's devices. Reads
+no weights and no data: the model's shape comes from its config.json. Reports per-device memory
+(parameters, optimizer state, the compiler's temporaries and peak) against the device's, whether
+it fits, and which knobs to turn if it does not. The TPU compiler refuses a program that does not
+fit exactly as the chip would, so "fits" is the compiler's answer, not a model of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from cptjax.data.packing import BATCH_KEYS
+from cptjax.core.errors import CptjaxError
+from cptjax.model.transformer import abstract_model, param_count
+from cptjax.model.config import ModelConfig, read_hf_config_file
+from cptjax.core.paths import is_remote, user_path
+from cptjax.train.config import TrainConfig
+from cptjax.train.step import build_setup, check_layout
+
+# Slice names (GCP's, e.g. v5p-128) -> libtpu's topology: (its type name, the slice name's count
+# per chip (v5p counts TensorCores, two per chip), torus dimensions).
+TPU_SLICES = {"v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
+# Usable HBM per chip, by device_kind, as the TPU compiler states it in its out-of-memory error
+# (libtpu 0.0.42; tests/test_plan.py checks each against the compiler). Topology devices cannot be
+# asked (memory_stats needs a real chip).
+TPU_HBM_GIB = {"TPU v5": 95.74, "TPU v5 lite": 15.75, "TPU v6 lite": 31.25}
+GiB = 2**30
+
+
+def topology_name(slice_name: str) -> str:
+    """'v5p-128' -> 'v5p:4x4x4' (64 chips), 'v5e-256' -> 'v5e:16x16', 'v6e-64' -> 'v6e:8x8'; a
+    libtpu name ('v5p:4x4x4') passes through."""
+    if ":" in slice_name:
+        return slice_name
+    match = re.fullmatch(r"(v5p|v5e|v5litepod|v6e)-(\d+)", slice_name)
+    if not match:
+        raise CptjaxError(f"--topology {slice_name}: expected a TPU slice such as v5p-128, v5e-256 or "
+                          f"v6e-64 ({', '.join(TPU_SLICES)}), or a libtpu topology such as v5p:4x4x4")
+    kind, per_chip, dims = TPU_SLICES[match.group(1)]
+    count = int(match.group(2))
+    chips = count // per_chip
+    if count % per_chip or chips < 4 or chips & (chips - 1):
+        raise CptjaxError(f"--topology {slice_name}: cptjax knows slices of 4, 8, 16, ... chips "
+                          f"({4 * per_chip}, {8 * per_chip}, ... in this name); give a libtpu "
+                          f"topology such as {kind}:{'2x2x2' if dims == 3 else '4x4'} for others")
+    # The standard slice shapes: 2x2(x1), then each axis doubled in turn (v5p: 2x2x2, 2x2x4, 2x4x4, 4x4x4...).
+    grid = [2, 2, 2 if chips >= 8 else 1][:dims] if dims == 3 else [2, 2]
+    order = [2, 1, 0] if dims == 3 else [1, 0]
+    for i in range(int(math.log2(chips / math.prod(grid)))):
+        grid[order[i % dims]] *= 2
+    return f"{kind}:{'x'.join(map(str, grid))}"
+
+
+def topology_devices(slice_name: str) -> list:
+    """The compile-only devices of a TPU slice (needs libtpu; no TPU)."""
+    from jax.experimental import topologies
+
+    name = topology_name(slice_name)
+    if importlib.util.find_spec("libtpu") is None:
+        raise CptjaxError(f"--topology {slice_name}: needs libtpu; pip install 'cptjax[tpu]' (jax[tpu] "
+                          f"for the installed jax {jax.__version__})")
+    # Off a TPU VM, libtpu prints to stderr that it cannot find one unless told what it runs on;
+    # the topology compiled for is `name` either way.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", slice_name if ":" not in slice_name else "v5p-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compiling touches no chip, so libtpu's one-process-per-host lock is not needed: without this,
+    # any other process that loaded libtpu (a run on this TPU VM, another plan) makes it fail.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except (RuntimeError, jax.errors.JaxRuntimeError) as err:
+        raise CptjaxError(f"--topology {slice_name} ({name}): {str(err).splitlines()[0]}") from None
+
+
+def device_memory(device) -> int | None:
+    """Bytes one device can use: the runtime's limit on a real device, the compiler's figure for a
+    TPU topology, this host's RAM shared by its devices on CPU."""
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return int(limit)
+    except Exception:  # noqa: BLE001 (compile-only devices raise; some backends have no stats)
+        pass
+    if device.device_kind in TPU_HBM_GIB:
+        return int(TPU_HBM_GIB[device.device_kind] * GiB)
+    if device.platform == "cpu":
+        import psutil
+        return psutil.virtual_memory().total // jax.local_device_count()
+    return None
+
+
+def model_config_for(config: TrainConfig, hf_config: str | None = None) -> ModelConfig:
+    """The model's shape: --hf-config, else model.hf_config, else model.init_from's own config."""
+    if hf_config is not None:
+        return read_hf_config_file(user_path(hf_config, "--hf-config"))
+    if config.model.hf_config is not None:
+        return read_hf_config_file(user_path(config.model.hf_config, "model.hf_config"))
+    source = config.model.init_from
+    if is_remote(source) or not user_path(source, "model.init_from").exists():
+        raise CptjaxError(f"model.init_from {source}: not on this machine; pass --hf-config with the "
+                          "model's config.json to plan without the weights")
+    from cptjax.io.weights import open_weights
+    with open_weights(user_path(source, "model.init_from"), config.model.init_step, flag="model.init_from",
+                      step_flag="model.init_step") as weights:
+        return weights.config
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one compile of the train step says, per device (bytes)."""
+
+    target: str  # "v5p-128 (v5p:4x4x4)" or "local"
+    devices: int
+    device_kind: str
+    mesh: dict[str, int]
+    parameters: int  # model parameters in total (not bytes)
+    attention: str
+    params_bytes: int
+    opt_state_bytes: int
+    batch_bytes: int
+    device_memory: int | None
+    compile_s: float
+    memory: dict[str, int] | None  # the compiler's memory_analysis(); None if it ran out of memory
+    needed: int  # TPU: the compiler's peak; else arguments + outputs - aliased + temporaries + code
+    error: str | None = None  # the compiler's out-of-memory message
+    knobs: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and (self.device_memory is None or self.needed <= self.device_memory)
+
+    @property
+    def headroom(self) -> float | None:
+        """The share of device memory left free."""
+        return None if not self.device_memory else 1 - self.needed / self.device_memory
+
+
+def plan(config: TrainConfig, model_config: ModelConfig, topology: str | None = None,
+         device_count: int | None = None) -> Plan:
+    """Compiles `config`'s train step for `topology` (a TPU slice) or the local devices; with
+    `device_count`, for that many of them (the tests' stand-in for a GPU node's devices)."""
+    devices = topology_devices(topology) if topology else jax.devices()
+    if device_count is not None:
+        if device_count > len(devices):
+            raise CptjaxError(f"{device_count} devices asked for; {topology or 'this machine'} has {len(devices)}")
+        devices = devices[:device_count]
+    attention = check_layout(config, model_config, devices)
+    setup = build_setup(config, model_config, num_sources=len(config.data.sources), devices=devices)
+    rows, length = config.training.batch_size, config.training.seq_len
+    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=setup.batch_sharding) for k in BATCH_KEYS}
+    state = {**setup.abstract_state, "step": jax.ShapeDtypeStruct((), jnp.int32,
+                                                                  sharding=setup.state_shardings["step"])}
+    memory, error, start = None, None, time.perf_counter()
+    try:
+        analysis = setup.step_fn.lower(state, batch).compile().memory_analysis()
+        memory = {f: int(getattr(analysis, f"{f}_size_in_bytes")) for f in
+                  ("argument", "output", "alias", "temp", "generated_code")}
+        memory["peak"] = int(getattr(analysis, "peak_memory_in_bytes", 0))
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise CptjaxError(f"compiling the train step failed: {str(err).splitlines()[0]}") from None
+        error = str(err).splitlines()[0]
+    compile_s = time.perf_counter() - start
+    if memory is None:
+        needed = _bytes_in(error)
+    elif devices[0].platform == "tpu" and memory["peak"]:
+        # What the TPU compiler checks against HBM: its liveness-aware peak (a step whose peak
+        # exceeds HBM is refused, naming that figure); temp_size counts buffers that never coexist.
+        needed = memory["peak"]
+    else:  # elsewhere every buffer at once, the donated state counted once (CPU's peak is args + outputs)
+        needed = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + memory["generated_code"]
+    target = f"{topology} ({topology_name(topology)})" if topology else "local"
+    result = Plan(
+        target=target, devices=len(devices), device_kind=devices[0].device_kind,
+        mesh=dict(setup.mesh.shape), attention=attention,
+        parameters=param_count(abstract_model(model_config)),
+        params_bytes=_per_device(setup.abstract_state["params"]),
+        opt_state_bytes=_per_device(setup.abstract_state["opt_state"]),
+        batch_bytes=_per_device(batch), device_memory=device_memory(devices[0]), compile_s=compile_s,
+        memory=memory, needed=needed, error=error)
+    return dataclasses.replace(result, knobs=() if result.fits else knobs(config, result))
+
+
+def _per_device(tree) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs with shardings."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _bytes_in(message: str | None) -> int:
+    """The first size in the compiler's message ('... temporaries (148.25G) exceeds ...')."""
+    match = re.search(r"\(([\d.]+)([KMGT])\)", message or "")
+    return int(float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024) if match else 0
+
+
+def knobs(config: TrainConfig, result: Plan) -> tuple[str, ...]:
+    """What to change when the step does not fit, the cheapest in speed first."""
+    out = []
+    if result.attention in ("xla", "cudnn") and result.device_kind.startswith(("TPU", "NVIDIA")):
+        out.append("model.attention: auto, with training.seq_len a multiple of 128 (a flash kernel: "
+                   "no [B, N, L, S] scores in memory)")
+    if config.model.loss_chunk is None or config.model.loss_chunk > 256:
+        out.append("model.loss_chunk: 256 (fewer float32 logits at once)")
+    if config.model.remat != "full":
+        out.append("model.remat: full (recompute each layer's activations in the backward pass)")
+    accum = config.optimizer.grad_accum_steps * 2
+    if config.training.batch_size % ((result.mesh["data"] * result.mesh["fsdp"]) * accum) == 0:
+        out.append(f"optimizer.grad_accum_steps: {accum} (micro-batches of half the rows)")
+    if result.mesh["data"] > 1:
+        out.append("mesh: {data: 1, fsdp: -1} (shard parameters and optimizer state over every device)")
+    elif result.mesh["tensor"] == 1:
+        out.append("mesh.tensor: 2, 4 or 8 (split heads and MLP over devices as well)")
+    out.append("a larger slice (--topology), or fewer rows per step (training.batch_size)")
+    return tuple(out)
+
+
+def format_plan(result: Plan, config_path: str, model_config: ModelConfig, config: TrainConfig) -> str:
+    mesh = " x ".join(f"{k} {v}" for k, v in result.mesh.items())
+    gib = lambda n: f"{n / GiB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"cptjax plan: {config_path} on {result.target}: {result.devices} x {result.device_kind}, mesh {mesh}",
+        f"  {model_config.hf_architecture}, {result.parameters / 1e9:.2f}B parameters; batch "
+        f"{config.training.batch_size} x {config.training.seq_len} in {config.optimizer.grad_accum_steps} "
+        f"micro-batch(es); remat {config.model.remat}; attention {result.attention}; loss chunk "
+        f"{config.model.loss_chunk}; compiled in {result.compile_s:.0f} s",
+        "  per device:",
+        f"    parameters       {gib(result.params_bytes)}",
+        f"    optimizer state  {gib(result.opt_state_bytes)}",
+        f"    batch            {gib(result.batch_bytes)}",
+    ]
+    if result.memory is not None:
+        lines += [f"    temporaries      {gib(result.memory['temp'])}",
+                  f"    code             {gib(result.memory['generated_code'])}",
+                  f"    needed           {gib(result.needed)} ("
+                  + ("the compiler's peak, what it checks against HBM)" if result.device_kind.startswith("TPU")
+                     else "arguments + outputs - donated + temporaries + code)")]
+    else:
+        lines.append(f"    needed           {gib(result.needed)} (the compiler ran out of memory: {result.error})")
+    capacity = "unknown" if result.device_memory is None else gib(result.device_memory).strip()
+    if result.fits:
+        headroom = "" if result.headroom is None else f", {result.headroom:.0%} headroom"
+        lines.append(f"  fits: {gib(result.needed).strip()} of {capacity} per device{headroom}")
+    else:
+        lines.append(f"  does NOT fit: {gib(result.needed).strip()} needed of {capacity} per device; turn:")
+        lines += [f"    - {knob}" for knob in result.knobs]
+    return "\n".join(lines)

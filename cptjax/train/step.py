@@ -1,0 +1,259 @@
+"""The pure training and evaluation steps.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> sums` are pure
+functions of arrays; `build_setup` jits them once with explicit shardings and buffer donation, for
+the trainer and every other caller. The state is a plain dict
+{"step", "params", "opt_state"} with params as a nested dict of arrays (Orbax and optax masks need
+nothing more).
+
+A batch is the data pipeline's dict of [B, L] arrays: inputs, targets, loss_mask, positions,
+segment_ids, source_ids. The loss is the token-weighted mean of the next-token negative
+log-likelihood over loss_mask, in float32. Gradient accumulation sums per-micro-batch token sums
+and divides once, so it equals the full-batch gradient exactly (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from cptjax.model.attention import check_kernel
+from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
+from cptjax.core.dtypes import float_dtype
+from cptjax.core.errors import CptjaxError
+from cptjax.model.loss import DEFAULT_LOSS_CHUNK, loss_sums
+from cptjax.model.transformer import abstract_model
+from cptjax.train.optimizer import build_optimizer
+from cptjax.train.schedules import make_schedule
+from cptjax.model.sharding import (MeshConfig, batch_sharding, make_mesh, optimizer_state_shardings,
+                             param_shardings, with_activation_sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    num_sources: int
+    z_loss: float = 0.0
+    grad_accum_steps: int = 1
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row per chunk of the loss; None: dense
+
+
+def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
+    """Per-token float32 NLL and log-partition [B, L], from the whole [B, L, V] logits."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, L, V] f32
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def _sums(graphdef, params, batch, config: StepConfig):
+    """Sums over tokens (so micro-batches add up exactly): loss, z-loss, counts, per source. The
+    logits exist one chunk of `config.loss_chunk` positions at a time (cptjax.model.loss)."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    sums = loss_sums(hidden, model.output_head(), batch["targets"], mask, batch["source_ids"],
+                     config.num_sources, config.loss_chunk)
+    sources = jax.nn.one_hot(batch["source_ids"], config.num_sources, dtype=jnp.float32)  # [B, L, S]
+    return {
+        **sums,  # nll, z, source_nll
+        "tokens": mask.sum(),
+        "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),  # not padding
+        "source_tokens": jnp.einsum("BL,BLS->S", mask, sources),
+    }
+
+
+def summed_over_micro_batches(fn, batch: dict, accum: int):
+    """fn(batch) summed over `accum` equal slices of the batch's rows, one after the other (a
+    scan), so only one micro-batch's activations are alive at a time."""
+    if accum == 1:
+        return fn(batch)
+    micro_batches = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def add(carry, micro):
+        return jax.tree.map(jnp.add, carry, fn(micro)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro_batches)))
+    total, _ = jax.lax.scan(add, zeros, micro_batches)
+    return total
+
+
+def loss_and_grads(graphdef, params, batch, config: StepConfig):
+    """Mean loss over the batch's target tokens and its gradient, accumulated over micro-batches."""
+    def objective(p, micro):
+        sums = _sums(graphdef, p, micro, config)
+        return sums["nll"] + config.z_loss * sums["z"], sums
+
+    grad_fn = jax.grad(objective, has_aux=True)
+    grads, sums = summed_over_micro_batches(lambda micro: grad_fn(params, micro), batch,
+                                            config.grad_accum_steps)
+    count = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    return sums["nll"] / count, grads, sums
+
+
+def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientTransformation,
+               schedule, config: StepConfig) -> tuple[dict, dict[str, Any]]:
+    """One optimizer update, step number state["step"] + 1 (steps count updates from 1).
+
+    The update is `optimizer`'s direction times -schedule(state["step"]): the learning rate of
+    step N is the schedule at N - 1 (its 0-based update count), logged as applied. A non-finite
+    loss or gradient leaves params and optimizer state as they were (the step counter still
+    advances, so the schedule does too), and the metrics say so."""
+    loss, grads, sums = loss_and_grads(graphdef, state["params"], batch, config)
+    grad_norm = optax.tree.norm(grads)
+    learning_rate = schedule(state["step"])
+    direction, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, direction)
+    new_params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+    }
+    count = jnp.maximum(sums["tokens"], 1.0)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": learning_rate,
+        "tokens": sums["tokens"],
+        "input_tokens": sums["input_tokens"],
+        "source_loss": sums["source_nll"] / jnp.maximum(sums["source_tokens"], 1.0),
+        "source_tokens": sums["source_tokens"],
+        "skipped": jnp.logical_not(finite),
+    }
+    if config.z_loss:  # the term the objective adds, only when it adds one
+        metrics["z_loss"] = config.z_loss * sums["z"] / count
+    return new_state, metrics
+
+
+def eval_step(params: dict, batch: dict, *, graphdef, config: StepConfig) -> dict[str, jax.Array]:
+    """Token sums for held-out evaluation (loss, perplexity and bits per byte are ratios of these),
+    in the training step's micro-batches: evaluation never needs more memory than training."""
+    def sums(micro):
+        out = _sums(graphdef, params, micro, config)
+        return {"nll": out["nll"], "tokens": out["tokens"]}
+    return summed_over_micro_batches(sums, batch, config.grad_accum_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """The run's model and steps laid out on the mesh: what the trainer, `cptjax plan` and the
+    mesh tests share. `step_fn(state, batch) -> (state, metrics)` donates `state`;
+    `eval_fn(params, batch) -> sums`; both take global batches laid out by `batch_sharding`."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    param_dtype: Any
+    abstract_state: dict  # {"params", "opt_state"}: ShapeDtypeStructs carrying their shardings
+    state_shardings: dict  # {"step", "params", "opt_state"}
+    batch_sharding: jax.sharding.NamedSharding
+    step_fn: Any
+    eval_fn: Any
+
+    def to_global(self, batch: dict) -> dict:
+        """This process's rows of a batch -> global arrays on the mesh (the training keys only)."""
+        return batch_to_global(self.batch_sharding, batch)
+
+
+def batch_to_global(sharding: jax.sharding.NamedSharding, batch: dict) -> dict:
+    """This process's rows of a batch -> global arrays laid out by `sharding` (the training keys)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
+
+
+def check_layout(config, model_config, devices) -> str:
+    """The checks of `config` (a TrainConfig) that need the model config and the devices it will
+    run on (the trainer's, or a TPU topology's for `cptjax plan`); returns the attention kernel."""
+    seq_len = config.training.seq_len
+    if seq_len > model_config.max_position_embeddings:
+        raise CptjaxError(f"training.seq_len {seq_len} exceeds the model's max_position_embeddings "
+                          f"({model_config.max_position_embeddings})")
+    sizes = config.mesh.axis_sizes(len(devices))
+    data_ways, accum = sizes[0] * sizes[1], config.optimizer.grad_accum_steps
+    if config.training.batch_size % (data_ways * accum):
+        raise CptjaxError(
+            f"training.batch_size {config.training.batch_size} must be divisible by the data-parallel "
+            f"ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum})")
+    return check_kernel(config.model.attention, devices[0].platform,
+                        float_dtype(config.model.compute_dtype, "model.compute_dtype"), seq_len,
+                        model_config.sliding_window, "training.seq_len")
+
+
+def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
+    """Builds the mesh, the abstract state with its shardings, and the jitted steps of `config`
+    (a TrainConfig) for `model_config`; allocates nothing."""
+    mesh, rules = make_mesh(config.mesh, devices), config.mesh.rules
+    param_dtype = float_dtype(config.model.param_dtype, "model.param_dtype")
+    abstract = abstract_model(model_config, param_dtype=param_dtype,
+                              dtype=float_dtype(config.model.compute_dtype, "model.compute_dtype"),
+                              remat=config.model.remat, attention=config.model.attention)
+    graphdef = nnx.graphdef(abstract)
+    p_shardings = param_shardings(abstract, mesh, rules)
+    abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                   nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
+    optimizer = build_optimizer(config.optimizer)
+    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = optimizer_state_shardings(abstract_opt_state, p_shardings, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
+    abstract_state = {"params": abstract_params, "opt_state": jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt_state, opt_shardings)}
+
+    step_config = StepConfig(num_sources=num_sources, z_loss=config.optimizer.z_loss,
+                             grad_accum_steps=config.optimizer.grad_accum_steps,
+                             loss_chunk=config.model.loss_chunk)
+    b_sharding = batch_sharding(mesh, rules)
+    step_fn = jax.jit(
+        with_activation_sharding(functools.partial(
+            train_step, graphdef=graphdef, optimizer=optimizer, schedule=make_schedule(config.schedule),
+            config=step_config), mesh, rules),
+        in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, None),
+        donate_argnums=0)
+    eval_fn = _jit_eval_step(graphdef, step_config, mesh, rules, p_shardings, b_sharding)
+    return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
+                      b_sharding, step_fn, eval_fn)
+
+
+def _jit_eval_step(graphdef, step_config: StepConfig, mesh, rules, p_shardings, b_sharding):
+    return jax.jit(
+        with_activation_sharding(functools.partial(eval_step, graphdef=graphdef, config=step_config),
+                                 mesh, rules),
+        in_shardings=(p_shardings, b_sharding))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetup:
+    """A model's eval step on a mesh, outside a training run (`cptjax eval`, merge sweeps):
+    `eval_fn(params, batch) -> sums`, the trainer's own eval step jitted the same way."""
+
+    mesh: jax.sharding.Mesh
+    abstract_params: dict  # ShapeDtypeStructs carrying their shardings
+    batch_sharding: jax.sharding.NamedSharding
+    eval_fn: Any
+
+    def to_global(self, batch: dict) -> dict:
+        return batch_to_global(self.batch_sharding, batch)
+
+
+def build_eval_setup(model_config, dtype, mesh_config: MeshConfig = MeshConfig(), devices=None) -> EvalSetup:
+    """The eval step of `model_config` with parameters and compute in `dtype`, on a mesh of
+    `devices` (all by default) laid out by `mesh_config`; allocates nothing."""
+    mesh, rules = make_mesh(mesh_config, devices), mesh_config.rules
+    abstract = abstract_model(model_config, param_dtype=dtype, dtype=dtype)
+    p_shardings = param_shardings(abstract, mesh, rules)
+    abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                   nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
+    b_sharding = batch_sharding(mesh, rules)
+    eval_fn = _jit_eval_step(nnx.graphdef(abstract), StepConfig(num_sources=1), mesh, rules, p_shardings,
+                             b_sharding)
+    return EvalSetup(mesh, abstract_params, b_sharding, eval_fn)

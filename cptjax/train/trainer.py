@@ -1,0 +1,304 @@
+"""`cptjax train`: the continued-pretraining loop.
+
+`run(config)` reads top to bottom: join the cluster, plan the start (run_start.py: resume, else
+`model.init_from`, else from scratch), check what needs files and devices, lay the model and the
+steps out on the mesh (train_step.build_setup), build the data, and only then touch the run folder,
+load the state and train.
+
+Each step: the next batch goes onto the mesh, the jitted step is dispatched, and only then are the
+previous step's metrics fetched, so the host never stalls the device. Held-out sets are evaluated
+every `eval.every` steps. Checkpoints are saved asynchronously every `checkpoint.every` steps, at
+the end, and on SIGTERM (preemption), after which the run exits cleanly; a step whose loss is not
+finite is never saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from cptjax.core.atomic_dir import check_output_dir
+from cptjax.core.config_tree import to_dict
+from cptjax.data.eval_sets import build_eval_sets
+from cptjax.data.pipeline import build_train_pipeline
+from cptjax.data.tokenize import load_data_tokenizer
+from cptjax.train.distributed import gather_states, initialize
+from cptjax.core.errors import CptjaxError
+from cptjax.train.evaluation import evaluate, format_results
+from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
+from cptjax.model.config import ModelConfig
+from cptjax.train.preemption import Preemption
+from cptjax.train.run_folder import RunCheckpointer, ensure_assets, fingerprint
+from cptjax.train.start import RunStart, initial_state, choose_start
+from cptjax.train.schedules import make_schedule
+from cptjax.train.config import TrainConfig, dump_yaml
+from cptjax.train.step import TrainSetup, build_setup, check_layout
+
+
+@dataclasses.dataclass
+class RunResult:
+    final_step: int
+    stopped_early: str | None  # why the run ended before training.steps (SIGTERM, NaN, until_step)
+    origin: str  # "resumed from step N ...", "weights from PATH ...", "from scratch ..."
+    state: dict
+    failed: bool = False  # it stopped on an error (a non-finite loss), not on request
+
+
+def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
+    """The checks that need the model config and the devices; all run before the run folder is
+    touched."""
+    check_layout(config, model_config, jax.devices())  # lengths, batch split, attention kernel
+    if config.training.batch_size % jax.process_count():
+        raise CptjaxError(f"training.batch_size {config.training.batch_size} must be divisible by the "
+                          f"{jax.process_count()} processes")
+    root = config.paths.root
+    if root.exists() and not config.paths.checkpoints.exists():
+        check_output_dir(root, "run_dir")  # an existing folder must be this run's own
+
+
+def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_sets=None) -> RunResult:
+    """Trains until `training.steps`, or until `until_step` (saved, so the same run resumes there).
+
+    `data` and `eval_sets` default to the pipelines built from `config.data`. Nothing is written
+    before every check has passed: the plan, the devices, the tokenizer against the model, the
+    first documents of every source, the resume's data position, the weights or checkpoint read.
+    """
+    with Preemption() as preemption:
+        initialize(config.distributed)
+        preemption.after_initialize()
+        plan = choose_start(config)
+        built = None  # the pipeline this call built: its Grain worker processes stop with the run
+        try:
+            check_environment(config, plan.model_config)
+            spec = None
+            if data is None or eval_sets is None:
+                spec = load_data_tokenizer(config.data.tokenizer, plan.tokenizer_dir, "model.tokenizer"
+                                           if config.model.tokenizer else "the model's tokenizer")
+                check_vocabulary(spec, plan.model_config)
+            shape = dict(seq_len=config.training.seq_len, batch_size=config.training.batch_size,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+            if data is None:
+                data = built = build_train_pipeline(config.data, spec, **shape)
+            eval_sets = eval_sets if eval_sets is not None else build_eval_sets(config.data, spec, **shape)
+            setup = build_setup(config, plan.model_config, num_sources=len(data.source_names))
+            state = initial_state(plan, config, setup, data)
+            plan.close()
+            if preemption.requested:
+                return RunResult(plan.resume_step or 0, "SIGTERM during start-up: nothing new to save, "
+                                 "exiting", plan.describe(config), state)
+            # Every check passed: only now is the run folder touched.
+            _prepare_run_dir(config, plan)
+            return _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption)
+        finally:
+            plan.close()
+            if built is not None:
+                built.close()
+
+
+def check_vocabulary(spec, model_config: ModelConfig) -> None:
+    if spec.vocab_size > model_config.vocab_size:
+        raise CptjaxError(f"tokenizer {spec.path}: {spec.vocab_size} tokens, more than the model's vocab_size "
+                          f"{model_config.vocab_size}; ids past it would index beyond the embedding table. "
+                          "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
+
+
+def _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption) -> RunResult:
+    start = plan.resume_step or 0
+    origin = plan.describe(config)
+    logger = MetricsLogger(config.paths, config.training.steps, start_step=start,
+                           enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
+                           progress=config.logging.progress)
+    checkpointer = RunCheckpointer(config.paths.checkpoints, config.checkpoint.keep_last,
+                                   config.checkpoint.keep_every, config.checkpoint.async_save)
+    try:
+        logger.message(f"cptjax train: {origin}; {plan.model_config.hf_architecture}, "
+                       f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
+        for note in config.data.weight_notes():
+            logger.message(f"cptjax train: {note}")
+        end = config.training.steps if until_step is None else min(config.training.steps, until_step)
+        loop = Loop(config, setup, plan.model_config, data, eval_sets, checkpointer, logger, origin,
+                    state, end, _LogFields(config, plan.model_config, data.source_names), preemption)
+        return _train(loop, start)
+    finally:  # the SIGTERM handler is still in place: a preempted final save completes
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+
+
+def _prepare_run_dir(config: TrainConfig, plan: RunStart) -> None:
+    """config.yaml and a complete hf_assets; the rest of the folder is written as the run goes."""
+    if jax.process_index() == 0:
+        ensure_assets(config.paths.checkpoints, plan.asset_sources)
+        config.paths.config.write_text(dump_yaml(config))
+
+
+@dataclasses.dataclass
+class _LogFields:
+    """What a train record needs besides the step's own metrics, fixed for the run."""
+
+    config: TrainConfig
+    model_config: ModelConfig
+    source_names: tuple[str, ...]
+
+    def __post_init__(self):
+        self.flops_per_token = training_flops_per_token(self.model_config, self.config.training.seq_len)
+        self.peak = peak_flops_per_device(jax.devices()[0].device_kind,
+                                          self.config.logging.peak_flops_per_device)
+        self.positions_per_step = self.config.training.batch_size * self.config.training.seq_len
+
+
+@dataclasses.dataclass
+class Window:
+    """Sums over the steps since the last train record: realized source shares and packing are
+    reported over the whole logging window, not only the logged step."""
+
+    steps: int = 0
+    source_tokens: np.ndarray | None = None
+    input_tokens: float = 0.0
+
+    def add(self, values: dict) -> None:
+        tokens = np.asarray(values["source_tokens"], np.float64)
+        self.source_tokens = tokens if self.source_tokens is None else self.source_tokens + tokens
+        self.input_tokens += float(values["input_tokens"])
+        self.steps += 1
+
+    def take(self, fields: _LogFields) -> dict:
+        """The window's fields of a train record; starts a new window."""
+        total = max(float(self.source_tokens.sum()), 1.0)
+        record = {
+            "window_steps": self.steps,
+            "source_tokens": {n: float(c) for n, c in zip(fields.source_names, self.source_tokens)},
+            "source_share": {n: float(c) / total for n, c in zip(fields.source_names, self.source_tokens)},
+            "packing_efficiency": self.input_tokens / (self.steps * fields.positions_per_step),
+        }
+        self.steps, self.source_tokens, self.input_tokens = 0, None, 0.0
+        return record
+
+
+@dataclasses.dataclass
+class Loop:
+    """The training loop's parts, and the state it advances."""
+
+    config: TrainConfig
+    setup: TrainSetup
+    model_config: ModelConfig
+    data: Any  # a TrainPipeline, or a stand-in with the same interface (tests)
+    eval_sets: dict[str, list[dict]]
+    checkpointer: RunCheckpointer
+    logger: MetricsLogger
+    origin: str
+    state: dict
+    end: int
+    fields: _LogFields
+    preemption: Preemption
+    window: Window = dataclasses.field(default_factory=Window)
+    timer: StepTimer = dataclasses.field(default_factory=StepTimer)
+    stopped: str | None = None
+    failed: bool = False
+
+
+def _train(loop: Loop, start: int) -> RunResult:
+    config, preemption = loop.config, loop.preemption
+    loop.logger.start_at(start)
+    pending = None  # (step, metrics still on device)
+    for step in range(start + 1, loop.end + 1):
+        batch = next(loop.data)  # the first batch comes before the step-0 eval: bad data fails first
+        data_state = loop.data.get_state()
+        if step == 1 and config.eval.at_start and loop.eval_sets and not preemption.requested:
+            _evaluate(loop, 0)
+        loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
+        if pending is not None:
+            previous, pending = pending, None
+            if not _finish(loop, *previous):
+                break
+        pending = (step, metrics)
+        preempted = preemption.agreed(step)
+        due_save = step % config.checkpoint.every == 0 or step == loop.end or preempted
+        due_eval = step % config.eval.every == 0 and loop.eval_sets
+        if due_save or due_eval:
+            ok = _finish(loop, *pending)  # a checkpoint or eval must never follow an unchecked NaN
+            pending = None
+            if not ok:
+                break
+            if due_eval and _evaluate(loop, step) is None:
+                preempted = True  # SIGTERM during the eval: this step is saved, and the run ends
+            if due_save or preempted:
+                _save(loop, step, data_state, force=preempted)
+            loop.timer.restart()  # the next step's time must not include eval or save
+        if preempted:
+            loop.stopped = f"SIGTERM at step {step}: checkpoint saved, exiting"
+            loop.logger.message(f"cptjax train: {loop.stopped}")
+            break
+    if pending is not None:
+        _finish(loop, *pending)
+    final = int(jax.device_get(loop.state["step"]))
+    if loop.stopped is None and final < config.training.steps:
+        loop.stopped = f"paused at step {final} as asked (checkpoint saved); run again to continue"
+        loop.logger.message(f"cptjax train: {loop.stopped}")
+    return RunResult(final, loop.stopped, loop.origin, loop.state, loop.failed)
+
+
+def _finish(loop: Loop, step: int, metrics) -> bool:
+    """Fetches and logs one step's metrics; False if the run must stop (NaN/Inf loss)."""
+    config, fields = loop.config, loop.fields
+    values = jax.device_get(metrics)
+    elapsed = loop.timer.lap()
+    loop.window.add(values)
+    record = {
+        "loss": float(values["loss"]), "grad_norm": float(values["grad_norm"]),
+        "learning_rate": float(values["learning_rate"]),
+        **({"z_loss": float(values["z_loss"])} if "z_loss" in values else {}),
+        "tokens": float(values["tokens"]), "skipped": bool(values["skipped"]),
+        "source_loss": {n: float(v) for n, v, c in zip(fields.source_names, values["source_loss"],
+                                                        values["source_tokens"]) if c > 0},
+    }
+    if elapsed is not None:
+        tokens_per_s = fields.positions_per_step / elapsed
+        record.update(step_time_s=elapsed, tokens_per_s=tokens_per_s)
+        if fields.peak:
+            record["mfu"] = tokens_per_s * fields.flops_per_token / (fields.peak * jax.device_count())
+    if record["skipped"]:
+        if config.training.on_nan == "stop":
+            loop.stopped = f"loss or gradient not finite at step {step} (loss {record['loss']})"
+            loop.failed = True
+            loop.logger.message(f"cptjax train: stopping: {loop.stopped}; the last checkpoint is from "
+                                "before it")
+            loop.logger.log(step, "train", {**record, **loop.window.take(fields)})
+            return False
+        loop.logger.message(f"cptjax train: step {step} skipped: loss or gradient not finite")
+    if step % config.logging.every == 0 or step == loop.end or record["skipped"]:
+        record.update(loop.window.take(fields))
+        loop.logger.log(step, "train", record)
+        if not loop.logger.has_bar:
+            loop.logger.message(f"step {step}/{config.training.steps} loss {record['loss']:.4f} "
+                                f"lr {record['learning_rate']:.3g} grad_norm {record['grad_norm']:.3f}"
+                                + (f" tok/s {record['tokens_per_s']:,.0f}" if "tokens_per_s" in record else ""))
+    return True
+
+
+def _evaluate(loop: Loop, step: int) -> dict | None:
+    """Evaluates and logs; on SIGTERM it stops between batches and logs nothing (the save comes
+    first)."""
+    results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
+                       stop=lambda: loop.preemption.requested)
+    if results is None:
+        loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged")
+        return None
+    loop.logger.log(step, "eval", results)
+    loop.logger.message(format_results(step, results))
+    loop.logger.flush()
+    return results
+
+
+def _save(loop: Loop, step: int, data_state: dict, force: bool = False) -> None:
+    # Orbax writes JSON from process 0 only: keep every process's data position.
+    data_states = gather_states(data_state)
+    meta = {"step": step, "data_state": data_states, "origin": loop.origin,
+            "learning_rate_next": float(make_schedule(loop.config.schedule)(step)), "time": time.time(),
+            "fingerprint": fingerprint(loop.state)}
+    loop.checkpointer.save(step, loop.state, meta, loop.model_config, to_dict(loop.config), force=force)
+    loop.logger.flush()
