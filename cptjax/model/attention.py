@@ -37,8 +37,8 @@ Attention = Literal["auto", "xla", "cudnn", "splash", "pallas_gpu"]
 ATTENTION_KERNELS: tuple[str, ...] = typing.get_args(Attention)
 PALLAS_BLOCK = 128  # both Pallas kernels cut L into blocks of (a multiple of) this
 _NATIVE_PLATFORM = {"splash": "tpu", "pallas_gpu": "gpu", "cudnn": "gpu"}
-_Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
-_KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 
 
 def target_platform() -> str:
@@ -199,8 +199,8 @@ def _on_mesh(local, q, k, v, segment_ids):
     if active is None:
         return local(q, k, v, segment_ids)
     mesh, rules = active
-    q_spec = spec_for_shape(_Q_AXES, q.shape, mesh, rules)
-    kv_spec = spec_for_shape(_KV_AXES, k.shape, mesh, rules)
+    q_spec = spec_for_shape(Q_AXES, q.shape, mesh, rules)
+    kv_spec = spec_for_shape(KV_AXES, k.shape, mesh, rules)
     if q_spec[1] is not None:
         raise CptjaxError("mesh.rules: activation_length is sharded, but the Pallas attention kernels "
                           "need whole sequences on each device; map it to null or set model.attention: xla")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cptjax.model.attention import ATTENTION_KERNELS, attend
+from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, attend
 from cptjax.model.kv_cache import KVCache, LayerCache
 from cptjax.model.config import ModelConfig, rope_inverse_frequencies
 from cptjax.model.sharding import constrain
@@ -162,7 +162,7 @@ class Llama(nnx.Module):
         block = _Block(cfg, dtype=self.dtype, attention=self.attention)
 
         def step(carry, weights):
-            return block(carry, weights, cos, sin, segment_ids), None
+            return block(carry, weights, cos, sin, segment_ids)  # (x, None): no cache
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -198,7 +198,8 @@ class _Block:
     attention: str = "auto"
 
     def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None):
-        """x [B, L, D] -> [B, L, D]; with a `cache` (generation), (x, the layer's keys and values)."""
+        """x [B, L, D] -> (x [B, L, D], the layer's new keys and values with a `cache` (generation),
+        else None): the (carry, output) pair that `jax.lax.scan` over the layers expects."""
         cfg, dt = self.cfg, self.dtype
         h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
         q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
@@ -212,10 +213,8 @@ class _Block:
         if cfg.qk_norm:
             q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
             k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-        q = constrain(_apply_rope(q, cos, sin),
-                      ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        k = constrain(_apply_rope(k, cos, sin),
-                      ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        q = constrain(_apply_rope(q, cos, sin), Q_AXES)
+        k = constrain(_apply_rope(k, cos, sin), KV_AXES)
         if cache is None:
             attn = attend(q, k, v, segment_ids, choice=self.attention, window=cfg.sliding_window)  # [B, L, N, H]
         else:  # generation: the cached keys too, masked by position (kv_cache.py)
@@ -237,7 +236,7 @@ class _Block:
         if cfg.mlp_bias:
             down = down + w["down_proj_bias"].astype(dt)
         x = constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
-        return x if cache is None else (x, cache)
+        return x, cache
 
 
 def _swiglu(gate, up):

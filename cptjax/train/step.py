@@ -44,15 +44,6 @@ class StepConfig:
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row per chunk of the loss; None: dense
 
 
-def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]):
-    """Per-token float32 NLL and log-partition [B, L], from the whole [B, L, V] logits."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, L, V] f32
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
-
-
 def _sums(graphdef, params, batch, config: StepConfig):
     """Sums over tokens (so micro-batches add up exactly): loss, z-loss, counts, per source. The
     logits exist one chunk of `config.loss_chunk` positions at a time (cptjax.model.loss)."""
@@ -198,16 +189,13 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
                               dtype=float_dtype(config.model.compute_dtype, "model.compute_dtype"),
                               remat=config.model.remat, attention=config.model.attention)
     graphdef = nnx.graphdef(abstract)
-    p_shardings = param_shardings(abstract, mesh, rules)
-    abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                                   nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
+    p_shardings, abstract_params = _sharded_params(abstract, mesh, rules)
     optimizer = build_optimizer(config.optimizer)
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     opt_shardings = optimizer_state_shardings(abstract_opt_state, p_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
-    abstract_state = {"params": abstract_params, "opt_state": jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt_state, opt_shardings)}
+    abstract_state = {"params": abstract_params, "opt_state": _with_shardings(abstract_opt_state, opt_shardings)}
 
     step_config = StepConfig(num_sources=num_sources, z_loss=config.optimizer.z_loss,
                              grad_accum_steps=config.optimizer.grad_accum_steps,
@@ -222,6 +210,18 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     eval_fn = _jit_eval_step(graphdef, step_config, mesh, rules, p_shardings, b_sharding)
     return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
                       b_sharding, step_fn, eval_fn)
+
+
+def _with_shardings(abstract, shardings):
+    """ShapeDtypeStructs of `abstract` carrying `shardings` (trees of the same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def _sharded_params(abstract_module, mesh, rules) -> tuple[dict, dict]:
+    """(the parameters' shardings, their abstract arrays carrying them) of an abstract model."""
+    p_shardings = param_shardings(abstract_module, mesh, rules)
+    params = nnx.to_pure_dict(nnx.state(abstract_module, nnx.Param))
+    return p_shardings, _with_shardings(params, p_shardings)
 
 
 def _jit_eval_step(graphdef, step_config: StepConfig, mesh, rules, p_shardings, b_sharding):
@@ -250,9 +250,7 @@ def build_eval_setup(model_config, dtype, mesh_config: MeshConfig = MeshConfig()
     `devices` (all by default) laid out by `mesh_config`; allocates nothing."""
     mesh, rules = make_mesh(mesh_config, devices), mesh_config.rules
     abstract = abstract_model(model_config, param_dtype=dtype, dtype=dtype)
-    p_shardings = param_shardings(abstract, mesh, rules)
-    abstract_params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                                   nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), p_shardings)
+    p_shardings, abstract_params = _sharded_params(abstract, mesh, rules)
     b_sharding = batch_sharding(mesh, rules)
     eval_fn = _jit_eval_step(nnx.graphdef(abstract), StepConfig(num_sources=1), mesh, rules, p_shardings,
                              b_sharding)
