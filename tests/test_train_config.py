@@ -56,9 +56,30 @@ def test_set_overrides_and_config_show(tiny_hf, tmp_path, capsys):
     assert main(["config", "show", "--config", str(path), "--set", "training.steps=7",
                  "--set", "optimizer.z_loss=1e-4"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["training"]["steps"] == 7 and shown["schedule"]["total_steps"] == 7
+    assert shown["training"]["steps"] == 7 and "total_steps" not in shown["schedule"]  # not a key
     assert shown["optimizer"]["z_loss"] == 1e-4 and shown["mesh"]["rules"][0] == ["vocab", "tensor"]
     assert not (tmp_path / "run").exists()
+
+
+def test_schedule_total_steps_is_not_a_key(tiny_hf, tmp_path, capsys):
+    """The schedule's length is training.steps: a config that sets schedule.total_steps is refused
+    (also when it equals training.steps); a run's config.yaml written before that still reads."""
+    from cptjax.train.config import config_from_dict, dump_yaml, load_run_config
+    from cptjax.train.config_reference import reference_markdown
+
+    raw = raw_config(tmp_path / "run", _hf(tiny_hf))
+    path = _write(tmp_path, raw)
+    capsys.readouterr()
+    steps = raw["training"]["steps"]
+    assert main(["config", "show", "--config", str(path), "--set", f"schedule.total_steps={steps}"]) == 2
+    err = capsys.readouterr().err
+    assert f"schedule.total_steps ({steps}): not a key" in err and "set training.steps" in err
+    assert "schedule.total_steps" not in reference_markdown()
+
+    old = yaml.safe_load(dump_yaml(config_from_dict(raw)))
+    old["schedule"]["total_steps"] = steps  # as earlier versions wrote config.yaml
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert load_run_config(tmp_path / "old.yaml").schedule.total_steps == steps
 
 
 def test_an_unrelated_non_empty_run_dir_is_refused(tiny_hf, tmp_path, capsys):

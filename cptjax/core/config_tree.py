@@ -30,8 +30,10 @@ def _join(key: str, name: str) -> str:
 
 
 def to_dict(obj) -> Any:
+    """Plain data that from_dict reads back. A field whose metadata names `set_from` (filled from
+    another section by the tree's loader, not a key of its own) is left out."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if "set_from" not in f.metadata}
     if isinstance(obj, (tuple, list)):
         return [to_dict(x) for x in obj]
     if isinstance(obj, dict):

@@ -20,7 +20,7 @@ from cptjax.core.errors import CptjaxError
 from cptjax.train.evaluation import compare, markdown_table
 from cptjax.io.run_layout import RunPaths
 from cptjax.core.paths import PathLike, user_path
-from cptjax.train.config import TrainConfig, load_config
+from cptjax.train.config import TrainConfig, load_run_config
 
 
 
@@ -103,7 +103,7 @@ def read_run(run_dir: PathLike, flag: str = "RUN_DIR") -> RunLog:
     for path in (metrics, run.config):
         if not path.is_file():
             raise CptjaxError(f"{flag} {root}: no {path.relative_to(root)}; give the run_dir of a cptjax train run")
-    config = load_config(run.config)
+    config = load_run_config(run.config)
     records: dict[tuple[str, int], dict] = {}
     lines = metrics.read_text().splitlines()
     for number, line in enumerate(lines, start=1):

@@ -10,7 +10,6 @@ import dataclasses
 from typing import Literal
 
 import yaml
-from etils import epath
 
 from cptjax.model.attention import Attention
 from cptjax.core.config_tree import apply_overrides, from_dict, read_yaml_mapping, to_dict
@@ -134,10 +133,7 @@ class TrainConfig:
     distributed: DistributedSection = DistributedSection()  # several hosts
 
     def __post_init__(self):
-        if self.schedule.total_steps != self.training.steps:
-            raise CptjaxError(f"schedule.total_steps ({self.schedule.total_steps}) differs from "
-                              f"training.steps ({self.training.steps}); leave schedule.total_steps out "
-                              "to use training.steps")
+        assert self.schedule.total_steps == self.training.steps, "config_from_dict sets it"
         starts = tuple(stage.start_step for stage in self.data.stages)
         if self.schedule.kind == "cycles" and starts and self.schedule.stage_boundaries != starts:
             raise CptjaxError(f"schedule.stage_boundaries {list(self.schedule.stage_boundaries)} differ "
@@ -163,13 +159,17 @@ def config_from_dict(raw: dict) -> TrainConfig:
     """Builds the tree from plain data. Local paths are made absolute, relative to the working
     directory (remote ones, gs://..., are kept as they are).
 
-    Two schedule fields default to other sections: `total_steps` to training.steps, and for kind
-    "cycles" `stage_boundaries` to the start steps of data.stages (one re-warm per data stage).
+    The schedule's length is training.steps (`schedule.total_steps` is no key of its own); for kind
+    "cycles", `stage_boundaries` defaults to the start steps of data.stages (one re-warm per data
+    stage).
     """
     raw = dict(raw)
     schedule = dict(raw.get("schedule") or {})
     training = raw.get("training") or {}
-    if "total_steps" not in schedule and isinstance(training, dict) and "steps" in training:
+    if "total_steps" in schedule:
+        raise CptjaxError(f"schedule.total_steps ({schedule['total_steps']}): not a key; the schedule's length "
+                          "is training.steps: remove it and set training.steps")
+    if isinstance(training, dict) and "steps" in training:
         schedule["total_steps"] = training["steps"]
     data = raw.get("data") or {}
     if schedule.get("kind") == "cycles" and "stage_boundaries" not in schedule and isinstance(data, dict):
@@ -181,3 +181,13 @@ def config_from_dict(raw: dict) -> TrainConfig:
 
 def dump_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def load_run_config(path: PathLike) -> TrainConfig:
+    """A run folder's config.yaml. Those written before schedule.total_steps stopped being a key
+    carry it, equal to training.steps: it is dropped here."""
+    raw = read_yaml_mapping(path, "RUN_DIR")
+    schedule, training = raw.get("schedule"), raw.get("training")
+    if isinstance(schedule, dict) and isinstance(training, dict) and schedule.get("total_steps") == training.get("steps"):
+        raw["schedule"] = {k: v for k, v in schedule.items() if k != "total_steps"}
+    return config_from_dict(raw)

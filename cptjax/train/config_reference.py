@@ -68,6 +68,8 @@ def _entries(cls, prefix: str) -> list[tuple[str, list[tuple[str, str, str, str]
     docs = _comments(cls)
     rows, nested = [], []
     for field in dataclasses.fields(cls):
+        if "set_from" in field.metadata:  # not a key: the tree fills it from another section
+            continue
         tp, key = hints[field.name], f"{prefix}{field.name}"
         if not docs.get(field.name):
             raise ValueError(f"{cls.__name__}.{field.name} has no comment: write what it does on its line")

@@ -20,6 +20,7 @@ import time
 
 from etils import epath
 
+from cptjax.io.run_layout import RunPaths
 from cptjax.model.config import ModelConfig
 from cptjax.core.paths import is_remote
 

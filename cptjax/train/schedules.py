@@ -87,7 +87,8 @@ class ScheduleConfig:
     Field types are checked where configs are read (cptjax.core.config_tree); the checks here are on
     values and on how the fields fit together."""
 
-    total_steps: int  # the schedule's length (default: training.steps)
+    # the schedule's length; in a training config it is training.steps, not a key of its own
+    total_steps: int = dataclasses.field(metadata={"set_from": "training.steps"})
     peak_lr: float  # the re-warm's target: about 10% of the original pretraining peak for CPT
     kind: Kind = "warmup_cosine"  # the shape (see the README's schedules)
     init_lr: float = 0.0  # where each warmup starts
