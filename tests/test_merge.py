@@ -149,7 +149,12 @@ def _bad_inputs(models, root):
         (["--base", str(base), "--tuned", str(tuned), "--alpha", "half"], "--alpha 'half': expected a number"),
         (["--base", str(base), "--tuned", str(tuned), "--alpha", "0,1"], "several alphas need --eval"),
         (["--base", str(base), "--tuned", str(tuned), "--alpha", "0,1", "--eval", f"code=text:{root}/empty/*.py",
-          "--eval", _wiki()], "--data code: no documents with text"),
+          "--eval", _wiki()], "--eval code: no documents with text"),
+        # the sweep's set-up is cptjax eval's (prepare_eval): the same checks, naming --eval
+        (["--base", str(base), "--tuned", str(tuned), "--alpha", "0,1", "--eval", f"code=text:{root}/empty/*.py",
+          "--eval", f"code=text:{root}/empty/*.py"], "--eval code: the name is used twice"),
+        (["--base", str(base), "--tuned", str(tuned), "--alpha", "0,1", "--eval", _wiki().replace("wiki=", "code="),
+          "--eval", _wiki(), "--seq-len", "100000"], "--seq-len 100000: exceeds --base's max_position_embeddings"),
         (["--base", str(base), "--tuned", str(tuned), "--alpha", "0,1", "--eval", _wiki()],
          "every eval set is a domain set"),
     ]
