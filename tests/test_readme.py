@@ -23,6 +23,10 @@ import tiny_configs
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where users read commands: the README, then the pages it links, in this order (a command shown on
+# several pages runs once, where it first appears).
+PAGES = ["README.md", "docs/training.md", "docs/data.md", "docs/scaling.md", "docs/conversion.md",
+         "docs/measuring.md"]
 SMALLER = " --set training.batch_size=8 --set training.seq_len=512"
 
 
@@ -36,6 +40,15 @@ def _commands(text: str, commented: bool = False) -> list[str]:
         if line.startswith("cptjax "):
             line = re.sub(r"\s+#.*$", "", re.sub(r"\[--[^\]]*\]", "", line)).strip()
             found.append(re.sub(r"\s+", " ", line))
+    return found
+
+
+def _documented_commands() -> list[str]:
+    found = []
+    for page in PAGES:
+        for command in _commands("\n".join(re.findall(r"```bash\n(.*?)```", (ROOT / page).read_text(), re.S))):
+            if command not in found:
+                found.append(command)
     return found
 
 
@@ -83,7 +96,7 @@ def _run(command: str, cwd: Path) -> str:
 
 
 def test_the_readme_shows_the_commands_this_test_runs():
-    readme = _commands("\n".join(re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)))
+    readme = _documented_commands()
     header = _commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
     assert len(readme) >= 10 and len(header) == 3, (readme, header)
     assert all(c.split()[1] in ("demo", "train", "config", "convert", "eval", "report", "generate", "merge",
@@ -104,7 +117,7 @@ def test_readme_and_config_commands_work_as_written_from_a_fresh_folder(user_fol
     run = user_folder / "runs" / "llama-3.2-1b-code"
     assert (run / "checkpoints" / "1").is_dir() and (run / "config.yaml").is_file()
 
-    readme = _commands("\n".join(re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)))
+    readme = _documented_commands()
     for command in readme:
         if command.startswith("cptjax demo"):
             continue  # the demo runs in test_demo.py

@@ -94,6 +94,18 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     assert _layer("cptjax.cli") == len(LAYERS) and _layer("cptjax.core.errors") == 0
 
 
+def test_a_run_folder_is_named_in_one_module():
+    """io/run_layout.py names what a run folder holds; every other module asks it (RunPaths)."""
+    from cptjax.io import run_layout
+
+    names = {run_layout.CHECKPOINTS, run_layout.LOGS, run_layout.METRICS, run_layout.TENSORBOARD, run_layout.CONFIG}
+    spelled = sorted(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}"
+                     for name, path in _modules().items() if name != "cptjax.io.run_layout"
+                     for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Constant) and node.value in names)
+    assert not spelled, spelled
+
+
 def test_no_module_is_longer_than_a_reader_can_follow():
     long = {name: n for name, path in _modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
@@ -110,9 +122,15 @@ def test_readme_layout_lists_every_module_once():
                                       "listed twice": sorted({p for p in listed if listed.count(p) > 1})}
 
 
-def test_readme_config_reference_is_the_generated_one():
+def test_docs_config_reference_is_the_generated_one():
     from cptjax.train.config_reference import reference_markdown
 
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert reference_markdown() in page, "docs/config.md is stale: paste `cptjax config reference` into it"
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
-    assert reference_markdown() in section, "README's config reference is stale: paste `cptjax config reference`"
+    assert len(readme.splitlines()) < 350
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert all(f"](docs/{page})" in readme for page in pages), [p for p in pages if f"](docs/{p})" not in readme]
