@@ -142,7 +142,7 @@ def memory_bytes() -> int | None:
 
 def cpu_info(text: str | None = None) -> dict:
     """The first processor's identity from /proc/cpuinfo (or `text`): vendor, family, model and name on
-    x86 ("AMD EPYC" alone names Zen 3, 4 and 5, whose matmul rates differ up to fourfold), implementer
+    x86 ("AMD EPYC" alone names Zen 3, Zen 4 and Zen 5, whose matmul rates differ), implementer
     and part on ARM, and the widest vector extension. Without /proc/cpuinfo: what `platform` knows."""
     if text is None:
         try:
