@@ -258,7 +258,7 @@ def load_worker(hf_dir: str, process_id: int, processes: int, port: int, out: st
         "checkpoint_bytes_read": None if counted is None else counted() - counted_before,
         "read_chars": io_after.read_chars - io_before.read_chars,  # every read syscall, sockets included
         "disk_read_bytes": io_after.read_bytes - io_before.read_bytes,
-        "peak_rss_bytes": psutil.Process().memory_info().rss}))
+        "rss_at_end_bytes": psutil.Process().memory_info().rss}))
 
 
 def sharded_load(args) -> dict:
@@ -279,14 +279,20 @@ def sharded_load(args) -> dict:
     with tempfile.TemporaryDirectory() as reports:
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
         start = time.perf_counter()
-        workers = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--load-worker", str(hf_dir),
-                                     str(i), str(processes), str(port), f"{reports}/{i}.json"], env=env)
+        # Each worker runs under the small launcher `measure` uses, for its own peak RSS (see `measure`).
+        workers = [subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, f"{reports}/{i}.usage", sys.executable,
+                                     str(Path(__file__).resolve()), "--load-worker", str(hf_dir), str(i),
+                                     str(processes), str(port), f"{reports}/{i}.json"], env=env)
                    for i in range(processes)]
         codes = [w.wait() for w in workers]
         wall = time.perf_counter() - start
         if any(codes):
-            raise SystemExit(f"bench_convert: a load worker failed (exit codes {codes})")
-        per_process = [json.loads(Path(f"{reports}/{i}.json").read_text()) for i in range(processes)]
+            raise SystemExit(f"bench_convert: a load worker's launcher failed (exit codes {codes})")
+        usage = [Path(f"{reports}/{i}.usage").read_text().split() for i in range(processes)]
+        if any(u[4] != "0" for u in usage):
+            raise SystemExit(f"bench_convert: a load worker failed (exit codes {[u[4] for u in usage]})")
+        per_process = [dict(json.loads(Path(f"{reports}/{i}.json").read_text()), peak_rss_bytes=int(u[1]) * 1024)
+                       for i, u in enumerate(usage)]
     counted = [p["checkpoint_bytes_read"] for p in per_process]
     return {
         "mode": f"sharded load: {processes} processes (jax.distributed on this CPU, one device each), "
