@@ -6,23 +6,22 @@
 Runs, each in a fresh process: (a) `cptjax convert hf-to-orbax`, (b) `cptjax convert orbax-to-hf`
 (bf16, 5GB shards), and a baseline that reads every tensor with the `safetensors` package and writes
 the same bytes back out. Targets: peak RSS of (a) and (b) at most 1.3x the checkpoint size, and each
-conversion at most 3x the baseline's time. Prints a table and writes JSON (default
-bench_results/convert.json). The source checkpoint is ~2.5 GB and the run writes three more of that
-size; expect a few minutes on a small machine.
+conversion at most 3x the baseline's time. Prints a table and writes the raw record (scripts/bench_record.py:
+command, commit, machine, load average) to docs/benchmarks/convert_<date>.json, or --out. The source
+checkpoint is ~2.5 GB and the run writes three more of that size; expect a few minutes on a small machine.
 
 `--sharded-load N` measures multi-host loading instead: N processes (jax.distributed on this CPU, one
 device each) load the source onto one fsdp mesh as `cptjax train` loads model.init_from, and each
-reports the checkpoint bytes it read; together they should read the checkpoint about once.
+reports the checkpoint bytes it read; together they should read the checkpoint about once
+(docs/benchmarks/convert_sharded_load_<date>.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_record
 import ml_dtypes
 import numpy as np
 import psutil
@@ -258,7 +258,7 @@ def load_worker(hf_dir: str, process_id: int, processes: int, port: int, out: st
         "checkpoint_bytes_read": None if counted is None else counted() - counted_before,
         "read_chars": io_after.read_chars - io_before.read_chars,  # every read syscall, sockets included
         "disk_read_bytes": io_after.read_bytes - io_before.read_bytes,
-        "peak_rss_bytes": psutil.Process().memory_info().rss}))
+        "rss_at_end_bytes": psutil.Process().memory_info().rss}))
 
 
 def sharded_load(args) -> dict:
@@ -279,17 +279,22 @@ def sharded_load(args) -> dict:
     with tempfile.TemporaryDirectory() as reports:
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
         start = time.perf_counter()
-        workers = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--load-worker", str(hf_dir),
-                                     str(i), str(processes), str(port), f"{reports}/{i}.json"], env=env)
+        # Each worker runs under the small launcher `measure` uses, for its own peak RSS (see `measure`).
+        workers = [subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, f"{reports}/{i}.usage", sys.executable,
+                                     str(Path(__file__).resolve()), "--load-worker", str(hf_dir), str(i),
+                                     str(processes), str(port), f"{reports}/{i}.json"], env=env)
                    for i in range(processes)]
         codes = [w.wait() for w in workers]
         wall = time.perf_counter() - start
         if any(codes):
-            raise SystemExit(f"bench_convert: a load worker failed (exit codes {codes})")
-        per_process = [json.loads(Path(f"{reports}/{i}.json").read_text()) for i in range(processes)]
+            raise SystemExit(f"bench_convert: a load worker's launcher failed (exit codes {codes})")
+        usage = [Path(f"{reports}/{i}.usage").read_text().split() for i in range(processes)]
+        if any(u[4] != "0" for u in usage):
+            raise SystemExit(f"bench_convert: a load worker failed (exit codes {[u[4] for u in usage]})")
+        per_process = [dict(json.loads(Path(f"{reports}/{i}.json").read_text()), peak_rss_bytes=int(u[1]) * 1024)
+                       for i, u in enumerate(usage)]
     counted = [p["checkpoint_bytes_read"] for p in per_process]
     return {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine_facts(),
         "mode": f"sharded load: {processes} processes (jax.distributed on this CPU, one device each), "
                 "mesh fsdp over all of them, Weights.read_onto as `cptjax train` loads model.init_from",
         "page_cache": "dropped before the run" if cold else "warm: the source read once before the run",
@@ -309,23 +314,6 @@ def _free_port() -> int:
 
 
 # --- the run ---------------------------------------------------------------------------------------
-
-def machine_facts() -> dict:
-    versions = {}
-    for package in ("jax", "jaxlib", "orbax-checkpoint", "tensorstore", "safetensors", "numpy", "ml_dtypes"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "ram_bytes": psutil.virtual_memory().total, "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions, "git_commit": commit}
-
 
 def run(args) -> dict:
     config_path = Path(args.config).resolve()
@@ -404,8 +392,6 @@ def run(args) -> dict:
         targets[name] = {"rss_met": step["rss_over_checkpoint"] <= TARGET_RSS_RATIO,
                          "time_met": step["time_over_baseline"] <= TARGET_TIME_RATIO}
     return {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_facts(),
         "page_cache": "dropped before each step" if cold else "warm: each step's input read once before it",
         "timing": "total_s = the step's wall time + os.sync() after it (its writes on disk)",
         "peak_rss": "ru_maxrss from os.wait4 on the step's process, forked from a ~5 MB launcher",
@@ -461,11 +447,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="HF config.json of the model shape")
     parser.add_argument("--max-shard-size", default="1GB", help="shard size of the generated source")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(REPO / "bench_results/convert.json"), help="JSON results file")
+    parser.add_argument("--out", help="JSON record (default: a new docs/benchmarks/convert_<date>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir")
     parser.add_argument("--sharded-load", type=int, metavar="N", help="instead: N processes load the "
                         "source onto one fsdp mesh; reports the bytes each reads (default --out "
-                        "bench_results/convert_sharded_load.json)")
+                        "docs/benchmarks/convert_sharded_load_<date>.json)")
     parser.add_argument("--plain-copy", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -476,18 +462,16 @@ def main() -> None:
         hf_dir, process_id, processes, port, out = args.load_worker
         load_worker(hf_dir, int(process_id), int(processes), int(port), out)
         return
+    packages = ("orbax-checkpoint", "tensorstore", "safetensors", "ml_dtypes")
     if args.sharded_load:
+        record = bench_record.begin("convert_sharded_load", packages)
         results = sharded_load(args)
         print_sharded(results)
-        if args.out == str(REPO / "bench_results/convert.json"):
-            args.out = str(REPO / "bench_results/convert_sharded_load.json")
     else:
+        record = bench_record.begin("convert", packages)
         results = run(args)
         print_table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    bench_record.finish(record, results, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data pipeline throughput, in tokens per second per CPU core.
 
-    python scripts/bench_data.py [--tokenizer HF_DIR] [--seconds 15] [--out bench_results/data.json]
+    python scripts/bench_data.py [--tokenizer HF_DIR] [--seconds 15] [--out FILE]
 
 Measures, on the Python standard library's sources as JSON Lines (a real code corpus on every
 machine) mixed 0.9/0.1 with WikiText-2 from data/:
@@ -10,7 +10,9 @@ machine) mixed 0.9/0.1 with WikiText-2 from data/:
 "Per core" divides tokens by the CPU seconds the process used (all threads), so it does not depend
 on how many cores the machine has. Without --tokenizer, a byte-level BPE with 32,768 tokens is
 trained on the corpus first (not timed). Goal: (b) >= 1,000,000 tokens/s per core; (a) is bounded
-by the tokenizer, and the ratio (a) / tokenizer says how close it gets. Writes the results as JSON.
+by the tokenizer, and the ratio (a) / tokenizer says how close it gets. Writes the raw record
+(scripts/bench_record.py: command, commit, machine, load average) to docs/benchmarks/data_<date>.json,
+or --out.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+import bench_record
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread: a per-core number
 
@@ -100,8 +103,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", help="HF tokenizer folder (default: train one here)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time per measurement")
-    parser.add_argument("--out", default=str(REPO / "bench_results" / "data.json"))
+    parser.add_argument("--out", help="JSON record (default: a new docs/benchmarks/data_<date>.json)")
     args = parser.parse_args()
+    record = bench_record.begin("data", ("grain", "tokenizers", "transformers", "array-record"))
 
     from cptjax.data.config import DataConfig, InputConfig, SourceConfig
     from cptjax.data.prepare import prepare_corpus
@@ -154,13 +158,10 @@ def main() -> None:
     results["goal_prepared_1M_per_core_met"] = bool(
         results["prepared_arrayrecord"]["tokens_per_s_per_core"] >= 1_000_000)
     results["setup"] = {"seq_len": SEQ_LEN, "batch_rows": BATCH, "mixture": [0.9, 0.1],
-                        "python": platform.python_version(), "cpus": os.cpu_count(),
-                        "machine": platform.machine()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+                        "seconds_per_measurement": args.seconds,
+                        "tokenizer": args.tokenizer or "byte-level BPE, 32,768 tokens, trained on the corpus"}
     print(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    bench_record.finish(record, results, args.out)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Training-step throughput on this machine's CPU, beside transformers + PyTorch eager.
 
-    python scripts/bench_train.py --baseline torch [--shapes 7m,32m] [--out bench_results/train.json]
+    python scripts/bench_train.py --baseline torch [--shapes 7m,32m] [--out FILE]
 
 For each shape, the step `cptjax train` runs (train_step.build_setup: the trainer's own jitted,
 donated step; AdamW with global-norm clipping) and, with `--baseline torch`, transformers'
@@ -19,22 +19,22 @@ MFU: cptjax's step at the full matmul rate. It depends on the CPU: where XLA's m
 PyTorch's (AVX-512 at full width, Zen 5) there is room above PyTorch; where both reach the same
 rate (Zen 4) PyTorch eager's large matmuls already run near it. `--depth` also compiles the step at
 2 and 32 layers of the 32m shape: compile time should not grow with depth (the layers run under scan).
+Writes the raw record (scripts/bench_record.py: command, commit, CPU family and model, load average) to
+docs/benchmarks/train_cpu_<date>.json, or --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import bench_record
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,43 +232,6 @@ def depth_check(workdir: Path) -> dict:
     return out
 
 
-def cpu_description() -> str:
-    """The CPU's name with its family and model numbers and vector width: "AMD EPYC" alone names
-    both Zen 4 (family 25) and Zen 5 (family 26), whose float32 matmul rates differ twofold."""
-    try:
-        fields = {}
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name", platform.processor())
-    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
-    flags = fields.get("flags", "").split()
-    if flags:
-        details.append("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
-    return f"{name} ({', '.join(details)})" if details else name
-
-
-def machine() -> dict:
-    cpu = cpu_description()
-    versions = {}
-    for package in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
-        try:
-            versions[package] = __import__("importlib.metadata").metadata.version(package)
-        except Exception:  # noqa: BLE001
-            versions[package] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions, "git_commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", choices=["torch", "none"], default="none")
@@ -277,10 +240,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per runner per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of timed steps")
     parser.add_argument("--depth", action="store_true", help="also compile at 2 and 32 layers")
-    parser.add_argument("--out", default=str(REPO / "bench_results/train.json"))
+    parser.add_argument("--out", help="JSON record (default: a new docs/benchmarks/train_cpu_<date>.json)")
     args = parser.parse_args()
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-               "load_average_before": os.getloadavg(), "precision": "float32 parameters and compute, both",
+    record = bench_record.begin("train_cpu", ("torch", "transformers"))
+    results = {"settings": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
+               "precision": "float32 parameters and compute, both",
                "mfu_formula": "model FLOPs per step / step time / measured XLA float32 matmul rate; model "
                               "FLOPs per token = 6 x matmul params + 12 x layers x heads x head_dim x seq_len"}
     results["matmul"] = matmul_rates()
@@ -289,19 +253,12 @@ def main() -> None:
                              for shape in args.shapes.split(",")}
         if args.depth:
             results["depth"] = depth_check(Path(tmp))
-    results["load_average_after"] = os.getloadavg()
     report(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    bench_record.finish(record, results, args.out)
 
 
 def report(results: dict) -> None:
-    m = results["machine"]
     mm = results["matmul"]
-    print(f"{m['cpu']}, {m['cores']} cores; load average before {results['load_average_before'][0]:.2f}, "
-          f"after {results['load_average_after'][0]:.2f}; {m['date']}")
     print(f"measured float32 matmul (2048^3): XLA {mm['xla_gflops']:.0f} GFLOP/s"
           + (f", PyTorch {mm['torch_gflops']:.0f} GFLOP/s" if "torch_gflops" in mm else ""))
     print(f"{'shape':<6}{'params':>8}{'batch':>10}{'runner':>8}{'step ms':>9}{'tokens/s':>10}{'GFLOP/s':>9}"
