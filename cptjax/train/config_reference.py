@@ -1,7 +1,6 @@
 """`cptjax config reference`: every key of the training config, its type, default and meaning, in
 Markdown, generated from the config dataclasses and the comment on each field (the one place a key
-is documented). The README's "Config reference" section is this output; a test fails when they
-drift apart.
+is documented). docs/config.md is this output; a test fails when they drift apart.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class ScheduleConfig:
     # the schedule's length; in a training config it is training.steps, not a key of its own
     total_steps: int = dataclasses.field(metadata={"set_from": "training.steps"})
     peak_lr: float  # the re-warm's target: about 10% of the original pretraining peak for CPT
-    kind: Kind = "warmup_cosine"  # the shape (see the README's schedules)
+    kind: Kind = "warmup_cosine"  # the shape (docs/training.md, "Defences against forgetting")
     init_lr: float = 0.0  # where each warmup starts
     end_lr: float = 0.0  # the lr at total_steps and after
     warmup: Length | None = None  # re-warm length: steps (int) or a fraction (float); default 1% (0 for "constant")
