@@ -38,8 +38,13 @@ def _rchar() -> tuple[int, int] | None:
     return int(next(line.split()[1] for line in text.splitlines() if line.startswith("rchar:"))), len(text)
 
 
-def _open(path) -> object:
-    return open_source(InputConfig(name="s", type="jsonl", paths=(str(path),)), "data.sources[0]")
+def _open(path, store: bool = True) -> object:
+    """Opens a JSONL source and, as the training pipeline does once its sources passed their
+    checks, stores the line indexes it had to make."""
+    source = open_source(InputConfig(name="s", type="jsonl", paths=(str(path),)), "data.sources[0]")
+    if store:
+        source.store_indexes()
+    return source
 
 
 def _line_bytes(data: bytes, indices) -> int:
@@ -58,8 +63,10 @@ def test_the_first_open_scans_and_stores_the_index_later_opens_read_only_it(corp
     index = Path(line_index.index_path(str(corpus)))
     index.unlink(missing_ok=True)
     before = line_index.bytes_read()
-    first = _open(corpus)
+    first = _open(corpus, store=False)
     assert line_index.bytes_read() - before == size  # the scan
+    assert not index.exists()  # nothing written before the pipeline has checked its sources
+    first.store_indexes()
     assert index.is_file()
     before = line_index.bytes_read()
     second = _open(corpus)
@@ -99,19 +106,20 @@ def test_each_process_reads_its_share_of_the_lines_and_the_index(corpus, process
 
 
 def test_the_pipeline_reads_the_index_the_probe_and_its_share(corpus):
-    """Two processes through build_train_pipeline, one epoch: the probe reads the first PROBE_DOCS
-    lines in every process (checks before a run starts), the epoch only the process's share."""
+    """Two processes through build_train_pipeline, one epoch: the first stores the line index; the
+    probe reads the first PROBE_DOCS lines in every process (checks before a run starts), the epoch
+    only the process's share."""
     data = corpus.read_bytes()
-    _open(corpus)
-    index_size = Path(line_index.index_path(str(corpus))).stat().st_size
-    lines = len(shakespeare_speeches())
+    Path(line_index.index_path(str(corpus))).unlink(missing_ok=True)
+    data_size, lines = len(data), len(shakespeare_speeches())
     config = DataConfig(sources=(SourceConfig(name="s", type="jsonl", paths=(str(corpus),),
                                               on_exhaustion="stop"),), prefetch=0)
     for p in range(2):
         before = line_index.bytes_read()
         pipeline = build_train_pipeline(config, tokenizer_dir("llama"), seq_len=256, batch_size=16,
                                         process_index=p, process_count=2)
-        assert line_index.bytes_read() - before == index_size + _line_bytes(data, range(PROBE_DOCS))
+        opened = data_size if p == 0 else Path(line_index.index_path(str(corpus))).stat().st_size
+        assert line_index.bytes_read() - before == opened + _line_bytes(data, range(PROBE_DOCS))
         before = line_index.bytes_read()
         with pytest.raises(CptjaxError, match="all of this source's documents have been used"):
             while True:

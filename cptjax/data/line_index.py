@@ -1,7 +1,9 @@
 """Where the lines of a plain JSONL file start, scanned once and stored beside it; exact byte-range reads.
 
 Reading document i of a JSONL file needs the byte offsets of its line. Scanning the file for them
-reads all of it, so the scan happens once: its result, the line index, is stored beside the file as
+reads all of it, so the scan happens once: its result, the line index, is stored beside the file
+(by `store`, which the training pipeline calls once all its sources passed their checks, so a
+command that fails writes nothing) as
 `NAME.cptjax-lines` (a JSON header line, then little-endian int64 offsets: line i is
 bytes [b[i], b[i+1] - 1), the newline excluded), and every later open of the file, by any process
 of any run, reads the index instead. Where the data's folder cannot be written (a read-only bucket
@@ -99,20 +101,22 @@ def _bounds(newlines: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([starts, [size if ends_with_newline else size + 1]]).astype(np.int64)
 
 
-def line_bounds(path: str, store: bool = True) -> np.ndarray:
-    """The line bounds of the plain file `path`: its stored index if fresh, else a scan (stored
-    unless `store` is False)."""
+def line_bounds(path: str) -> tuple[np.ndarray, dict | None]:
+    """(the line bounds of the plain file `path`, None) from its stored index if that is fresh;
+    else (bounds, key) from a scan, `key` what `store` needs to write the index."""
     key = _file_key(path)
-    places = _index_places(path)
-    for place in places:
+    for place in _index_places(path):
         bounds = _load(place, key)
         if bounds is not None:
-            return bounds
-    bounds = _scan(path)
-    for place in places if store else []:
+            return bounds, None
+    return _scan(path), key
+
+
+def store(path: str, key: dict, bounds: np.ndarray) -> None:
+    """Writes the index of `path` beside it, else in the cache folder, else nowhere."""
+    for place in _index_places(path):
         if _store(place, key, bounds):
-            break
-    return bounds
+            return
 
 
 def index_path(path: str) -> str:

@@ -43,7 +43,7 @@ def prepare_corpus(source: InputConfig, tokenizer_dir, out, *, num_shards: int =
         raise CptjaxError(f"--invalid-utf8: {invalid_utf8!r}; choose 'fail' or 'skip'")
     spec = load_tokenizer_spec(tokenizer_dir, "--tokenizer")
     tokenizer = DocumentTokenizer(spec)
-    documents = open_source(source, "input", tokenizer, store_index=False)  # one pass, in file order
+    documents = open_source(source, "input", tokenizer)
     total = len(documents)
     if total == 0:
         raise CptjaxError(f"input: {', '.join(source.paths) or source.dataset} holds no documents")

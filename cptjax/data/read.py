@@ -26,13 +26,10 @@ DOCS_PER_READ = 32  # documents per Grain element: amortizes the per-element cos
 PROBE_DOCS = 256  # documents of each source read, in file order, before a run touches anything
 
 
-def open_source(config: InputConfig, key: str, tokenizer: DocumentTokenizer | None = None, *,
-                store_index: bool = True) -> DocumentSource:
+def open_source(config: InputConfig, key: str, tokenizer: DocumentTokenizer | None = None) -> DocumentSource:
     """Opens `config`'s documents; `key` ("data.sources[0]") prefixes messages about its paths.
 
-    `tokenizer` is needed for "prepared", to refuse another tokenizer's ids. `store_index` False:
-    a JSONL file without a line index is scanned but no index is written (for one pass in file
-    order, as `cptjax data prepare` makes, where reading the index later would save nothing).
+    `tokenizer` is needed for "prepared", to refuse another tokenizer's ids.
     """
     if config.type == "tfds":
         return TfdsSource(config.dataset, config.split, config.data_dir, config.text_field)
@@ -44,7 +41,7 @@ def open_source(config: InputConfig, key: str, tokenizer: DocumentTokenizer | No
         raise CptjaxError(f"{key}.paths: {directories[0]} is a folder; give files or a glob such "
                           f"as '{directories[0]}/*'")
     if config.type == "jsonl":
-        return JsonlSource(files, config.text_field, store_index=store_index)
+        return JsonlSource(files, config.text_field)
     if config.type == "text":
         return TextSource(files, config.delimiter)
     if config.type == "parquet":

@@ -87,6 +87,10 @@ class DocumentSource:
     def where(self, index: int) -> str:
         raise NotImplementedError
 
+    def store_indexes(self) -> None:
+        """Stores what opening found that later opens can reuse (JSONL line indexes). The training
+        pipeline calls it once its sources all passed their checks, so a failed command writes nothing."""
+
 
 class _FileIndexed(DocumentSource):
     """Documents spread over files: a global index -> (file, index in file) by cumulative counts."""
@@ -161,15 +165,24 @@ class JsonlSource(_FileIndexed):
     memory once per process and kept.
     """
 
-    def __init__(self, files: list[epath.Path], text_field: str, *, store_index: bool = True):
+    def __init__(self, files: list[epath.Path], text_field: str):
         self._text_field = text_field
         self._bounds = []  # per file: line i is bytes [b[i], b[i+1] - 1)
-        for path in files:
-            path = str(path)
-            compressed = path.endswith((".gz", ".zst"))
-            self._bounds.append(line_index.bounds_of(_read_bytes(path)) if compressed
-                                else line_index.line_bounds(path, store=store_index))
+        self._scanned = {}  # file -> its key, for the plain files that had no fresh stored index
+        for f, path in enumerate(map(str, files)):
+            if path.endswith((".gz", ".zst")):
+                self._bounds.append(line_index.bounds_of(_read_bytes(path)))
+                continue
+            bounds, key = line_index.line_bounds(path)
+            self._bounds.append(bounds)
+            if key is not None:
+                self._scanned[f] = key
         super().__init__(files, [len(b) - 1 for b in self._bounds])
+
+    def store_indexes(self) -> None:
+        for f, key in self._scanned.items():
+            line_index.store(self._files[f], key, self._bounds[f])
+        self._scanned = {}
 
     def where(self, index: int) -> str:
         f, line = self._locate(index)
