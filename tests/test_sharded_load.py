@@ -1,6 +1,7 @@
 """Loading an HF folder onto a mesh reads each checkpoint byte once in total: a process reads only
-its devices' share of each tensor (byte ranges of the safetensors files), and every shard equals
-the plain host read."""
+its devices' share of each tensor (byte ranges of the safetensors files), also of a tensor that no
+axis splits evenly over the devices (padded in the read layout), and every shard equals the plain
+host read."""
 
 import json
 import os
@@ -9,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hf_models
 import numpy as np
 import pytest
+import tiny_configs
 
 from cptjax.hf.read import find_weight_files
 from cptjax.hf.safetensors import bytes_read
@@ -20,6 +23,18 @@ WORKER = Path(__file__).parent / "load_worker.py"
 
 def _tensor_bytes(hf_dir) -> int:
     return sum(info.nbytes for f in find_weight_files(Path(hf_dir)).values() for info in f.tensors.values())
+
+
+def _odd_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose embedding and head [509, 36] and norms [36] (stacked [3, 36]) no axis of 8
+    devices divides: before the read layout padded them, every process read these whole."""
+    hf = dict(tiny_configs.shrunk_config("llama-3.1-8b"), hidden_size=36, head_dim=16, vocab_size=509)
+    return hf_models.save_hf_model(hf, tmp_path_factory.mktemp("odd") / "hf")
+
+
+@pytest.fixture(scope="module")
+def odd_hf(tmp_path_factory):
+    return _odd_model(tmp_path_factory)
 
 
 def _worker_env(devices: int) -> dict:
@@ -49,9 +64,15 @@ def test_eight_devices_of_one_process_read_the_checkpoint_once(tiny_hf, mesh, dt
     assert found["bytes_read"] == _tensor_bytes(hf_dir)  # once, not once per device
 
 
-@pytest.mark.slow
-def test_each_of_two_processes_reads_half_the_checkpoint(tiny_hf):
-    hf_dir = tiny_hf("llama-3.1-8b")
+def test_a_tensor_no_axis_divides_is_still_read_once(odd_hf):
+    result = subprocess.run([sys.executable, str(WORKER), str(odd_hf), "1", "8", "1", "float32"],
+                            capture_output=True, text=True, env=_worker_env(8), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["all_equal"] and found["bytes_read"] == _tensor_bytes(odd_hf)
+
+
+def _two_processes(hf_dir) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -62,7 +83,26 @@ def test_each_of_two_processes_reads_half_the_checkpoint(tiny_hf):
     for worker, (out, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err[-3000:]
     found = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    total = _tensor_bytes(hf_dir)
     assert all(f["process_count"] == 2 and f["devices"] == 8 and f["all_equal"] for f in found)
+    return found
+
+
+@pytest.mark.slow
+def test_each_of_two_processes_reads_half_the_checkpoint(tiny_hf):
+    hf_dir = tiny_hf("llama-3.1-8b")
+    found = _two_processes(hf_dir)
+    total = _tensor_bytes(hf_dir)
     # Every tensor of this model splits evenly over the 8 devices: exactly half each.
     assert [f["bytes_read"] for f in found] == [total // 2, total // 2]
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_tensors_no_axis_divides(odd_hf):
+    found = _two_processes(odd_hf)
+    total, reads = _tensor_bytes(odd_hf), [f["bytes_read"] for f in found]
+    assert sum(reads) == total  # every byte once, none by both processes
+    # Half of each evenly split tensor; of a padded one, process 1's devices hold the padding, so it
+    # reads that much less (float32): the 3 vocabulary entries of 512 - 509 in the embedding and the
+    # head (3 * 36 each), the last 4 of 40 in the norms (2 per layer of 3, and the final one).
+    padding = 2 * 3 * 36 * 4 + 3 * 2 * 4 * 4 + 4 * 4
+    assert reads == [(total + padding) // 2, (total - padding) // 2]

@@ -267,7 +267,8 @@ def build_train_pipeline(config: DataConfig, tokenizer, *, seq_len: int, batch_s
 
     `batch_size` is the global number of rows per step; `tokenizer` is the model's tokenizer
     folder (or its loaded TokenizerSpec), used unless `data.tokenizer` names another. The first
-    documents of every source are read here (read.probe_documents).
+    documents of every source are read here (read.probe_documents), then the line indexes of JSONL
+    files that had none are stored beside them (line_index.py).
     """
     if seq_len < 1:
         raise CptjaxError(f"seq_len: must be >= 1, got {seq_len}")
@@ -284,5 +285,7 @@ def build_train_pipeline(config: DataConfig, tokenizer, *, seq_len: int, batch_s
             raise CptjaxError(f"{key}: {len(source)} documents cannot be shared by {process_count} "
                               "processes; add documents")
         sources.append(source)
+    for source in sources:  # all checked: now keep what a later run can reuse
+        source.store_indexes()
     return TrainPipeline(config, spec, sources, seq_len=seq_len, batch_size=batch_size,
                          process_index=process_index, process_count=process_count)

@@ -7,9 +7,13 @@ source pickles small and reopens in each Grain worker process. records.py holds 
 sources (ArrayRecord, TFDS, prepared corpora); read.py's `open_source` picks one by type.
 
 Random access is what makes the order a pure function of the seed (shuffled per epoch by Grain)
-and resume exact. Compressed files (.gz, .zst) have no random access and Parquet is read by column,
-so each process (each Grain worker too) reads such a file into memory once and keeps it: the
-shuffled order visits every file all the time. Use `cptjax data prepare` for corpora too big for that.
+and resume exact. A process reads only the documents of its share, by byte range: a plain JSONL
+file through its line index (line_index.py: scanned once, stored beside the file, then read
+instead of the file), text pieces and whole text files by their offsets. The exceptions read whole
+files in every process (each Grain worker too), because they have no random access: compressed
+files (.gz, .zst; decompressed into memory once and kept, and scanned for lines at every open),
+Parquet (read by column), and text split on a delimiter (scanned for it at every open; the pieces
+are then read by range). Use `cptjax data prepare` for corpora too big for that.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from etils import epath
 
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import is_remote, user_path
+from cptjax.data import line_index
 
 _GLOB_CHARS = set("*?[")
 _MAX_OPEN_FILES = 64  # plain files kept open per source (least recently used closed first)
@@ -47,12 +52,14 @@ def expand_paths(patterns: Sequence[str], key: str) -> list[epath.Path]:
             files.append(path)
             continue
         if not is_remote(pattern):
-            matches = [user_path(p) for p in sorted(globlib.glob(pattern, recursive=True))]
+            matches = [user_path(p) for p in sorted(globlib.glob(pattern, recursive=True))
+                       if not line_index.is_index_file(p)]
         else:
             parts = pattern.split("/")
             first = next(j for j, part in enumerate(parts) if any(c in _GLOB_CHARS for c in part))
             base = epath.Path("/".join(parts[:first]))
-            matches = sorted(base.glob("/".join(parts[first:]))) if base.exists() else []
+            matches = sorted(p for p in base.glob("/".join(parts[first:]))
+                             if not line_index.is_index_file(str(p))) if base.exists() else []
         if not matches:
             raise CptjaxError(f"{key}.paths[{i}]: the glob {pattern!r} matches no file; check the "
                               "path (globs are not expanded by a shell here)")
@@ -79,6 +86,10 @@ class DocumentSource:
 
     def where(self, index: int) -> str:
         raise NotImplementedError
+
+    def store_indexes(self) -> None:
+        """Stores what opening found that later opens can reuse (JSONL line indexes). The training
+        pipeline calls it once its sources all passed their checks, so a failed command writes nothing."""
 
 
 class _FileIndexed(DocumentSource):
@@ -107,25 +118,30 @@ class _FileIndexed(DocumentSource):
             cache[f] = load(self._files[f])
         return cache[f]
 
-    def _read_span(self, f: int, start: int, end: int) -> bytes:
-        """Bytes [start, end) of file f's (decompressed) content."""
-        path = self._files[f]
-        if path.endswith((".gz", ".zst")):
-            return self._whole(f, _read_bytes)[start:end]
+    def _compressed(self, f: int) -> bool:
+        return self._files[f].endswith((".gz", ".zst"))
+
+    def _handle(self, f: int):
+        """File f opened for exact byte-range reads (line_index.open_ranged), kept open (LRU)."""
         handles = self.__dict__.setdefault("_open_handles", collections.OrderedDict())
         if f in handles:
             handles.move_to_end(f)
         else:
             if len(handles) >= _MAX_OPEN_FILES:
                 handles.popitem(last=False)[1].close()
-            handles[f] = epath.Path(path).open("rb")
-        handle = handles[f]
-        handle.seek(start)
-        return handle.read(end - start)
+            handles[f] = line_index.open_ranged(self._files[f])
+        return handles[f]
+
+    def _read_span(self, f: int, start: int, end: int) -> bytes:
+        """Bytes [start, end) of file f's (decompressed) content."""
+        if self._compressed(f):
+            return self._whole(f, _read_bytes)[start:end]
+        return line_index.read_range(self._handle(f), start, end - start)
 
 
 def _read_bytes(path: str) -> bytes:
     data = epath.Path(path).read_bytes()
+    line_index.count_read(len(data))
     if path.endswith(".gz"):
         try:
             return gzip.decompress(data)
@@ -141,30 +157,32 @@ def _read_bytes(path: str) -> bytes:
     return data
 
 
-def _line_spans(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) byte offsets of each line, without the newline."""
-    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
-    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-    ends = np.concatenate([newlines, [len(data)]]).astype(np.int64)
-    if starts[-1] == len(data):  # a final newline ends the last line; no empty line after it
-        starts, ends = starts[:-1], ends[:-1]
-    return starts, ends
-
-
 class JsonlSource(_FileIndexed):
     """JSON Lines, plain or .gz/.zst: one object per line, the document in `text_field`.
 
-    Blank lines are empty documents (skipped downstream). Plain files are read by offset; compressed
-    ones are decompressed into memory once per process and kept.
+    Blank lines are empty documents (skipped downstream). Plain files are read line by line by
+    offset, from their stored line index (line_index.py); compressed ones are decompressed into
+    memory once per process and kept.
     """
 
     def __init__(self, files: list[epath.Path], text_field: str):
         self._text_field = text_field
-        self._spans = []
-        for path in files:
-            starts, ends = _line_spans(_read_bytes(str(path)))
-            self._spans.append(np.stack([starts, ends], axis=1))
-        super().__init__(files, [len(s) for s in self._spans])
+        self._bounds = []  # per file: line i is bytes [b[i], b[i+1] - 1)
+        self._scanned = {}  # file -> its key, for the plain files that had no fresh stored index
+        for f, path in enumerate(map(str, files)):
+            if path.endswith((".gz", ".zst")):
+                self._bounds.append(line_index.bounds_of(_read_bytes(path)))
+                continue
+            bounds, key = line_index.line_bounds(path)
+            self._bounds.append(bounds)
+            if key is not None:
+                self._scanned[f] = key
+        super().__init__(files, [len(b) - 1 for b in self._bounds])
+
+    def store_indexes(self) -> None:
+        for f, key in self._scanned.items():
+            line_index.store(self._files[f], key, self._bounds[f])
+        self._scanned = {}
 
     def where(self, index: int) -> str:
         f, line = self._locate(index)
@@ -172,10 +190,14 @@ class JsonlSource(_FileIndexed):
 
     def __getitem__(self, index: int) -> str:
         f, line = self._locate(index)
-        raw = self._read_span(f, *(int(x) for x in self._spans[f][line]))
+        where = f"{self._files[f]}:{line + 1}"
+        start, next_start = int(self._bounds[f][line]), int(self._bounds[f][line + 1])
+        if self._compressed(f):
+            raw = self._read_span(f, start, next_start - 1)
+        else:
+            raw = line_index.read_line(self._handle(f), start, next_start, where, self._files[f])
         if not raw.strip():
             return ""
-        where = f"{self._files[f]}:{line + 1}"
         text = decode_utf8(raw, where)
         try:
             record = json.loads(text)

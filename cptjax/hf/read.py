@@ -2,14 +2,16 @@
 
 Every HF tensor must be consumed and every parameter produced, with names, shapes and dtypes checked
 from the file headers before any tensor data is read, or the read fails naming the file and key.
-Each tensor goes straight into its slot of the stacked parameter arrays (or onto its device shards):
-no torch model, no second copy of the weights.
+Each tensor goes straight into its slot of the stacked parameter arrays (or, on a mesh, each process
+reads only its devices' blocks of it: `load_hf_params_sharded`): no torch model, no second copy of
+the weights.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -154,13 +156,19 @@ def read_group(plan: ReadAssignment, group: list[KeyMapping]) -> np.ndarray:
 
 def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, dtype,
                            progress: Progress | None = None) -> dict:
-    """Reads an HF folder straight onto the devices, each checkpoint byte read by one process only.
+    """Reads an HF folder onto the devices, each checkpoint byte read by one process only.
 
     Each parameter is first read in its stored dtype onto a "read layout" that splits it in
-    contiguous blocks over every device of the mesh (whole layers, or row blocks), each process
-    reading only its devices' blocks (byte ranges of the safetensors files), so N hosts together
-    read the checkpoint once, not N times. One jitted copy then casts it to `dtype` and lays it
-    out on its own sharding (the devices exchange the blocks). No host holds more than its share.
+    contiguous blocks over every device of the mesh (whole layers, row blocks or column blocks),
+    each process reading only its devices' blocks (byte ranges of the safetensors files), so N
+    hosts together read the checkpoint once, not N times. A tensor that no axis splits evenly over
+    the devices (a norm of 896 over 256 devices, an odd vocabulary) is padded along one axis to a
+    multiple of the device count in the read layout, the padding zeros and never read. One jitted
+    copy then drops the padding, casts to `dtype` and lays the parameter out on its own sharding
+    (the devices exchange the blocks; a replicated parameter reaches every device this way, over
+    the interconnect, not by every host reading it). No host reads more than its devices' share.
+    (One exception: a tied model whose files still hold lm_head.weight has both it and the
+    embedding read whole by every process, to check they are equal.)
     """
     import jax
 
@@ -177,11 +185,14 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
         if any(plan.dtype(m) != stored for m in group):  # layers stored in several dtypes: rare
             stored = np.dtype(dtype)
 
-        def block(index, group=group, stacked=stacked, stored=stored):
-            rows = range(len(group))[index[0]] if stacked else [None]
-            inner = index[1:] if stacked else index
-            out = np.empty(((len(rows),) if stacked else ()) + tuple(len(range(*s.indices(n)))
-                           for s, n in zip(inner, group[0].shape)), stored)
+        layout, padded = _read_layout(shape, target.mesh)
+
+        def block(index, group=group, stacked=stacked, stored=stored, shape=shape, padded=padded):
+            spans = [s.indices(n)[:2] for s, n in zip(index, padded)]
+            real = tuple(slice(min(a, n), min(b, n)) for (a, b), n in zip(spans, shape))  # padding cut off
+            rows = range(len(group))[real[0]] if stacked else [None]
+            inner = real[1:] if stacked else real
+            out = np.empty(tuple(s.stop - s.start for s in real), stored)
             for i, layer in enumerate(rows):
                 m = group[layer if layer is not None else 0]
                 dest = out[i] if stacked else out
@@ -189,25 +200,41 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
                     plan.located[m.hf_name].read_block_into(m.hf_name, m.shape, inner, dest)
                 else:
                     dest[...] = plan.read(m)[inner].astype(stored)
-            return out
+            if out.shape == tuple(b - a for a, b in spans):
+                return out
+            with_padding = np.zeros(tuple(b - a for a, b in spans), stored)
+            with_padding[tuple(slice(0, n) for n in out.shape)] = out
+            return with_padding
 
-        read = jax.make_array_from_callback(shape, _read_layout(shape, target.mesh), block)
-        set_param(params, path, _cast_onto(target, np.dtype(dtype))(read))
+        read = jax.make_array_from_callback(padded, layout, block)
+        set_param(params, path, _cast_onto(target, np.dtype(dtype), shape)(read))
     return params
 
 
 def _read_layout(shape: tuple[int, ...], mesh):
-    """A sharding that gives each device one contiguous block: the first axis (layers, else rows)
-    that every device of the mesh divides; replicated if none does (tiny tensors)."""
+    """(sharding, padded shape): one contiguous block per device. The first axis (layers, rows,
+    then columns) that the device count divides; if none does, the axis that wastes least when
+    padded to a multiple of it (the shape returned is then padded there). Replicated only for a scalar."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    for axis, size in enumerate(shape):
-        if size % mesh.size == 0:
-            return NamedSharding(mesh, PartitionSpec(*(None,) * axis, tuple(mesh.axis_names)))
-    return NamedSharding(mesh, PartitionSpec())
+    n = mesh.size
+    if not shape:
+        return NamedSharding(mesh, PartitionSpec()), shape
+    divisible = [axis for axis, size in enumerate(shape) if size % n == 0]
+    if divisible:
+        axis, padded = divisible[0], shape
+    else:
+        def waste(axis):
+            return (-shape[axis] % n) * math.prod(shape[:axis] + shape[axis + 1:])
+        axis = min(range(len(shape)), key=waste)
+        padded = shape[:axis] + (shape[axis] + -shape[axis] % n,) + shape[axis + 1:]
+    return NamedSharding(mesh, PartitionSpec(*(None,) * axis, tuple(mesh.axis_names))), padded
 
 
 @functools.lru_cache(maxsize=64)
-def _cast_onto(sharding, dtype):
+def _cast_onto(sharding, dtype, shape: tuple[int, ...]):
+    """A jitted copy onto `sharding` in `dtype`, keeping the first `shape` of each axis (the read
+    layout's padding dropped)."""
     import jax
-    return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)
+    real = tuple(slice(0, n) for n in shape)
+    return jax.jit(lambda x: x[real].astype(dtype), out_shardings=sharding)
