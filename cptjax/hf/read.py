@@ -63,7 +63,7 @@ def find_weight_files(hf_dir: epath.Path) -> dict[str, SafetensorsFile]:
 
 
 @dataclass(frozen=True)
-class ReadAssignment:
+class HFTensors:
     """Checked headers: where each HF tensor is, grouped by cptjax parameter."""
 
     hf_dir: epath.Path
@@ -87,7 +87,7 @@ class ReadAssignment:
                                   "tie_word_embeddings")
 
 
-def assign_reads(hf_dir: epath.Path, cfg: ModelConfig) -> ReadAssignment:
+def open_hf_tensors(hf_dir: epath.Path, cfg: ModelConfig) -> HFTensors:
     """Opens and checks every header against the key map of `cfg`; reads no tensor data."""
     files = find_weight_files(hf_dir)
     located: dict[str, SafetensorsFile] = {}
@@ -122,7 +122,7 @@ def assign_reads(hf_dir: epath.Path, cfg: ModelConfig) -> ReadAssignment:
         if info.dtype.kind != "f" and info.dtype != ml_dtypes.bfloat16:
             raise CptjaxError(f"{info.name!r} in {located[m.hf_name].path.name} has dtype {info.dtype}; "
                               "weights must be floating point")
-    return ReadAssignment(hf_dir, located, groups, tied_head)
+    return HFTensors(hf_dir, located, groups, tied_head)
 
 
 def read_hf_params(hf_dir: PathLike, cfg: ModelConfig, progress: Progress | None = None) -> dict:
@@ -130,27 +130,27 @@ def read_hf_params(hf_dir: PathLike, cfg: ModelConfig, progress: Progress | None
 
     Arrays keep the checkpoint's dtype (a bf16 checkpoint stays bf16).
     """
-    plan = assign_reads(user_path(hf_dir), cfg)
-    if plan.tied_head:  # before the long read: a wrong config.json fails at once
-        plan.check_tied_head(plan.read(plan.groups[("embed_tokens",)][0]))
+    tensors = open_hf_tensors(user_path(hf_dir), cfg)
+    if tensors.tied_head:  # before the long read: a wrong config.json fails at once
+        tensors.check_tied_head(tensors.read(tensors.groups[("embed_tokens",)][0]))
     params: dict = {}
-    items = list(plan.groups.items())
+    items = list(tensors.groups.items())
     for path, group in (progress(items) if progress else items):
-        set_param(params, path, read_group(plan, group))
+        set_param(params, path, read_group(tensors, group))
     return params
 
 
-def read_group(plan: ReadAssignment, group: list[KeyMapping]) -> np.ndarray:
+def read_group(tensors: HFTensors, group: list[KeyMapping]) -> np.ndarray:
     """One cptjax parameter (stacked over layers if it is per-layer), in layer 0's stored dtype."""
     stacked = group[0].layer is not None
-    array = np.empty(((len(group),) if stacked else ()) + group[0].shape, plan.dtype(group[0]))
+    array = np.empty(((len(group),) if stacked else ()) + group[0].shape, tensors.dtype(group[0]))
     for m in group:
-        file = plan.located[m.hf_name]
+        file = tensors.located[m.hf_name]
         dest = array[m.layer] if stacked else array
-        if plan.dtype(m) == array.dtype:
+        if tensors.dtype(m) == array.dtype:
             file.read_into(m.hf_name, dest.reshape(m.hf_shape))
         else:  # a layer stored in another dtype than layer 0: convert this one tensor
-            dest[...] = plan.read(m).astype(array.dtype)
+            dest[...] = tensors.read(m).astype(array.dtype)
     return array
 
 
@@ -172,17 +172,17 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
     """
     import jax
 
-    plan = assign_reads(user_path(hf_dir), cfg)
-    if plan.tied_head:
-        plan.check_tied_head(plan.read(plan.groups[("embed_tokens",)][0]))
+    tensors = open_hf_tensors(user_path(hf_dir), cfg)
+    if tensors.tied_head:
+        tensors.check_tied_head(tensors.read(tensors.groups[("embed_tokens",)][0]))
     params: dict = {}
-    items = list(plan.groups.items())
+    items = list(tensors.groups.items())
     for path, group in (progress(items) if progress else items):
         stacked = group[0].layer is not None
         shape = ((len(group),) if stacked else ()) + group[0].shape
         target = get_param(shardings, path)
-        stored = plan.dtype(group[0])
-        if any(plan.dtype(m) != stored for m in group):  # layers stored in several dtypes: rare
+        stored = tensors.dtype(group[0])
+        if any(tensors.dtype(m) != stored for m in group):  # layers stored in several dtypes: rare
             stored = np.dtype(dtype)
 
         layout, padded = _read_layout(shape, target.mesh)
@@ -196,10 +196,10 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
             for i, layer in enumerate(rows):
                 m = group[layer if layer is not None else 0]
                 dest = out[i] if stacked else out
-                if plan.dtype(m) == stored:
-                    plan.located[m.hf_name].read_block_into(m.hf_name, m.shape, inner, dest)
+                if tensors.dtype(m) == stored:
+                    tensors.located[m.hf_name].read_block_into(m.hf_name, m.shape, inner, dest)
                 else:
-                    dest[...] = plan.read(m)[inner].astype(stored)
+                    dest[...] = tensors.read(m)[inner].astype(stored)
             if out.shape == tuple(b - a for a, b in spans):
                 return out
             with_padding = np.zeros(tuple(b - a for a, b in spans), stored)

@@ -21,7 +21,7 @@ from etils import epath
 
 from cptjax.io.checkpoint import ASSETS_DIR, CheckpointReader
 from cptjax.core.errors import CptjaxError
-from cptjax.hf.read import Progress, ReadAssignment, load_hf_params_sharded, assign_reads, read_group, read_hf_params
+from cptjax.hf.read import Progress, HFTensors, load_hf_params_sharded, open_hf_tensors, read_group, read_hf_params
 from cptjax.model.transformer import ParamPath
 from cptjax.model.config import ModelConfig, read_hf_config
 from cptjax.io.run_layout import RunPaths
@@ -48,7 +48,7 @@ class Weights:
         self.path = path
         self.config = config
         self._reader = reader
-        self._plan: ReadAssignment | None = None
+        self._tensors: HFTensors | None = None
 
     @property
     def step(self) -> int | None:
@@ -77,11 +77,11 @@ class Weights:
         """One (stacked) parameter in its stored dtype: for streaming exports and merges."""
         if self._reader is not None:
             return self._reader.restore_one(path)
-        if self._plan is None:
-            self._plan = assign_reads(self.path, self.config)
-        array = read_group(self._plan, self._plan.groups[path])
+        if self._tensors is None:
+            self._tensors = open_hf_tensors(self.path, self.config)
+        array = read_group(self._tensors, self._tensors.groups[path])
         if path == ("embed_tokens",):
-            self._plan.check_tied_head(array)
+            self._tensors.check_tied_head(array)
         return array
 
     def read_onto(self, abstract_params: dict, progress: Progress | None = None) -> dict:
