@@ -9,17 +9,20 @@ Each step: the next batch goes onto the mesh, the jitted step is dispatched, and
 previous step's metrics fetched, so the host never stalls the device. Held-out sets are evaluated
 every `eval.every` steps. Checkpoints are saved asynchronously every `checkpoint.every` steps, at
 the end, and on SIGTERM (preemption), after which the run exits cleanly; a step whose loss is not
-finite is never saved.
+finite is never saved. An evaluation a SIGTERM cut short is run first when the run starts again
+from that step, so metrics.jsonl ends with every scheduled evaluation however often it was preempted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cptjax.atomic_dir import check_output_dir
 from cptjax.config_tree import to_dict
@@ -204,12 +207,12 @@ class Loop:
 def _train(loop: Loop, start: int) -> RunResult:
     config, preemption = loop.config, loop.preemption
     loop.logger.start_at(start)
+    batches = _batches(loop.data, loop.end - start)
+    first = list(itertools.islice(batches, 1))  # before any evaluation: bad data fails first
+    if not _ready(loop, start):
+        return RunResult(start, loop.stopped, loop.origin, loop.state)
     pending = None  # (step, metrics still on device)
-    for step in range(start + 1, loop.end + 1):
-        batch = next(loop.data)  # the first batch comes before the step-0 eval: bad data fails first
-        data_state = loop.data.get_state()
-        if step == 1 and config.eval.at_start and loop.eval_sets and not preemption.requested:
-            _evaluate(loop, 0)
+    for step, (batch, data_state) in enumerate(itertools.chain(first, batches), start=start + 1):
         loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
         if pending is not None:
             previous, pending = pending, None
@@ -218,7 +221,7 @@ def _train(loop: Loop, start: int) -> RunResult:
         pending = (step, metrics)
         preempted = preemption.agreed(step)
         due_save = step % config.checkpoint.every == 0 or step == loop.end or preempted
-        due_eval = step % config.eval.every == 0 and loop.eval_sets
+        due_eval = _eval_scheduled(loop, step)
         if due_save or due_eval:
             ok = _finish(loop, *pending)  # a checkpoint or eval must never follow an unchecked NaN
             pending = None
@@ -240,6 +243,48 @@ def _train(loop: Loop, start: int) -> RunResult:
         loop.stopped = f"paused at step {final} as asked (checkpoint saved); run again to continue"
         loop.logger.message(f"cptjax train: {loop.stopped}")
     return RunResult(final, loop.stopped, loop.origin, loop.state, loop.failed)
+
+
+def _batches(data, count: int):
+    """The next `count` batches, each with the data position after it (what a checkpoint of its
+    step records)."""
+    for _ in range(count):
+        batch = next(data)
+        yield batch, data.get_state()
+
+
+def _ready(loop: Loop, start: int) -> bool:
+    """Before the first step: the evaluation the start step still owes (see `_eval_missing`), then
+    a last SIGTERM check before the train step compiles. False if a SIGTERM came first: the start
+    step is already saved (or is the start itself), so the run stops with nothing new to save."""
+    if _eval_missing(loop, start) and _evaluate(loop, start) is None:
+        loop.stopped = f"SIGTERM during step {start}'s evaluation: nothing new to save, exiting"
+    elif start < loop.end and loop.preemption.requested:
+        loop.stopped = f"SIGTERM before step {start + 1}: nothing new to save, exiting"
+    else:
+        return True
+    loop.logger.message(f"cptjax train: {loop.stopped}")
+    return False
+
+
+def _eval_scheduled(loop: Loop, step: int) -> bool:
+    """Step 0 (the model as it starts) with eval.at_start, then every eval.every steps."""
+    if not loop.eval_sets:
+        return False
+    return loop.config.eval.at_start if step == 0 else step % loop.config.eval.every == 0
+
+
+def _eval_missing(loop: Loop, step: int) -> bool:
+    """Whether the run, starting from `step`, still owes that step its scheduled evaluation: the
+    history in metrics.jsonl (the records up to `step`) has none. That is step 0's at a new start,
+    and a resumed step's whose evaluation a SIGTERM cut short: that step was saved, so no later
+    step's is missing. Process 0 keeps the log and answers for every process."""
+    if not _eval_scheduled(loop, step):
+        return False
+    missing = step not in loop.logger.logged_steps("eval")
+    if jax.process_count() > 1:
+        missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    return missing
 
 
 def _finish(loop: Loop, step: int, metrics) -> bool:
@@ -286,7 +331,7 @@ def _evaluate(loop: Loop, step: int) -> dict | None:
     results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
                        stop=lambda: loop.preemption.requested)
     if results is None:
-        loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged")
+        loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
         return None
     loop.logger.log(step, "eval", results)
     loop.logger.message(format_results(step, results))
