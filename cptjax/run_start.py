@@ -27,6 +27,7 @@ from cptjax.errors import CptjaxError
 from cptjax.model import Llama
 from cptjax.model_config import ModelConfig, read_hf_config_file
 from cptjax.paths import user_path
+from cptjax.preemption import Preemption
 from cptjax.progress import progress_bar
 from cptjax.run_folder import assets_complete, read_meta, restore_run
 from cptjax.train_config import TrainConfig
@@ -102,10 +103,11 @@ def _init_from_assets(config: TrainConfig) -> epath.Path | None:
         return None
 
 
-def initial_state(plan: StartPlan, config: TrainConfig, setup, data) -> dict:
+def initial_state(plan: StartPlan, config: TrainConfig, setup, data, preemption: Preemption) -> dict:
     """The train state on its shardings: restored (resume: `data`'s position first, so a resume it
     cannot honour is refused before the arrays are read), loaded from `plan.weights`, or
-    initialised; `setup` is the run's `TrainSetup`. Writes nothing."""
+    initialised; `setup` is the run's `TrainSetup`. Writes nothing. A SIGTERM (`preemption`) stops
+    an HF weight load between two tensors, with StartInterrupted."""
     shardings = setup.state_shardings
     if plan.origin == "resume":
         data.set_state(plan.resume_meta["data_state"])
@@ -113,8 +115,10 @@ def initial_state(plan: StartPlan, config: TrainConfig, setup, data) -> dict:
         state["step"] = jax.device_put(jnp.int32(plan.resume_step), shardings["step"])
         return state
     if plan.origin == "init":
-        params = plan.weights.read_onto(setup.abstract_state["params"],
-                                        progress=progress_bar("loading weights"))
+        bar = progress_bar("loading weights")
+        params = plan.weights.read_onto(setup.abstract_state["params"], progress=lambda tensors: preemption.between(
+            bar(tensors), "loading the weights"))
+        preemption.check("after loading the weights")  # before the optimizer state's compile
     else:
         seed, param_dtype = config.training.seed, setup.param_dtype
 

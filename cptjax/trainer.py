@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ from cptjax.errors import CptjaxError
 from cptjax.evaluation import evaluate, format_results
 from cptjax.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.model_config import ModelConfig
-from cptjax.preemption import Preemption
+from cptjax.preemption import Preemption, StartInterrupted
 from cptjax.run_folder import RunCheckpointer, ensure_assets, fingerprint
 from cptjax.run_start import StartPlan, initial_state, plan_start
 from cptjax.schedules import make_schedule
@@ -47,7 +48,7 @@ class RunResult:
     final_step: int
     stopped_early: str | None  # why the run ended before training.steps (SIGTERM, NaN, until_step)
     origin: str  # "resumed from step N ...", "weights from PATH ...", "from scratch ..."
-    state: dict
+    state: dict | None  # None when a SIGTERM stopped the start-up before the state was ready
     failed: bool = False  # it stopped on an error (a non-finite loss), not on request
 
 
@@ -69,6 +70,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
     `data` and `eval_sets` default to the pipelines built from `config.data`. Nothing is written
     before every check has passed: the plan, the devices, the tokenizer against the model, the
     first documents of every source, the resume's data position, the weights or checkpoint read.
+    A SIGTERM before then stops the start at the next phase boundary, with nothing written.
     """
     with Preemption() as preemption:
         initialize(config.distributed)
@@ -77,6 +79,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
         built = None  # the pipeline this call built: its Grain worker processes stop with the run
         try:
             check_environment(config, plan.model_config)
+            preemption.check("after the config checks")
             spec = None
             if data is None or eval_sets is None:
                 spec = load_data_tokenizer(config.data.tokenizer, plan.tokenizer_dir, "model.tokenizer"
@@ -88,14 +91,18 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
                 data = built = build_train_pipeline(config.data, spec, **shape)
             eval_sets = eval_sets if eval_sets is not None else build_eval_sets(config.data, spec, **shape)
             setup = build_setup(config, plan.model_config, num_sources=len(data.source_names))
-            state = initial_state(plan, config, setup, data)
+            preemption.check("before loading the weights")
+            state = initial_state(plan, config, setup, data, preemption)
             plan.close()
-            if preemption.requested:
-                return RunResult(plan.resume_step or 0, "SIGTERM during start-up: nothing new to save, "
-                                 "exiting", plan.describe(config), state)
+            preemption.check("before the first compile")
             # Every check passed: only now is the run folder touched.
             _prepare_run_dir(config, plan)
             return _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption)
+        except StartInterrupted as phase:
+            stopped = f"SIGTERM during start-up ({phase}): nothing written, exiting"
+            if jax.process_index() == 0:
+                print(f"cptjax train: {stopped}", file=sys.stderr, flush=True)
+            return RunResult(plan.resume_step or 0, stopped, plan.describe(config), None)
         finally:
             plan.close()
             if built is not None:

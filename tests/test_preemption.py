@@ -1,5 +1,6 @@
-"""Preemption: SIGTERM saves and exits cleanly, and an evaluation it cuts short is run again first;
-SIGKILL during an async save loses only that save."""
+"""Preemption: SIGTERM saves and exits cleanly, in start-up as soon as the phase it lands in ends
+(between the tensors of a weight load), and an evaluation it cuts short is run again first; SIGKILL
+during an async save loses only that save."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cptjax.train_config import config_from_dict
 from cptjax.trainer import run
@@ -17,9 +19,10 @@ from cptjax.trainer import run
 import hf_models
 import tiny_configs
 from batches import CountingData, raw_config
-from run_helpers import records, steps
+from run_helpers import ENV, records, steps
 
 WORKER = Path(__file__).parent / "train_worker.py"
+STARTUP_WORKER = Path(__file__).parent / "startup_worker.py"
 
 
 def _start(config_path, vocab):
@@ -155,3 +158,41 @@ def test_an_evaluation_cut_short_by_sigterm_is_run_first_on_resume_and_none_is_l
     assert records(split, "eval") == records(straight, "eval")
     losses = lambda d: [(r["step"], r["loss"]) for r in records(d, "train")]  # noqa: E731
     assert losses(split) == losses(straight) and [s for s, _ in losses(split)] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_stops_at_the_next_phase_with_nothing_written(cpt_config, tmp_path):
+    """The phases of `cptjax train`'s start: the signal after the config checks, in the middle of a
+    slow weight load (each tensor 0.5 s), or once the state is loaded stops the process before the
+    next phase, with exit 0 and the run folder never created."""
+    run_dir = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(cpt_config.read_text()), "run_dir": str(run_dir)}))
+
+    def start(phase):
+        return subprocess.Popen([sys.executable, "-u", str(STARTUP_WORKER), phase, str(config)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(process, phase):
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, out[-3000:]
+        assert f"cptjax train: SIGTERM during start-up ({phase}): nothing written, exiting" in out, out[-3000:]
+        assert "cptjax train: stopped at step 0" in out and "Traceback" not in out
+        assert not run_dir.exists()
+        return json.loads(out.strip().splitlines()[-1])
+
+    assert finish(start("config"), "after the config checks") == {"reads": 0, "steps": 0}
+    loaded = finish(start("compile"), "before the first compile")
+    assert loaded["reads"] > 6 and loaded["steps"] == 0  # every tensor read, the train step never run
+
+    process = start("load")
+    for line in process.stdout:
+        if line.strip() == "read 3":
+            break
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    interrupted = finish(process, "loading the weights")
+    # it stops at the end of the tensor it is reading (a layer-stacked one: up to 3 reads) and exits
+    # (3 s measured on a busy machine), where the rest of the load alone would take 26 x 0.5 s
+    assert 3 <= interrupted["reads"] <= 6 and interrupted["steps"] == 0
+    assert time.monotonic() - signalled < 8.0
