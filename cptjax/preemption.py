@@ -3,7 +3,7 @@
 One process: a Python SIGTERM handler sets a flag, from the moment `cptjax train` starts (the CLI
 installs it before importing JAX) to the end of the final save. The loop checks it after each
 step; evaluation checks it between batches; start-up checks it between phases (after the config
-checks, before and during the weight load, between its tensors, and before the first compile) and
+checks, before the weight load, between the tensors of an HF load, before the first compile) and
 stops there with `StartInterrupted`, before anything is written.
 
 Several processes (jax.distributed): JAX's preemption service (on by default) catches SIGTERM
