@@ -1,5 +1,6 @@
 """Crashes as they happen on preemptible machines, through the real CLI and the real pipeline:
-SIGTERM at each phase of a run exits 0 with every finished step saved; SIGKILL at random moments
+SIGTERM at each phase of a run exits 0 with every finished step saved (and an evaluation it cut
+short is run when the run starts again); SIGKILL at random moments
 (the first start, steps, evaluations, saves and deletions of old steps, the final save) loses at
 most the steps since the last checkpoint, and the run ends bit-identical to one never killed."""
 
@@ -66,7 +67,7 @@ LARGE_EVAL = {"eval_sets": [{"name": "stdlib", "type": "text", "max_docs": 40, "
 @pytest.mark.parametrize("phase, wait_for, saved, changes", [
     ("start-up", None, [], {}),                  # before JAX has even been imported
     ("steps", "step 7/40", None, {}),            # mid-run: the step it stops at is saved
-    ("eval", "step 20/40", [20], {"data": LARGE_EVAL, "eval": {"at_start": False}}),  # step 20's eval
+    ("eval", "step 40/40", [40], {"data": LARGE_EVAL, "eval": {"at_start": False}}),  # the final eval
     ("final save", "step 40/40", [40], {"eval": {"every": 1000}}),  # the last step's save in flight
 ])
 def test_sigterm_at_each_phase_exits_0_with_its_finished_steps_saved(cpt_config, tmp_path, phase,
@@ -95,9 +96,13 @@ def test_sigterm_at_each_phase_exits_0_with_its_finished_steps_saved(cpt_config,
     assert found == saved, out[-2000:]
     assert f"step {saved[0]}" in out
     if phase == "eval":  # the signal landed in the evaluation, which stopped without logging
-        assert "step 20 eval: interrupted by SIGTERM" in out, out[-2000:]
-    # and the same command carries on from there to the end
-    assert "finished at step 40" in cli("train", "--config", config)
+        assert "step 40 eval: interrupted by SIGTERM" in out, out[-2000:]
+        assert [r["step"] for r in records(run_dir, "eval")] == [20]
+    # and the same command carries on from there to the end (for "eval": the evaluation, first)
+    out = cli("train", "--config", config)
+    assert "finished at step 40" in out
+    if phase == "eval":
+        assert "step 40 eval: stdlib loss" in out and [r["step"] for r in records(run_dir, "eval")] == [20, 40]
 
 
 @pytest.mark.slow

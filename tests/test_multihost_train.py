@@ -77,7 +77,10 @@ def _config(tmp_path, **changes):
 
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
-    config_path = _config(tmp_path)
+    config_path = _config(tmp_path, eval={"every": 4, "at_start": False})
+    raw = yaml.safe_load(config_path.read_text())
+    raw["data"]["eval_sets"] = [{"name": "code", "type": "text", "paths": [str(STDLIB / "email" / "mime" / "*.py")]}]
+    config_path.write_text(yaml.safe_dump(raw))
     first = _train_both(config_path, 4)
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}, 2 devices" in first[0]  # only process 0 logs
     assert all("cptjax train: finished at step 4" in out for out in first)
@@ -90,9 +93,11 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert "resumed from step 4" in second[0]
     assert all("cptjax train: finished at step 6" in out for out in second)
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4, 6]
-    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "logs" / "metrics.jsonl")
-              .read_text().splitlines() if '"train"' in line]
-    assert logged == [1, 2, 3, 4, 5, 6]  # only process 0 logs, and nothing twice
+    logged = [(r["kind"], r["step"]) for r in map(json.loads, (tmp_path / "run" / "logs" / "metrics.jsonl")
+                                                   .read_text().splitlines())]
+    # only process 0 logs, and nothing twice: at the resume, process 0 finds step 4's evaluation
+    # in the log and tells process 1 (both would have to run it again together)
+    assert logged == [("train", s) for s in range(1, 5)] + [("eval", 4)] + [("train", s) for s in (5, 6)]
 
 
 @pytest.mark.slow

@@ -83,6 +83,11 @@ class JsonLines:
         partial.write_text(text)
         partial.replace(self.path)  # atomic: the log is never seen half rewritten
 
+    def steps(self, kind: str) -> set[int]:
+        """The steps of the records of `kind` in the log: its history as restored, and what this
+        run has written since."""
+        return {record["step"] for record in map(json.loads, self._lines) if record["kind"] == kind}
+
     def write(self, record: dict) -> None:
         line = json.dumps(record, allow_nan=True)
         self._lines.append(line)
@@ -130,6 +135,10 @@ class MetricsLogger:
     def has_bar(self) -> bool:
         """True when a progress bar shows the train records (no separate log lines needed)."""
         return self._bar is not None
+
+    def logged_steps(self, kind: str) -> set[int]:
+        """The steps with a record of `kind` in metrics.jsonl (none on the processes that do not log)."""
+        return self._jsonl.steps(kind) if self._jsonl is not None else set()
 
     def start_at(self, step: int) -> None:
         if self._bar is not None:

@@ -2,7 +2,9 @@
 
 One process: a Python SIGTERM handler sets a flag, from the moment `cptjax train` starts (the CLI
 installs it before importing JAX) to the end of the final save. The loop checks it after each
-step; start-up checks it between phases; evaluation checks it between batches.
+step; evaluation checks it between batches; start-up checks it between phases (after the config
+checks, before the weight load, between the tensors of an HF load, before the first compile) and
+stops there with `StartInterrupted`, before anything is written.
 
 Several processes (jax.distributed): JAX's preemption service (on by default) catches SIGTERM
 itself and the processes agree, through the coordination service, on the step at which all of
@@ -13,6 +15,7 @@ per-step collective. A SIGTERM that arrived before the service started is shared
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable, Iterator
 
 # JAX is imported where it is used, not here: the CLI installs the handler before anything slow
 # (importing JAX takes seconds, and a SIGTERM in them would kill the process unsaved and unexplained)
@@ -31,9 +34,15 @@ def install_handler():
         return None
 
 
+class StartInterrupted(Exception):
+    """SIGTERM during start-up, raised at the next phase boundary (the phase is the message): the
+    run stops before it has written anything, and exits 0."""
+
+
 class Preemption:
-    """`with Preemption() as p:` for a whole run; `p.requested` during start-up and evaluation,
-    `p.agreed(step)` after each step (True on every process at the same step)."""
+    """`with Preemption() as p:` for a whole run; `p.check(phase)` between start-up phases,
+    `p.requested` during evaluation, `p.agreed(step)` after each step (True on every process at
+    the same step)."""
 
     def __enter__(self):
         self._previous = install_handler()
@@ -53,8 +62,20 @@ class Preemption:
 
     @property
     def requested(self) -> bool:
-        """This process was asked to stop (between phases of start-up, between eval batches)."""
+        """This process was asked to stop (between eval batches, before the first step)."""
         return _requested[0]
+
+    def check(self, phase: str) -> None:
+        """Between start-up phases: raises StartInterrupted(`phase`) if this process was asked to stop."""
+        if _requested[0]:
+            raise StartInterrupted(phase)
+
+    def between(self, items: Iterable, phase: str) -> Iterator:
+        """`items`, with `check(phase)` before each one: a weight load's tensors, so that a load of
+        minutes stops within one tensor of the signal."""
+        for item in items:
+            self.check(phase)
+            yield item
 
     def agreed(self, step: int) -> bool:
         """True on every process at the same step once any process got SIGTERM."""

@@ -27,6 +27,7 @@ from cptjax.core.errors import CptjaxError
 from cptjax.model.transformer import Llama
 from cptjax.model.config import ModelConfig, read_hf_config_file
 from cptjax.core.paths import user_path
+from cptjax.train.preemption import Preemption
 from cptjax.core.progress import progress_bar
 from cptjax.train.run_folder import assets_complete, read_meta, restore_run
 from cptjax.train.config import TrainConfig
@@ -102,25 +103,28 @@ def _init_from_assets(config: TrainConfig) -> epath.Path | None:
         return None
 
 
-def initial_state(plan: RunStart, config: TrainConfig, setup, data) -> dict:
+def initial_state(start: RunStart, config: TrainConfig, setup, data, preemption: Preemption) -> dict:
     """The train state on its shardings: restored (resume: `data`'s position first, so a resume it
-    cannot honour is refused before the arrays are read), loaded from `plan.weights`, or
-    initialised; `setup` is the run's `TrainSetup`. Writes nothing."""
+    cannot honour is refused before the arrays are read), loaded from `start.weights`, or
+    initialised; `setup` is the run's `TrainSetup`. Writes nothing. A SIGTERM (`preemption`) stops
+    an HF weight load between two tensors, with StartInterrupted."""
     shardings = setup.state_shardings
-    if plan.origin == "resume":
-        data.set_state(plan.resume_meta["data_state"])
-        state, _ = restore_run(config.paths.checkpoints, plan.resume_step, setup.abstract_state)
-        state["step"] = jax.device_put(jnp.int32(plan.resume_step), shardings["step"])
+    if start.origin == "resume":
+        data.set_state(start.resume_meta["data_state"])
+        state, _ = restore_run(config.paths.checkpoints, start.resume_step, setup.abstract_state)
+        state["step"] = jax.device_put(jnp.int32(start.resume_step), shardings["step"])
         return state
-    if plan.origin == "init":
-        params = plan.weights.read_onto(setup.abstract_state["params"],
-                                        progress=progress_bar("loading weights"))
+    if start.origin == "init":
+        bar = progress_bar("loading weights")
+        params = start.weights.read_onto(setup.abstract_state["params"], progress=lambda tensors: preemption.between(
+            bar(tensors), "loading the weights"))
+        preemption.check("after loading the weights")  # before the optimizer state's compile
     else:
         seed, param_dtype = config.training.seed, setup.param_dtype
 
         @functools.partial(jax.jit, out_shardings=shardings["params"])
         def init():
-            model = Llama(plan.model_config, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+            model = Llama(start.model_config, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
             return nnx.to_pure_dict(nnx.state(model, nnx.Param))
         params = init()
     opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings["opt_state"])(params)

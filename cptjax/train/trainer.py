@@ -1,6 +1,6 @@
 """`cptjax train`: the continued-pretraining loop.
 
-`run(config)` reads top to bottom: join the cluster, plan the start (run_start.py: resume, else
+`run(config)` reads top to bottom: join the cluster, choose the start (start.py: resume, else
 `model.init_from`, else from scratch), check what needs files and devices, lay the model and the
 steps out on the mesh (train_step.build_setup), build the data, and only then touch the run folder,
 load the state and train.
@@ -9,17 +9,21 @@ Each step: the next batch goes onto the mesh, the jitted step is dispatched, and
 previous step's metrics fetched, so the host never stalls the device. Held-out sets are evaluated
 every `eval.every` steps. Checkpoints are saved asynchronously every `checkpoint.every` steps, at
 the end, and on SIGTERM (preemption), after which the run exits cleanly; a step whose loss is not
-finite is never saved.
+finite is never saved. An evaluation a SIGTERM cut short is run first when the run starts again
+from that step, so metrics.jsonl ends with every scheduled evaluation however often it was preempted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cptjax.core.atomic_dir import check_output_dir
 from cptjax.core.config_tree import to_dict
@@ -31,7 +35,7 @@ from cptjax.core.errors import CptjaxError
 from cptjax.train.evaluation import evaluate, format_results
 from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.model.config import ModelConfig
-from cptjax.train.preemption import Preemption
+from cptjax.train.preemption import Preemption, StartInterrupted
 from cptjax.train.run_folder import RunCheckpointer, ensure_assets, fingerprint
 from cptjax.train.start import RunStart, initial_state, choose_start
 from cptjax.train.schedules import make_schedule
@@ -44,7 +48,7 @@ class RunResult:
     final_step: int
     stopped_early: str | None  # why the run ended before training.steps (SIGTERM, NaN, until_step)
     origin: str  # "resumed from step N ...", "weights from PATH ...", "from scratch ..."
-    state: dict
+    state: dict | None  # None when a SIGTERM stopped the start-up before the state was ready
     failed: bool = False  # it stopped on an error (a non-finite loss), not on request
 
 
@@ -64,37 +68,43 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
     """Trains until `training.steps`, or until `until_step` (saved, so the same run resumes there).
 
     `data` and `eval_sets` default to the pipelines built from `config.data`. Nothing is written
-    before every check has passed: the plan, the devices, the tokenizer against the model, the
+    before every check has passed: the run_start, the devices, the tokenizer against the model, the
     first documents of every source, the resume's data position, the weights or checkpoint read.
+    A SIGTERM before then stops the start at the next phase boundary, with nothing written.
     """
     with Preemption() as preemption:
         initialize(config.distributed)
         preemption.after_initialize()
-        plan = choose_start(config)
+        run_start = choose_start(config)
         built = None  # the pipeline this call built: its Grain worker processes stop with the run
         try:
-            check_environment(config, plan.model_config)
+            check_environment(config, run_start.model_config)
+            preemption.check("after the config checks")
             spec = None
             if data is None or eval_sets is None:
-                spec = load_data_tokenizer(config.data.tokenizer, plan.tokenizer_dir, "model.tokenizer"
+                spec = load_data_tokenizer(config.data.tokenizer, run_start.tokenizer_dir, "model.tokenizer"
                                            if config.model.tokenizer else "the model's tokenizer")
-                check_vocabulary(spec, plan.model_config)
+                check_vocabulary(spec, run_start.model_config)
             shape = dict(seq_len=config.training.seq_len, batch_size=config.training.batch_size,
                          process_index=jax.process_index(), process_count=jax.process_count())
             if data is None:
                 data = built = build_train_pipeline(config.data, spec, **shape)
             eval_sets = eval_sets if eval_sets is not None else build_eval_sets(config.data, spec, **shape)
-            setup = build_setup(config, plan.model_config, num_sources=len(data.source_names))
-            state = initial_state(plan, config, setup, data)
-            plan.close()
-            if preemption.requested:
-                return RunResult(plan.resume_step or 0, "SIGTERM during start-up: nothing new to save, "
-                                 "exiting", plan.describe(config), state)
+            setup = build_setup(config, run_start.model_config, num_sources=len(data.source_names))
+            preemption.check("before loading the weights")
+            state = initial_state(run_start, config, setup, data, preemption)
+            run_start.close()
+            preemption.check("before the first compile")
             # Every check passed: only now is the run folder touched.
-            _prepare_run_dir(config, plan)
-            return _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption)
+            _prepare_run_dir(config, run_start)
+            return _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption)
+        except StartInterrupted as phase:
+            stopped = f"SIGTERM during start-up ({phase}): nothing written, exiting"
+            if jax.process_index() == 0:
+                print(f"cptjax train: {stopped}", file=sys.stderr, flush=True)
+            return RunResult(run_start.resume_step or 0, stopped, run_start.describe(config), None)
         finally:
-            plan.close()
+            run_start.close()
             if built is not None:
                 built.close()
 
@@ -106,33 +116,31 @@ def check_vocabulary(spec, model_config: ModelConfig) -> None:
                           "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
 
 
-def _run_loop(config, plan, setup, data, eval_sets, state, until_step, preemption) -> RunResult:
-    start = plan.resume_step or 0
-    origin = plan.describe(config)
-    logger = MetricsLogger(config.paths, config.training.steps, start_step=start,
+def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption) -> RunResult:
+    logger = MetricsLogger(config.paths, config.training.steps, start_step=run_start.resume_step or 0,
                            enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
                            progress=config.logging.progress)
     checkpointer = RunCheckpointer(config.paths.checkpoints, config.checkpoint.keep_last,
                                    config.checkpoint.keep_every, config.checkpoint.async_save)
     try:
-        logger.message(f"cptjax train: {origin}; {plan.model_config.hf_architecture}, "
+        end = config.training.steps if until_step is None else min(config.training.steps, until_step)
+        loop = Loop(config=config, setup=setup, run_start=run_start, data=data, eval_sets=eval_sets,
+                    checkpointer=checkpointer, logger=logger, state=state, end=end, preemption=preemption)
+        logger.message(f"cptjax train: {loop.origin}; {loop.model_config.hf_architecture}, "
                        f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
         for note in config.data.weight_notes():
             logger.message(f"cptjax train: {note}")
-        end = config.training.steps if until_step is None else min(config.training.steps, until_step)
-        loop = Loop(config, setup, plan.model_config, data, eval_sets, checkpointer, logger, origin,
-                    state, end, _LogFields(config, plan.model_config, data.source_names), preemption)
-        return _train(loop, start)
+        return _train(loop)
     finally:  # the SIGTERM handler is still in place: a preempted final save completes
         checkpointer.wait()
         checkpointer.close()
         logger.close()
 
 
-def _prepare_run_dir(config: TrainConfig, plan: RunStart) -> None:
+def _prepare_run_dir(config: TrainConfig, run_start: RunStart) -> None:
     """config.yaml and a complete hf_assets; the rest of the folder is written as the run goes."""
     if jax.process_index() == 0:
-        ensure_assets(config.paths.checkpoints, plan.asset_sources)
+        ensure_assets(config.paths.checkpoints, run_start.asset_sources)
         config.paths.config.write_text(dump_yaml(config))
 
 
@@ -179,37 +187,41 @@ class Window:
         return record
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Loop:
-    """The training loop's parts, and the state it advances."""
+    """The training loop's parts, and the state it advances (built by keyword)."""
 
     config: TrainConfig
     setup: TrainSetup
-    model_config: ModelConfig
+    run_start: RunStart  # where the run starts from: its step, model config and origin
     data: Any  # a TrainPipeline, or a stand-in with the same interface (tests)
     eval_sets: dict[str, list[dict]]
     checkpointer: RunCheckpointer
     logger: MetricsLogger
-    origin: str
     state: dict
-    end: int
-    fields: _LogFields
+    end: int  # the last step this call trains
     preemption: Preemption
     window: Window = dataclasses.field(default_factory=Window)
     timer: StepTimer = dataclasses.field(default_factory=StepTimer)
     stopped: str | None = None
     failed: bool = False
 
+    def __post_init__(self):
+        self.start = self.run_start.resume_step or 0
+        self.model_config = self.run_start.model_config
+        self.origin = self.run_start.describe(self.config)
+        self.fields = _LogFields(self.config, self.model_config, self.data.source_names)
 
-def _train(loop: Loop, start: int) -> RunResult:
-    config, preemption = loop.config, loop.preemption
+
+def _train(loop: Loop) -> RunResult:
+    config, preemption, start = loop.config, loop.preemption, loop.start
     loop.logger.start_at(start)
+    batches = _batches(loop.data, loop.end - start)
+    first = list(itertools.islice(batches, 1))  # before any evaluation: bad data fails first
+    if not _ready(loop, start):
+        return RunResult(start, loop.stopped, loop.origin, loop.state)
     pending = None  # (step, metrics still on device)
-    for step in range(start + 1, loop.end + 1):
-        batch = next(loop.data)  # the first batch comes before the step-0 eval: bad data fails first
-        data_state = loop.data.get_state()
-        if step == 1 and config.eval.at_start and loop.eval_sets and not preemption.requested:
-            _evaluate(loop, 0)
+    for step, (batch, data_state) in enumerate(itertools.chain(first, batches), start=start + 1):
         loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
         if pending is not None:
             previous, pending = pending, None
@@ -218,7 +230,7 @@ def _train(loop: Loop, start: int) -> RunResult:
         pending = (step, metrics)
         preempted = preemption.agreed(step)
         due_save = step % config.checkpoint.every == 0 or step == loop.end or preempted
-        due_eval = step % config.eval.every == 0 and loop.eval_sets
+        due_eval = _eval_scheduled(loop, step)
         if due_save or due_eval:
             ok = _finish(loop, *pending)  # a checkpoint or eval must never follow an unchecked NaN
             pending = None
@@ -240,6 +252,48 @@ def _train(loop: Loop, start: int) -> RunResult:
         loop.stopped = f"paused at step {final} as asked (checkpoint saved); run again to continue"
         loop.logger.message(f"cptjax train: {loop.stopped}")
     return RunResult(final, loop.stopped, loop.origin, loop.state, loop.failed)
+
+
+def _batches(data, count: int):
+    """The next `count` batches, each with the data position after it (what a checkpoint of its
+    step records)."""
+    for _ in range(count):
+        batch = next(data)
+        yield batch, data.get_state()
+
+
+def _ready(loop: Loop, start: int) -> bool:
+    """Before the first step: the evaluation the start step still owes (see `_eval_missing`), then
+    a last SIGTERM check before the train step compiles. False if a SIGTERM came first: the start
+    step is already saved (or is the start itself), so the run stops with nothing new to save."""
+    if _eval_missing(loop, start) and _evaluate(loop, start) is None:
+        loop.stopped = f"SIGTERM during step {start}'s evaluation: nothing new to save, exiting"
+    elif start < loop.end and loop.preemption.requested:
+        loop.stopped = f"SIGTERM before step {start + 1}: nothing new to save, exiting"
+    else:
+        return True
+    loop.logger.message(f"cptjax train: {loop.stopped}")
+    return False
+
+
+def _eval_scheduled(loop: Loop, step: int) -> bool:
+    """Step 0 (the model as it starts) with eval.at_start, then every eval.every steps."""
+    if not loop.eval_sets:
+        return False
+    return loop.config.eval.at_start if step == 0 else step % loop.config.eval.every == 0
+
+
+def _eval_missing(loop: Loop, step: int) -> bool:
+    """Whether the run, starting from `step`, still owes that step its scheduled evaluation: the
+    history in metrics.jsonl (the records up to `step`) has none. That is step 0's at a new start,
+    and a resumed step's whose evaluation a SIGTERM cut short: that step was saved, so no later
+    step's is missing. Process 0 keeps the log and answers for every process."""
+    if not _eval_scheduled(loop, step):
+        return False
+    missing = step not in loop.logger.logged_steps("eval")
+    if jax.process_count() > 1:
+        missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    return missing
 
 
 def _finish(loop: Loop, step: int, metrics) -> bool:
@@ -286,7 +340,7 @@ def _evaluate(loop: Loop, step: int) -> dict | None:
     results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
                        stop=lambda: loop.preemption.requested)
     if results is None:
-        loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged")
+        loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
         return None
     loop.logger.log(step, "eval", results)
     loop.logger.message(format_results(step, results))
