@@ -7,14 +7,21 @@ Layout (a training run adds items to the same steps; run_folder.py writes those)
 
 Orbax lists only steps whose write finished, so a half-written step is never restored. A step that
 cannot be read (a damaged or half-deleted file) stops with one line naming the step, the file where
-the store says which, and the other finished steps (`restore_guarded`).
+the store says which, and the other finished steps (`restore_guarded`), and nothing after it: see
+`_LoopThatFinishesItsTasks`. A training run's step also holds a digest of every array
+(`array_digests`); each parameter read is checked against it, so a file changed in place at the
+same size (which Orbax would read without complaint) is refused too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -42,6 +49,101 @@ class _DropReadOnlyNotices(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
+
+
+class _LoopThatFinishesItsTasks(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first cancels its unfinished tasks and waits for them, as
+    `asyncio.run` does. Orbax runs each read in a new loop of its own and closes it as soon as the
+    read's `asyncio.gather` fails, while the gather's other TensorStore reads are still in flight.
+    When one of those completes, TensorStore's thread calls `call_soon_threadsafe` on the closed
+    loop, and Python prints "RuntimeError: Event loop is closed" with a traceback; tasks never
+    finished print "Task was destroyed but it is pending!" when collected. Both came after the
+    one-line error of a damaged checkpoint, or not, depending on timing."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = asyncio.all_tasks(self)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _LoopsFinishTheirTasks(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _LoopThatFinishesItsTasks()
+
+
+with warnings.catch_warnings():  # event loop policies are deprecated from Python 3.14
+    warnings.simplefilter("ignore", DeprecationWarning)
+    # Only over asyncio's own default: a policy the user installed (uvloop...) is left alone.
+    if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:
+        asyncio.set_event_loop_policy(_LoopsFinishTheirTasks())
+
+
+FINGERPRINT_FORMAT = "fmix32x2-v2"  # train_meta's fingerprint["format"]; a list is the v1 format
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)  # one per 32-bit lane of a digest
+_K1, _K2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finalizer on uint32: each step (xor with a right shift of itself, product with
+    an odd constant, mod 2^32) is invertible, so the whole is a bijection of the 32-bit words."""
+    h = h ^ (h >> 16)
+    h = h * _K1
+    h = h ^ (h >> 13)
+    h = h * _K2
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words, in its own shape (8-byte elements: a trailing axis of 2;
+    1- and 2-byte ones zero-extended, which keeps distinct values distinct)."""
+    x = x.reshape(1) if x.ndim == 0 else x
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    """[2] uint32: for each lane, the sum mod 2^32 over the array's words w at coordinates c of
+    fmix32(w ^ key(c, lane)), key a hash of the coordinates. For fixed c, w -> fmix32(w ^ key) is a
+    bijection, so a change to one word changes its term and therefore the sum, in both lanes: any
+    single-bit flip is caught. Changes to several words cancel with a chance of about 2^-64. A sum
+    mod 2^32 is the same in any order and grouping, and the coordinates are the global ones (iota),
+    so the digest does not depend on the sharding: XLA sums each shard where it lies and adds the
+    partial sums (an all-reduce of 8 bytes per array, no gather)."""
+    w = _words(x)
+    position = jnp.zeros(w.shape, jnp.uint32)
+    for axis in range(w.ndim):  # coordinates, not a flat index: no overflow past 2^32 elements
+        position = _fmix32(position * np.uint32(0x9E3779B1) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis))
+    return jnp.stack([jnp.sum(_fmix32(w ^ _fmix32(position ^ np.uint32(seed))), dtype=jnp.uint32)
+                      for seed in _SEEDS])
+
+
+_digests = jax.jit(lambda leaves: jnp.stack([_digest(x) for x in leaves]))
+
+
+def _leaf_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def array_digests(tree: dict) -> dict[str, str]:
+    """A 64-bit digest (16 hex digits) per array of `tree`, by its path ("params/embed_tokens"),
+    computed where the arrays lie: only the digests leave the devices (see `_digest`)."""
+    named = jax.tree_util.tree_flatten_with_path(tree)[0]
+    lanes = np.asarray(jax.device_get(_digests([x for _, x in named]))).tolist()
+    return {_leaf_name(path): f"{hi:08x}{lo:08x}" for (path, _), (lo, hi) in zip(named, lanes, strict=True)}
+
+
+def differing(now: dict[str, str], saved: dict[str, str]) -> list[str]:
+    """The names whose digests differ (or that only one side has)."""
+    return sorted(name for name in now.keys() | saved.keys() if now.get(name) != saved.get(name))
+
 
 
 def save_params_checkpoint(directory: epath.Path, step: int, cfg: ModelConfig, params: dict) -> None:
@@ -80,6 +182,13 @@ class CheckpointReader:
         options = ocp.CheckpointManagerOptions(create=False, read_only=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=item_handlers())
+        try:
+            self._open(step, flag, step_flag)
+        except BaseException:
+            self._manager.close()  # no caller gets a reader to close
+            raise
+
+    def _open(self, step: int | None, flag: str, step_flag: str) -> None:
         self.steps = steps = sorted(self._manager.all_steps())
         if not steps:
             raise CptjaxError(f"{flag} {self.directory}: no finished checkpoint step in this folder "
@@ -96,6 +205,25 @@ class CheckpointReader:
             self._metadata = self._manager.item_metadata(step)[PARAMS]
         except Exception as err:  # noqa: BLE001 - a damaged step raises what the store raises
             raise CptjaxError(unreadable_step(self.directory, step, steps, err, flag, step_flag)) from None
+        # A training run's step holds the digests of its arrays (run_folder.py): every parameter
+        # read is checked against them. A converted checkpoint, or a v1 list (not by name), has none.
+        saved = {}
+        if (self.directory / str(step) / TRAIN_META).is_dir():
+            saved = self._restore({TRAIN_META: ocp.args.JsonRestore()})[TRAIN_META].get("fingerprint")
+        self._digests = saved["arrays"] if isinstance(saved, dict) and saved.get("format") == FINGERPRINT_FORMAT \
+            else None
+
+    def _verified(self, params: dict) -> dict:
+        if self._digests is None:
+            return params
+        now = array_digests({PARAMS: params})
+        changed = differing(now, {name: self._digests.get(name) for name in now})
+        if changed:
+            error = ValueError(f"{', '.join(changed[:3])} differ from the fingerprint saved with the step (a file "
+                               "changed after the save)")
+            raise CptjaxError(unreadable_step(self.directory, self.step, self.steps, error, self._flag,
+                                              self._step_flag))
+        return params
 
     def _restore(self, args: dict) -> dict:
         return restore_guarded(self._manager, self.directory, self.step, self.steps, args, self._flag,
@@ -114,13 +242,13 @@ class CheckpointReader:
             set_param(restore_args, path, ocp.RestoreArgs(restore_type=np.ndarray))
         restored = self._restore({PARAMS: ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)})
-        return restored[PARAMS]
+        return self._verified(restored[PARAMS])
 
     def restore_onto(self, abstract_params: dict) -> dict:
         """All parameters straight onto the shardings (and dtypes) of `abstract_params`' leaves."""
         restored = self._restore({PARAMS: ocp.args.PyTreeRestore(
             item=abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))})
-        return restored[PARAMS]
+        return self._verified(restored[PARAMS])
 
     def restore_one(self, path: ParamPath) -> np.ndarray:
         return get_param(self.restore([path]), path)

@@ -105,11 +105,11 @@ def read_run(run_dir: PathLike, flag: str = "RUN_DIR") -> RunLog:
             raise CptjaxError(f"{flag} {root}: no {path.relative_to(root)}; give the run_dir of a cptjax train run")
     config = load_run_config(run.config)
     records: dict[tuple[str, int], dict] = {}
-    lines = metrics.read_text().splitlines()
+    lines = metrics.read_bytes().splitlines()  # bytes: a damaged line may not even be UTF-8
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if number == len(lines):  # a write cut short by a crash
                 continue
             raise CptjaxError(f"{metrics}:{number}: not a JSON record; the log is damaged") from None

@@ -1,9 +1,7 @@
-"""A training run's folder, written so that no crash can leave it in a state a restart misreads.
-
-  config.yaml               the resolved config, written once every check has passed
-  checkpoints/<step>/       Orbax steps: params, opt_state, model_config, train_config, train_meta
-  checkpoints/hf_assets/    tokenizer and generation files, with `.complete` written last
-  logs/                     metrics.jsonl and TensorBoard (metrics.py)
+"""A training run's checkpoints (RunPaths.checkpoints; the folder's layout is io/run_layout.py),
+written so that no crash can leave them in a state a restart misreads: Orbax steps <step>/ (params,
+opt_state, model_config, train_config, train_meta) and hf_assets/ (tokenizer and generation files,
+with `.complete` written last).
 
 - Saves are Orbax's own (asynchronous; a step is listed only once its write finished).
 - Old steps are removed here, not by Orbax, because Orbax deletes a step file by file and a kill
@@ -14,9 +12,10 @@
   on an object store, also remove hf_assets (any folder without commit_success.txt looks to it
   like an unfinished step there).
 - Orbax keeps no checksum of array data: a file changed after the save, at the same size, would
-  restore silently with wrong values. Each save records a fingerprint of the parameters and the
-  optimizer state (a position-weighted sum of their bits, computed on the devices), checked on
-  resume.
+  restore silently with wrong values. Each save records a 64-bit digest of every array of the
+  parameters and the optimizer state (`fingerprint`, computed on the devices), checked on resume:
+  a change within one 32-bit word of an array (any single bit flip; any change to one float32 or
+  bf16 element) is detected for certain, other changes but for a chance of about 2^-64.
 - hf_assets is complete only with its `.complete` marker (names and sizes, written last); every
   start verifies it and rewrites it from the run's source when it is not.
 """
@@ -32,7 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from cptjax.io.checkpoint import (ASSETS_DIR, MODEL_CONFIG, OPT_STATE, PARAMS, TRAIN_CONFIG, TRAIN_META,
+from cptjax.io.checkpoint import (ASSETS_DIR, FINGERPRINT_FORMAT, MODEL_CONFIG, OPT_STATE, PARAMS, TRAIN_CONFIG,
+                               TRAIN_META, array_digests, differing,
                                finished_steps, item_handlers, restore_guarded, unreadable_step)
 from cptjax.core.errors import CptjaxError
 from cptjax.hf.write import HF_ASSET_FILES
@@ -45,8 +45,18 @@ _UNLISTED = f"{_TMP}-deleting"  # a step being removed: already unlisted
 _COMMIT_FILE = "commit_success.txt"  # what marks a step finished on an object store
 
 
+def fingerprint(state: dict) -> dict:
+    """A 64-bit digest (16 hex digits) per array of params and opt_state, by name ("params/embed_tokens"),
+    computed where the arrays lie: only the digests leave the devices (see checkpoint.array_digests)."""
+    return {"format": FINGERPRINT_FORMAT,
+            "arrays": array_digests({"params": state["params"], "opt_state": state["opt_state"]})}
+
+
 @jax.jit
-def _fingerprints(tree) -> jax.Array:
+def _fingerprints_v1(tree) -> jax.Array:
+    """The fingerprint cptjax saved before FINGERPRINT_FORMAT (a list of uint32, one per array), still
+    checked on resume of such a run. Weaker: element i weighs (i % 65521) + 1, so a bit whose weight
+    times 2^k is a multiple of 2^32 (a sign bit at an odd index) vanishes."""
     def one(x):
         bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32,
                                                 8: jnp.uint64}[x.dtype.itemsize]).reshape(-1)
@@ -55,9 +65,16 @@ def _fingerprints(tree) -> jax.Array:
     return jnp.stack([one(x) for x in jax.tree.leaves(tree)])
 
 
-def fingerprint(state: dict) -> list[int]:
-    """A number per array of params and opt_state that changes if any of their bits does."""
-    return [int(v) for v in np.asarray(jax.device_get(_fingerprints((state["params"], state["opt_state"]))))]
+def fingerprint_v1(state: dict) -> list[int]:
+    return [int(v) for v in np.asarray(jax.device_get(_fingerprints_v1((state["params"], state["opt_state"]))))]
+
+
+def changed_arrays(state: dict, saved: dict | list) -> list[str]:
+    """The arrays of `state` that differ from the fingerprint `saved` with them: by name, or "the
+    arrays" for a v1 fingerprint (a list), which names none."""
+    if isinstance(saved, list):
+        return [] if fingerprint_v1(state) == saved else ["the arrays"]
+    return differing(fingerprint(state)["arrays"], saved["arrays"])
 
 
 def restore_run(directory: epath.Path, step: int, abstract_state: dict, what: str = "run_dir") -> tuple[dict, dict]:
@@ -73,8 +90,15 @@ def restore_run(directory: epath.Path, step: int, abstract_state: dict, what: st
         restored = restore_guarded(manager, directory, step, steps,
                                    {**args, TRAIN_META: ocp.args.JsonRestore()}, what)
     state, meta = {"params": restored[PARAMS], "opt_state": restored[OPT_STATE]}, restored[TRAIN_META]
-    if "fingerprint" in meta and fingerprint(state) != meta["fingerprint"]:
-        error = ValueError("the arrays differ from the fingerprint saved with them (a file changed after "
+    saved = meta.get("fingerprint")
+    if isinstance(saved, dict) and saved.get("format") != FINGERPRINT_FORMAT:
+        raise CptjaxError(f"{what} {directory}: step {step} holds a fingerprint of format "
+                          f"{saved.get('format')!r}, which this cptjax does not know (it writes "
+                          f"{FINGERPRINT_FORMAT!r}); resume the run with the cptjax version that saved it")
+    changed = changed_arrays(state, saved) if saved is not None else []
+    if changed:
+        names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        error = ValueError(f"{names} differ from the fingerprint saved with the step (a file changed after "
                            "the save)")
         raise CptjaxError(unreadable_step(directory, step, steps, error, what))
     return state, meta
