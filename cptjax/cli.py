@@ -96,8 +96,8 @@ def _run(args) -> int | None:
     elif args.command == "plan":
         if args.topology:  # compile-only TPU devices; this host's own backend stays the CPU
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from cptjax.train.plan import format_plan, model_config_for, plan
         from cptjax.train.config import load_config
+        from cptjax.train.plan import format_plan, model_config_for, plan
         config = load_config(args.config, args.overrides)
         model_config = model_config_for(config, args.hf_config)
         result = plan(config, model_config, args.topology)

@@ -8,17 +8,17 @@ import numpy as np
 from etils import epath
 
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
-from cptjax.io.checkpoint import ASSETS_DIR, save_params_checkpoint
 from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import PathLike, is_remote
+from cptjax.core.progress import progress_bar
 from cptjax.hf.verify import torch_available, verify_export
 from cptjax.hf.write import copy_assets, parse_size, write_hf_dir
-from cptjax.model.transformer import model_from_params
-from cptjax.measure.model_card import CARD, write_model_card
-from cptjax.core.paths import PathLike, is_remote
+from cptjax.io.checkpoint import ASSETS_DIR, save_params_checkpoint
 from cptjax.io.pretrained import PretrainedModel, params_to_dtype
-from cptjax.core.progress import progress_bar
 from cptjax.io.weights import open_weights
+from cptjax.measure.model_card import CARD, write_model_card
+from cptjax.model.transformer import model_from_params
 
 
 def hf_to_orbax(hf_dir: PathLike, out: PathLike, step: int = 0) -> epath.Path:

@@ -153,9 +153,9 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
              base_steps: int = 200, cpt_steps: int = 100, echo=print) -> dict:
     """Runs the four stages in `workdir` (a new temporary folder by default); returns the results."""
     from cptjax.convert import orbax_to_hf
-    from cptjax.train.evaluation import comparison_table
     from cptjax.hf.verify import torch_available
     from cptjax.train.config import config_from_dict
+    from cptjax.train.evaluation import comparison_table
     from cptjax.train.trainer import run
 
     for flag, steps in (("--base-steps", base_steps), ("--cpt-steps", cpt_steps)):

@@ -67,8 +67,8 @@ def random_param(shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
 
 def make_source(hf_dir: Path, config_path: Path, shard_size: str, seed: int) -> None:
     """Writes a random bf16 HF folder through `write_hf_dir`, generating one stacked parameter at a time."""
-    from cptjax.hf.keymap import key_map
     from cptjax.core.dtypes import DTYPES
+    from cptjax.hf.keymap import key_map
     from cptjax.hf.write import write_hf_dir
     from cptjax.model.config import ModelConfig
 
@@ -235,9 +235,9 @@ def load_worker(hf_dir: str, process_id: int, processes: int, port: int, out: st
     from flax import nnx
 
     from cptjax.hf import safetensors
-    from cptjax.model.transformer import abstract_model
-    from cptjax.model.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
     from cptjax.io.weights import open_weights
+    from cptjax.model.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
+    from cptjax.model.transformer import abstract_model
 
     with open_weights(Path(hf_dir)) as weights:
         mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))

@@ -44,8 +44,8 @@ FLAGSHIP_WITHOUT_KNOBS = {
 
 
 def plan_one(name: str, overrides: list[str]) -> dict:
-    from cptjax.train.plan import model_config_for, plan
     from cptjax.train.config import load_config
+    from cptjax.train.plan import model_config_for, plan
 
     model, topology, count, target = TARGETS[name]
     config = load_config(str(REPO / "configs" / name), overrides)

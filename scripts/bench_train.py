@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cptjax.data.packing import BATCH_KEYS  # noqa: E402
-from cptjax.train.metrics import training_flops_per_token  # noqa: E402
 from cptjax.model.config import ModelConfig  # noqa: E402
+from cptjax.train.metrics import training_flops_per_token  # noqa: E402
 
 # Llama-shaped models (GQA, SwiGLU, untied head, 8k vocabulary) and their batches (rows x length).
 SHAPES = {

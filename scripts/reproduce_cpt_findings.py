@@ -250,8 +250,9 @@ def markdown(study: dict, base_loss: dict, table: dict, minutes: dict) -> str:
                      f"{cell(row.get('domain_cost'))} |")
     paired = comparisons(table)
     if paired:
-        lines += ["\nPaired differences (each seed against itself; mean, then seeds " + ", ".join(map(str, study["seeds"]))
-                  + "):\n", "| comparison | adaptation difference | forgetting difference |", "|---|---|---|"]
+        seeds = ", ".join(map(str, study["seeds"]))
+        lines += [f"\nPaired differences (each seed against itself; mean, then seeds {seeds}):\n",
+                  "| comparison | adaptation difference | forgetting difference |", "|---|---|---|"]
         for row in paired:
             lines.append(f"| {row['what']} | " + " | ".join(
                 f"{row[k]['mean']:+.3f} (" + ", ".join(f"{v:+.3f}" for v in row[k]["seeds"]) + ")"

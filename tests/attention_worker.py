@@ -16,16 +16,15 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-import attention_cases as cases  # noqa: E402
-import tiny_configs  # noqa: E402
-from batches import packed_batch  # noqa: E402
+import attention_cases as cases
+import tiny_configs
+from batches import packed_batch
 
-from cptjax.model.attention import attend  # noqa: E402
-from cptjax.model.transformer import Llama  # noqa: E402
-from cptjax.model.config import ModelConfig  # noqa: E402
-from cptjax.model.sharding import (DEFAULT_RULES, MeshConfig, make_mesh, spec_for_shape,  # noqa: E402
-                             with_activation_sharding)
-from cptjax.train.step import StepConfig, loss_and_grads  # noqa: E402
+from cptjax.model.attention import attend
+from cptjax.model.config import ModelConfig
+from cptjax.model.sharding import DEFAULT_RULES, MeshConfig, make_mesh, spec_for_shape, with_activation_sharding
+from cptjax.model.transformer import Llama
+from cptjax.train.step import StepConfig, loss_and_grads
 
 Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")

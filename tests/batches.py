@@ -36,8 +36,8 @@ class CountingData:
         rng = np.random.default_rng([self.seed, k])
         # Zipf-distributed tokens: learnable (unigram statistics), unlike uniform noise.
         weights = 1.0 / np.arange(1, self.vocab + 1)
-        docs = [[rng.choice(self.vocab, size=n, p=weights / weights.sum()) for n in (self.seq_len // 2 + 1, self.seq_len // 2)]
-                for _ in range(self.rows)]
+        lengths = (self.seq_len // 2 + 1, self.seq_len // 2)
+        docs = [[rng.choice(self.vocab, size=n, p=weights / weights.sum()) for n in lengths] for _ in range(self.rows)]
         batch = {key: np.asarray(v) for key, v in packed_batch(docs, self.seq_len, sources=[0, 1]).items()}
         batch["num_bytes"] = np.full((self.rows,), 4.0 * self.seq_len, np.float32)
         return batch

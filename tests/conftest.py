@@ -10,9 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # otherwise probe for a TPU in every process and print libtpu's warnings.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import atexit
+import shutil
+import tempfile
 
 # The `cptjax` processes the tests start (dozens of runs of the same tiny model, some killed and
 # resumed) share a persistent XLA compilation cache, as a user's resumed runs would with

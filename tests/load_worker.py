@@ -24,9 +24,9 @@ def main(hf_dir, data, fsdp, tensor, dtype, process_id=None, processes=None, por
 
     from cptjax.hf import safetensors
     from cptjax.hf.read import read_hf_params
-    from cptjax.model.transformer import abstract_model, get_param, param_paths
-    from cptjax.model.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
     from cptjax.io.weights import open_weights
+    from cptjax.model.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
+    from cptjax.model.transformer import abstract_model, get_param, param_paths
 
     with open_weights(Path(hf_dir)) as weights:
         mesh = make_mesh(MeshConfig(data=int(data), fsdp=int(fsdp), tensor=int(tensor)))

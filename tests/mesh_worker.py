@@ -13,12 +13,12 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batches import CountingData, raw_config  # noqa: E402
+from batches import CountingData, raw_config
 
-from cptjax.train.config import config_from_dict  # noqa: E402
-from cptjax.train.step import build_setup  # noqa: E402
-from cptjax.train.trainer import run  # noqa: E402
-from cptjax.io.weights import open_weights  # noqa: E402
+from cptjax.io.weights import open_weights
+from cptjax.train.config import config_from_dict
+from cptjax.train.step import build_setup
+from cptjax.train.trainer import run
 
 VOCAB = 512
 

@@ -9,19 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attention_cases as cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
-import attention_cases as cases
 import tiny_configs
 from batches import packed_batch
-from cptjax.model.attention import attend, check_kernel, resolve
+from flax import nnx
+
 from cptjax.core.errors import CptjaxError
-from cptjax.model.transformer import Llama
+from cptjax.model.attention import attend, check_kernel, resolve
 from cptjax.model.config import ModelConfig
+from cptjax.model.transformer import Llama
 from cptjax.train.step import StepConfig, loss_and_grads
 
 WORKER = Path(__file__).parent / "attention_worker.py"

@@ -7,12 +7,11 @@ import hashlib
 import json
 import shutil
 
+import hf_models
 import numpy as np
 import pytest
-import yaml
-
-import hf_models
 import tiny_configs
+import yaml
 from data_helpers import corpus_files, tokenizer_dir
 
 from cptjax.cli import main
@@ -169,12 +168,15 @@ CASES = [
     ("hf rope keys disagree", [*TO_ORBAX, "--hf-dir", "rope_conflict"], "rope_scaling and rope_parameters"),
     ("hf missing tensor", [*TO_ORBAX, "--hf-dir", "missing_tensor"], "'model.layers.1.mlp.up_proj.weight' is missing"),
     ("hf extra tensor", [*TO_ORBAX, "--hf-dir", "extra_tensor"], "'model.layers.9.mlp.up_proj.weight'"),
-    ("hf wrong shape", [*TO_ORBAX, "--hf-dir", "wrong_shape"], "'model.norm.weight' in model.safetensors has shape [7]"),
+    ("hf wrong shape", [*TO_ORBAX, "--hf-dir", "wrong_shape"],
+     "'model.norm.weight' in model.safetensors has shape [7]"),
     ("hf integer weights", [*TO_ORBAX, "--hf-dir", "int_weights"], "weights must be floating point"),
     ("hf truncated file", [*TO_ORBAX, "--hf-dir", "truncated"], "truncated or corrupt"),
-    ("hf corrupt header", [*TO_ORBAX, "--hf-dir", "bad_header"], "bad_header/model.safetensors: not a safetensors file"),
+    ("hf corrupt header", [*TO_ORBAX, "--hf-dir", "bad_header"],
+     "bad_header/model.safetensors: not a safetensors file"),
     ("hf pickled only", [*TO_ORBAX, "--hf-dir", "pickled"], "pytorch_model.bin"),
-    ("hf index lists a missing shard", [*TO_ORBAX, "--hf-dir", "missing_shard"], "lists model-00002-of-00002.safetensors"),
+    ("hf index lists a missing shard", [*TO_ORBAX, "--hf-dir", "missing_shard"],
+     "lists model-00002-of-00002.safetensors"),
     ("hf tied head differs", [*TO_ORBAX, "--hf-dir", "untied_head"], "tie_word_embeddings"),
     ("hf is a checkpoint", [*TO_ORBAX, "--hf-dir", "ckpt"], "is a cptjax checkpoint, not an HF model folder"),
     ("hf out not empty", ["convert", "hf-to-orbax", "--hf-dir", "hf", "--out", "other"], "--out"),
@@ -198,7 +200,8 @@ CASES = [
     ("config wrong type", [*SHOW, *_set("training.steps=many")], "training.steps: expected an integer"),
     ("config bad choice", [*SHOW, *_set("model.remat=some")], "model.remat: 'some' is not allowed"),
     ("config required missing", [*SHOW, *_set("training={steps: 3, batch_size: 2}")], "training.seq_len: required key"),
-    ("config --set YAML", [*SHOW, "--set", "training.steps=[1,"], "--set 'training.steps=[1,': value is not valid YAML"),
+    ("config --set YAML", [*SHOW, "--set", "training.steps=[1,"],
+     "--set 'training.steps=[1,': value is not valid YAML"),
     ("config --set form", [*SHOW, "--set", "training.steps"], "--set 'training.steps': expected dotted.key=value"),
     ("config --set into a value", [*SHOW, *_set("run_dir.x=1")], "--set run_dir.x: 'run_dir' is not a section"),
     ("config two model sources", [*SHOW, *_set("model.hf_config=x.json")], "model: set exactly one of init_from"),
@@ -241,15 +244,18 @@ CASES = [
      "utf8.jsonl:2: invalid UTF-8"),
     ("train binary file", [*TRAIN, *_set("data.sources=[{name: a, type: text, paths: [corpus/binary.txt]}]")],
      "binary.txt: invalid UTF-8"),
-    ("train all documents empty", [*TRAIN, *_set("data.sources=[{name: a, type: jsonl, paths: [corpus/empty_docs.jsonl]}]")],
+    ("train all documents empty",
+     [*TRAIN, *_set("data.sources=[{name: a, type: jsonl, paths: [corpus/empty_docs.jsonl]}]")],
      "data.sources[0] (a): every document is skipped"),
     ("train empty file", [*TRAIN, *_set("data.sources=[{name: a, type: jsonl, paths: [corpus/empty.jsonl]}]")],
      "data.sources[0] (a): no documents"),
-    ("train glob matches nothing", [*TRAIN, *_set("data.sources=[{name: a, type: jsonl, paths: ['corpus/*.parquet']}]")],
+    ("train glob matches nothing",
+     [*TRAIN, *_set("data.sources=[{name: a, type: jsonl, paths: ['corpus/*.parquet']}]")],
      "data.sources[0].paths[0]: the glob"),
     ("train eval set prepared", [*TRAIN, *_set("data.eval_sets=[{name: e, type: prepared, paths: [corpus]}]")],
      "data.eval_sets[0].type"),
-    ("train eval set empty", [*TRAIN, *_set("data.eval_sets=[{name: e, type: jsonl, paths: [corpus/empty_docs.jsonl]}]")],
+    ("train eval set empty",
+     [*TRAIN, *_set("data.eval_sets=[{name: e, type: jsonl, paths: [corpus/empty_docs.jsonl]}]")],
      "data.eval_sets[0]: no documents with text"),
     ("train resume changed seq_len", ["train", "--config", "run.yaml", *_set("training.seq_len=16")],
      "cannot resume: training.seq_len was 32"),

@@ -2,14 +2,14 @@
 
 import json
 
+import data_helpers
+import hf_models
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 from safetensors import safe_open
 
-import hf_models
-import data_helpers
-import tiny_configs
 from cptjax import load_model
 from cptjax.cli import main
 from cptjax.hf.safetensors import SafetensorsFile, write_safetensors

@@ -11,16 +11,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
+import tiny_configs
 import yaml
 import zstandard
-
-import hf_models
-import tiny_configs
 from data_helpers import corpus_files, tokenizer_dir
 from run_helpers import ENV
 from test_bad_input import _snapshot
@@ -271,10 +270,10 @@ def test_one_flipped_bit_in_a_saved_array_makes_the_resume_refuse(workspace, cas
 def test_a_run_saved_with_the_v1_fingerprint_is_still_checked(workspace):
     """A step whose train_meta holds v1's list is verified with v1: accepted as saved, refused when
     the list does not match (as a changed array would make it); an unknown format is refused."""
-    from cptjax.train.run_folder import restore_run
-    from cptjax.train.config import load_config
-    from cptjax.train.step import build_setup
     from cptjax.io.weights import open_weights
+    from cptjax.train.config import load_config
+    from cptjax.train.run_folder import restore_run
+    from cptjax.train.step import build_setup
 
     checkpoints = _copy_run(workspace, "v1")
     config = load_config(workspace / "v1.yaml")

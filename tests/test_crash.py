@@ -15,7 +15,6 @@ import time
 import numpy as np
 import pytest
 import yaml
-
 from data_helpers import STDLIB
 from run_helpers import cli, records, restore_arrays, start, steps
 

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-from data_helpers import STDLIB, assert_batches_equal, corpus_files, stdlib_files, tokenizer_dir, \
-    wiki_articles
+from data_helpers import STDLIB, assert_batches_equal, corpus_files, stdlib_files, tokenizer_dir, wiki_articles
 from transformers import AutoTokenizer
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.config import DataConfig, EvalSetConfig, SourceConfig
 from cptjax.data.eval_sets import build_eval_sets
-from cptjax.core.errors import CptjaxError
 
 
 def _config() -> DataConfig:

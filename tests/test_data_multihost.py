@@ -16,13 +16,20 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, reassemble, \
-    tokenizer_dir, wiki_articles  # noqa: E402
+from data_helpers import (
+    STDLIB,
+    assert_batches_equal,
+    collect,
+    corpus_files,
+    reassemble,
+    tokenizer_dir,
+    wiki_articles,
+)
 
-from cptjax.data.config import DataConfig, SourceConfig  # noqa: E402
+from cptjax.core.errors import CptjaxError
+from cptjax.data.config import DataConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.train.distributed import gather_states  # noqa: E402
-from cptjax.core.errors import CptjaxError  # noqa: E402
+from cptjax.train.distributed import gather_states
 
 
 def _mixture(wiki: str) -> DataConfig:

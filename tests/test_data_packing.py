@@ -4,14 +4,23 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from data_helpers import STDLIB, collect, corpus_files, reassemble, shakespeare_speeches, stdlib_files, \
-    tokenizer_dir, wiki_articles, workdir
+from data_helpers import (
+    STDLIB,
+    collect,
+    corpus_files,
+    reassemble,
+    shakespeare_speeches,
+    stdlib_files,
+    tokenizer_dir,
+    wiki_articles,
+    workdir,
+)
 from transformers import AutoTokenizer
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.config import DataConfig, SourceConfig
 from cptjax.data.packing import BATCH_KEYS
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.core.errors import CptjaxError
 
 
 def _epoch(source: SourceConfig, style: str, seq_len: int, batch_size: int) -> list[dict]:

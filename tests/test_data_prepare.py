@@ -4,14 +4,13 @@ import argparse
 import json
 
 import pytest
-from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, tokenizer_dir, \
-    wiki_articles
+from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, tokenizer_dir, wiki_articles
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.cli import add_data_commands, run_data_command
 from cptjax.data.config import DataConfig, InputConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
 from cptjax.data.prepare import prepare_corpus
-from cptjax.core.errors import CptjaxError
 
 
 def _cli(argv: list[str]) -> None:

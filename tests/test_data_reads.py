@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_helpers import shakespeare_speeches, tokenizer_dir, write_jsonl  # noqa: E402
+from data_helpers import shakespeare_speeches, tokenizer_dir, write_jsonl
 
-from cptjax.data import line_index  # noqa: E402
-from cptjax.data.config import DataConfig, InputConfig, SourceConfig  # noqa: E402
-from cptjax.data.pipeline import build_train_pipeline, source_seed  # noqa: E402
-from cptjax.data.read import PROBE_DOCS, open_source  # noqa: E402
-from cptjax.core.errors import CptjaxError  # noqa: E402
+from cptjax.core.errors import CptjaxError
+from cptjax.data import line_index
+from cptjax.data.config import DataConfig, InputConfig, SourceConfig
+from cptjax.data.pipeline import build_train_pipeline, source_seed
+from cptjax.data.read import PROBE_DOCS, open_source
 
 
 def _rchar() -> tuple[int, int] | None:

@@ -5,9 +5,9 @@ import json
 import pytest
 from data_helpers import STDLIB, assert_batches_equal, collect, corpus_files, tokenizer_dir
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.config import DataConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.core.errors import CptjaxError
 
 
 def _config(**kwargs) -> DataConfig:
@@ -72,7 +72,8 @@ def test_state_from_another_setup_is_refused():
         _pipeline(_config(), process_count=2).set_state(state)
     with pytest.raises(CptjaxError, match=r"saved with 1 data-loading processes"):
         _pipeline(_config(), process_count=2).set_state([state])
-    with pytest.raises(CptjaxError, match=r"cannot resume: training.batch_size was 8 when the checkpoint was saved, now 16"):
+    expected = r"cannot resume: training.batch_size was 8 when the checkpoint was saved, now 16"
+    with pytest.raises(CptjaxError, match=expected):
         _pipeline(_config(), batch_size=16).set_state(state)
     with pytest.raises(CptjaxError, match=r"cannot resume: data.seed was 7 when the checkpoint was saved, now 8"):
         _pipeline(_config(seed=8)).set_state(state)

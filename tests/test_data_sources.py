@@ -7,13 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import zstandard
-from data_helpers import STDLIB, corpus_files, jargon_paragraphs, tokenizer_dir, wiki_articles, \
-    write_jsonl
+from data_helpers import STDLIB, corpus_files, jargon_paragraphs, tokenizer_dir, wiki_articles, write_jsonl
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.config import DataConfig, InputConfig, SourceConfig
 from cptjax.data.pipeline import build_train_pipeline
 from cptjax.data.read import open_source
-from cptjax.core.errors import CptjaxError
 
 
 def _read_all(config: InputConfig) -> list[str]:

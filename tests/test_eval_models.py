@@ -4,14 +4,14 @@ import json
 import math
 import shutil
 
+import hf_models
 import numpy as np
 import pytest
 import torch
+from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
-import hf_models
 from cptjax.cli import main
 from cptjax.measure.eval_models import load_eval_data, parse_eval_spec
-from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 CODE = f"code=text:{STDLIB}/json/decoder.py,{STDLIB}/json/scanner.py"
 

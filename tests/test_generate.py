@@ -3,20 +3,20 @@
 import dataclasses
 import shutil
 
+import hf_models
 import numpy as np
 import pytest
+import tiny_configs
 import torch
+from data_helpers import tokenizer_dir
 from flax import nnx
 
-import hf_models
-import tiny_configs
 from cptjax import load_model
 from cptjax.cli import main
+from cptjax.io.pretrained import PretrainedModel
 from cptjax.measure.generate import Sampling, generate_ids
 from cptjax.model.kv_cache import KVCache
 from cptjax.model.transformer import model_from_params
-from cptjax.io.pretrained import PretrainedModel
-from data_helpers import tokenizer_dir
 
 PROMPT_LEN = 20  # longer than the sliding window (12): the ring of cache slots wraps while decoding
 EOS = tiny_configs.shrunk_config("llama-3.2-1b")["eos_token_id"]

@@ -157,7 +157,8 @@ def test_slurm_script_refuses_a_missing_config_in_one_line(slurm):
     fake, env = slurm
     done = subprocess.run(["bash", str(SBATCH), "configs/nope.yaml"], env=env, cwd="/", capture_output=True,
                           text=True, timeout=30, check=False)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "config configs/nope.yaml: no such file" in done.stderr
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "config configs/nope.yaml: no such file" in done.stderr
     assert not (fake / "srun_options").exists()
 
 

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import tiny_configs
 from batches import packed_batch
+from flax import nnx
+
+from cptjax.model.config import ModelConfig
 from cptjax.model.loss import loss_sums
 from cptjax.model.transformer import Llama
-from cptjax.model.config import ModelConfig
 from cptjax.train.step import StepConfig, loss_and_grads
 
 # float32 sums taken in another order (per chunk, then across chunks): ~1e-7 in practice.
@@ -57,7 +57,8 @@ def test_chunked_loss_never_holds_the_whole_logits():
             return sums["nll"] + 1e-4 * sums["z"]
         targets = jnp.zeros((rows, length), jnp.int32)
         mask, sources = jnp.ones((rows, length), jnp.float32), jnp.zeros((rows, length), jnp.int32)
-        args = (jax.ShapeDtypeStruct((rows, length, dim), jnp.bfloat16), jax.ShapeDtypeStruct((vocab, dim), jnp.bfloat16))
+        args = (jax.ShapeDtypeStruct((rows, length, dim), jnp.bfloat16),
+                jax.ShapeDtypeStruct((vocab, dim), jnp.bfloat16))
         compiled = jax.jit(jax.grad(objective, argnums=(0, 1))).lower(*args).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 

@@ -3,15 +3,15 @@
 import json
 import shutil
 
+import hf_models
 import numpy as np
 import pytest
-
-import hf_models
 import tiny_configs
-from cptjax.cli import main
-from cptjax.measure.merge import merge_tensor, slerp_weights
-from cptjax.io.weights import open_weights
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
+
+from cptjax.cli import main
+from cptjax.io.weights import open_weights
+from cptjax.measure.merge import merge_tensor, slerp_weights
 
 CODE = f"code=text:{STDLIB}/json/decoder.py"
 

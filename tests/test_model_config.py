@@ -2,11 +2,11 @@
 
 import json
 
+import hf_models
 import numpy as np
 import pytest
-
-import hf_models
 import tiny_configs
+
 from cptjax.core.errors import CptjaxError
 from cptjax.model.config import ModelConfig, rope_inverse_frequencies
 

@@ -9,11 +9,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-import yaml
-
 import hf_models
+import pytest
 import tiny_configs
+import yaml
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 

@@ -2,17 +2,17 @@
 
 import re
 
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 from flax import nnx
 
-import hf_models
-import tiny_configs
 from cptjax import load_model
-from cptjax.model.transformer import Llama, abstract_model, model_from_params, param_count
 from cptjax.model.config import ModelConfig
+from cptjax.model.transformer import Llama, abstract_model, model_from_params, param_count
 
 ALL = tiny_configs.NAMES + sorted(tiny_configs.VARIANTS)
 

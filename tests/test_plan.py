@@ -10,14 +10,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-import yaml
-
 import tiny_configs
+import yaml
 from batches import raw_config
+
 from cptjax.cli import main
 from cptjax.core.errors import CptjaxError
-from cptjax.train.plan import TPU_HBM_GIB, model_config_for, plan, topology_devices, topology_name
 from cptjax.train.config import load_config
+from cptjax.train.plan import TPU_HBM_GIB, model_config_for, plan, topology_devices, topology_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -36,7 +36,8 @@ GPU_PROXY = {1: "v5p-8", 8: "v5p-16"}  # GPUs -> a slice with at least that many
 CPU_RAM_GIB = 16e9 / 2**30
 HEADROOM = 0.10
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed: pip install -e '.[tpu]' (the test extra brings it on x86-64 Linux)")
+                                  reason="libtpu is not installed: pip install -e '.[tpu]' "
+                                         "(the test extra brings it on x86-64 Linux)")
 
 
 def hardware(path: Path) -> str:

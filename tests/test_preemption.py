@@ -10,16 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import hf_models
 import pytest
+import tiny_configs
 import yaml
+from batches import CountingData, raw_config
+from run_helpers import ENV, records, steps
 
 from cptjax.train.config import config_from_dict
 from cptjax.train.trainer import run
-
-import hf_models
-import tiny_configs
-from batches import CountingData, raw_config
-from run_helpers import ENV, records, steps
 
 WORKER = Path(__file__).parent / "train_worker.py"
 STARTUP_WORKER = Path(__file__).parent / "startup_worker.py"

@@ -14,13 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import zstandard
-from tokenizers import Tokenizer
-
 import hf_models
+import pytest
 import tiny_configs
+import zstandard
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
+from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where users read commands: the README, then the pages it links, in this order (a command shown on

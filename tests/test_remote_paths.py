@@ -10,13 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from etils import epath
-from tokenizers import Tokenizer
-
 import hf_models
+import pytest
 import tiny_configs
 from data_helpers import corpus_files, tokenizer_dir
+from etils import epath
+from tokenizers import Tokenizer
 
 from cptjax.core.paths import user_path
 

@@ -5,18 +5,18 @@ import json
 import re
 import shutil
 
+import hf_models
 import numpy as np
 import pytest
+import tiny_configs
+from data_helpers import STDLIB, corpus_files, tokenizer_dir
 from matplotlib.image import imread
 from tokenizers import Tokenizer
 
-import hf_models
-import tiny_configs
 from cptjax.cli import main
-from cptjax.train.schedules import make_schedule
 from cptjax.train.config import config_from_dict, load_config
+from cptjax.train.schedules import make_schedule
 from cptjax.train.trainer import run
-from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 STEPS = 12
 

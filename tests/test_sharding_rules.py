@@ -1,13 +1,13 @@
 """Every logical axis has exactly one rule, and no parameter puts a mesh axis on two dimensions."""
 
 import pytest
+import tiny_configs
 from flax import nnx
 
-import tiny_configs
 from cptjax.core.errors import CptjaxError
-from cptjax.model.transformer import abstract_model
 from cptjax.model.config import ModelConfig
 from cptjax.model.sharding import ACTIVATION_AXES, DEFAULT_RULES, PARAM_AXES, check_rules, logical_to_spec
+from cptjax.model.transformer import abstract_model
 
 
 def test_default_rules_cover_each_name_once():

@@ -3,7 +3,6 @@ on real text (Python's own sources and WikiText-2), a real tokenizer."""
 
 import numpy as np
 import pytest
-
 from run_helpers import cli as _cli
 from run_helpers import records as _records
 from run_helpers import restore_arrays as _restore

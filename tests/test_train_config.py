@@ -4,9 +4,9 @@ import time
 
 import pytest
 import yaml
+from batches import raw_config
 
 from cptjax.cli import main
-from batches import raw_config
 
 
 def _write(tmp_path, raw):
@@ -23,11 +23,14 @@ BAD = [
     ("unknown key", lambda r: r["training"].update(stpes=5), "training.stpes: unknown key; did you mean 'steps'?"),
     ("wrong type", lambda r: r["training"].update(batch_size="four"), "training.batch_size: expected an integer"),
     ("bad literal", lambda r: r["model"].update(remat="some"), "model.remat: 'some' is not allowed"),
-    ("mesh does not divide", lambda r: r.update(mesh={"data": 3}), "mesh: data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 1"),
-    ("batch vs data axes", lambda r: r["optimizer"].update(grad_accum_steps=3) if "optimizer" in r else r.update(optimizer={"grad_accum_steps": 3}),
+    ("mesh does not divide", lambda r: r.update(mesh={"data": 3}),
+     "mesh: data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 1"),
+    ("batch vs data axes", lambda r: r.setdefault("optimizer", {}).update(grad_accum_steps=3),
      "training.batch_size 4 is not divisible by optimizer.grad_accum_steps 3"),
-    ("seq_len too long", lambda r: r["training"].update(seq_len=100_000), "training.seq_len 100000 exceeds the model's max_position_embeddings (256)"),
-    ("missing model path", lambda r: r["model"].update(init_from="/no/such/model"), "model.init_from /no/such/model: no such folder"),
+    ("seq_len too long", lambda r: r["training"].update(seq_len=100_000),
+     "training.seq_len 100000 exceeds the model's max_position_embeddings (256)"),
+    ("missing model path", lambda r: r["model"].update(init_from="/no/such/model"),
+     "model.init_from /no/such/model: no such folder"),
     ("negative weight", lambda r: r["data"]["sources"][1].update(weight=-1), "data.sources[1].weight: must be >= 0"),
     ("schedule", lambda r: r["schedule"].update(warmup=1000), "schedule"),
 ]

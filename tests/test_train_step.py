@@ -1,19 +1,19 @@
 """Loss and gradients against transformers' PyTorch autograd; accumulation and the NaN guard."""
 
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 import torch
+from batches import packed_batch
 from flax import nnx
 
-import hf_models
-from batches import packed_batch
-import tiny_configs
 from cptjax.hf.keymap import key_map
 from cptjax.hf.read import read_hf_params
-from cptjax.model.transformer import abstract_model
 from cptjax.model.config import read_hf_config
+from cptjax.model.transformer import abstract_model
 from cptjax.train.optimizer import OptimizerConfig, build_optimizer, decay_mask
 from cptjax.train.schedules import ScheduleConfig
 from cptjax.train.step import StepConfig, loss_and_grads, train_step
@@ -57,8 +57,8 @@ def test_loss_and_gradients_match_pytorch_autograd(name, loss_chunk, tiny_hf):
 
 
 def _tiny_state(name="qwen3-0.6b"):
-    from cptjax.model.transformer import Llama
     from cptjax.model.config import ModelConfig
+    from cptjax.model.transformer import Llama
 
     cfg = ModelConfig.from_hf_config(tiny_configs.shrunk_config(name))
     graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))

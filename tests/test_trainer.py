@@ -5,11 +5,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from batches import CountingData, raw_config
 
 from cptjax import load_model
 from cptjax.train.config import config_from_dict
 from cptjax.train.trainer import run
-from batches import CountingData, raw_config
 
 VOCAB = 512
 
@@ -89,8 +89,8 @@ def test_init_from_a_bf16_checkpoint_then_resume_without_it(tiny_hf, tmp_path):
 
     import ml_dtypes
 
-    from cptjax.io.checkpoint import CheckpointReader
     from cptjax.convert import hf_to_orbax, orbax_to_hf
+    from cptjax.io.checkpoint import CheckpointReader
 
     hf_to_orbax(tiny_hf("qwen3-0.6b"), tmp_path / "fp32")
     orbax_to_hf(tmp_path / "fp32", tmp_path / "bf16_hf", dtype="bfloat16")

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batches import CountingData  # noqa: E402
+from batches import CountingData
 
-from cptjax.train.config import config_from_dict  # noqa: E402
-from cptjax.train.trainer import run  # noqa: E402
+from cptjax.train.config import config_from_dict
+from cptjax.train.trainer import run
 
 if __name__ == "__main__":
     config = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.config import DataConfig, EvalSetConfig
 from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
 from cptjax.data.read import open_source
 from cptjax.data.sources import InvalidUtf8
 from cptjax.data.tokenize import DocumentTokenizer, load_data_tokenizer
-from cptjax.core.errors import CptjaxError
 
 
 def build_eval_sets(config: DataConfig, tokenizer, *, seq_len: int, batch_size: int,

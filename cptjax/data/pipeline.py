@@ -23,15 +23,17 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.config import DataConfig
 from cptjax.data.mixture import StagedSelectionMap
 from cptjax.data.packing import RowPacker, rows_per_process, rows_to_batch
 from cptjax.data.read import open_source, probe_documents, read_documents
 from cptjax.data.sources import DocumentSource
 from cptjax.data.tokenize import DocumentTokenizer, TokenizerSpec, load_data_tokenizer
-from cptjax.core.errors import CptjaxError
 
 STATE_VERSION = 2
+# What to do when a run cannot continue its data stream exactly (three messages give it).
+_FRESH_START = "start a new run (another run_dir) with model.init_from set to this run's checkpoints"
 
 
 def source_seed(seed: int, name: str) -> int:
@@ -139,7 +141,7 @@ class TrainPipeline:
         while not self._stop.is_set():
             try:
                 item = (self._build_batch(), self._snapshot())
-            except BaseException as err:  # handed to the consumer, raised there
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, raised there
                 item = err
             while not self._stop.is_set():
                 try:
@@ -218,13 +220,13 @@ class TrainPipeline:
     def _check_state(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CptjaxError("data state: not a cptjax data state of version "
-                              f"{STATE_VERSION} (got {str(state)[:80]}); start a new run (another run_dir) with model.init_from set to this run's checkpoints")
+                              f"{STATE_VERSION} (got {str(state)[:80]}); {_FRESH_START}")
         saved, now = state["process_count"], self.process_count
         if saved != now:
             raise CptjaxError(
                 f"data state: saved with {saved} data-loading processes (hosts), this run has "
                 f"{now}; each process reads its own share of the documents, so the stream cannot "
-                f"continue exactly. Resume on {saved} processes, or start a new run (another run_dir) with model.init_from set to this run's checkpoints (a new document "
+                f"continue exactly. Resume on {saved} processes, or {_FRESH_START} (a new document "
                 "order; some documents will be seen again)")
         if state["process_index"] != self.process_index:
             raise CptjaxError(f"data state: belongs to process {state['process_index']}, this is "
@@ -239,7 +241,7 @@ class TrainPipeline:
                 ("batch_size", "training.batch_size", self.batch_size, "keep training.batch_size")):
             if state[key] != now:
                 raise CptjaxError(f"cannot resume: {name} was {state[key]!r} when the checkpoint was "
-                                  f"saved, now {now!r}; to resume exactly, {fix}, or start a new run (another run_dir) with model.init_from set to this run's checkpoints")
+                                  f"saved, now {now!r}; to resume exactly, {fix}, or {_FRESH_START}")
 
     # -- reporting ------------------------------------------------------------------------------
 

@@ -17,14 +17,14 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from cptjax.core.atomic_dir import atomic_output_dir
+from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import is_remote
+from cptjax.core.progress import progress_bar
 from cptjax.data.config import InputConfig
 from cptjax.data.packing import Skipped
 from cptjax.data.read import DOCS_PER_READ, open_source, read_documents
 from cptjax.data.records import MANIFEST, PREPARED_FORMAT
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
-from cptjax.core.errors import CptjaxError
-from cptjax.core.paths import is_remote
-from cptjax.core.progress import progress_bar
 
 
 def prepare_corpus(source: InputConfig, tokenizer_dir, out, *, num_shards: int = 1,

@@ -14,13 +14,12 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.config import InputConfig
 from cptjax.data.packing import Failed, Skipped, all_skipped
 from cptjax.data.records import ArrayRecordTextSource, PreparedSource, TfdsSource
-from cptjax.data.sources import (DocumentSource, InvalidUtf8, JsonlSource, ParquetSource, TextSource,
-                                 expand_paths)
+from cptjax.data.sources import DocumentSource, InvalidUtf8, JsonlSource, ParquetSource, TextSource, expand_paths
 from cptjax.data.tokenize import DocumentTokenizer
-from cptjax.core.errors import CptjaxError
 
 DOCS_PER_READ = 32  # documents per Grain element: amortizes the per-element cost, batches the tokenizer
 PROBE_DOCS = 256  # documents of each source read, in file order, before a run touches anything

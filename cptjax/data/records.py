@@ -21,9 +21,9 @@ import grain
 import numpy as np
 from etils import epath
 
+from cptjax.core.errors import CptjaxError
 from cptjax.data.sources import DocumentSource, decode_utf8
 from cptjax.data.tokenize import DocumentTokenizer
-from cptjax.core.errors import CptjaxError
 
 PREPARED_FORMAT = "cptjax-prepared-tokens-v1"
 MANIFEST = "manifest.json"
@@ -35,7 +35,7 @@ def _array_record_source(files: list[epath.Path]):
             raise CptjaxError(f"{path}: expected an ArrayRecord file, found a folder")
     try:
         return grain.sources.ArrayRecordDataSource([str(f) for f in files])
-    except Exception as err:  # array_record raises bare RuntimeErrors
+    except Exception as err:  # noqa: BLE001 - array_record raises bare RuntimeErrors
         raise CptjaxError(f"{', '.join(map(str, files[:3]))}: not readable as ArrayRecord "
                           f"({err})") from None
 
@@ -73,7 +73,7 @@ class TfdsSource(DocumentSource):
         try:
             self._open_source = tfds.data_source(dataset, split=split, data_dir=data_dir,
                                                  download=False)
-        except Exception as err:  # tfds raises many types for a missing or unprepared dataset
+        except Exception as err:  # noqa: BLE001 - tfds raises many types for a missing or unprepared dataset
             raise CptjaxError(f"tfds {dataset} (split {split!r}, data_dir {data_dir}): cannot be "
                               f"opened ({str(err).splitlines()[0]}); prepare it with TFDS first "
                               "(downloads are off here) and check data_dir") from None

@@ -269,7 +269,7 @@ class ParquetSource(_FileIndexed):
                 with epath.Path(path).open("rb") as handle:
                     parquet = pq.ParquetFile(handle)
                     schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
-            except Exception as err:  # pyarrow raises several types for a bad file
+            except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
                 raise CptjaxError(f"{path}: not a readable Parquet file ({err})") from None
             if text_field not in schema.names:
                 raise CptjaxError(f"{path}: no column {text_field!r} (columns: "

@@ -60,7 +60,7 @@ def load_tokenizer_spec(tokenizer_dir: PathLike, key: str = "tokenizer") -> Toke
 
     try:
         hf = transformers.AutoTokenizer.from_pretrained(str(local_copy(path, TOKENIZER_FILES)))
-    except Exception as err:  # transformers raises many types for a broken folder
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a broken folder
         raise CptjaxError(f"{key} {path}: transformers cannot load this tokenizer ({err})") from None
     if not hf.is_fast:
         raise CptjaxError(f"{key} {path}: not a fast tokenizer; cptjax needs tokenizer.json")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cptjax.model.transformer import ParamPath, layer_weight_names, layer_weight_shape
 from cptjax.model.config import ModelConfig
+from cptjax.model.transformer import ParamPath, layer_weight_names, layer_weight_shape
 
 _HF_LAYER_NAMES = {
     "input_layernorm": "input_layernorm.weight",

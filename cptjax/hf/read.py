@@ -21,11 +21,11 @@ import numpy as np
 from etils import epath
 
 from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import PathLike, user_path
 from cptjax.hf.keymap import KeyMapping, grouped_key_map
 from cptjax.hf.safetensors import SafetensorsFile
-from cptjax.model.transformer import ParamPath, get_param, set_param
 from cptjax.model.config import ModelConfig
-from cptjax.core.paths import PathLike, user_path
+from cptjax.model.transformer import ParamPath, get_param, set_param
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -12,14 +12,14 @@ from collections.abc import Callable
 import numpy as np
 from etils import epath
 
-from cptjax.data.tokenize import TOKENIZER_FILES
 from cptjax.core.dtypes import dtype_name
 from cptjax.core.errors import CptjaxError
+from cptjax.data.tokenize import TOKENIZER_FILES
 from cptjax.hf.keymap import KeyMapping, key_map
 from cptjax.hf.read import INDEX_FILE, SINGLE_FILE, Progress
 from cptjax.hf.safetensors import write_safetensors
-from cptjax.model.transformer import ParamPath
 from cptjax.model.config import ModelConfig
+from cptjax.model.transformer import ParamPath
 
 # Files that travel with the weights: tokenizer, chat template, generation defaults.
 HF_ASSET_FILES = (*TOKENIZER_FILES, "generation_config.json")

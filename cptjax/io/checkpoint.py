@@ -27,9 +27,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from cptjax.core.errors import CptjaxError
-from cptjax.model.transformer import ParamPath, get_param, param_paths, set_param
-from cptjax.model.config import ModelConfig
 from cptjax.core.paths import PathLike, user_path
+from cptjax.model.config import ModelConfig
+from cptjax.model.transformer import ParamPath, get_param, param_paths, set_param
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"

@@ -8,10 +8,10 @@ import numpy as np
 from flax import nnx
 
 from cptjax.core.dtypes import float_dtype
-from cptjax.model.transformer import Llama, model_from_params
-from cptjax.model.config import ModelConfig
 from cptjax.core.paths import PathLike
 from cptjax.io.weights import Weights, open_weights
+from cptjax.model.config import ModelConfig
+from cptjax.model.transformer import Llama, model_from_params
 
 
 class PretrainedModel:

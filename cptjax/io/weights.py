@@ -19,14 +19,13 @@ import jax
 import numpy as np
 from etils import epath
 
-from cptjax.io.checkpoint import ASSETS_DIR, CheckpointReader
 from cptjax.core.errors import CptjaxError
-from cptjax.hf.read import Progress, HFTensors, load_hf_params_sharded, open_hf_tensors, read_group, read_hf_params
-from cptjax.model.transformer import ParamPath
-from cptjax.model.config import ModelConfig, read_hf_config
-from cptjax.io.run_layout import RunPaths
 from cptjax.core.paths import PathLike, user_path
-
+from cptjax.hf.read import HFTensors, Progress, load_hf_params_sharded, open_hf_tensors, read_group, read_hf_params
+from cptjax.io.checkpoint import ASSETS_DIR, CheckpointReader
+from cptjax.io.run_layout import RunPaths
+from cptjax.model.config import ModelConfig, read_hf_config
+from cptjax.model.transformer import ParamPath
 
 
 def find_kind(path: epath.Path) -> tuple[Literal["hf", "checkpoint"], epath.Path] | None:

@@ -108,8 +108,8 @@ def _eval_settings(args, flag: str, dtype: str):
 
 def _eval(args) -> None:
     from cptjax.core.atomic_dir import check_output_dir
-    from cptjax.measure.eval_models import evaluate_models, write_report
     from cptjax.core.paths import user_path
+    from cptjax.measure.eval_models import evaluate_models, write_report
 
     if args.out:
         check_output_dir(user_path(args.out, "--out"))  # before any work
@@ -122,8 +122,8 @@ def _eval(args) -> None:
 
 
 def _generate(args) -> None:
-    from cptjax.measure.generate import Generator, Sampling
     from cptjax.io.weights import split_step
+    from cptjax.measure.generate import Generator, Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     path, step = split_step(args.model)

@@ -31,17 +31,17 @@ import yaml
 
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
 from cptjax.core.config_tree import from_dict, read_yaml_mapping, yaml_error
+from cptjax.core.dtypes import float_dtype
+from cptjax.core.errors import CptjaxError
+from cptjax.core.paths import user_path
+from cptjax.core.progress import progress_bar
 from cptjax.data.config import EvalSetConfig
 from cptjax.data.eval_sets import pack_eval_sets
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
-from cptjax.core.dtypes import float_dtype
-from cptjax.core.errors import CptjaxError
-from cptjax.train.evaluation import compare, comparison_table, domain_sets, evaluate, results_table
-from cptjax.model.config import ModelConfig
-from cptjax.core.paths import user_path
-from cptjax.core.progress import progress_bar
-from cptjax.train.step import EvalSetup, build_eval_setup
 from cptjax.io.weights import Weights, open_weights, split_step
+from cptjax.model.config import ModelConfig
+from cptjax.train.evaluation import compare, comparison_table, domain_sets, evaluate, results_table
+from cptjax.train.step import EvalSetup, build_eval_setup
 
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH_SIZE = 8

@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.core.errors import CptjaxError
-from cptjax.model.kv_cache import KVCache
+from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.io.pretrained import PretrainedModel, model_from_weights
 from cptjax.io.weights import open_weights
+from cptjax.model.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,17 +27,17 @@ import numpy as np
 from etils import epath
 
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
-from cptjax.io.checkpoint import ASSETS_DIR, save_params_checkpoint
 from cptjax.core.dtypes import dtype_name, float_dtype
 from cptjax.core.errors import CptjaxError
-from cptjax.measure.eval_models import check_tokenizers, check_vocabulary
-from cptjax.hf.keymap import grouped_key_map
-from cptjax.hf.write import copy_assets, write_hf_dir
-from cptjax.model.transformer import ParamPath, set_param
-from cptjax.model.config import ModelConfig
 from cptjax.core.paths import PathLike
 from cptjax.core.progress import progress_bar
+from cptjax.hf.keymap import grouped_key_map
+from cptjax.hf.write import copy_assets, write_hf_dir
+from cptjax.io.checkpoint import ASSETS_DIR, save_params_checkpoint
 from cptjax.io.weights import Weights, open_weights, split_step
+from cptjax.measure.eval_models import check_tokenizers, check_vocabulary
+from cptjax.model.config import ModelConfig
+from cptjax.model.transformer import ParamPath, set_param
 
 Method = Literal["linear", "slerp"]
 METHODS = ("linear", "slerp")

@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
 from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
-from cptjax.measure.eval_models import EvalSettings, evaluate_host_params, prepare_eval
-from cptjax.train.evaluation import markdown_table
-from cptjax.measure.merge import METHODS, Method, check_alpha, merge_tensor, open_pair
-from cptjax.model.transformer import get_param, set_param
 from cptjax.core.paths import PathLike
+from cptjax.measure.eval_models import EvalSettings, evaluate_host_params, prepare_eval
+from cptjax.measure.merge import METHODS, Method, check_alpha, merge_tensor, open_pair
 from cptjax.measure.plots import save_sweep_figure
+from cptjax.model.transformer import get_param, set_param
+from cptjax.train.evaluation import markdown_table
 from cptjax.train.step import build_eval_setup
 
 DEFAULT_MAX_FORGETTING = 0.05  # nats/token

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from etils import epath
 
-from cptjax.train.evaluation import comparison_table, domain_sets
 from cptjax.io.run_layout import RunPaths
 from cptjax.measure.run_logs import RunLog, mixture_table, read_run, run_summary
+from cptjax.train.evaluation import comparison_table, domain_sets
 
 CARD = "README.md"
 

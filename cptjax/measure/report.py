@@ -17,10 +17,10 @@ import json
 from etils import epath
 
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
-from cptjax.train.evaluation import comparison_table, domain_sets
 from cptjax.core.paths import PathLike, user_path
 from cptjax.measure.plots import save_report_figures
 from cptjax.measure.run_logs import RunLog, mixture_table, read_run, run_summary
+from cptjax.train.evaluation import comparison_table, domain_sets
 
 CAPTIONS = {
     "training_loss": "Training loss of each logged step's batch, overall and per source.",

@@ -17,11 +17,10 @@ import json
 from etils import epath
 
 from cptjax.core.errors import CptjaxError
-from cptjax.train.evaluation import compare, markdown_table
-from cptjax.io.run_layout import RunPaths
 from cptjax.core.paths import PathLike, user_path
+from cptjax.io.run_layout import RunPaths
 from cptjax.train.config import TrainConfig, load_run_config
-
+from cptjax.train.evaluation import compare, markdown_table
 
 
 @dataclasses.dataclass

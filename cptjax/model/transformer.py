@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, attend
-from cptjax.model.kv_cache import KVCache, LayerCache
 from cptjax.model.config import ModelConfig, rope_inverse_frequencies
+from cptjax.model.kv_cache import KVCache, LayerCache
 from cptjax.model.sharding import constrain
 
 # What the backward pass recomputes, per decoder layer: nothing ("none"), everything ("full"),

@@ -11,18 +11,19 @@ from typing import Literal
 
 import yaml
 
-from cptjax.model.attention import Attention
 from cptjax.core.config_tree import apply_overrides, from_dict, read_yaml_mapping, to_dict
-from cptjax.data.config import DataConfig
 from cptjax.core.dtypes import FloatName
 from cptjax.core.errors import CptjaxError
-from cptjax.model.loss import DEFAULT_LOSS_CHUNK
-from cptjax.model.transformer import Remat
 from cptjax.core.paths import PathLike, UserPath, user_path
+from cptjax.data.config import DataConfig
 from cptjax.io.run_layout import RunPaths
+from cptjax.model.attention import Attention
+from cptjax.model.loss import DEFAULT_LOSS_CHUNK
+from cptjax.model.sharding import MeshConfig
+from cptjax.model.transformer import Remat
 from cptjax.train.optimizer import OptimizerConfig
 from cptjax.train.schedules import ScheduleConfig
-from cptjax.model.sharding import MeshConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -188,6 +189,7 @@ def load_run_config(path: PathLike) -> TrainConfig:
     carry it, equal to training.steps: it is dropped here."""
     raw = read_yaml_mapping(path, "RUN_DIR")
     schedule, training = raw.get("schedule"), raw.get("training")
-    if isinstance(schedule, dict) and isinstance(training, dict) and schedule.get("total_steps") == training.get("steps"):
+    legacy = isinstance(schedule, dict) and isinstance(training, dict)
+    if legacy and schedule.get("total_steps") == training.get("steps"):
         raw["schedule"] = {k: v for k, v in schedule.items() if k != "total_steps"}
     return config_from_dict(raw)

@@ -20,9 +20,9 @@ import time
 
 from etils import epath
 
+from cptjax.core.paths import is_remote
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.config import ModelConfig
-from cptjax.core.paths import is_remote
 
 FLUSH_SECONDS = 30.0  # how stale a remote metrics.jsonl may get between flushes
 

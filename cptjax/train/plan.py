@@ -21,11 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from cptjax.data.packing import BATCH_KEYS
 from cptjax.core.errors import CptjaxError
-from cptjax.model.transformer import abstract_model, param_count
-from cptjax.model.config import ModelConfig, read_hf_config_file
 from cptjax.core.paths import is_remote, user_path
+from cptjax.data.packing import BATCH_KEYS
+from cptjax.model.config import ModelConfig, read_hf_config_file
+from cptjax.model.transformer import abstract_model, param_count
 from cptjax.train.config import TrainConfig
 from cptjax.train.step import build_setup, check_layout
 

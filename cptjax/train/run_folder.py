@@ -31,13 +31,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from cptjax.io.checkpoint import (ASSETS_DIR, FINGERPRINT_FORMAT, MODEL_CONFIG, OPT_STATE, PARAMS, TRAIN_CONFIG,
-                               TRAIN_META, array_digests, differing,
-                               finished_steps, item_handlers, restore_guarded, unreadable_step)
 from cptjax.core.errors import CptjaxError
-from cptjax.hf.write import HF_ASSET_FILES
-from cptjax.model.config import ModelConfig
 from cptjax.core.paths import is_remote
+from cptjax.hf.write import HF_ASSET_FILES
+from cptjax.io.checkpoint import (
+    ASSETS_DIR,
+    FINGERPRINT_FORMAT,
+    MODEL_CONFIG,
+    OPT_STATE,
+    PARAMS,
+    TRAIN_CONFIG,
+    TRAIN_META,
+    array_digests,
+    differing,
+    finished_steps,
+    item_handlers,
+    restore_guarded,
+    unreadable_step,
+)
+from cptjax.model.config import ModelConfig
 
 COMPLETE = ".complete"
 _TMP = ".orbax-checkpoint-tmp"  # in a name, Orbax never lists the folder

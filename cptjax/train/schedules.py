@@ -94,7 +94,7 @@ class ScheduleConfig:
     init_lr: float = 0.0  # where each warmup starts
     end_lr: float = 0.0  # the lr at total_steps and after
     warmup: Length | None = None  # re-warm length: steps (int) or a fraction (float); default 1% (0 for "constant")
-    cooldown: Length | None = None  # final decay (wsd, constant, wsd stages), steps or a fraction; default 20%, 0 for "constant"
+    cooldown: Length | None = None  # final decay (wsd, constant, stages): steps or fraction; 20%, 0 for "constant"
     cooldown_shape: CooldownShape | None = None  # the cooldown's curve; default "linear"
     constant_lr: float | None = None  # "infinite": the lr of the constant phase (required)
     decay: Length | None = None  # "infinite": cosine from peak_lr to constant_lr; default 10%

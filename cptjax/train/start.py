@@ -22,16 +22,16 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from cptjax.io.checkpoint import ASSETS_DIR, finished_steps
 from cptjax.core.errors import CptjaxError
-from cptjax.model.transformer import Llama
-from cptjax.model.config import ModelConfig, read_hf_config_file
 from cptjax.core.paths import user_path
-from cptjax.train.preemption import Preemption
 from cptjax.core.progress import progress_bar
-from cptjax.train.run_folder import assets_complete, read_meta, restore_run
-from cptjax.train.config import TrainConfig
+from cptjax.io.checkpoint import ASSETS_DIR, finished_steps
 from cptjax.io.weights import Weights, open_weights
+from cptjax.model.config import ModelConfig, read_hf_config_file
+from cptjax.model.transformer import Llama
+from cptjax.train.config import TrainConfig
+from cptjax.train.preemption import Preemption
+from cptjax.train.run_folder import assets_complete, read_meta, restore_run
 
 
 @dataclasses.dataclass

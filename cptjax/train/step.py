@@ -24,16 +24,22 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cptjax.model.attention import check_kernel
-from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
+from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
+from cptjax.model.attention import check_kernel
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK, loss_sums
+from cptjax.model.sharding import (
+    MeshConfig,
+    batch_sharding,
+    make_mesh,
+    optimizer_state_shardings,
+    param_shardings,
+    with_activation_sharding,
+)
 from cptjax.model.transformer import abstract_model
 from cptjax.train.optimizer import build_optimizer
 from cptjax.train.schedules import make_schedule
-from cptjax.model.sharding import (MeshConfig, batch_sharding, make_mesh, optimizer_state_shardings,
-                             param_shardings, with_activation_sharding)
 
 
 @dataclasses.dataclass(frozen=True)

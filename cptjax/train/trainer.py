@@ -27,19 +27,19 @@ from jax.experimental import multihost_utils
 
 from cptjax.core.atomic_dir import check_output_dir
 from cptjax.core.config_tree import to_dict
+from cptjax.core.errors import CptjaxError
 from cptjax.data.eval_sets import build_eval_sets
 from cptjax.data.pipeline import build_train_pipeline
 from cptjax.data.tokenize import load_data_tokenizer
+from cptjax.model.config import ModelConfig
+from cptjax.train.config import TrainConfig, dump_yaml
 from cptjax.train.distributed import gather_states, initialize
-from cptjax.core.errors import CptjaxError
 from cptjax.train.evaluation import evaluate, format_results
 from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
-from cptjax.model.config import ModelConfig
 from cptjax.train.preemption import Preemption, StartInterrupted
 from cptjax.train.run_folder import RunCheckpointer, ensure_assets, fingerprint
-from cptjax.train.start import RunStart, initial_state, choose_start
 from cptjax.train.schedules import make_schedule
-from cptjax.train.config import TrainConfig, dump_yaml
+from cptjax.train.start import RunStart, choose_start, initial_state
 from cptjax.train.step import TrainSetup, build_setup, check_layout
 
 
