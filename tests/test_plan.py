@@ -138,8 +138,8 @@ def test_every_cpu_config_fits_16_gb_of_ram(path):
 @needs_libtpu
 def test_a_step_that_does_not_fit_fails_as_the_chip_would_and_names_the_knobs(capsys):
     # The flagship with every memory knob off: XLA attention, whole [B, L, V] float32 logits and no
-    # remat (every layer's activations kept). XLA attention alone now fits (58.72 GiB): it keeps
-    # no [B, N, L, S] scores between forward and backward.
+    # remat (every layer's activations kept). XLA attention alone now fits (58.72 GiB,
+    # docs/benchmarks/plan_2026-12-07.json): it keeps no [B, N, L, S] scores between forward and backward.
     path = ROOT / "configs/llama-3.1-8b-tpu-wsd.yaml"
     code = main(["plan", "--config", str(path), "--topology", "v5p-128", "--hf-config", hf_config(path),
                  "--set", "model.attention=xla", "--set", "model.loss_chunk=null", "--set", "model.remat=none"])
