@@ -125,7 +125,7 @@ def test_scan_matches_layer_by_layer_loop():
     cos, sin = _rope_tables(cfg, jnp.arange(16)[None], jnp.float32)
     weights = model.layers.arrays()
     for i in range(cfg.num_layers):
-        x = _Block(cfg)(x, {k: v[i] for k, v in weights.items()}, cos, sin, None)
+        x, _ = _Block(cfg)(x, {k: v[i] for k, v in weights.items()}, cos, sin, None)
     looped = _rms_norm(x, model.norm[...], cfg.rms_norm_eps)
     np.testing.assert_allclose(np.asarray(model.hidden_states(tokens)), np.asarray(looped), atol=1e-5)
 
