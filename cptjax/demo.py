@@ -165,7 +165,7 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
     if workdir is not None:
         from cptjax.core.atomic_dir import check_output_dir
         check_output_dir(workdir, "--workdir")  # a new or empty folder: nothing there is overwritten
-    workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix="cptjax-demo-"))
+    workdir = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="cptjax-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     corpora = write_corpora(workdir, data_dir)
     tokenizer = train_tokenizer(workdir / "tokenizer", data_dir)
