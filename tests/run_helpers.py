@@ -47,3 +47,19 @@ def restore_arrays(path) -> list[np.ndarray]:
         with ocp.PyTreeCheckpointer() as checkpointer:
             tree = checkpointer.restore(path)
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def flip_largest_file_bytes(folder):
+    """Inverts 64 bytes in the middle of the largest file under `folder`, keeping its size (bit rot,
+    a bad copy)."""
+    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    largest.write_bytes(bytes(data))
+
+
+def truncate_largest_file(folder):
+    """Cuts the largest file under `folder` to a third (what a disk fault or a bad copy leaves)."""
+    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])

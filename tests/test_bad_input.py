@@ -13,6 +13,7 @@ import pytest
 import tiny_configs
 import yaml
 from data_helpers import corpus_files, tokenizer_dir
+from run_helpers import flip_largest_file_bytes, truncate_largest_file
 
 from cptjax.cli import main
 from cptjax.hf.safetensors import SafetensorsFile, write_safetensors
@@ -44,19 +45,10 @@ def _hf_variant(root, name, make):
     make(folder)
 
 
-def _tamper_largest_array_file(step_dir):
-    """Changes bytes in the middle of the largest data file, keeping its size (bit rot, a bad copy)."""
-    largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(largest.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
-    largest.write_bytes(bytes(data))
 
 
-def _corrupt_largest_array_file(step_dir):
-    """Truncates the largest data file of a saved step (what a disk fault or a bad copy leaves)."""
-    largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])
+
+
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +102,7 @@ def workspace(tmp_path_factory):
 
     assert main(["convert", "hf-to-orbax", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt")]) == 0
     shutil.copytree(root / "ckpt", root / "broken_ckpt")
-    _corrupt_largest_array_file(root / "broken_ckpt" / "0" / "params")
+    truncate_largest_file(root / "broken_ckpt" / "0" / "params")
 
     config = {
         "run_dir": "runs/new",
@@ -141,8 +133,8 @@ def workspace(tmp_path_factory):
         assert main(["train", "--config", "tampered_run.yaml", "--until-step", "2"]) == 0
     finally:
         os.chdir(cwd)
-    _corrupt_largest_array_file(root / "runs" / "broken" / "checkpoints" / "2" / "params")
-    _tamper_largest_array_file(root / "runs" / "tampered" / "checkpoints" / "2" / "params")
+    truncate_largest_file(root / "runs" / "broken" / "checkpoints" / "2" / "params")
+    flip_largest_file_bytes(root / "runs" / "tampered" / "checkpoints" / "2" / "params")
     return root
 
 

@@ -21,7 +21,7 @@ import tiny_configs
 import yaml
 import zstandard
 from data_helpers import corpus_files, tokenizer_dir
-from run_helpers import ENV
+from run_helpers import ENV, flip_largest_file_bytes, truncate_largest_file
 from test_bad_input import _snapshot
 
 from cptjax.cli import main
@@ -127,18 +127,10 @@ def test_the_fingerprint_does_not_depend_on_the_sharding():
 
 # --- a real run, changed in place -------------------------------------------------------------------
 
-def _flip_largest_file_bytes(item_dir):
-    """Inverts 64 bytes in the middle of the item's largest data file, keeping its size."""
-    largest = max((p for p in item_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(largest.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
-    largest.write_bytes(bytes(data))
 
 
-def _truncate_largest_file(item_dir):
-    largest = max((p for p in item_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])
+
+
 
 
 def _flip_small_files(item_dir):
@@ -187,11 +179,11 @@ def workspace(tmp_path_factory):
                              255 - b for b in p.read_bytes()[40:56]) + p.read_bytes()[56:]))):
         shutil.copytree(root / "hf", root / name)
         damage(root / name / "model.safetensors")
-    for name, damage in (("ckpt_truncated", _truncate_largest_file), ("ckpt_flipped", _flip_small_files)):
+    for name, damage in (("ckpt_truncated", truncate_largest_file), ("ckpt_flipped", _flip_small_files)):
         shutil.copytree(root / "ckpt", root / name)
         damage(root / name / "0" / "params")
-    _truncate_largest_file(_copy_run(root, "truncated") / "2" / "params")
-    _flip_largest_file_bytes(_copy_run(root, "flipped") / "2" / "params")
+    truncate_largest_file(_copy_run(root, "truncated") / "2" / "params")
+    flip_largest_file_bytes(_copy_run(root, "flipped") / "2" / "params")
     metrics = _copy_run(root, "metrics_flipped").parent / "logs" / "metrics.jsonl"
     data = bytearray(metrics.read_bytes())
     data[len(data) // 2:len(data) // 2 + 16] = bytes(255 - b for b in data[len(data) // 2:len(data) // 2 + 16])
