@@ -13,6 +13,7 @@ import pytest
 import tiny_configs
 import yaml
 from batches import raw_config
+from doc_commands import documented_tpu_plans
 
 from cptjax.cli import main
 from cptjax.core.errors import CptjaxError
@@ -104,9 +105,25 @@ def test_the_hbm_table_is_what_the_tpu_compiler_enforces(slice_name):
     assert float(available) == TPU_HBM_GIB[device.device_kind]
 
 
+# The TPU configs whose `cptjax plan --topology` command the README shows: test_readme runs that
+# command as written and checks the same attention kernel and headroom (one compile of about a
+# minute each, not two).
+README_PLANNED = documented_tpu_plans()
+
+
+def test_each_documented_tpu_plan_is_its_configs_own_target_and_model():
+    assert README_PLANNED  # the README shows at least one
+    for name, (topology, model_folder) in README_PLANNED.items():
+        path = ROOT / "configs" / name
+        assert topology == tpu_target(path), (name, topology)
+        # test_readme puts the model's published config.json in that folder
+        assert model_folder.lower() == MODELS[name], (name, model_folder)
+
+
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in CONFIGS if tpu_target(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if tpu_target(p) and p.name not in README_PLANNED],
+                         ids=lambda p: p.name)
 def test_every_tpu_config_fits_its_target_with_headroom(path):
     config = load_config(path)
     result = plan(config, model_config_for(config, hf_config(path)), tpu_target(path))

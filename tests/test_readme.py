@@ -19,36 +19,14 @@ import pytest
 import tiny_configs
 import zstandard
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
+from doc_commands import commands, documented_commands, documented_tpu_plans
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where users read commands: the README, then the pages it links, in this order (a command shown on
-# several pages runs once, where it first appears).
-PAGES = ["README.md", "docs/training.md", "docs/data.md", "docs/scaling.md", "docs/conversion.md",
-         "docs/measuring.md"]
 SMALLER = " --set training.batch_size=8 --set training.seq_len=512"
-
-
-def _commands(text: str, commented: bool = False) -> list[str]:
-    """`cptjax ...` lines of bash blocks (of a config header's comment when `commented`), joined
-    across backslash continuations, without trailing comments and [--optional] parts."""
-    joined = re.sub(r"\\\n#?\s*", " ", text)
-    found = []
-    for line in joined.splitlines():
-        line = re.sub(r"^#\s+", "", line) if commented else line
-        if line.startswith("cptjax "):
-            line = re.sub(r"\s+#.*$", "", re.sub(r"\[--[^\]]*\]", "", line)).strip()
-            found.append(re.sub(r"\s+", " ", line))
-    return found
-
-
-def _documented_commands() -> list[str]:
-    found = []
-    for page in PAGES:
-        for command in _commands("\n".join(re.findall(r"```bash\n(.*?)```", (ROOT / page).read_text(), re.S))):
-            if command not in found:
-                found.append(command)
-    return found
+# `cptjax plan --topology` commands must leave this share of each chip free: test_plan holds the
+# configs they plan to it and does not compile them again.
+HEADROOM = 0.10
 
 
 def _write_jsonl_zst(path: Path, texts) -> None:
@@ -70,9 +48,10 @@ def user_folder(tmp_path_factory):
         for file in tokenizer.iterdir():
             shutil.copy(file, folder / where / file.name)
     # `cptjax plan --topology` reads only a config.json (the flagship's weights are on gs://)
-    (folder / "models" / "Llama-3.1-8B").mkdir(parents=True)
-    (folder / "models" / "Llama-3.1-8B" / "config.json").write_text(
-        json.dumps(tiny_configs.full_config("llama-3.1-8b")))
+    for _, model_folder in documented_tpu_plans().values():  # e.g. models/Llama-3.1-8B
+        (folder / "models" / model_folder).mkdir(parents=True, exist_ok=True)
+        (folder / "models" / model_folder / "config.json").write_text(
+            json.dumps(tiny_configs.full_config(model_folder.lower())))
     code = [p.read_text() for p in sorted((STDLIB / "json").glob("*.py"))]
     english = [json.loads(line)["text"] for line in corpus_files()["wiki_jsonl"].read_text().splitlines()]
     _write_jsonl_zst(folder / "corpus" / "code" / "part-0.jsonl.zst", code)
@@ -95,8 +74,8 @@ def _run(command: str, cwd: Path) -> str:
 
 
 def test_the_readme_shows_the_commands_this_test_runs():
-    readme = _documented_commands()
-    header = _commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
+    readme = documented_commands()
+    header = commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
     assert len(readme) >= 10 and len(header) == 3, (readme, header)
     assert all(c.split()[1] in ("demo", "train", "config", "convert", "eval", "report", "generate", "merge",
                                 "plan")
@@ -106,7 +85,7 @@ def test_the_readme_shows_the_commands_this_test_runs():
 @pytest.mark.slow
 def test_readme_and_config_commands_work_as_written_from_a_fresh_folder(user_folder):
     # the config's own header: convert, prepare the code corpus, train
-    header = _commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
+    header = commands((ROOT / "configs" / "llama-3.2-1b-code.yaml").read_text(), commented=True)
     for command in header:
         out = _run(command + (" --until-step 1" + SMALLER if command.startswith("cptjax train") else ""),
                    user_folder)
@@ -116,7 +95,7 @@ def test_readme_and_config_commands_work_as_written_from_a_fresh_folder(user_fol
     run = user_folder / "runs" / "llama-3.2-1b-code"
     assert (run / "checkpoints" / "1").is_dir() and (run / "config.yaml").is_file()
 
-    readme = _documented_commands()
+    readme = documented_commands()
     for command in readme:
         if command.startswith("cptjax demo"):
             continue  # the demo runs in test_demo.py
@@ -130,7 +109,11 @@ def test_readme_and_config_commands_work_as_written_from_a_fresh_folder(user_fol
         if command.startswith("cptjax config show"):
             assert f"run_dir: {run}" in out  # relative paths resolved against the user's folder
         if command.startswith("cptjax plan"):
-            assert re.search(r"fits: [\d.]+ GiB of [\d.]+ GiB per device", out), out
+            fits = re.search(r"fits: ([\d.]+) GiB of ([\d.]+) GiB per device", out)
+            assert fits, out
+            if "--topology" in command:  # test_plan leaves these configs to this command
+                assert "; attention splash;" in out, out
+                assert 1 - float(fits.group(1)) / float(fits.group(2)) >= HEADROOM, out
         if "--verify" in command:
             assert "verified with transformers: max |logit difference|" in out
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == "3"
