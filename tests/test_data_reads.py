@@ -172,3 +172,12 @@ def test_a_glob_over_the_data_folder_skips_the_indexes(tmp_path):
     assert (tmp_path / "a.jsonl.cptjax-lines").is_file()
     source = _open(str(tmp_path / "*"))
     assert [source[i] for i in range(len(source))] == ["one", "two", "three"]
+
+
+def test_a_source_starts_at_most_one_tokenizer_process_per_core():
+    from cptjax.data.read import worker_processes
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_processes(1) == 1
+    assert worker_processes(cores) == cores
+    assert worker_processes(cores + 7) == cores  # `--workers 8` on a 2-core notebook: 2

@@ -28,7 +28,7 @@ def add_data_commands(subparsers) -> None:
     prepare.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
     prepare.add_argument("--shards", type=int, default=1, help="ArrayRecord files (default 1)")
     prepare.add_argument("--workers", type=int, default=0,
-                         help="tokenizer worker processes (default 0: in this process)")
+                         help="tokenizer worker processes, at most one per core (default 0: in this process)")
     prepare.add_argument("--invalid-utf8", default="fail", choices=["fail", "skip"],
                          help="a document that is not UTF-8: stop (default) or skip and count it")
 

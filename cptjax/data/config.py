@@ -112,7 +112,7 @@ class DataConfig:
     stages: tuple[StageConfig, ...] = ()  # new weights from given steps on (e.g. more replay later)
     eval_sets: tuple[EvalSetConfig, ...] = ()  # held-out sets: adaptation and forgetting
     seed: int = 0  # fixes the whole stream: every source's document order in every epoch
-    num_workers: int = 0  # Grain tokenizer processes per source (0: in-process); batches never change
+    num_workers: int = 0  # Grain tokenizer processes per source (0: in-process; at most one a core); same batches
     prefetch: int = 2  # batches built ahead in a background thread (0: on demand)
     tokenizer: UserPath | None = None  # HF tokenizer folder (default: the model's)
     invalid_utf8: Literal["fail", "skip"] = "fail"  # a document that is not UTF-8: stop naming it, or skip it

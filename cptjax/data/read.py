@@ -9,6 +9,7 @@ prepare` (prepare.py, file order) both read through it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import grain
@@ -116,11 +117,22 @@ def probe_documents(source: DocumentSource, tokenizer: DocumentTokenizer | None,
         raise CptjaxError(all_skipped(key))
 
 
+def worker_processes(num_workers: int) -> int:
+    """The tokenizer processes `num_workers` asks for, at most one per CPU core this process may
+    use: more only add start-up time and memory (on a 2-core notebook, `--workers 8` starts 2).
+    The documents and their order do not depend on it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        cores = os.cpu_count() or 1
+    return max(1, min(num_workers, cores))
+
+
 def with_workers(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-    """`dataset` computed by `num_workers` Grain processes, elements still in order."""
+    """`dataset` computed by Grain processes (`worker_processes(num_workers)`), elements still in order."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():  # Grain reads absl flags; outside absl.app nobody parses them
         flags.FLAGS.mark_as_parsed()
-    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes(num_workers),
                                                             per_worker_buffer_size=4))
