@@ -2,6 +2,7 @@
 
 import time
 
+import jax
 import pytest
 import yaml
 from batches import raw_config
@@ -42,9 +43,14 @@ def test_bad_config_fails_fast_before_writing(name, edit, expected, tiny_hf, tmp
     edit(raw)
     path = _write(tmp_path, raw)
     capsys.readouterr()
-    started = time.perf_counter()
-    assert main(["train", "--config", str(path)]) == 2
-    assert time.perf_counter() - started < 5
+    compiles = []  # "fast": refused before any program is compiled (a timer would flake on a busy machine)
+    listener = lambda event, seconds, **_: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        assert main(["train", "--config", str(path)]) == 2
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cptjax: error: ") and expected in err[0], err
     assert not (tmp_path / "run").exists()
