@@ -17,6 +17,7 @@ from cptjax.convert import orbax_to_hf
 from cptjax.core.errors import CptjaxError
 from cptjax.io.checkpoint import save_params_checkpoint
 from cptjax.io.pretrained import load_model
+from cptjax.measure.weight_change import weight_change
 from cptjax.model.config import ModelConfig, extend_context
 from cptjax.model.rope import RopeOverrides, rope_attention_factor, rope_inverse_frequencies
 from cptjax.train.config import config_from_dict
@@ -30,19 +31,21 @@ LONG = 4 * ORIGINAL
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
 
 
-@pytest.mark.parametrize("scaling", [
-    YARN,
-    dict(YARN, truncate=False, beta_fast=16, beta_slow=2),
-    dict(YARN, attention_factor=1.3),
-    dict(YARN, mscale=1.0, mscale_all_dim=0.7),  # DeepSeek's spelling of the cos/sin scale
-    {"type": "yarn", "factor": 8.0},  # the old key, and no original length: max_position_embeddings
-], ids=["defaults", "no-truncate-betas", "attention-factor", "mscale", "implicit-original"])
-def test_yarn_frequencies_and_scale_match_transformers(scaling):
+@pytest.mark.parametrize("scaling, top_level", [
+    (YARN, {}),
+    (dict(YARN, truncate=False, beta_fast=16, beta_slow=2), {}),
+    (dict(YARN, attention_factor=1.3), {}),
+    (dict(YARN, mscale=1.0, mscale_all_dim=0.7), {}),  # DeepSeek's spelling of the cos/sin scale
+    ({"type": "yarn", "factor": 8.0}, {}),  # the old key, no original length: max_position_embeddings
+    (YARN, {"original_max_position_embeddings": 2048}),  # Phi-3 writes it at the top level, and it wins
+], ids=["defaults", "no-truncate-betas", "attention-factor", "mscale", "implicit-original", "top-level-original"])
+def test_yarn_frequencies_and_scale_match_transformers(scaling, top_level):
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     for theta in (1e4, 8e6):
-        hf = dict(tiny_configs.full_config("llama-2-7b"), rope_scaling=copy.deepcopy(scaling), rope_theta=theta)
+        hf = dict(tiny_configs.full_config("llama-2-7b"), rope_scaling=copy.deepcopy(scaling), rope_theta=theta,
+                  **top_level)
         cfg = ModelConfig.from_hf_config(copy.deepcopy(hf))  # transformers edits the dict it is given
         reference, scale = ROPE_INIT_FUNCTIONS["yarn"](hf_models.hf_config_object(hf), torch.device("cpu"))
         # 2 ulps seen: theta ** (i / H) goes through NumPy's and torch's own pow (test_model_config).
@@ -139,6 +142,9 @@ def test_yarn_run_exports_what_transformers_reproduces(short_base, tmp_path):
     assert run(config, data=CountingData(512, 2, 2 * ORIGINAL), eval_sets={}).final_step == 1
     _check_export(config.paths.checkpoints, tmp_path, short_base, theta=10000.0,
                   rope_scaling=dict(YARN, beta_fast=32.0, beta_slow=1.0))
+    # The extended run still compares to its base (same shapes, other RoPE): every layer moved.
+    change = weight_change(str(short_base), str(config.paths.checkpoints))
+    assert len(change.layers["q_proj"]) == 2 and min(change.layers["q_proj"]) > 0
 
 
 def _check_export(ckpt, tmp_path, base, theta, rope_scaling):
