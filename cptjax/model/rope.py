@@ -177,6 +177,11 @@ def rope_from_hf(hf: dict, source: str) -> RopeConfig:
         if fields["attention_factor"] is None and mscale and mscale_all_dim and _is_number(fields["factor"]):
             fields["attention_factor"] = _yarn_mscale(fields["factor"], mscale) / _yarn_mscale(
                 fields["factor"], mscale_all_dim)
+    for key, value in fields.items():  # JSON's 8 and 8.0 alike: floats, and a whole-number length
+        if key == "original_max_position_embeddings":
+            fields[key] = int(value) if isinstance(value, float) and value.is_integer() else value
+        elif key not in ("type", "truncate") and _is_number(value):
+            fields[key] = float(value)
     try:
         return RopeConfig(**fields)
     except CptjaxError as err:
