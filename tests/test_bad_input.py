@@ -68,9 +68,9 @@ def workspace(tmp_path_factory):
     _hf_variant(root, "bad_json_config", lambda f: (f / "config.json").write_text('{"model_type": '))
     _hf_variant(root, "no_hidden_size", lambda f: _edit_config(f, hidden_size=None))
     _hf_variant(root, "gemma", lambda f: _edit_config(f, model_type="gemma", architectures=None))
-    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}
-    _hf_variant(root, "yarn", lambda f: _edit_config(f, rope_scaling=None, rope_parameters=yarn))
-    _hf_variant(root, "rope_conflict", lambda f: _edit_config(f, rope_scaling=yarn))
+    dynamic = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 500000.0}
+    _hf_variant(root, "dynamic_rope", lambda f: _edit_config(f, rope_scaling=None, rope_parameters=dynamic))
+    _hf_variant(root, "rope_conflict", lambda f: _edit_config(f, rope_scaling=dynamic))
     _hf_variant(root, "missing_tensor", lambda f: _rewrite(
         f, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"}))
     _hf_variant(root, "extra_tensor", lambda f: _rewrite(
@@ -156,7 +156,7 @@ CASES = [
     ("hf config not JSON", [*TO_ORBAX, "--hf-dir", "bad_json_config"], "config.json: not valid JSON"),
     ("hf config key missing", [*TO_ORBAX, "--hf-dir", "no_hidden_size"], "missing key 'hidden_size'"),
     ("hf architecture", [*TO_ORBAX, "--hf-dir", "gemma"], "unsupported architecture: model_type 'gemma'"),
-    ("hf rope type", [*TO_ORBAX, "--hf-dir", "yarn"], "unsupported rope type 'yarn'"),
+    ("hf rope type", [*TO_ORBAX, "--hf-dir", "dynamic_rope"], "rope type 'dynamic' (dynamic NTK scaling) is refused"),
     ("hf rope keys disagree", [*TO_ORBAX, "--hf-dir", "rope_conflict"], "rope_scaling and rope_parameters"),
     ("hf missing tensor", [*TO_ORBAX, "--hf-dir", "missing_tensor"], "'model.layers.1.mlp.up_proj.weight' is missing"),
     ("hf extra tensor", [*TO_ORBAX, "--hf-dir", "extra_tensor"], "'model.layers.9.mlp.up_proj.weight'"),

@@ -87,9 +87,9 @@ def _refused_rope(tiny_hf, tmp_path):
     folder = _copy(tiny_hf, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    config["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
     (folder / "config.json").write_text(json.dumps(config))
-    return folder, "unsupported rope type 'yarn': cptjax implements default, linear, llama3"
+    return folder, "unsupported rope type 'longrope': cptjax implements default, linear, llama3, yarn"
 
 
 BAD_HF_DIRS = [_missing_dir, _missing_config, _malformed_config, _config_missing_key, _missing_tensor,

@@ -45,6 +45,9 @@ Format = Literal["checkpoint", "hf"]
 PARALLEL_COS = 0.9995  # slerp falls back to linear above this |cos theta|
 # ModelConfig fields that describe a model's files, not its computation: they may differ.
 _METADATA_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "hf_extra_json")
+# ... and those a context-extending run changes (model.rope, model.max_position_embeddings): no shape
+# depends on them, so it still merges with and compares to its base; a merge keeps the tuned model's.
+_CONTEXT_FIELDS = ("rope", "max_position_embeddings")
 
 
 def check_alpha(alpha: float) -> float:
@@ -150,7 +153,7 @@ def check_same_architecture(base: Weights, tuned: Weights) -> None:
     check_vocabulary(base.config, tuned.config, ("--base", "--tuned"))
     for field in dataclasses.fields(ModelConfig):
         a, b = getattr(base.config, field.name), getattr(tuned.config, field.name)
-        if field.name not in _METADATA_FIELDS and a != b:
+        if field.name not in _METADATA_FIELDS + _CONTEXT_FIELDS and a != b:
             raise CptjaxError(f"--tuned {tuned.describe()}: {field.name} is {b}, but {a} in --base; a merge "
                               "or a comparison of weights needs two models of the same architecture and shapes")
 

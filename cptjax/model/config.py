@@ -3,19 +3,19 @@
 The model keys every behaviour on these fields (bias, qk-norm, rope type, sliding window, tied
 embeddings), never on a model name. The one place that knows HF architecture names is
 `ARCHITECTURES` below: it says what each HF class implies about fields its config does not spell out
-(Qwen2 always has q/k/v biases, Qwen3 always has q/k RMSNorm).
+(Qwen2 always has q/k/v biases, Qwen3 always has q/k RMSNorm). RoPE's part is in rope.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 from cptjax.core.dtypes import FLOAT_NAMES
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import PathLike, user_path
+from cptjax.model.rope import RopeConfig, RopeOverrides, override_rope, rope_from_hf, rope_to_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +37,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": Architecture("Qwen3ForCausalLM", "attention_bias", "attention_bias", False, True, "layer_types"),
 }
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-REFUSED_ROPE_TYPES = ("dynamic", "yarn", "longrope", "su", "proportional", "mrope")
-
 # Keys this module reads or writes itself; every other key of the source config.json is carried
 # through unchanged so that an export keeps what the user's model had (initializer_range, use_cache...).
 _MODELED_KEYS = frozenset({
@@ -50,18 +47,6 @@ _MODELED_KEYS = frozenset({
     "use_sliding_window", "max_window_layers", "layer_types", "bos_token_id", "eos_token_id",
     "pad_token_id", "torch_dtype", "dtype", "partial_rotary_factor", "transformers_version",
 })
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeConfig:
-    """Rotary position embedding: `type` is one of SUPPORTED_ROPE_TYPES."""
-
-    theta: float = 10000.0
-    type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +87,6 @@ class ModelConfig:
             raise CptjaxError(
                 f"model config: num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})")
-        if self.rope.type not in SUPPORTED_ROPE_TYPES:
-            raise CptjaxError(_rope_refusal(self.rope.type))
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise CptjaxError(f"model config: sliding_window must be positive, got {self.sliding_window}")
         if self.model_type not in ARCHITECTURES:
@@ -147,16 +130,18 @@ def read_hf_config_file(path: PathLike) -> ModelConfig:
     return ModelConfig.from_hf_config(hf, str(path))
 
 
+def extend_context(cfg: ModelConfig, rope: RopeOverrides, max_position_embeddings: int | None) -> ModelConfig:
+    """`cfg` with a run's RoPE and length keys (`model.rope`, `model.max_position_embeddings`)
+    applied: the one place a run's model config departs from the loaded one."""
+    new_rope = override_rope(cfg.rope, rope, original_len=cfg.max_position_embeddings)
+    length = cfg.max_position_embeddings if max_position_embeddings is None else max_position_embeddings
+    return dataclasses.replace(cfg, rope=new_rope, max_position_embeddings=length)
+
+
 def _architecture_refusal(model_type: Any) -> str:
     supported = ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items())
     return (f"unsupported architecture: model_type {model_type!r}. "
             f"cptjax supports: {supported}; TinyLlama and SmolLM use model_type 'llama'")
-
-
-def _rope_refusal(rope_type: str) -> str:
-    return (f"unsupported rope type {rope_type!r}: cptjax implements {', '.join(SUPPORTED_ROPE_TYPES)} "
-            f"and refuses {', '.join(REFUSED_ROPE_TYPES)} (their positions depend on sequence length "
-            "or need attention scaling that is not implemented)")
 
 
 def _require(hf: dict, key: str, source: str, kind=int):
@@ -179,53 +164,6 @@ def _flag(hf: dict, spec: str | bool, source: str) -> bool:
     if not isinstance(value, bool):
         raise CptjaxError(f"{source}: key {spec!r} must be true or false, got {value!r}")
     return value
-
-
-def _parse_rope(hf: dict, source: str) -> RopeConfig:
-    # transformers 5 writes `rope_parameters` (theta inside it); the hub's files have
-    # `rope_theta` plus an optional `rope_scaling`. Read either; if both, they must agree.
-    params = hf.get("rope_parameters")
-    scaling = hf.get("rope_scaling")
-    if params is not None and not isinstance(params, dict):
-        raise CptjaxError(f"{source}: rope_parameters must be an object, got {params!r}")
-    if scaling is not None and not isinstance(scaling, dict):
-        raise CptjaxError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
-    merged: dict[str, Any] = dict(scaling or {})
-    if params and scaling:
-        kinds = {d.get("rope_type", d.get("type", "default")) for d in (params, scaling)}
-        if len(kinds) > 1:
-            raise CptjaxError(f"{source}: rope_scaling and rope_parameters name different rope types "
-                              f"({' vs '.join(sorted(kinds))}); keep one of the two keys")
-    if params:
-        if "layer_types" in hf and any(k in params for k in ("full_attention", "sliding_attention")):
-            raise CptjaxError(f"{source}: per-layer rope_parameters are not supported")
-        merged.update(params)
-    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise CptjaxError(f"{source}: rope_theta must be a positive number, got {theta!r}")
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise CptjaxError(f"{source}: " + _rope_refusal(rope_type))
-    partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise CptjaxError(f"{source}: partial_rotary_factor {partial} is not supported (only 1.0)")
-    rope = RopeConfig(theta=float(theta), type=rope_type)
-    if rope_type in ("linear", "llama3"):
-        factor = merged.get("factor")
-        if not isinstance(factor, (int, float)) or factor <= 0:
-            raise CptjaxError(f"{source}: rope scaling of type {rope_type!r} needs a positive 'factor'")
-        rope = dataclasses.replace(rope, factor=float(factor))
-    if rope_type == "llama3":
-        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if key not in merged:
-                raise CptjaxError(f"{source}: rope scaling of type 'llama3' needs {key!r}")
-        low, high = float(merged["low_freq_factor"]), float(merged["high_freq_factor"])
-        if not high > low:
-            raise CptjaxError(f"{source}: llama3 rope needs high_freq_factor > low_freq_factor")
-        rope = dataclasses.replace(
-            rope, low_freq_factor=low, high_freq_factor=high,
-            original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
-    return rope
 
 
 def _parse_sliding_window(hf: dict, arch: Architecture, num_layers: int, source: str) -> int | None:
@@ -286,7 +224,9 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
                               f"{heads}; set head_dim explicitly")
         head_dim = hidden // heads
     eos = hf.get("eos_token_id")
-    extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
+    rope = rope_from_hf(hf, source)
+    modeled = _MODELED_KEYS | ({"original_max_position_embeddings"} if rope.type in ("llama3", "yarn") else set())
+    extra = {k: v for k, v in hf.items() if k not in modeled}
     try:
         return ModelConfig(
             vocab_size=_require(hf, "vocab_size", source),
@@ -298,7 +238,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=_require(hf, "max_position_embeddings", source),
             rms_norm_eps=float(_require(hf, "rms_norm_eps", source, float)),
-            rope=_parse_rope(hf, source),
+            rope=rope,
             qkv_bias=_flag(hf, arch.qkv_bias, source),
             o_bias=_flag(hf, arch.o_bias, source),
             mlp_bias=_flag(hf, arch.mlp_bias, source),
@@ -322,15 +262,6 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
 def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     arch = ARCHITECTURES[cfg.model_type]
     hf: dict[str, Any] = json.loads(cfg.hf_extra_json)
-    rope_scaling = None
-    if cfg.rope.type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": cfg.rope.factor}
-    elif cfg.rope.type == "llama3":
-        rope_scaling = {
-            "rope_type": "llama3", "factor": cfg.rope.factor,
-            "low_freq_factor": cfg.rope.low_freq_factor, "high_freq_factor": cfg.rope.high_freq_factor,
-            "original_max_position_embeddings": cfg.rope.original_max_position_embeddings,
-        }
     hf.update({
         "architectures": [arch.hf_class],
         "model_type": cfg.model_type,
@@ -344,7 +275,7 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope.theta,
-        "rope_scaling": rope_scaling,
+        "rope_scaling": rope_to_hf(cfg.rope),
         "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id,
@@ -367,24 +298,3 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
         hf["layer_types"] = [kind] * cfg.num_layers
     return hf
-
-
-def rope_inverse_frequencies(rope: RopeConfig, head_dim: int):
-    """The H/2 inverse frequencies, computed in float32 the way transformers does."""
-    import numpy as np
-
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
-    if rope.type == "linear":
-        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
-    if rope.type == "llama3":
-        old_len = rope.original_max_position_embeddings
-        low_wavelen = old_len / rope.low_freq_factor
-        high_wavelen = old_len / rope.high_freq_factor
-        wavelen = np.float32(2 * math.pi) / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rope.factor), inv_freq)
-        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / np.float32(rope.factor) + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    return inv_freq

@@ -24,8 +24,9 @@ import numpy as np
 from flax import nnx
 
 from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, attend
-from cptjax.model.config import ModelConfig, rope_inverse_frequencies
+from cptjax.model.config import ModelConfig
 from cptjax.model.kv_cache import KVCache, LayerCache
+from cptjax.model.rope import rope_attention_factor, rope_inverse_frequencies
 from cptjax.model.sharding import constrain
 
 # What the backward pass recomputes, per decoder layer: nothing ("none"), everything ("full"),
@@ -281,7 +282,11 @@ def _rope_tables(cfg: ModelConfig, positions, dtype):
     inv_freq = jnp.asarray(rope_inverse_frequencies(cfg.rope, cfg.head_dim))  # [H/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, H]
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    scale = rope_attention_factor(cfg.rope)  # yarn's mscale; transformers scales cos/sin in float32
+    if scale != 1.0:
+        cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def _rotate_half(x):

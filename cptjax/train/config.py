@@ -18,7 +18,9 @@ from cptjax.core.paths import PathLike, UserPath, user_path
 from cptjax.data.config import DataConfig
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.attention import Attention
+from cptjax.model.config import ModelConfig, extend_context
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK
+from cptjax.model.rope import RopeOverrides
 from cptjax.model.sharding import MeshConfig
 from cptjax.model.transformer import Remat
 from cptjax.train.optimizer import OptimizerConfig
@@ -29,7 +31,9 @@ from cptjax.train.schedules import ScheduleConfig
 class ModelSection:
     """Where the weights come from. `init_from`: an HF folder or a cptjax checkpoint (weights only,
     fresh optimizer, step 0: the CPT default). `hf_config`: a config.json to initialise from scratch.
-    A run's own latest checkpoint always wins over both (resume)."""
+    A run's own latest checkpoint always wins over both (resume). `rope` and
+    `max_position_embeddings` change the loaded model's for this run (to extend its context); its
+    checkpoints and exports carry the new values."""
 
     init_from: UserPath | None = None  # an HF folder or a cptjax checkpoint to continue from
     init_step: int | None = None  # checkpoint step for init_from (default: its latest)
@@ -40,6 +44,8 @@ class ModelSection:
     remat: Remat = "none"  # what the backward pass recomputes per layer, to save memory
     attention: Attention = "auto"  # the attention kernel; auto picks per backend
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
+    max_position_embeddings: int | None = None  # the run's context limit (null: the model's); raise to train longer
+    rope: RopeOverrides = RopeOverrides()  # the run's changes to the model's RoPE (base, scaling)
 
     def __post_init__(self):
         if (self.init_from is None) == (self.hf_config is None):
@@ -47,6 +53,13 @@ class ModelSection:
                               "to continue from) and hf_config (a config.json to start from scratch)")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise CptjaxError(f"model.loss_chunk: must be >= 1 or null (whole rows), got {self.loss_chunk}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
+            raise CptjaxError(f"model.max_position_embeddings: must be >= 1, got {self.max_position_embeddings}")
+
+    def run_model_config(self, loaded: ModelConfig) -> ModelConfig:
+        """The run's model config: `loaded` (the weights', the checkpoint's or hf_config's) with
+        `rope` and `max_position_embeddings` applied. Every caller that builds a run asks this."""
+        return extend_context(loaded, self.rope, self.max_position_embeddings)
 
 
 @dataclasses.dataclass(frozen=True)

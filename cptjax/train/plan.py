@@ -102,7 +102,12 @@ def device_memory(device) -> int | None:
 
 
 def model_config_for(config: TrainConfig, hf_config: str | None = None) -> ModelConfig:
-    """The model's shape: --hf-config, else model.hf_config, else model.init_from's own config."""
+    """The run's model: --hf-config, else model.hf_config, else model.init_from's own config; then
+    the run's RoPE and length keys (model.rope, model.max_position_embeddings) on top."""
+    return config.model.run_model_config(_loaded_model_config(config, hf_config))
+
+
+def _loaded_model_config(config: TrainConfig, hf_config: str | None) -> ModelConfig:
     if hf_config is not None:
         return read_hf_config_file(user_path(hf_config, "--hf-config"))
     if config.model.hf_config is not None:

@@ -65,7 +65,7 @@ def choose_start(config: TrainConfig) -> RunStart:
     steps = finished_steps(own)
     if steps:
         with open_weights(own, steps[-1], flag="run_dir", step_flag=None) as weights:
-            model_config = weights.config
+            model_config = config.model.run_model_config(weights.config)
         meta = read_meta(own, steps[-1])
         if assets_complete(own / ASSETS_DIR):
             tokenizer = chosen or weights.tokenizer_dir
@@ -83,12 +83,12 @@ def choose_start(config: TrainConfig) -> RunStart:
     if config.model.init_from is not None:
         weights = open_weights(config.model.init_from, config.model.init_step,
                                flag="model.init_from", step_flag="model.init_step")
-        return RunStart("init", weights.config, chosen or weights.tokenizer_dir,
+        return RunStart("init", config.model.run_model_config(weights.config), chosen or weights.tokenizer_dir,
                          [weights.assets_dir, chosen], weights)
     path = user_path(config.model.hf_config, "model.hf_config")
     if not path.is_file():
         raise CptjaxError(f"model.hf_config {path}: no such file")
-    return RunStart("scratch", read_hf_config_file(path), chosen, [chosen])
+    return RunStart("scratch", config.model.run_model_config(read_hf_config_file(path)), chosen, [chosen])
 
 
 def _init_from_assets(config: TrainConfig) -> epath.Path | None:

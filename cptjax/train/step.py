@@ -174,7 +174,9 @@ def check_layout(config, model_config, devices) -> str:
     seq_len = config.training.seq_len
     if seq_len > model_config.max_position_embeddings:
         raise CptjaxError(f"training.seq_len {seq_len} exceeds the model's max_position_embeddings "
-                          f"({model_config.max_position_embeddings})")
+                          f"({model_config.max_position_embeddings}); to extend the context, raise "
+                          "model.max_position_embeddings, with a larger RoPE base (model.rope.theta) or "
+                          "model.rope.type: yarn (docs/training.md, 'Extending the context')")
     sizes = config.mesh.axis_sizes(len(devices))
     data_ways, accum = sizes[0] * sizes[1], config.optimizer.grad_accum_steps
     if config.training.batch_size % (data_ways * accum):
