@@ -209,19 +209,3 @@ def test_run_resumes_bit_identically_on_either_side_of_a_length_boundary(cpt_con
     assert all(set(d) == {"english"} for d in documents)  # the one source with a length option
     assert all(d["english"]["kept"] + d["english"]["short"] == d["english"]["passed"] for d in documents)
 
-
-@pytest.mark.slow
-def test_plan_compiles_every_stage_shape_and_reports_the_largest():
-    from cptjax.train.plan import format_plan, plan
-
-    raw = {"run_dir": "unused", "model": {"hf_config": "unused.json", "compute_dtype": "float32"},
-           "data": {"sources": [{"name": "a", "type": "text", "paths": ["x"]}],
-                    "stages": [{"start_step": 3, "seq_len": 256, "batch_size": 2}]},
-           "training": {"steps": 6, "batch_size": 4, "seq_len": 32}, "schedule": {"peak_lr": 1e-4}}
-    config = config_from_dict(raw)
-    model = ModelConfig.from_hf_config(tiny_configs.shrunk_config("llama-3.2-1b"))
-    result = plan(config, model, device_count=1)
-    assert (result.batch_size, result.seq_len, result.stage_key) == (2, 256, "data.stages[0].seq_len (step 3 on)")
-    assert result.memory is not None and result.fits
-    assert "batch 2 x 256 (data.stages[0].seq_len (step 3 on): the stage needing the most memory)" in format_plan(
-        result, "c.yaml", model, config)
