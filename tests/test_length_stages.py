@@ -23,6 +23,7 @@ from data_helpers import (
 )
 from run_helpers import records
 
+from cptjax.core.config_tree import to_dict
 from cptjax.core.errors import CptjaxError
 from cptjax.data.config import DataConfig, LongUpsample, SourceConfig, StageConfig, StageShape, shape_at
 from cptjax.data.pipeline import LengthFilter, build_train_pipeline
@@ -80,6 +81,7 @@ def test_length_stage_config_inherits_and_refuses_with_the_key(tmp_path):
     # the stage at step 99 is past training.steps: never reached, so neither checked nor planned
     assert config.stage_shapes == [StageShape(1, 64, 8), StageShape(4, 128, 4)]
     assert config.eval_shape == StageShape(4, 128, 4)  # evaluations: the longest rows, all run
+    assert config_from_dict(to_dict(config)) == config  # what `cptjax config show` and checkpoints keep
     model = ModelConfig.from_hf_config(dict(tiny_configs.shrunk_config("llama-3.2-1b"), max_position_embeddings=100))
     with pytest.raises(CptjaxError, match=r"data.stages\[0\].seq_len \(step 4 on\) 128 exceeds the model's "
                        r"max_position_embeddings \(100\)"):
