@@ -171,11 +171,13 @@ def test_plan_for_the_local_devices(tmp_path, capsys):
     hf.write_text(json.dumps(tiny_configs.shrunk_config("qwen2.5-0.5b")))
     raw = raw_config(tmp_path / "run", hf, training={"steps": 10, "batch_size": 4, "seq_len": 64})
     raw["model"] = {"hf_config": str(hf), "compute_dtype": "float32", "loss_chunk": 16}
+    raw["data"]["stages"] = [{"start_step": 5, "seq_len": 128}]  # a length stage: each shape is compiled
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["plan", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"on local: {jax.device_count()} x cpu" in out and "attention xla" in out
+    assert "batch 4 x 128 (data.stages[0].seq_len (step 5 on): the stage needing the most memory)" in out
     assert re.search(r"fits: [\d.]+ GiB of [\d.]+ GiB per device, \d+% headroom", out)
     assert not (tmp_path / "run").exists()  # plans touch nothing
 

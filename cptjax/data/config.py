@@ -14,6 +14,7 @@ A YAML example:
         - {name: replay, type: prepared, paths: ["prepared/fineweb"], weight: 0.05}
       stages:                      # from step 8000 on: 80% domain, 20% replay
         - {start_step: 8000, weights: [0.8, 0.2]}
+        - {start_step: 9000, seq_len: 8192, batch_size: 32}   # then longer rows, the same weights
       eval_sets:
         - {name: domain, type: jsonl, paths: ["heldout/*.jsonl"], max_docs: 200}
 """
@@ -71,24 +72,88 @@ class InputConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LongUpsample:
+    """Documents of at least `min_tokens` tokens become `factor` times as frequent as the shorter
+    ones: each shorter document is kept with probability 1 / factor, a fixed draw per document and
+    epoch. Nothing is repeated within an epoch (a repeat in the same long row would teach copying),
+    and the source's share of the rows stays its weight."""
+
+    min_tokens: int  # documents this long or longer (BOS and EOS included) count as long
+    factor: float  # how many times as frequent they become, relative to the shorter ones (>= 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceConfig(InputConfig):
     """A training source: documents plus its mixture weight and what happens at its end."""
 
     weight: float = 1.0  # share of the rows until the first stage (normalized over sources)
     on_exhaustion: Literal["repeat", "stop"] = "repeat"  # another epoch in a new order, or end the run
+    min_tokens: int | None = None  # keep only documents of at least this many tokens (BOS, EOS included)
+    long_upsample: LongUpsample | None = None  # make long documents more frequent than short ones (below)
 
     def validate(self, key: str) -> None:
         super().validate(key)
         _check_weight(self.weight, f"{key}.weight")
+        if self.min_tokens is not None and self.min_tokens < 1:
+            raise CptjaxError(f"{key}.min_tokens: must be a positive integer or null, got {self.min_tokens!r}")
+        upsample = self.long_upsample
+        if upsample is not None:
+            if upsample.min_tokens < 2:
+                raise CptjaxError(f"{key}.long_upsample.min_tokens: must be >= 2, got {upsample.min_tokens!r}")
+            if not (math.isfinite(upsample.factor) and upsample.factor >= 1):
+                raise CptjaxError(f"{key}.long_upsample.factor: must be a finite number >= 1 (1 changes "
+                                  f"nothing), got {upsample.factor!r}")
+            if self.min_tokens is not None and self.min_tokens >= upsample.min_tokens:
+                raise CptjaxError(f"{key}.long_upsample.min_tokens ({upsample.min_tokens}): min_tokens "
+                                  f"({self.min_tokens}) already drops every shorter document; raise "
+                                  "long_upsample.min_tokens above it or remove one of the two")
 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """The batches of step `start_step` and after mix the sources with `weights` (one per source,
-    in order). Steps count optimizer updates from 1, as the logs do."""
+    in order), in rows of `seq_len` tokens, `batch_size` rows a step. What a stage leaves out stays
+    as the stage before set it (the first: training.seq_len and training.batch_size). Steps count
+    optimizer updates from 1, as the logs do."""
 
-    start_step: int  # the first step with these weights
-    weights: tuple[float, ...]  # one per source, in order (normalized)
+    start_step: int  # the first step of this stage
+    weights: tuple[float, ...] | None = None  # one per source, in order (normalized); null: as before
+    seq_len: int | None = None  # tokens per row from start_step on; null: as before
+    batch_size: int | None = None  # global rows per step from start_step on; null: as before
+
+
+@dataclasses.dataclass(frozen=True)
+class StageShape:
+    """The batch shape of the steps from `start_step` on: what the trainer compiles its step for."""
+
+    start_step: int
+    seq_len: int
+    batch_size: int
+
+
+def shape_at(shapes: list[StageShape], step: int) -> StageShape:
+    """The shape of step `step` (counted from 1; step 0, the start, has the first stage's)."""
+    return [s for s in shapes if s.start_step <= max(step, 1)][-1]
+
+
+def stage_shapes(stages: tuple[StageConfig, ...], seq_len: int, batch_size: int,
+                 steps: int | None = None) -> list[StageShape]:
+    """The batch shape of each stage, the first from step 1: `seq_len` and `batch_size` (the
+    training section's) until a stage sets others; with `steps`, only the stages a run of that many
+    steps reaches. The one answer to "how long are the rows of step N?" (with `shape_at`), for the
+    pipeline, the trainer, `cptjax plan` and `cptjax eval`."""
+    shapes = [StageShape(1, seq_len, batch_size)]
+    for stage in stages:
+        shapes.append(StageShape(stage.start_step, stage.seq_len or shapes[-1].seq_len,
+                                 stage.batch_size or shapes[-1].batch_size))
+    return [s for s in shapes if steps is None or s.start_step <= steps]
+
+
+def eval_shape(shapes: list[StageShape]) -> StageShape:
+    """The held-out batches' shape for a whole run: the longest stage's rows (the first such
+    stage's row count), so every evaluation of a run measures the same thing, at the length the run
+    trains for last. It needs less memory than that stage's train step."""
+    return max(shapes, key=lambda s: s.seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +204,14 @@ class DataConfig:
                 raise CptjaxError(f"{key}.start_step: must be > {previous} (step 1 uses the sources' own "
                                   f"weights; stages come in increasing order), got {stage.start_step!r}")
             previous = stage.start_step
+            if stage.weights is None and stage.seq_len is None and stage.batch_size is None:
+                raise CptjaxError(f"{key}: changes nothing; give weights, seq_len or batch_size (or "
+                                  "remove the stage)")
+            for name in ("seq_len", "batch_size"):
+                if getattr(stage, name) is not None and getattr(stage, name) < 1:
+                    raise CptjaxError(f"{key}.{name}: must be >= 1 or null, got {getattr(stage, name)!r}")
+            if stage.weights is None:
+                continue
             if len(stage.weights) != len(self.sources):
                 raise CptjaxError(f"{key}.weights: expected {len(self.sources)} weights, one per "
                                   f"source in order ({', '.join(s.name for s in self.sources)}), "
@@ -164,15 +237,22 @@ class DataConfig:
         return tuple(s.name for s in self.sources)
 
     def stage_weights(self) -> list[tuple[int, tuple[float, ...]]]:
-        """[(first step, normalized weights)]: the sources' own weights from step 1, then each stage."""
+        """[(first step, normalized weights)]: the sources' own weights from step 1, then each stage
+        (a stage without weights keeps the ones before it)."""
         stages = [(1, tuple(s.weight for s in self.sources))]
-        stages += [(stage.start_step, tuple(stage.weights)) for stage in self.stages]
+        for stage in self.stages:
+            stages.append((stage.start_step, tuple(stage.weights) if stage.weights is not None else stages[-1][1]))
         return [(start, tuple(w / sum(weights) for w in weights)) for start, weights in stages]
+
+    def stage_shapes(self, seq_len: int, batch_size: int) -> list[StageShape]:
+        """`stage_shapes` of these stages."""
+        return stage_shapes(self.stages, seq_len, batch_size)
 
     def weight_notes(self) -> list[str]:
         """One line per set of weights that does not sum to 1, saying what it is normalized to."""
         raw = [("data.sources[*].weight", [s.weight for s in self.sources])]
-        raw += [(f"data.stages[{i}].weights", list(stage.weights)) for i, stage in enumerate(self.stages)]
+        raw += [(f"data.stages[{i}].weights", list(stage.weights)) for i, stage in enumerate(self.stages)
+                if stage.weights is not None]
         return [f"{key}: {' + '.join(f'{w:g}' for w in weights)} = {sum(weights):g}, normalized to "
                 f"{', '.join(f'{w / sum(weights):.4g}' for w in weights)}"
                 for key, weights in raw if abs(sum(weights) - 1.0) > 1e-9]

@@ -14,6 +14,7 @@ pattern restarts there.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -46,13 +47,24 @@ class StagedSelectionMap:
     """Row index (within one process's stream) -> source index, with weights changing by step.
 
     `stages` is [(first step, weights)], the first starting at step 1; `rows_per_step` is the
-    number of rows this process contributes to each step's batch. A pure function of the row, so
-    a resumed run needs only the step.
+    number of rows this process contributes to each step's batch: one number, or one per stage
+    (stages may change the batch size). A pure function of the row, so a resumed run needs only
+    the step.
     """
 
-    def __init__(self, stages: list[tuple[int, tuple[float, ...]]], rows_per_step: int):
-        self._starts = [(first_step - 1) * rows_per_step for first_step, _ in stages]
+    def __init__(self, stages: list[tuple[int, tuple[float, ...]]], rows_per_step: int | Sequence[int]):
+        rows = [rows_per_step] * len(stages) if isinstance(rows_per_step, int) else list(rows_per_step)
+        self._steps = [first_step for first_step, _ in stages]
+        self._rows = rows
+        self._starts = [0]  # each stage's first row: the rows of the stages before it
+        for k in range(1, len(stages)):
+            self._starts.append(self._starts[-1] + (self._steps[k] - self._steps[k - 1]) * rows[k - 1])
         self._patterns = [_pattern(weights) for _, weights in stages]
+
+    def first_row(self, step: int) -> int:
+        """The index of step `step`'s first row (steps count from 1)."""
+        stage = bisect.bisect_right(self._steps, step) - 1
+        return self._starts[stage] + (step - self._steps[stage]) * self._rows[stage]
 
     def source_of(self, row: int) -> int:
         stage = bisect.bisect_right(self._starts, row) - 1

@@ -25,11 +25,14 @@ import numpy as np
 from cptjax.core.errors import CptjaxError
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "source_ids")
+# Why a document is left out: not UTF-8 (data.invalid_utf8: skip), no text, fewer tokens than the
+# source's min_tokens, or a short one left out by its long_upsample (pipeline.LengthFilter).
+SKIP_REASONS = ("invalid_utf8", "empty", "short", "downsampled")
 
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-    """A document left out of the stream; `reason` is "invalid_utf8" or "empty"."""
+    """A document left out of the stream; `reason` is one of SKIP_REASONS."""
 
     reason: str
 
@@ -48,6 +51,8 @@ class RowPacker:
     carry bytes per token), or `Skipped` markers (a `Failed` one is raised by the reader before it
     gets here). The state is where the next row starts:
     (document index in the stream, token offset in that document) plus skip counts.
+    `max_skips_in_a_row` documents left out one after the other (a "downsampled" one, which a later
+    epoch may keep, starts the count again) mean that every document is: an error naming `name`.
     """
 
     def __init__(self, open_docs: Callable[[int], Iterator], seq_len: int, *,
@@ -63,7 +68,7 @@ class RowPacker:
         self._offset = 0
         self._tokens: np.ndarray | None = None
         self._extra: np.ndarray | None = None
-        self.skipped = {"invalid_utf8": 0, "empty": 0}
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
         self.exhausted = False
 
     def get_state(self) -> dict:
@@ -73,7 +78,7 @@ class RowPacker:
     def set_state(self, state: dict) -> None:
         self.close()
         self._doc, self._offset = int(state["doc"]), int(state["offset"])
-        self.skipped = {k: int(v) for k, v in state["skipped"].items()}
+        self.skipped = {**dict.fromkeys(SKIP_REASONS, 0), **{k: int(v) for k, v in state["skipped"].items()}}
         self.exhausted = bool(state["exhausted"])
         self._tokens = self._extra = None
 
@@ -95,20 +100,25 @@ class RowPacker:
             tokens, extra = (None, None) if isinstance(item, Skipped) else (
                 item if self._with_extra else (item, None))
             if tokens is None or len(tokens) == 0:
-                self.skipped[item.reason if tokens is None else "empty"] += 1
+                reason = item.reason if tokens is None else "empty"
+                self.skipped[reason] += 1
                 self._doc += 1
-                skips += 1
+                skips = 0 if reason == "downsampled" else skips + 1
                 if self._max_skips is not None and skips > self._max_skips:
                     raise CptjaxError(all_skipped(self._name))
                 continue
             self._tokens, self._extra = tokens, extra
             return True
 
-    def next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-        """(tokens [L+1] int32, segments [L+1] int32, extras [L+1] or None); None when done."""
+    def next_row(self, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(tokens [L+1] int32, segments [L+1] int32, extras [L+1] or None); None when done.
+
+        `seq_len` (default: the packer's) may change from one row to the next (length stages): the
+        state is where the next row starts, whatever its length."""
         if self.exhausted:
             return None
-        need = self._seq_len + 1
+        length = self._seq_len if seq_len is None else seq_len
+        need = length + 1
         pieces, extras, lengths = [], [], []
         while need > 0:
             if self._tokens is None and not self._load_next():
@@ -127,24 +137,24 @@ class RowPacker:
                 self._tokens = self._extra = None
                 self._doc += 1
                 self._offset = 0
-        filled = self._seq_len + 1 - need
+        filled = length + 1 - need
         if filled <= 1:  # nothing left to predict
             self.exhausted = True
             return None
-        tokens = np.zeros(self._seq_len + 1, dtype=np.int32)
+        tokens = np.zeros(length + 1, dtype=np.int32)
         tokens[:filled] = np.concatenate(pieces)
-        segments = np.zeros(self._seq_len + 1, dtype=np.int32)
+        segments = np.zeros(length + 1, dtype=np.int32)
         segments[:filled] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
         extra = None
         if self._with_extra:
-            extra = np.zeros(self._seq_len + 1, dtype=np.float64)
+            extra = np.zeros(length + 1, dtype=np.float64)
             extra[:filled] = np.concatenate(extras)
         return tokens, segments, extra
 
 
 def all_skipped(name: str) -> str:
-    return (f"{name}: every document is skipped (empty, or invalid UTF-8 with data.invalid_utf8: "
-            "skip); check its files and text field")
+    return (f"{name}: every document is skipped (empty, invalid UTF-8 with data.invalid_utf8: "
+            "skip, or shorter than its min_tokens); check its files, text field and min_tokens")
 
 
 def rows_per_process(batch_size: int, process_index: int, process_count: int) -> int:

@@ -35,7 +35,7 @@ from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import user_path
 from cptjax.core.progress import progress_bar
-from cptjax.data.config import EvalSetConfig
+from cptjax.data.config import EvalSetConfig, StageConfig, eval_shape, stage_shapes
 from cptjax.data.eval_sets import pack_eval_sets
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.io.weights import Weights, open_weights, split_step
@@ -74,7 +74,8 @@ def parse_eval_spec(text: str, flag: str = "--data") -> EvalSetConfig:
 
 def eval_sets_from_file(path: str) -> tuple[list[EvalSetConfig], dict]:
     """The eval sets of a YAML file (top-level or `data:` `eval_sets`), and the defaults it sets
-    ({"seq_len", "batch_size"} from a training config's `training` section)."""
+    ({"seq_len", "batch_size"} from a training config: the shape its own evaluations use, that of
+    its `training` section or of its longest length stage)."""
     file = user_path(path, "--data-config")
     raw = read_yaml_mapping(file, "--data-config")
     section = raw.get("data", raw)
@@ -83,7 +84,14 @@ def eval_sets_from_file(path: str) -> tuple[list[EvalSetConfig], dict]:
         raise CptjaxError(f"--data-config {file}: no eval_sets list (at the top level or under data:)")
     sets = [_eval_set(e, f"{file}: eval_sets[{i}]") for i, e in enumerate(entries)]
     training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
-    return sets, {k: training[k] for k in ("seq_len", "batch_size") if isinstance(training.get(k), int)}
+    defaults = {k: training[k] for k in ("seq_len", "batch_size") if isinstance(training.get(k), int)}
+    stages = section.get("stages") if isinstance(section, dict) and "training" in raw else None
+    if len(defaults) == 2 and isinstance(stages, list) and stages:
+        steps = training.get("steps") if isinstance(training.get("steps"), int) else None
+        stages = [from_dict(StageConfig, e, f"{file}: data.stages[{i}]") for i, e in enumerate(stages)]
+        shape = eval_shape(stage_shapes(tuple(stages), defaults["seq_len"], defaults["batch_size"], steps))
+        defaults = {"seq_len": shape.seq_len, "batch_size": shape.batch_size}
+    return sets, defaults
 
 
 def _eval_set(entry: dict, key: str) -> EvalSetConfig:

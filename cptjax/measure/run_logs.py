@@ -140,11 +140,16 @@ def run_summary(run: RunLog, step: int | None = None) -> list[str]:
     origin = (f"continued from `{model.init_from}`" + (f" (step {model.init_step})" if model.init_step else "")
               if model.init_from else f"trained from scratch (`{model.hf_config}`)")
     done = run.last_step if step is None else step
-    per_step = training.batch_size * training.seq_len
+    shapes = config.stage_shapes  # length stages: each shape from its start step on
+    ends = [s.start_step - 1 for s in shapes[1:]] + [training.steps]
+    positions = sum(max(0, min(done, end) - s.start_step + 1) * s.batch_size * s.seq_len
+                    for s, end in zip(shapes, ends))
+    shape_text = "; then ".join(
+        f"{s.batch_size} rows x {s.seq_len} tokens = {s.batch_size * s.seq_len:,} tokens per step"
+        + ("" if len(shapes) == 1 else f" (steps {s.start_step}-{end})") for s, end in zip(shapes, ends))
     return [
         f"- base model: {origin}",
-        f"- steps: {done} of {training.steps}; {training.batch_size} rows x {training.seq_len} tokens "
-        f"= {per_step:,} tokens per step ({done * per_step:,} positions in all)",
+        f"- steps: {done} of {training.steps}; {shape_text} ({positions:,} positions in all)",
         f"- schedule: `{schedule.kind}`, peak learning rate {schedule.peak_lr:g} after "
         f"{schedule.warmup_steps()} warmup steps, end learning rate {schedule.end_lr:g}",
         f"- held-out evaluation every {config.eval.every} steps"

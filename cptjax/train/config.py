@@ -15,7 +15,7 @@ from cptjax.core.config_tree import apply_overrides, from_dict, read_yaml_mappin
 from cptjax.core.dtypes import FloatName
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import PathLike, UserPath, user_path
-from cptjax.data.config import DataConfig
+from cptjax.data.config import DataConfig, StageShape, eval_shape, stage_shapes
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.attention import Attention
 from cptjax.model.config import ModelConfig, extend_context
@@ -65,8 +65,8 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class TrainingSection:
     steps: int  # optimizer updates in the whole run (the schedule's length)
-    batch_size: int  # global rows per optimizer step
-    seq_len: int  # tokens per row
+    batch_size: int  # global rows per optimizer step (until a data stage sets another)
+    seq_len: int  # tokens per row (until a data stage sets another)
     seed: int = 0  # initialisation from scratch
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop the run, or skip that update
 
@@ -154,13 +154,32 @@ class TrainConfig:
                               f"from the start steps of data.stages {list(starts)}; leave "
                               "schedule.stage_boundaries out to re-warm at each data stage")
         accum = self.optimizer.grad_accum_steps
-        if self.training.batch_size % accum:
-            raise CptjaxError(f"training.batch_size {self.training.batch_size} is not divisible by "
-                              f"optimizer.grad_accum_steps {accum}")
+        for shape in self.stage_shapes:
+            if shape.batch_size % accum:
+                raise CptjaxError(f"{self.shape_key(shape, 'batch_size')} {shape.batch_size} is not divisible "
+                                  f"by optimizer.grad_accum_steps {accum}")
 
     @property
     def paths(self) -> RunPaths:
         return RunPaths(user_path(self.run_dir, "run_dir"))
+
+    @property
+    def stage_shapes(self) -> list[StageShape]:
+        """The batch shape of each stage the run reaches: training.seq_len and batch_size, then each
+        length stage's up to training.steps (`cptjax.data.config.shape_at` picks a step's)."""
+        return stage_shapes(self.data.stages, self.training.seq_len, self.training.batch_size, self.training.steps)
+
+    @property
+    def eval_shape(self) -> StageShape:
+        """The held-out batches' shape for the whole run (`cptjax.data.config.eval_shape`)."""
+        return eval_shape(self.stage_shapes)
+
+    def shape_key(self, shape: StageShape, name: str) -> str:
+        """The key that sets `name` ("seq_len", "batch_size") of `shape`, for messages."""
+        if shape.start_step == 1:
+            return f"training.{name}"
+        index = next(i for i, s in enumerate(self.data.stages) if s.start_step == shape.start_step)
+        return f"data.stages[{index}].{name} (step {shape.start_step} on)"
 
 
 def load_config(path: PathLike, overrides: list[str] = ()) -> TrainConfig:

@@ -73,7 +73,11 @@ def _entries(cls, prefix: str) -> list[tuple[str, list[tuple[str, str, str, str]
         if not docs.get(field.name):
             raise ValueError(f"{cls.__name__}.{field.name} has no comment: write what it does on its line")
         element = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
-        if dataclasses.is_dataclass(tp):
+        optional = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+            Union, typing.get_origin(int | None)) else []
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # a section or null
+            nested += _entries(optional[0], f"{key}.")
+        elif dataclasses.is_dataclass(tp):
             nested += _entries(tp, f"{key}.")
         elif element is not None and dataclasses.is_dataclass(element):
             nested += _entries(element, f"{key}[].")

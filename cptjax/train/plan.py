@@ -6,7 +6,9 @@ host with libtpu installed (the `tpu` extra; no TPU needed), or for this machine
 no weights and no data: the model's shape comes from its config.json. Reports per-device memory
 (parameters, optimizer state, the compiler's temporaries and peak) against the device's, whether
 it fits, and which knobs to turn if it does not. The TPU compiler refuses a program that does not
-fit exactly as the chip would, so "fits" is the compiler's answer, not a model of it.
+fit exactly as the chip would, so "fits" is the compiler's answer, not a model of it. A run with
+length stages (`data.stages` with `seq_len` or `batch_size`) compiles its step for each shape;
+the plan reports the one that needs the most memory.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import is_remote, user_path
 from cptjax.data.packing import BATCH_KEYS
+from cptjax.model.attention import check_kernel
 from cptjax.model.config import ModelConfig, read_hf_config_file
 from cptjax.model.transformer import abstract_model, param_count
 from cptjax.train.config import TrainConfig
@@ -141,6 +145,9 @@ class Plan:
     needed: int  # TPU: the compiler's peak; else arguments + outputs - aliased + temporaries + code
     error: str | None = None  # the compiler's out-of-memory message
     knobs: tuple[str, ...] = ()
+    batch_size: int = 0  # the planned shape: global rows per step ...
+    seq_len: int = 0  # ... of this many tokens (of the stage that needs the most memory)
+    stage_key: str = "training.seq_len"  # the key that sets that shape's seq_len
 
     @property
     def fits(self) -> bool:
@@ -161,9 +168,19 @@ def plan(config: TrainConfig, model_config: ModelConfig, topology: str | None = 
         if device_count > len(devices):
             raise CptjaxError(f"{device_count} devices asked for; {topology or 'this machine'} has {len(devices)}")
         devices = devices[:device_count]
-    attention = check_layout(config, model_config, devices)
+    check_layout(config, model_config, devices)
     setup = build_setup(config, model_config, num_sources=len(config.data.sources), devices=devices)
-    rows, length = config.training.batch_size, config.training.seq_len
+    shapes = {(s.batch_size, s.seq_len): s for s in reversed(config.stage_shapes)}  # each once, the first
+    plans = [_plan_shape(config, model_config, setup, devices, topology, shape) for shape in shapes.values()]
+    return max(plans, key=lambda p: (not p.fits, p.needed))
+
+
+def _plan_shape(config: TrainConfig, model_config: ModelConfig, setup, devices, topology, shape) -> Plan:
+    """One compile of the train step for batches of `shape` (a StageShape)."""
+    rows, length = shape.batch_size, shape.seq_len
+    attention = check_kernel(config.model.attention, devices[0].platform,
+                             float_dtype(config.model.compute_dtype, "model.compute_dtype"), length,
+                             model_config.sliding_window)
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=setup.batch_sharding) for k in BATCH_KEYS}
     state = {**setup.abstract_state, "step": jax.ShapeDtypeStruct((), jnp.int32,
@@ -195,7 +212,8 @@ def plan(config: TrainConfig, model_config: ModelConfig, topology: str | None = 
         params_bytes=_per_device(setup.abstract_state["params"]),
         opt_state_bytes=_per_device(setup.abstract_state["opt_state"]),
         batch_bytes=_per_device(batch), device_memory=device_memory(devices[0]), compile_s=compile_s,
-        memory=memory, needed=needed, error=error)
+        memory=memory, needed=needed, error=error, batch_size=rows, seq_len=length,
+        stage_key=config.shape_key(shape, "seq_len"))
     return dataclasses.replace(result, knobs=() if result.fits else knobs(config, result))
 
 
@@ -222,13 +240,15 @@ def knobs(config: TrainConfig, result: Plan) -> tuple[str, ...]:
     if config.model.remat != "full":
         out.append("model.remat: full (recompute each layer's activations in the backward pass)")
     accum = config.optimizer.grad_accum_steps * 2
-    if config.training.batch_size % ((result.mesh["data"] * result.mesh["fsdp"]) * accum) == 0:
+    if all(s.batch_size % ((result.mesh["data"] * result.mesh["fsdp"]) * accum) == 0 for s in config.stage_shapes):
         out.append(f"optimizer.grad_accum_steps: {accum} (micro-batches of half the rows)")
     if result.mesh["data"] > 1:
         out.append("mesh: {data: 1, fsdp: -1} (shard parameters and optimizer state over every device)")
     elif result.mesh["tensor"] == 1:
         out.append("mesh.tensor: 2, 4 or 8 (split heads and MLP over devices as well)")
-    out.append("a larger slice (--topology), or fewer rows per step (training.batch_size)")
+    rows_key = "training.batch_size" if result.stage_key == "training.seq_len" else result.stage_key.replace(
+        ".seq_len", ".batch_size")
+    out.append(f"a larger slice (--topology), or fewer rows per step ({rows_key})")
     return tuple(out)
 
 
@@ -238,7 +258,9 @@ def format_plan(result: Plan, config_path: str, model_config: ModelConfig, confi
     lines = [
         f"cptjax plan: {config_path} on {result.target}: {result.devices} x {result.device_kind}, mesh {mesh}",
         f"  {model_config.hf_architecture}, {result.parameters / 1e9:.2f}B parameters; batch "
-        f"{config.training.batch_size} x {config.training.seq_len} in {config.optimizer.grad_accum_steps} "
+        f"{result.batch_size} x {result.seq_len}"
+        + ("" if len(config.stage_shapes) == 1 else f" ({result.stage_key}: the stage needing the most memory)")
+        + f" in {config.optimizer.grad_accum_steps} "
         f"micro-batch(es); remat {config.model.remat}; attention {result.attention}; loss chunk "
         f"{config.model.loss_chunk}; compiled in {result.compile_s:.0f} s",
         "  per device:",

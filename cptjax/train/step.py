@@ -170,22 +170,27 @@ def batch_to_global(sharding: jax.sharding.NamedSharding, batch: dict) -> dict:
 
 def check_layout(config, model_config, devices) -> str:
     """The checks of `config` (a TrainConfig) that need the model config and the devices it will
-    run on (the trainer's, or a TPU topology's for `cptjax plan`); returns the attention kernel."""
-    seq_len = config.training.seq_len
-    if seq_len > model_config.max_position_embeddings:
-        raise CptjaxError(f"training.seq_len {seq_len} exceeds the model's max_position_embeddings "
-                          f"({model_config.max_position_embeddings}); to extend the context, raise "
-                          "model.max_position_embeddings, with a larger RoPE base (model.rope.theta) or "
-                          "model.rope.type: yarn (docs/training.md, 'Extending the context')")
+    run on (the trainer's, or a TPU topology's for `cptjax plan`), for every stage's batch shape;
+    returns the attention kernel (of the longest rows)."""
     sizes = config.mesh.axis_sizes(len(devices))
     data_ways, accum = sizes[0] * sizes[1], config.optimizer.grad_accum_steps
-    if config.training.batch_size % (data_ways * accum):
-        raise CptjaxError(
-            f"training.batch_size {config.training.batch_size} must be divisible by the data-parallel "
-            f"ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum})")
-    return check_kernel(config.model.attention, devices[0].platform,
-                        float_dtype(config.model.compute_dtype, "model.compute_dtype"), seq_len,
-                        model_config.sliding_window, "training.seq_len")
+    kernels = {}
+    for shape in config.stage_shapes:
+        length_key = config.shape_key(shape, "seq_len")
+        if shape.seq_len > model_config.max_position_embeddings:
+            raise CptjaxError(f"{length_key} {shape.seq_len} exceeds the model's max_position_embeddings "
+                              f"({model_config.max_position_embeddings}); to extend the context, raise "
+                              "model.max_position_embeddings, with a larger RoPE base (model.rope.theta) or "
+                              "model.rope.type: yarn (docs/training.md, 'Extending the context')")
+        if shape.batch_size % (data_ways * accum):
+            raise CptjaxError(
+                f"{config.shape_key(shape, 'batch_size')} {shape.batch_size} must be divisible by the "
+                f"data-parallel ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps "
+                f"({accum})")
+        kernels[shape.seq_len] = check_kernel(
+            config.model.attention, devices[0].platform, float_dtype(config.model.compute_dtype, "model.compute_dtype"),
+            shape.seq_len, model_config.sliding_window, length_key)
+    return kernels[max(kernels)]
 
 
 def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:

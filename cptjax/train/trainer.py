@@ -6,11 +6,14 @@ steps out on the mesh (train_step.build_setup), build the data, and only then to
 load the state and train.
 
 Each step: the next batch goes onto the mesh, the jitted step is dispatched, and only then are the
-previous step's metrics fetched, so the host never stalls the device. Held-out sets are evaluated
-every `eval.every` steps. Checkpoints are saved asynchronously every `checkpoint.every` steps, at
-the end, and on SIGTERM (preemption), after which the run exits cleanly; a step whose loss is not
-finite is never saved. An evaluation a SIGTERM cut short is run first when the run starts again
-from that step, so metrics.jsonl ends with every scheduled evaluation however often it was preempted.
+previous step's metrics fetched, so the host never stalls the device. A length stage (`data.stages`
+with `seq_len` or `batch_size`) changes the batches' shape at its start step, and the jitted step
+compiles once more for it. Held-out sets are evaluated every `eval.every` steps, in the longest
+stage's shape all run (`TrainConfig.eval_shape`). Checkpoints are saved asynchronously every
+`checkpoint.every` steps, at the end, and on SIGTERM (preemption), after which the run exits
+cleanly; a step whose loss is not finite is never saved. An evaluation a SIGTERM cut short is run
+first when the run starts again from that step, so metrics.jsonl ends with every scheduled
+evaluation however often it was preempted.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from jax.experimental import multihost_utils
 from cptjax.core.atomic_dir import check_output_dir
 from cptjax.core.config_tree import to_dict
 from cptjax.core.errors import CptjaxError
+from cptjax.data.config import shape_at
 from cptjax.data.eval_sets import build_eval_sets
-from cptjax.data.pipeline import build_train_pipeline
+from cptjax.data.pipeline import build_train_pipeline, document_counts
 from cptjax.data.tokenize import load_data_tokenizer
 from cptjax.model.config import ModelConfig
 from cptjax.train.config import TrainConfig, dump_yaml
@@ -56,9 +60,10 @@ def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
     """The checks that need the model config and the devices; all run before the run folder is
     touched."""
     check_layout(config, model_config, jax.devices())  # lengths, batch split, attention kernel
-    if config.training.batch_size % jax.process_count():
-        raise CptjaxError(f"training.batch_size {config.training.batch_size} must be divisible by the "
-                          f"{jax.process_count()} processes")
+    for shape in config.stage_shapes:
+        if shape.batch_size % jax.process_count():
+            raise CptjaxError(f"{config.shape_key(shape, 'batch_size')} {shape.batch_size} must be divisible "
+                              f"by the {jax.process_count()} processes")
     root = config.paths.root
     if root.exists() and not config.paths.checkpoints.exists():
         check_output_dir(root, "run_dir")  # an existing folder must be this run's own
@@ -85,11 +90,13 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
                 spec = load_data_tokenizer(config.data.tokenizer, run_start.tokenizer_dir, "model.tokenizer"
                                            if config.model.tokenizer else "the model's tokenizer")
                 check_vocabulary(spec, run_start.model_config)
-            shape = dict(seq_len=config.training.seq_len, batch_size=config.training.batch_size,
-                         process_index=jax.process_index(), process_count=jax.process_count())
-            if data is None:
-                data = built = build_train_pipeline(config.data, spec, **shape)
-            eval_sets = eval_sets if eval_sets is not None else build_eval_sets(config.data, spec, **shape)
+            processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+            if data is None:  # the first stage's shape; the pipeline follows data.stages from there
+                data = built = build_train_pipeline(config.data, spec, seq_len=config.training.seq_len,
+                                                    batch_size=config.training.batch_size, **processes)
+            if eval_sets is None:
+                eval_sets = build_eval_sets(config.data, spec, seq_len=config.eval_shape.seq_len,
+                                            batch_size=config.eval_shape.batch_size, **processes)
             setup = build_setup(config, run_start.model_config, num_sources=len(data.source_names))
             preemption.check("before loading the weights")
             state = initial_state(run_start, config, setup, data, preemption)
@@ -146,17 +153,23 @@ def _prepare_run_dir(config: TrainConfig, run_start: RunStart) -> None:
 
 @dataclasses.dataclass
 class _LogFields:
-    """What a train record needs besides the step's own metrics, fixed for the run."""
+    """What a train record needs besides the step's own metrics, fixed for the run (per stage)."""
 
     config: TrainConfig
     model_config: ModelConfig
     source_names: tuple[str, ...]
 
     def __post_init__(self):
-        self.flops_per_token = training_flops_per_token(self.model_config, self.config.training.seq_len)
+        self.shapes = self.config.stage_shapes
         self.peak = peak_flops_per_device(jax.devices()[0].device_kind,
                                           self.config.logging.peak_flops_per_device)
-        self.positions_per_step = self.config.training.batch_size * self.config.training.seq_len
+
+    def positions_per_step(self, step: int) -> int:
+        shape = shape_at(self.shapes, step)
+        return shape.batch_size * shape.seq_len
+
+    def flops_per_token(self, step: int) -> float:
+        return training_flops_per_token(self.model_config, shape_at(self.shapes, step).seq_len)
 
 
 @dataclasses.dataclass
@@ -167,11 +180,13 @@ class Window:
     steps: int = 0
     source_tokens: np.ndarray | None = None
     input_tokens: float = 0.0
+    positions: int = 0
 
-    def add(self, values: dict) -> None:
+    def add(self, values: dict, positions: int) -> None:
         tokens = np.asarray(values["source_tokens"], np.float64)
         self.source_tokens = tokens if self.source_tokens is None else self.source_tokens + tokens
         self.input_tokens += float(values["input_tokens"])
+        self.positions += positions
         self.steps += 1
 
     def take(self, fields: _LogFields) -> dict:
@@ -181,9 +196,9 @@ class Window:
             "window_steps": self.steps,
             "source_tokens": {n: float(c) for n, c in zip(fields.source_names, self.source_tokens)},
             "source_share": {n: float(c) / total for n, c in zip(fields.source_names, self.source_tokens)},
-            "packing_efficiency": self.input_tokens / (self.steps * fields.positions_per_step),
+            "packing_efficiency": self.input_tokens / self.positions,
         }
-        self.steps, self.source_tokens, self.input_tokens = 0, None, 0.0
+        self.steps, self.source_tokens, self.input_tokens, self.positions = 0, None, 0.0, 0
         return record
 
 
@@ -220,14 +235,15 @@ def _train(loop: Loop) -> RunResult:
     first = list(itertools.islice(batches, 1))  # before any evaluation: bad data fails first
     if not _ready(loop, start):
         return RunResult(start, loop.stopped, loop.origin, loop.state)
-    pending = None  # (step, metrics still on device)
+    pending = None  # (step, metrics still on device, the data position after its batch)
     for step, (batch, data_state) in enumerate(itertools.chain(first, batches), start=start + 1):
+        _announce_stage(loop, step)
         loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
         if pending is not None:
             previous, pending = pending, None
             if not _finish(loop, *previous):
                 break
-        pending = (step, metrics)
+        pending = (step, metrics, data_state)
         preempted = preemption.agreed(step)
         due_save = step % config.checkpoint.every == 0 or step == loop.end or preempted
         due_eval = _eval_scheduled(loop, step)
@@ -252,6 +268,17 @@ def _train(loop: Loop) -> RunResult:
         loop.stopped = f"paused at step {final} as asked (checkpoint saved); run again to continue"
         loop.logger.message(f"cptjax train: {loop.stopped}")
     return RunResult(final, loop.stopped, loop.origin, loop.state, loop.failed)
+
+
+def _announce_stage(loop: Loop, step: int) -> None:
+    """At the first step of a run with length stages, and wherever the rows' shape changes: the
+    shape from here on (the jitted step compiles once more for a new one)."""
+    shapes = loop.fields.shapes
+    shape, before = shape_at(shapes, step), shape_at(shapes, step - 1)
+    changed = step == loop.start + 1 or (shape.seq_len, shape.batch_size) != (before.seq_len, before.batch_size)
+    if len({(s.seq_len, s.batch_size) for s in shapes}) > 1 and changed:
+        loop.logger.message(f"cptjax train: from step {step}: {shape.batch_size} rows of {shape.seq_len} "
+                            "tokens a step")
 
 
 def _batches(data, count: int):
@@ -296,12 +323,12 @@ def _eval_missing(loop: Loop, step: int) -> bool:
     return missing
 
 
-def _finish(loop: Loop, step: int, metrics) -> bool:
+def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> bool:
     """Fetches and logs one step's metrics; False if the run must stop (NaN/Inf loss)."""
     config, fields = loop.config, loop.fields
     values = jax.device_get(metrics)
     elapsed = loop.timer.lap()
-    loop.window.add(values)
+    loop.window.add(values, fields.positions_per_step(step))
     record = {
         "loss": float(values["loss"]), "grad_norm": float(values["grad_norm"]),
         "learning_rate": float(values["learning_rate"]),
@@ -311,10 +338,14 @@ def _finish(loop: Loop, step: int, metrics) -> bool:
                                                         values["source_tokens"]) if c > 0},
     }
     if elapsed is not None:
-        tokens_per_s = fields.positions_per_step / elapsed
+        tokens_per_s = fields.positions_per_step(step) / elapsed
         record.update(step_time_s=elapsed, tokens_per_s=tokens_per_s)
         if fields.peak:
-            record["mfu"] = tokens_per_s * fields.flops_per_token / (fields.peak * jax.device_count())
+            record["mfu"] = tokens_per_s * fields.flops_per_token(step) / (fields.peak * jax.device_count())
+    if isinstance(data_state, dict) and "streams" in data_state:  # the real pipeline's (process 0's)
+        counts = document_counts(data_state, config.data)
+        if counts:  # what min_tokens and long_upsample did so far
+            record["documents"] = counts
     if record["skipped"]:
         if config.training.on_nan == "stop":
             loop.stopped = f"loss or gradient not finite at step {step} (loss {record['loss']})"
