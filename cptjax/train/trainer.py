@@ -30,13 +30,14 @@ from cptjax.core.config_tree import to_dict
 from cptjax.core.errors import CptjaxError
 from cptjax.data.eval_sets import build_eval_sets
 from cptjax.data.pipeline import build_train_pipeline
-from cptjax.data.tokenize import load_data_tokenizer
+from cptjax.data.tokenize import DocumentTokenizer, load_data_tokenizer
 from cptjax.model.config import ModelConfig
 from cptjax.train.config import TrainConfig, dump_yaml
 from cptjax.train.distributed import gather_states, initialize
 from cptjax.train.evaluation import evaluate, format_results
 from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.train.preemption import Preemption, StartInterrupted
+from cptjax.train.retrieval import RetrievalProbe, build_probe
 from cptjax.train.run_folder import RunCheckpointer, ensure_assets, fingerprint
 from cptjax.train.schedules import make_schedule
 from cptjax.train.start import RunStart, choose_start, initial_state
@@ -91,13 +92,14 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
                 data = built = build_train_pipeline(config.data, spec, **shape)
             eval_sets = eval_sets if eval_sets is not None else build_eval_sets(config.data, spec, **shape)
             setup = build_setup(config, run_start.model_config, num_sources=len(data.source_names))
+            probe = _retrieval_probe(config, setup, spec, run_start)
             preemption.check("before loading the weights")
             state = initial_state(run_start, config, setup, data, preemption)
             run_start.close()
             preemption.check("before the first compile")
             # Every check passed: only now is the run folder touched.
             _prepare_run_dir(config, run_start)
-            return _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption)
+            return _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption, probe)
         except StartInterrupted as phase:
             stopped = f"SIGTERM during start-up ({phase}): nothing written, exiting"
             if jax.process_index() == 0:
@@ -116,7 +118,19 @@ def check_vocabulary(spec, model_config: ModelConfig) -> None:
                           "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
 
 
-def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption) -> RunResult:
+def _retrieval_probe(config: TrainConfig, setup: TrainSetup, spec, run_start: RunStart) -> RetrievalProbe | None:
+    """eval.retrieval's probe in the eval batch layout, with the run's tokenizer; None without one."""
+    if config.eval.retrieval is None:
+        return None
+    spec = spec or load_data_tokenizer(config.data.tokenizer, run_start.tokenizer_dir, "model.tokenizer")
+    return build_probe(config.eval.retrieval, DocumentTokenizer(spec), graphdef=setup.graphdef, mesh=setup.mesh,
+                       rules=config.mesh.rules, param_shardings=setup.state_shardings["params"],
+                       batch_sharding=setup.batch_sharding, seq_len=config.training.seq_len,
+                       batch_size=config.training.batch_size)
+
+
+def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption,
+              probe=None) -> RunResult:
     logger = MetricsLogger(config.paths, config.training.steps, start_step=run_start.resume_step or 0,
                            enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
                            progress=config.logging.progress)
@@ -125,7 +139,8 @@ def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_
     try:
         end = config.training.steps if until_step is None else min(config.training.steps, until_step)
         loop = Loop(config=config, setup=setup, run_start=run_start, data=data, eval_sets=eval_sets,
-                    checkpointer=checkpointer, logger=logger, state=state, end=end, preemption=preemption)
+                    checkpointer=checkpointer, logger=logger, state=state, end=end, preemption=preemption,
+                    probe=probe)
         logger.message(f"cptjax train: {loop.origin}; {loop.model_config.hf_architecture}, "
                        f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
         for note in config.data.weight_notes():
@@ -201,6 +216,7 @@ class Loop:
     state: dict
     end: int  # the last step this call trains
     preemption: Preemption
+    probe: RetrievalProbe | None = None  # eval.retrieval's, run at each evaluation
     window: Window = dataclasses.field(default_factory=Window)
     timer: StepTimer = dataclasses.field(default_factory=StepTimer)
     stopped: str | None = None
@@ -278,7 +294,7 @@ def _ready(loop: Loop, start: int) -> bool:
 
 def _eval_scheduled(loop: Loop, step: int) -> bool:
     """Step 0 (the model as it starts) with eval.at_start, then every eval.every steps."""
-    if not loop.eval_sets:
+    if not loop.eval_sets and loop.probe is None:
         return False
     return loop.config.eval.at_start if step == 0 else step % loop.config.eval.every == 0
 
@@ -337,11 +353,16 @@ def _finish(loop: Loop, step: int, metrics) -> bool:
 def _evaluate(loop: Loop, step: int) -> dict | None:
     """Evaluates and logs; on SIGTERM it stops between batches and logs nothing (the save comes
     first)."""
+    stop = lambda: loop.preemption.requested  # noqa: E731
     results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
-                       stop=lambda: loop.preemption.requested)
-    if results is None:
+                       stop=stop, position_edges=loop.setup.position_edges)
+    probe = None if results is None or loop.probe is None else loop.probe.run(loop.state["params"], stop)
+    if results is None or (loop.probe is not None and probe is None):
         loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
         return None
+    if probe is not None:  # before the eval record, which marks the step's evaluation done
+        loop.logger.log(step, "retrieval", probe)
+        loop.logger.message(f"step {step} retrieval: pass-key accuracy {probe['accuracy']:.0%}")
     loop.logger.log(step, "eval", results)
     loop.logger.message(format_results(step, results))
     loop.logger.flush()
