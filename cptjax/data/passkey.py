@@ -39,7 +39,7 @@ class RetrievalConfig:
     """The pass-key probe: prompts at each length and depth; accuracy is greedy exact match."""
 
     lengths: tuple[int, ...]  # prompt lengths in tokens, answer included; each at most the row length
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle place in the filler: 0 first, 1 last
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle in the filler (0 first): default 0-1 by 0.25
     samples: int = 4  # prompts per length and depth, each with its own key
     seed: int = 0  # the keys and the filler offsets
 

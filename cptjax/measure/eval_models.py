@@ -42,7 +42,7 @@ from cptjax.core.paths import user_path
 from cptjax.core.progress import progress_bar
 from cptjax.data.config import EvalSetConfig
 from cptjax.data.eval_sets import pack_eval_sets
-from cptjax.data.passkey import RetrievalConfig
+from cptjax.data.passkey import Prompt, RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.io.weights import Weights, open_weights, split_step
 from cptjax.model.config import ModelConfig
@@ -183,6 +183,7 @@ class EvalData:
     domain: tuple[str, ...] = ()
     position_edges: tuple[int, ...] = ()
     retrieval: RetrievalConfig | None = None
+    prompts: list[Prompt] = dataclasses.field(default_factory=list)  # the retrieval probe's
 
 
 def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequence[str]) -> EvalData:
@@ -211,7 +212,9 @@ def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequ
                           f"of {models[0].config.vocab_size}; use the models' own tokenizer")
     data.domain = domain
     data.position_edges = position_edges(length, settings.position_buckets)
-    data.retrieval = settings.retrieval
+    if settings.retrieval is not None:
+        data.retrieval = settings.retrieval
+        data.prompts = make_prompts(settings.retrieval, data.tokenizer, "--retrieval")
     return data
 
 
@@ -261,11 +264,10 @@ def evaluate_weights(weights: Weights, data: EvalData, dtype: str = "float32",
     results = _evaluate(setup, params, data, label)
     if data.retrieval is None:
         return results, None
-    probe = build_probe(data.retrieval, data.tokenizer, graphdef=setup.graphdef, mesh=setup.mesh,
+    probe = build_probe(data.retrieval, data.prompts, graphdef=setup.graphdef, mesh=setup.mesh,
                         rules=mesh_config.rules, param_shardings=jax.tree.map(lambda a: a.sharding,
                                                                               setup.abstract_params),
-                        batch_sharding=setup.batch_sharding, seq_len=data.seq_len, batch_size=data.batch_size,
-                        key="--retrieval", fix="raise --seq-len or drop the longer lengths")
+                        batch_sharding=setup.batch_sharding, seq_len=data.seq_len, batch_size=data.batch_size)
     return results, probe.run(params)
 
 
@@ -314,7 +316,8 @@ class EvalReport:
                      "these positions (tokens from the document's start in the row)\n\n" + positions)
         for label, probe in self.retrieval.items():
             text += (f"\n## Pass-key retrieval: {label}\n\ngreedy exact match of the key, {probe['samples']} "
-                     f"prompts per cell; {probe['accuracy']:.0%} overall\n\n" + retrieval_table(probe))
+                     f"prompts per cell, in brackets the answer's mean NLL in nats/token; {probe['accuracy']:.0%} "
+                     "overall\n\n" + retrieval_table(probe))
         reference = next(iter(self.results))
         for label, rows in self.comparisons.items():
             text += (f"\n## {label} against {reference}\n\nadaptation = domain loss drop, forgetting = "

@@ -135,11 +135,12 @@ def draw_position_loss(ax: Axes, run: RunLog, name: str) -> None:
 
 
 def draw_retrieval(ax: Axes, record: dict) -> None:
-    """Pass-key accuracy of one probe record as a heat map: prompt length (rows) by needle depth."""
-    grid = accuracy_grid(record)
+    """Pass-key accuracy of one probe record as a heat map: prompt length (rows) by needle depth;
+    each cell also gives the answer's mean NLL (nats/token), which moves before accuracy does."""
+    grid, nll = accuracy_grid(record), accuracy_grid(record, "answer_nll")
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
     for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=9)
+        ax.text(j, i, f"{value:.0%}\nanswer NLL {nll[i, j]:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(record["depths"])), [f"{d:g}" for d in record["depths"]])
     ax.set_yticks(range(len(record["lengths"])), [f"{n:,}" for n in record["lengths"]])
     ax.figure.colorbar(image, ax=ax, format=PercentFormatter(1.0), label="keys retrieved (greedy)")

@@ -124,7 +124,8 @@ def _long_context(run: RunLog, figures: dict[str, str]) -> list[str]:
                   markdown_table(["positions", f"step {p['first_step']}", f"step {p['last_step']}", "change"], rows)]
     for record in run.retrieval[:1] + run.retrieval[1:][-1:]:
         lines += [f"Pass-key retrieval at step {record['step']}: {record['accuracy']:.0%} of the keys retrieved by "
-                  f"greedy decoding ({record['samples']} prompts per cell).", "", retrieval_table(record)]
+                  f"greedy decoding ({record['samples']} prompts per cell; in brackets the answer's mean NLL, "
+                  "nats/token).", "", retrieval_table(record)]
     for name, caption in LONG_CONTEXT_CAPTIONS.items():
         if name in figures:
             lines += [f"![{name}]({figures[name]})", "", caption, ""]

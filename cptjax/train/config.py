@@ -90,7 +90,7 @@ class EvalSection:
 
     every: int = 500  # evaluate data.eval_sets every this many steps
     at_start: bool = True  # measure the base model before any update: the reference for forgetting
-    position_buckets: tuple[int, ...] | None = None  # loss by position: bucket edges; null: doubling; []: off
+    position_buckets: tuple[int, ...] | None = None  # loss by position in a document: edges; null: 8 doubling
     retrieval: RetrievalConfig | None = None  # a pass-key probe at each evaluation (null: none)
 
     def __post_init__(self):

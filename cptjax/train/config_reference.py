@@ -73,7 +73,8 @@ def _entries(cls, prefix: str) -> list[tuple[str, list[tuple[str, str, str, str]
         if not docs.get(field.name):
             raise ValueError(f"{cls.__name__}.{field.name} has no comment: write what it does on its line")
         element = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
-        optional = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]  # a section or null
+        union = typing.get_origin(tp) in (Union, typing.get_origin(int | None))
+        optional = [a for a in typing.get_args(tp) if union and dataclasses.is_dataclass(a)]  # a section or null
         if dataclasses.is_dataclass(tp) or optional:
             nested += _entries(optional[0] if optional else tp, f"{key}.")
         elif element is not None and dataclasses.is_dataclass(element):

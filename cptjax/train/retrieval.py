@@ -24,8 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cptjax.data.passkey import Prompt, RetrievalConfig, make_prompts, probe_batches
-from cptjax.data.tokenize import DocumentTokenizer
+from cptjax.data.passkey import Prompt, RetrievalConfig, probe_batches
 from cptjax.model.sharding import with_activation_sharding
 from cptjax.train.evaluation import markdown_table
 
@@ -77,14 +76,10 @@ class RetrievalProbe:
         return retrieval_results(self.config, self.prompts, wrong, nll)
 
 
-def build_probe(config: RetrievalConfig, tokenizer: DocumentTokenizer, *, graphdef, mesh, rules,
-                param_shardings, batch_sharding: NamedSharding, seq_len: int, batch_size: int,
-                key: str = "eval.retrieval", fix: str = "raise training.seq_len or drop the longer lengths"
-                ) -> RetrievalProbe:
-    """The probe of `config` for a model laid out on `mesh` (the eval step's shardings), in
-    batches of `batch_size` rows of `seq_len`; allocates nothing on the devices."""
-    config.check_length(seq_len, key, fix)
-    prompts = make_prompts(config, tokenizer, key)
+def build_probe(config: RetrievalConfig, prompts: list[Prompt], *, graphdef, mesh, rules, param_shardings,
+                batch_sharding: NamedSharding, seq_len: int, batch_size: int) -> RetrievalProbe:
+    """The probe of `config` (its `make_prompts`) for a model laid out on `mesh` (the eval step's
+    shardings), in batches of `batch_size` rows of `seq_len`; allocates nothing on the devices."""
     batches = probe_batches(prompts, seq_len=seq_len, batch_size=batch_size, process_index=jax.process_index(),
                             process_count=jax.process_count())
     answer_sharding = NamedSharding(mesh, PartitionSpec(*batch_sharding.spec[:1]))
@@ -109,16 +104,18 @@ def retrieval_results(config: RetrievalConfig, prompts: list[Prompt], wrong: np.
             "lengths": list(config.lengths), "depths": list(config.depths), "cells": cells}
 
 
-def accuracy_grid(result: dict) -> np.ndarray:
-    """Accuracy [lengths, depths] of a `retrieval_results` record."""
+def accuracy_grid(result: dict, value: str = "accuracy") -> np.ndarray:
+    """`value` ("accuracy" or "answer_nll") [lengths, depths] of a `retrieval_results` record."""
     grid = np.full((len(result["lengths"]), len(result["depths"])), np.nan)
     for cell in result["cells"]:
-        grid[result["lengths"].index(cell["length"]), result["depths"].index(cell["depth"])] = cell["accuracy"]
+        grid[result["lengths"].index(cell["length"]), result["depths"].index(cell["depth"])] = cell[value]
     return grid
 
 
 def retrieval_table(result: dict) -> str:
-    """A `retrieval_results` record as Markdown: one row per length, one column per depth."""
-    grid = accuracy_grid(result)
+    """A `retrieval_results` record as Markdown: one row per length, one column per depth, each
+    cell the accuracy and, in brackets, the answer's mean NLL (nats/token)."""
+    accuracy, nll = accuracy_grid(result), accuracy_grid(result, "answer_nll")
     return markdown_table(["prompt tokens", *(f"depth {d:g}" for d in result["depths"])],
-                          [[f"{n:,}", *(f"{a:.0%}" for a in grid[i])] for i, n in enumerate(result["lengths"])])
+                          [[f"{n:,}", *(f"{a:.0%} ({x:.2f})" for a, x in zip(accuracy[i], nll[i]))]
+                           for i, n in enumerate(result["lengths"])])

@@ -29,6 +29,7 @@ from cptjax.core.atomic_dir import check_output_dir
 from cptjax.core.config_tree import to_dict
 from cptjax.core.errors import CptjaxError
 from cptjax.data.eval_sets import build_eval_sets
+from cptjax.data.passkey import make_prompts
 from cptjax.data.pipeline import build_train_pipeline
 from cptjax.data.tokenize import DocumentTokenizer, load_data_tokenizer
 from cptjax.model.config import ModelConfig
@@ -123,7 +124,8 @@ def _retrieval_probe(config: TrainConfig, setup: TrainSetup, spec, run_start: Ru
     if config.eval.retrieval is None:
         return None
     spec = spec or load_data_tokenizer(config.data.tokenizer, run_start.tokenizer_dir, "model.tokenizer")
-    return build_probe(config.eval.retrieval, DocumentTokenizer(spec), graphdef=setup.graphdef, mesh=setup.mesh,
+    prompts = make_prompts(config.eval.retrieval, DocumentTokenizer(spec))
+    return build_probe(config.eval.retrieval, prompts, graphdef=setup.graphdef, mesh=setup.mesh,
                        rules=config.mesh.rules, param_shardings=setup.state_shardings["params"],
                        batch_sharding=setup.batch_sharding, seq_len=config.training.seq_len,
                        batch_size=config.training.batch_size)
