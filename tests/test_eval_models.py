@@ -157,7 +157,7 @@ def test_two_models_are_compared_and_each_result_is_its_own_eval(model_dirs, tmp
 def test_the_probe_retrieves_exactly_what_greedy_decoding_generates(model_dirs):
     """A constructed case: with the model's own greedy continuation (KV-cache decoding, generate.py)
     as each prompt's answer, every prompt is retrieved; with the true keys, which a random model does
-    not produce, none is."""
+    not produce, none is. Two prompts per row, the batch run in two micro-batches."""
     config = RetrievalConfig(lengths=(64,), depths=(0.0, 0.5, 1.0), samples=2)
     with open_weights(model_dirs[0]) as weights:
         setup = build_eval_setup(weights.config, jnp.float32)
@@ -166,7 +166,7 @@ def test_the_probe_retrieves_exactly_what_greedy_decoding_generates(model_dirs):
     probe = build_probe(config, prompts, graphdef=setup.graphdef,
                         mesh=setup.mesh, rules=MeshConfig().rules,
                         param_shardings=jax.tree.map(lambda a: a.sharding, setup.abstract_params),
-                        batch_sharding=setup.batch_sharding, seq_len=128, batch_size=2)
+                        batch_sharding=setup.batch_sharding, seq_len=128, batch_size=4, micro_batches=2)
     truth = probe.run(params)
     model = load_model(model_dirs[0])
     greedy = [None] * len(probe.prompts)
@@ -176,7 +176,7 @@ def test_the_probe_retrieves_exactly_what_greedy_decoding_generates(model_dirs):
         for i, new in zip(rows, generate_ids(model, prompts, Sampling(max_new_tokens=answer))):
             greedy[i] = np.asarray(new, np.int32)
     assert all(len(g) == p.answer for g, p in zip(greedy, probe.prompts))
-    probe.batches = probe_batches(probe.prompts, seq_len=128, batch_size=2, answers=greedy)
+    probe.batches = probe_batches(probe.prompts, seq_len=128, batch_size=4, answers=greedy)
     own = probe.run(params)
     assert own["accuracy"] == 1.0 and all(c["accuracy"] == 1.0 for c in own["cells"])
     assert truth["accuracy"] == 0.0

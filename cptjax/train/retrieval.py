@@ -45,6 +45,16 @@ def retrieval_step(params: dict, batch: dict, *, graphdef) -> dict[str, jax.Arra
             "correct": jnp.argmax(logits, axis=-1) == targets, "sample": batch["answer_sample"]}
 
 
+def in_micro_batches(params: dict, batch: dict, *, graphdef, micro_batches: int) -> dict[str, jax.Array]:
+    """`retrieval_step` over `micro_batches` equal slices of the rows, one after the other, as the
+    eval step runs: the probe never needs more memory than training."""
+    if micro_batches == 1:
+        return retrieval_step(params, batch, graphdef=graphdef)
+    split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+    out = jax.lax.map(lambda micro: retrieval_step(params, micro, graphdef=graphdef), split)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+
 @dataclasses.dataclass
 class RetrievalProbe:
     """The probe's prompts packed into batches, and its jitted step on the mesh."""
@@ -77,15 +87,18 @@ class RetrievalProbe:
 
 
 def build_probe(config: RetrievalConfig, prompts: list[Prompt], *, graphdef, mesh, rules, param_shardings,
-                batch_sharding: NamedSharding, seq_len: int, batch_size: int) -> RetrievalProbe:
+                batch_sharding: NamedSharding, seq_len: int, batch_size: int, micro_batches: int = 1
+                ) -> RetrievalProbe:
     """The probe of `config` (its `make_prompts`) for a model laid out on `mesh` (the eval step's
-    shardings), in batches of `batch_size` rows of `seq_len`; allocates nothing on the devices."""
+    shardings), in batches of `batch_size` rows of `seq_len` run in `micro_batches` (the training
+    step's gradient accumulation); allocates nothing on the devices."""
     batches = probe_batches(prompts, seq_len=seq_len, batch_size=batch_size, process_index=jax.process_index(),
                             process_count=jax.process_count())
     answer_sharding = NamedSharding(mesh, PartitionSpec(*batch_sharding.spec[:1]))
     in_batch = {**{k: batch_sharding for k in ROW_KEYS}, **{k: answer_sharding for k in ANSWER_KEYS}}
     replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(with_activation_sharding(functools.partial(retrieval_step, graphdef=graphdef), mesh, rules),
+    step = functools.partial(in_micro_batches, graphdef=graphdef, micro_batches=micro_batches)
+    fn = jax.jit(with_activation_sharding(step, mesh, rules),
                  in_shardings=(param_shardings, in_batch), out_shardings=replicated)
     return RetrievalProbe(config, prompts, batches, fn, batch_sharding, answer_sharding)
 

@@ -128,7 +128,7 @@ def _retrieval_probe(config: TrainConfig, setup: TrainSetup, spec, run_start: Ru
     return build_probe(config.eval.retrieval, prompts, graphdef=setup.graphdef, mesh=setup.mesh,
                        rules=config.mesh.rules, param_shardings=setup.state_shardings["params"],
                        batch_sharding=setup.batch_sharding, seq_len=config.training.seq_len,
-                       batch_size=config.training.batch_size)
+                       batch_size=config.training.batch_size, micro_batches=config.optimizer.grad_accum_steps)
 
 
 def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption,
