@@ -7,6 +7,7 @@ What CPT did to a model: held-out numbers (eval_models.py), a run's report (repo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from cptjax.core.dtypes import FLOAT_NAMES
 from cptjax.core.errors import CptjaxError
@@ -113,12 +114,16 @@ def _eval_settings(args, flag: str, dtype: str):
     if args.data_config:
         sets, defaults = eval_sets_from_file(args.data_config)
     sets += [parse_eval_spec(spec, flag) for spec in args.data]
-    buckets, retrieval = getattr(args, "position_buckets", None), getattr(args, "retrieval", None)  # eval's
-    return EvalSettings(tuple(sets), tuple(args.domain), args.seq_len or defaults.get("seq_len"),
-                        args.batch_size or defaults.get("batch_size", DEFAULT_BATCH_SIZE), dtype, args.tokenizer,
-                        flag, parse_position_buckets(buckets) if buckets is not None else
-                        defaults.get("position_buckets"),
-                        parse_retrieval(retrieval) if retrieval is not None else defaults.get("retrieval"))
+    settings = EvalSettings(tuple(sets), tuple(args.domain), args.seq_len or defaults.get("seq_len"),
+                            args.batch_size or defaults.get("batch_size", DEFAULT_BATCH_SIZE), dtype, args.tokenizer,
+                            flag)
+    if args.command != "eval":  # merge sweeps compare whole-set losses only
+        return settings
+    buckets, retrieval = args.position_buckets, args.retrieval
+    return dataclasses.replace(
+        settings, position_buckets=parse_position_buckets(buckets) if buckets is not None else
+        defaults.get("position_buckets"),
+        retrieval=parse_retrieval(retrieval) if retrieval is not None else defaults.get("retrieval"))
 
 
 def _eval(args) -> None:

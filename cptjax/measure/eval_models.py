@@ -308,9 +308,12 @@ class EvalReport:
                 "retrieval": self.retrieval}
 
     def markdown(self) -> str:
-        text = (f"# Held-out evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; "
-                f"domain sets (adaptation): {', '.join(self.domain)}; the others measure forgetting.\n\n"
-                + results_table(self.results))
+        if any(self.results.values()):
+            text = (f"# Held-out evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; "
+                    f"domain sets (adaptation): {', '.join(self.domain)}; the others measure forgetting.\n\n"
+                    + results_table(self.results))
+        else:  # --retrieval alone
+            text = f"# Evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; no held-out sets.\n"
         if positions := position_table(self.results):
             text += ("\n## Loss by position in the document\n\nnats/token of the targets whose input sits at "
                      "these positions (tokens from the document's start in the row)\n\n" + positions)

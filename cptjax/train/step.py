@@ -266,7 +266,7 @@ class EvalSetup:
     abstract_params: dict  # ShapeDtypeStructs carrying their shardings
     batch_sharding: jax.sharding.NamedSharding
     eval_fn: Any
-    graphdef: nnx.GraphDef = None
+    graphdef: nnx.GraphDef  # the model, for other programs on the same parameters (the retrieval probe)
     position_edges: tuple[int, ...] = ()  # eval_fn's position buckets
 
     def to_global(self, batch: dict) -> dict:
