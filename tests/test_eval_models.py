@@ -45,11 +45,10 @@ def model_dirs(tiny_hf, tmp_path_factory):
     return dirs
 
 
-def _transformers_sums(hf_dir, batches, edges):
+def _transformers_sums(model, batches, edges):
     """NLL (nats), targets and bytes of transformers' model on exactly the packed tokens: each
     packed document (segment) run alone, its positions restarting at 0 as in the row; and the NLL
     and targets per position bucket (upper `edges`), counted position by position."""
-    model = hf_models.load_hf_model(hf_dir)
     nll = tokens = num_bytes = 0.0
     bucket_nll, bucket_tokens = np.zeros(len(edges)), np.zeros(len(edges))
     for batch in batches:
@@ -73,10 +72,9 @@ def _transformers_sums(hf_dir, batches, edges):
     return nll, tokens, num_bytes, bucket_nll, bucket_tokens
 
 
-def _transformers_probe(hf_dir, prompts):
+def _transformers_probe(model, prompts):
     """Per prompt: whether transformers' argmax is every answer token (fed the prompt), and the
     answer's mean NLL per token."""
-    model = hf_models.load_hf_model(hf_dir)
     out = []
     for p in prompts:
         with torch.no_grad():
@@ -100,9 +98,9 @@ def test_eval_of_an_hf_folder_matches_transformers_on_the_same_tokens(model_dirs
 
     data = load_eval_data([parse_eval_spec(CODE), parse_eval_spec(_wiki())], model_dirs[0], seq_len=64,
                           batch_size=4)
+    model = hf_models.load_hf_model(model_dirs[0])
     for name in ("code", "wiki"):
-        nll, tokens, num_bytes, bucket_nll, bucket_tokens = _transformers_sums(model_dirs[0], data.sets[name],
-                                                                               (8, 40, 64))
+        nll, tokens, num_bytes, bucket_nll, bucket_tokens = _transformers_sums(model, data.sets[name], (8, 40, 64))
         assert results[name]["tokens"] == tokens > 1000
         assert abs(results[name]["loss"] - nll / tokens) <= 1e-4 * nll / tokens, name
         bpb = nll / math.log(2) / num_bytes
@@ -119,7 +117,7 @@ def test_eval_of_an_hf_folder_matches_transformers_on_the_same_tokens(model_dirs
     # The pass-key probe: accuracy and answer NLL per cell, as transformers scores the same prompts.
     tokenizer = DocumentTokenizer(load_tokenizer_spec(model_dirs[0]))
     prompts = make_prompts(parse_retrieval(probe), tokenizer)
-    expected = _transformers_probe(model_dirs[0], prompts)
+    expected = _transformers_probe(model, prompts)
     cells = report["retrieval"][str(model_dirs[0])]["cells"]
     assert [(c["length"], c["depth"]) for c in cells] == [(n, d) for n in (48, 64) for d in (0, 0.5, 1)]
     for cell in cells:
