@@ -5,13 +5,23 @@ import math
 import shutil
 
 import hf_models
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from data_helpers import STDLIB, corpus_files, tokenizer_dir
 
 from cptjax.cli import main
-from cptjax.measure.eval_models import load_eval_data, parse_eval_spec
+from cptjax.data.passkey import RetrievalConfig, make_prompts, probe_batches
+from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
+from cptjax.io.pretrained import load_model
+from cptjax.io.weights import open_weights
+from cptjax.measure.eval_models import load_eval_data, parse_eval_spec, parse_retrieval
+from cptjax.measure.generate import Sampling, generate_ids
+from cptjax.model.sharding import MeshConfig
+from cptjax.train.retrieval import build_probe
+from cptjax.train.step import build_eval_setup
 
 CODE = f"code=text:{STDLIB}/json/decoder.py,{STDLIB}/json/scanner.py"
 
@@ -35,11 +45,12 @@ def model_dirs(tiny_hf, tmp_path_factory):
     return dirs
 
 
-def _transformers_sums(hf_dir, batches):
+def _transformers_sums(model, batches, edges):
     """NLL (nats), targets and bytes of transformers' model on exactly the packed tokens: each
-    packed document (segment) run alone, its positions restarting at 0 as in the row."""
-    model = hf_models.load_hf_model(hf_dir)
+    packed document (segment) run alone, its positions restarting at 0 as in the row; and the NLL
+    and targets per position bucket (upper `edges`), counted position by position."""
     nll = tokens = num_bytes = 0.0
+    bucket_nll, bucket_tokens = np.zeros(len(edges)), np.zeros(len(edges))
     for batch in batches:
         num_bytes += float(np.sum(batch["num_bytes"]))
         for r in range(batch["inputs"].shape[0]):
@@ -55,14 +66,31 @@ def _transformers_sums(hf_dir, batches):
                 mask = batch["loss_mask"][r][where]
                 nll -= float(np.sum(logp[np.arange(len(targets)), targets] * mask))
                 tokens += float(mask.sum())
-    return nll, tokens, num_bytes
+                bucket = np.searchsorted(edges, np.arange(len(targets)), side="right")  # by position
+                np.add.at(bucket_nll, bucket, -logp[np.arange(len(targets)), targets] * mask)
+                np.add.at(bucket_tokens, bucket, mask)
+    return nll, tokens, num_bytes, bucket_nll, bucket_tokens
+
+
+def _transformers_probe(model, prompts):
+    """Per prompt: whether transformers' argmax is every answer token (fed the prompt), and the
+    answer's mean NLL per token."""
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            logits = model(torch.as_tensor(p.ids[None, :-1], dtype=torch.long)).logits[0, -p.answer:]
+        logp = torch.log_softmax(logits.double(), dim=-1).numpy()
+        answer = p.ids[-p.answer:]
+        out.append((bool(np.all(logp.argmax(-1) == answer)), -float(np.mean(logp[np.arange(p.answer), answer]))))
+    return out
 
 
 @pytest.mark.slow
 def test_eval_of_an_hf_folder_matches_transformers_on_the_same_tokens(model_dirs, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["eval", "--model", str(model_dirs[0]), "--data", CODE, "--data", _wiki(),
-                 "--seq-len", "64", "--batch-size", "4", "--out", str(out)]) == 0
+    probe = "{lengths: [48, 64], depths: [0, 0.5, 1], samples: 2}"
+    assert main(["eval", "--model", str(model_dirs[0]), "--data", CODE, "--data", _wiki(), "--position-buckets",
+                 "8,40", "--retrieval", probe, "--seq-len", "64", "--batch-size", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "eval.json").read_text())
     results = report["models"][str(model_dirs[0])]
@@ -70,12 +98,34 @@ def test_eval_of_an_hf_folder_matches_transformers_on_the_same_tokens(model_dirs
 
     data = load_eval_data([parse_eval_spec(CODE), parse_eval_spec(_wiki())], model_dirs[0], seq_len=64,
                           batch_size=4)
+    model = hf_models.load_hf_model(model_dirs[0])
     for name in ("code", "wiki"):
-        nll, tokens, num_bytes = _transformers_sums(model_dirs[0], data.sets[name])
+        nll, tokens, num_bytes, bucket_nll, bucket_tokens = _transformers_sums(model, data.sets[name], (8, 40, 64))
         assert results[name]["tokens"] == tokens > 1000
         assert abs(results[name]["loss"] - nll / tokens) <= 1e-4 * nll / tokens, name
         bpb = nll / math.log(2) / num_bytes
         assert abs(results[name]["bits_per_byte"] - bpb) <= 1e-4 * bpb, name
+        # Loss by position in the document: the same targets, bucket by bucket.
+        labels = ["0-8", "8-40", "40-64"]
+        assert list(results[name]["position_loss"]) == labels
+        assert [results[name]["position_tokens"][b] for b in labels] == bucket_tokens.tolist(), name
+        assert bucket_tokens.min() > 0 and sum(bucket_tokens) == tokens
+        for label, n, t in zip(labels, bucket_nll, bucket_tokens):
+            assert abs(results[name]["position_loss"][label] - n / t) <= 1e-4 * n / t, (name, label)
+        assert f"| {results[name]['position_loss']['40-64']:.4f} |" in printed
+
+    # The pass-key probe: accuracy and answer NLL per cell, as transformers scores the same prompts.
+    tokenizer = DocumentTokenizer(load_tokenizer_spec(model_dirs[0]))
+    prompts = make_prompts(parse_retrieval(probe), tokenizer)
+    expected = _transformers_probe(model, prompts)
+    cells = report["retrieval"][str(model_dirs[0])]["cells"]
+    assert [(c["length"], c["depth"]) for c in cells] == [(n, d) for n in (48, 64) for d in (0, 0.5, 1)]
+    for cell in cells:
+        mine = [e for p, e in zip(prompts, expected) if (p.length, p.depth) == (cell["length"], cell["depth"])]
+        assert cell["accuracy"] == np.mean([ok for ok, _ in mine])
+        nll = np.mean([n for _, n in mine])
+        assert abs(cell["answer_nll"] - nll) <= 1e-4 * nll, cell
+    assert "## Pass-key retrieval" in printed and "| depth 0 | depth 0.5 | depth 1 |" in printed
     # Rows hold several documents, and documents continue across rows: the packing was exercised.
     batches = data.sets["wiki"]
     assert any(b["segment_ids"].max() > 1 for b in batches)
@@ -100,6 +150,36 @@ def test_two_models_are_compared_and_each_result_is_its_own_eval(model_dirs, tmp
     assert abs(wiki["amount"]) > 1e-3  # different weights: the comparison is not vacuous
     markdown = (tmp_path / "both" / "eval.md").read_text()
     assert "adaptation" in markdown and "forgetting" in markdown and f"{wiki['amount']:+.4f}" in markdown
+
+
+def test_the_probe_retrieves_exactly_what_greedy_decoding_generates(model_dirs):
+    """A constructed case: with the model's own greedy continuation (KV-cache decoding, generate.py)
+    as each prompt's answer, every prompt is retrieved; with the true keys, which a random model does
+    not produce, none is. Two prompts per row, the batch run in two micro-batches."""
+    config = RetrievalConfig(lengths=(64,), depths=(0.0, 0.5, 1.0), samples=2)
+    with open_weights(model_dirs[0]) as weights:
+        setup = build_eval_setup(weights.config, jnp.float32)
+        params = weights.read_onto(setup.abstract_params)
+    prompts = make_prompts(config, DocumentTokenizer(load_tokenizer_spec(model_dirs[0])))
+    probe = build_probe(config, prompts, graphdef=setup.graphdef,
+                        mesh=setup.mesh, rules=MeshConfig().rules,
+                        param_shardings=jax.tree.map(lambda a: a.sharding, setup.abstract_params),
+                        batch_sharding=setup.batch_sharding, seq_len=128, batch_size=4, micro_batches=2)
+    truth = probe.run(params)
+    model = load_model(model_dirs[0])
+    greedy = [None] * len(probe.prompts)
+    for answer in {p.answer for p in probe.prompts}:  # one generation per prompt shape
+        rows = [i for i, p in enumerate(probe.prompts) if p.answer == answer]
+        prompts = np.stack([probe.prompts[i].ids[:-answer] for i in rows])
+        for i, new in zip(rows, generate_ids(model, prompts, Sampling(max_new_tokens=answer))):
+            greedy[i] = np.asarray(new, np.int32)
+    assert all(len(g) == p.answer for g, p in zip(greedy, probe.prompts))
+    probe.batches = probe_batches(probe.prompts, seq_len=128, batch_size=4, answers=greedy)
+    own = probe.run(params)
+    assert own["accuracy"] == 1.0 and all(c["accuracy"] == 1.0 for c in own["cells"])
+    assert truth["accuracy"] == 0.0
+    for mine, true in zip(own["cells"], truth["cells"]):  # the argmax tokens are far likelier than a key
+        assert mine["answer_nll"] < true["answer_nll"] - 1.0
 
 
 def test_eval_specs_short_and_yaml_forms(tmp_path, monkeypatch):
@@ -128,6 +208,19 @@ def test_bad_eval_specs_get_one_line(spec, expected, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("cptjax: error: ") and expected in err[0], err
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--position-buckets", "40,8"], "--position-buckets [40, 8]: give increasing positive token positions"),
+    (["--position-buckets", "4k"], "expected token positions such as 1024,4096"),
+    (["--retrieval", "{lengths: [64], depth: [0]}"], "--retrieval.depth: unknown key; did you mean 'depths'?"),
+    (["--retrieval", "{lengths: []}"], "--retrieval.lengths: give one or more prompt lengths"),
+    (["--retrieval", "[64]"], "--retrieval: expected a YAML mapping"),
+])
+def test_bad_long_context_flags_get_one_line(flags, expected, tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--data", CODE, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cptjax: error: ") and expected in err[0], err
+
+
 @pytest.mark.slow
 def test_bad_models_and_empty_sets_get_one_line_and_write_nothing(model_dirs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -141,6 +234,10 @@ def test_bad_models_and_empty_sets_get_one_line_and_write_nothing(model_dirs, tm
         (["--model", str(model_dirs[0]), "--data", f"code=text:{tmp_path}/nowhere/*.py"], "--data code.paths"),
         (["--model", f"{model_dirs[0]}@3", "--data", CODE], "is an HF folder, which has no steps"),
         (["--model", str(model_dirs[0]), "--data", CODE, "--domain", "wiki"], "--domain wiki: no eval set"),
+        (["--model", str(model_dirs[0]), "--data", CODE, "--seq-len", "32", "--retrieval", "{lengths: [48]}"],
+         "--retrieval.lengths [48]: longer than the rows (32 tokens); raise --seq-len"),
+        (["--model", str(model_dirs[0]), "--data", CODE, "--retrieval", "{lengths: [30]}"],
+         "--retrieval.lengths: 30 tokens cannot hold the pass-key needle and question (48 tokens"),
     ]
     for args, expected in cases:
         capsys.readouterr()

@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory):
         "training": {"steps": STEPS, "batch_size": 4, "seq_len": 64},
         "schedule": {"peak_lr": 3e-3, "warmup": 2, "end_lr": 3e-4},
         "checkpoint": {"every": 6, "keep_last": 2},
-        "eval": {"every": 6},
+        "eval": {"every": 6, "retrieval": {"lengths": [40, 64], "depths": [0, 0.5, 1], "samples": 2}},
         "logging": {"every": 2, "progress": "lines"},
     }
     assert run(config_from_dict(config)).final_step == STEPS
@@ -83,6 +83,35 @@ def _check_mixture(markdown, train, up_to):
     assert rows["code"][1] == "75.0% from step 1, 50.0% from step 7"
 
 
+def _check_long_context(markdown, numbers, evals, probes):
+    """Loss by position bucket (default doubling buckets of seq_len 64) and the pass-key probe, as
+    the trainer logged them, in the report's text and report.json."""
+    labels = ["0-1", "1-2", "2-4", "4-8", "8-16", "16-32", "32-64"]
+    for name in ("code", "english"):
+        for record in evals:
+            summary = record[name]
+            assert list(summary["position_loss"]) == labels
+            # The buckets partition the set's targets: their token-weighted mean is the set's loss.
+            tokens = [summary["position_tokens"][b] for b in labels]
+            assert sum(tokens) == summary["tokens"]
+            total = sum(summary["position_loss"][b] * t for b, t in zip(labels, tokens) if t)
+            assert total / summary["tokens"] == pytest.approx(summary["loss"], rel=1e-5)
+        assert numbers["position_loss"][name]["last"] == evals[-1][name]["position_loss"]
+    assert "## Long context" in markdown
+    rows = _table_rows(markdown.split("Held-out loss of `code` by position", 1)[1], "positions")
+    first, last = evals[0]["code"]["position_loss"], evals[-1]["code"]["position_loss"]
+    assert rows["32-64"][1:] == [f"{first['32-64']:.4f}", f"{last['32-64']:.4f}",
+                                 f"{last['32-64'] - first['32-64']:+.4f}"]
+    assert [p["step"] for p in probes] == [0, 6, 12]
+    assert [(c["length"], c["depth"]) for c in probes[-1]["cells"]] == [(n, d) for n in (40, 64) for d in (0, 0.5, 1)]
+    assert numbers["retrieval"] == [probes[0], probes[-1]]
+    for probe in (probes[0], probes[-1]):
+        text = markdown.split(f"Pass-key retrieval at step {probe['step']}: {probe['accuracy']:.0%}", 1)[1]
+        rows = _table_rows(text, "prompt tokens")
+        assert rows["64"][1:] == [f"{c['accuracy']:.0%} ({c['answer_nll']:.2f})" for c in probe["cells"]
+                                  if c["length"] == 64]
+
+
 @pytest.mark.slow
 def test_report_numbers_match_the_logs_and_plots_are_images(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
@@ -103,8 +132,10 @@ def test_report_numbers_match_the_logs_and_plots_are_images(run_dir, capsys):
     assert rows["english"]["loss_after"] == evals[-1]["english"]["loss"]
     assert numbers["mixture"]["steps_covered"] == STEPS
 
+    _check_long_context(markdown, numbers, evals, _records(run_dir, "retrieval"))
+
     images = re.findall(r"!\[\w+\]\((\w+\.png)\)", markdown)
-    assert len(images) == 7 and len(set(images)) == 7
+    assert len(images) == 9 and len(set(images)) == 9 and {"position_loss.png", "retrieval.png"} < set(images)
     for name in images:
         pixels = imread(str(out / name))
         assert pixels.shape[0] > 300 and pixels.shape[1] > 600, name
@@ -150,6 +181,25 @@ def test_the_export_of_a_run_carries_a_model_card(run_dir, tmp_path):
         assert f"continued from `{run_dir.parent / 'hf'}`" in card
         _check_before_after(card, evals[0], after)
         _check_mixture(card, train, step)
+
+
+@pytest.mark.slow
+def test_cptjax_eval_with_the_run_config_repeats_the_trainers_long_context_numbers(run_dir, tmp_path):
+    """`cptjax eval --data-config RUN/config.yaml` takes the run's eval sets, rows, buckets and probe:
+    on the last checkpoint it gives the numbers the trainer logged at that step."""
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", f"{run_dir / 'checkpoints'}@{STEPS}", "--data-config",
+                 str(run_dir / "config.yaml"), "--out", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    (results,), (probe,) = report["models"].values(), report["retrieval"].values()
+    logged, logged_probe = _records(run_dir, "eval")[-1], _records(run_dir, "retrieval")[-1]
+    for name in ("code", "english"):
+        assert results[name]["position_tokens"] == logged[name]["position_tokens"]
+        for label, loss in logged[name]["position_loss"].items():
+            assert results[name]["position_loss"][label] == pytest.approx(loss, rel=1e-5), (name, label)
+    assert [c["accuracy"] for c in probe["cells"]] == [c["accuracy"] for c in logged_probe["cells"]]
+    for mine, theirs in zip(probe["cells"], logged_probe["cells"]):
+        assert mine["answer_nll"] == pytest.approx(theirs["answer_nll"], rel=1e-5)
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):

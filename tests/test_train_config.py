@@ -34,6 +34,12 @@ BAD = [
      "model.init_from /no/such/model: no such folder"),
     ("negative weight", lambda r: r["data"]["sources"][1].update(weight=-1), "data.sources[1].weight: must be >= 0"),
     ("schedule", lambda r: r["schedule"].update(warmup=1000), "schedule"),
+    ("position buckets", lambda r: r["eval"].update(position_buckets=[16, 8]),
+     "eval.position_buckets [16, 8]: give increasing positive token positions"),
+    ("probe longer than rows", lambda r: r["eval"].update(retrieval={"lengths": [24, 64]}),
+     "eval.retrieval.lengths [64]: longer than the rows (32 tokens); raise training.seq_len"),
+    ("probe depth", lambda r: r["eval"].update(retrieval={"lengths": [32], "depths": [0.5, 2]}),
+     "eval.retrieval.depths: give one or more depths in [0, 1]"),
 ]
 
 

@@ -7,6 +7,7 @@ What CPT did to a model: held-out numbers (eval_models.py), a run's report (repo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from cptjax.core.dtypes import FLOAT_NAMES
 from cptjax.core.errors import CptjaxError
@@ -39,6 +40,11 @@ def add_measure_commands(commands) -> None:
                              "model is the reference for adaptation and forgetting")
     ev.add_argument("--model", action="append", default=[], required=True, help=_MODEL_HELP + "; repeatable")
     _add_eval_data(ev, "--data")
+    ev.add_argument("--position-buckets", metavar="EDGES", help="loss by position in the document: bucket "
+                    "edges such as 1024,4096 ('' for none; default: 8 doubling buckets up to --seq-len)")
+    ev.add_argument("--retrieval", metavar="YAML", help="the pass-key probe, accuracy by length and depth: "
+                    "'{lengths: [1024, 4096], depths: [0, 0.5, 1], samples: 4}' (lengths in tokens, at most "
+                    "--seq-len)")
     ev.add_argument("--out", help="new folder for eval.json and eval.md (default: print only)")
 
     rep = commands.add_parser("report", help="a training run's Markdown report with PNG plots")
@@ -95,15 +101,29 @@ def run_measure_command(args: argparse.Namespace) -> None:
 
 def _eval_settings(args, flag: str, dtype: str):
     """The eval sets of `flag` and --data-config, and how to score them (flags win over the file)."""
-    from cptjax.measure.eval_models import DEFAULT_BATCH_SIZE, EvalSettings, eval_sets_from_file, parse_eval_spec
+    from cptjax.measure.eval_models import (
+        DEFAULT_BATCH_SIZE,
+        EvalSettings,
+        eval_sets_from_file,
+        parse_eval_spec,
+        parse_position_buckets,
+        parse_retrieval,
+    )
 
     sets, defaults = [], {}
     if args.data_config:
         sets, defaults = eval_sets_from_file(args.data_config)
     sets += [parse_eval_spec(spec, flag) for spec in args.data]
-    return EvalSettings(tuple(sets), tuple(args.domain), args.seq_len or defaults.get("seq_len"),
-                        args.batch_size or defaults.get("batch_size", DEFAULT_BATCH_SIZE), dtype, args.tokenizer,
-                        flag)
+    settings = EvalSettings(tuple(sets), tuple(args.domain), args.seq_len or defaults.get("seq_len"),
+                            args.batch_size or defaults.get("batch_size", DEFAULT_BATCH_SIZE), dtype, args.tokenizer,
+                            flag)
+    if args.command != "eval":  # merge sweeps compare whole-set losses only
+        return settings
+    buckets, retrieval = args.position_buckets, args.retrieval
+    return dataclasses.replace(
+        settings, position_buckets=parse_position_buckets(buckets) if buckets is not None else
+        defaults.get("position_buckets"),
+        retrieval=parse_retrieval(retrieval) if retrieval is not None else defaults.get("retrieval"))
 
 
 def _eval(args) -> None:
@@ -115,7 +135,8 @@ def _eval(args) -> None:
         check_output_dir(user_path(args.out, "--out"))  # before any work
     s = _eval_settings(args, "--data", args.dtype)
     report = evaluate_models(args.model, s.sets, domain=s.domain, seq_len=s.seq_len, batch_size=s.batch_size,
-                             dtype=s.dtype, tokenizer=s.tokenizer)
+                             dtype=s.dtype, tokenizer=s.tokenizer, position_buckets=s.position_buckets,
+                             retrieval=s.retrieval)
     print(report.markdown(), end="")
     if args.out:
         print(f"wrote {write_report(report, args.out)}/eval.json and eval.md")

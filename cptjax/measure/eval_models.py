@@ -16,6 +16,11 @@ the first model's tokenizer; every model must share it. Each model is read onto 
 scored by the trainer's own eval step (train_step.build_eval_setup) through evaluation.evaluate.
 The first model is the reference: every other one is compared with it (adaptation on the domain
 sets, forgetting on the others).
+
+Each set's loss is also given by position bucket (`--position-buckets`, evaluation.position_edges),
+and `--retrieval` adds the pass-key probe (cptjax.train.retrieval): accuracy by prompt length and
+needle depth, its prompts made with the models' tokenizer; `--data-config` with a run's
+config.yaml takes both from its `eval` section.
 """
 
 from __future__ import annotations
@@ -37,10 +42,22 @@ from cptjax.core.paths import user_path
 from cptjax.core.progress import progress_bar
 from cptjax.data.config import EvalSetConfig, StageConfig, eval_shape, stage_shapes
 from cptjax.data.eval_sets import pack_eval_sets
+from cptjax.data.passkey import Prompt, RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.io.weights import Weights, open_weights, split_step
 from cptjax.model.config import ModelConfig
-from cptjax.train.evaluation import compare, comparison_table, domain_sets, evaluate, results_table
+from cptjax.model.sharding import MeshConfig
+from cptjax.train.config import check_position_buckets
+from cptjax.train.evaluation import (
+    compare,
+    comparison_table,
+    domain_sets,
+    evaluate,
+    position_edges,
+    position_table,
+    results_table,
+)
+from cptjax.train.retrieval import build_probe, retrieval_table
 from cptjax.train.step import EvalSetup, build_eval_setup
 
 DEFAULT_SEQ_LEN = 2048
@@ -91,7 +108,40 @@ def eval_sets_from_file(path: str) -> tuple[list[EvalSetConfig], dict]:
         stages = [from_dict(StageConfig, e, f"{file}: data.stages[{i}]") for i, e in enumerate(stages)]
         shape = eval_shape(stage_shapes(tuple(stages), defaults["seq_len"], defaults["batch_size"], steps))
         defaults = {"seq_len": shape.seq_len, "batch_size": shape.batch_size}
+    evaluation = raw.get("eval") if isinstance(raw.get("eval"), dict) else {}
+    if evaluation.get("position_buckets") is not None:
+        defaults["position_buckets"] = parse_position_buckets(evaluation["position_buckets"], f"{file}: eval")
+    if evaluation.get("retrieval") is not None:
+        defaults["retrieval"] = parse_retrieval(evaluation["retrieval"], f"{file}: eval.retrieval")
     return sets, defaults
+
+
+def parse_position_buckets(value, key: str = "--position-buckets") -> tuple[int, ...]:
+    """'1024,4096' (or a YAML list) -> the bucket edges, checked as eval.position_buckets is; ''
+    gives none."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    try:
+        edges = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise CptjaxError(f"{key} {value!r}: expected token positions such as 1024,4096") from None
+    check_position_buckets(edges, key)
+    return edges
+
+
+def parse_retrieval(value, key: str = "--retrieval") -> RetrievalConfig:
+    """A YAML mapping (text or parsed) -> the probe's config, e.g. {lengths: [1024, 4096], samples: 8}."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise CptjaxError(f"{key}: not a valid YAML mapping ({yaml_error(err)})") from None
+    if not isinstance(value, dict):
+        raise CptjaxError(f"{key}: expected a YAML mapping such as {{lengths: [1024, 4096], depths: [0, 0.5, 1]}}")
+    try:
+        return from_dict(RetrievalConfig, value, key)
+    except CptjaxError as err:  # the config's own checks name eval.retrieval
+        raise CptjaxError(str(err).replace("eval.retrieval", key)) from None
 
 
 def _eval_set(entry: dict, key: str) -> EvalSetConfig:
@@ -112,10 +162,12 @@ class EvalSettings:
     dtype: str = "float32"
     tokenizer: str | None = None  # default: the models' own
     flag: str = "--data"
+    position_buckets: tuple[int, ...] | None = None  # edges; default: evaluation.position_edges's doubling
+    retrieval: RetrievalConfig | None = None  # the pass-key probe, if any
 
     def check(self) -> tuple[str, ...]:
         """The checks that need no model; returns the domain sets' names."""
-        if not self.sets:
+        if not self.sets and self.retrieval is None:
             raise CptjaxError(f"{self.flag}: no eval set given; add {self.flag} NAME=SPEC or --data-config FILE")
         names = [s.name for s in self.sets]
         for name in names:
@@ -136,6 +188,9 @@ class EvalData:
     seq_len: int
     batch_size: int
     domain: tuple[str, ...] = ()
+    position_edges: tuple[int, ...] = ()
+    retrieval: RetrievalConfig | None = None
+    prompts: list[Prompt] = dataclasses.field(default_factory=list)  # the retrieval probe's
 
 
 def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequence[str]) -> EvalData:
@@ -154,20 +209,27 @@ def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequ
         if length > model.config.max_position_embeddings:
             raise CptjaxError(f"--seq-len {length}: exceeds {label}'s max_position_embeddings "
                               f"({model.config.max_position_embeddings})")
+    if settings.retrieval is not None:
+        settings.retrieval.check_length(length, "--retrieval", "raise --seq-len or drop the longer lengths")
     data = load_eval_data(settings.sets, folder, seq_len=length, batch_size=settings.batch_size,
                           flag=settings.flag)
-    top = max(int(b["inputs"].max()) for batches in data.sets.values() for b in batches)
+    top = max((int(b["inputs"].max()) for batches in data.sets.values() for b in batches), default=0)
     if top >= models[0].config.vocab_size:
         raise CptjaxError(f"--tokenizer {folder}: gives token id {top}, beyond the models' vocabulary "
                           f"of {models[0].config.vocab_size}; use the models' own tokenizer")
     data.domain = domain
+    data.position_edges = position_edges(length, settings.position_buckets)
+    if settings.retrieval is not None:
+        data.retrieval = settings.retrieval
+        data.prompts = make_prompts(settings.retrieval, data.tokenizer, "--retrieval")
     return data
 
 
 def load_eval_data(sets: Sequence[EvalSetConfig], tokenizer_dir, *, seq_len: int, batch_size: int,
                    flag: str = "--data") -> EvalData:
     """The sets tokenized with the tokenizer in `tokenizer_dir` and packed, as in training."""
-    EvalSettings(tuple(sets), seq_len=seq_len, batch_size=batch_size, flag=flag).check()
+    if sets:
+        EvalSettings(tuple(sets), seq_len=seq_len, batch_size=batch_size, flag=flag).check()
     tokenizer = DocumentTokenizer(load_tokenizer_spec(tokenizer_dir))
     packed = pack_eval_sets(sets, [f"{flag} {s.name}" for s in sets], tokenizer, seq_len=seq_len,
                             batch_size=batch_size, process_index=jax.process_index(),
@@ -197,11 +259,23 @@ def check_tokenizers(weights: Sequence[Weights], labels: Sequence[str]) -> None:
                               "models with different tokenizers are not comparable")
 
 
-def evaluate_weights(weights: Weights, data: EvalData, dtype: str = "float32", label: str = "") -> dict:
-    """{set: summarize(...)} of one model, read straight onto the devices in `dtype`."""
-    setup = build_eval_setup(weights.config, float_dtype(dtype, "--dtype"))
+def evaluate_weights(weights: Weights, data: EvalData, dtype: str = "float32",
+                     label: str = "") -> tuple[dict, dict | None]:
+    """({set: summarize(...)}, the retrieval probe's results or None) of one model, read straight
+    onto the devices in `dtype`."""
+    mesh_config = MeshConfig()
+    setup = build_eval_setup(weights.config, float_dtype(dtype, "--dtype"), mesh_config,
+                             position_edges=data.position_edges)
     params = weights.read_onto(setup.abstract_params)
-    return _evaluate(setup, params, data, label or weights.describe())
+    label = label or weights.describe()
+    results = _evaluate(setup, params, data, label)
+    if data.retrieval is None:
+        return results, None
+    probe = build_probe(data.retrieval, data.prompts, graphdef=setup.graphdef, mesh=setup.mesh,
+                        rules=mesh_config.rules, param_shardings=jax.tree.map(lambda a: a.sharding,
+                                                                              setup.abstract_params),
+                        batch_sharding=setup.batch_sharding, seq_len=data.seq_len, batch_size=data.batch_size)
+    return results, probe.run(params)
 
 
 def evaluate_host_params(setup: EvalSetup, params: dict, data: EvalData, label: str) -> dict:
@@ -215,7 +289,7 @@ def evaluate_host_params(setup: EvalSetup, params: dict, data: EvalData, label: 
 def _evaluate(setup: EvalSetup, params, data: EvalData, label: str) -> dict:
     sets = {name: progress_bar(f"evaluating {label} on {name}")(batches)
             for name, batches in data.sets.items()}
-    return evaluate(setup.eval_fn, params, sets, setup.to_global)
+    return evaluate(setup.eval_fn, params, sets, setup.to_global, position_edges=setup.position_edges)
 
 
 @dataclasses.dataclass
@@ -225,6 +299,7 @@ class EvalReport:
     seq_len: int
     batch_size: int
     dtype: str
+    retrieval: dict[str, dict] = dataclasses.field(default_factory=dict)  # {model label: probe results}
 
     @property
     def comparisons(self) -> dict[str, list[dict]]:
@@ -236,12 +311,23 @@ class EvalReport:
     def to_json(self) -> dict:
         return {"models": self.results, "domain_sets": list(self.domain), "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "dtype": self.dtype,
-                "reference": next(iter(self.results)), "comparisons": self.comparisons}
+                "reference": next(iter(self.results)), "comparisons": self.comparisons,
+                "retrieval": self.retrieval}
 
     def markdown(self) -> str:
-        text = (f"# Held-out evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; "
-                f"domain sets (adaptation): {', '.join(self.domain)}; the others measure forgetting.\n\n"
-                + results_table(self.results))
+        if any(self.results.values()):
+            text = (f"# Held-out evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; "
+                    f"domain sets (adaptation): {', '.join(self.domain)}; the others measure forgetting.\n\n"
+                    + results_table(self.results))
+        else:  # --retrieval alone
+            text = f"# Evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; no held-out sets.\n"
+        if positions := position_table(self.results):
+            text += ("\n## Loss by position in the document\n\nnats/token of the targets whose input sits at "
+                     "these positions (tokens from the document's start in the row)\n\n" + positions)
+        for label, probe in self.retrieval.items():
+            text += (f"\n## Pass-key retrieval: {label}\n\ngreedy exact match of the key, {probe['samples']} "
+                     f"prompts per cell, in brackets the answer's mean NLL in nats/token; {probe['accuracy']:.0%} "
+                     "overall\n\n" + retrieval_table(probe))
         reference = next(iter(self.results))
         for label, rows in self.comparisons.items():
             text += (f"\n## {label} against {reference}\n\nadaptation = domain loss drop, forgetting = "
@@ -252,9 +338,12 @@ class EvalReport:
 
 def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, domain: Sequence[str] = (),
                     seq_len: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                    dtype: str = "float32", tokenizer: str | None = None) -> EvalReport:
+                    dtype: str = "float32", tokenizer: str | None = None,
+                    position_buckets: tuple[int, ...] | None = None,
+                    retrieval: RetrievalConfig | None = None) -> EvalReport:
     """Every model (PATH or PATH@STEP) on every set; the first model is the reference."""
-    settings = EvalSettings(tuple(sets), tuple(domain), seq_len, batch_size, dtype, tokenizer)
+    settings = EvalSettings(tuple(sets), tuple(domain), seq_len, batch_size, dtype, tokenizer,
+                            position_buckets=position_buckets, retrieval=retrieval)
     if not models:
         raise CptjaxError("--model: give at least one model (an HF folder or a cptjax checkpoint)")
     settings.check()
@@ -265,11 +354,12 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
             path, step = split_step(text)
             opened.append(open_weights(path, step, flag="--model", step_flag="--model PATH@STEP"))
         data = prepare_eval(settings, opened, [f"--model {label}" for label in labels])
-        results = {label: evaluate_weights(w, data, dtype, label) for w, label in zip(opened, labels)}
+        both = {label: evaluate_weights(w, data, dtype, label) for w, label in zip(opened, labels)}
     finally:
         for w in opened:
             w.close()
-    return EvalReport(results, data.domain, data.seq_len, batch_size, dtype)
+    return EvalReport({label: sets for label, (sets, _) in both.items()}, data.domain, data.seq_len, batch_size,
+                      dtype, {label: probe for label, (_, probe) in both.items() if probe is not None})
 
 
 def _labels(models: Sequence[str]) -> list[str]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 from etils import epath
+from matplotlib import cm
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from cptjax.measure.run_logs import RunLog
+from cptjax.train.retrieval import accuracy_grid
 from cptjax.train.schedules import make_schedule
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
@@ -115,6 +117,55 @@ def draw_throughput(ax: Axes, run: RunLog) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_ylim(bottom=0)
     ax.set(title="Training throughput (eval and save time excluded)", xlabel="step", ylabel="tokens per second")
+
+
+def draw_position_loss(ax: Axes, run: RunLog, name: str) -> None:
+    """Held-out loss of set `name` per position bucket over steps: one line per bucket, near
+    positions pale, far ones dark. Far buckets falling relative to near ones: the model learns to
+    use its far context."""
+    labels = run.position_labels(name)
+    shades = cm.viridis_r(np.linspace(0.15, 1.0, len(labels)))
+    for shade, label in zip(shades, labels):
+        points = [(r["step"], r[name]["position_loss"][label]) for r in run.evals
+                  if r.get(name, {}).get("position_loss", {}).get(label) is not None]
+        if points:
+            ax.plot(*zip(*points), color=shade, marker="o", ms=3, lw=1.3, label=f"positions {label}")
+    ax.set(title=f"Held-out loss by position in the document: {name}", xlabel="step", ylabel=LOSS)
+    _legend(ax, "no loss by position in the logs")
+
+
+def draw_retrieval(ax: Axes, record: dict) -> None:
+    """Pass-key accuracy of one probe record as a heat map: prompt length (rows) by needle depth;
+    each cell also gives the answer's mean NLL (nats/token), which moves before accuracy does."""
+    grid, nll = accuracy_grid(record), accuracy_grid(record, "answer_nll")
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, f"{value:.0%}\nanswer NLL {nll[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(record["depths"])), [f"{d:g}" for d in record["depths"]])
+    ax.set_yticks(range(len(record["lengths"])), [f"{n:,}" for n in record["lengths"]])
+    ax.figure.colorbar(image, ax=ax, format=PercentFormatter(1.0), label="keys retrieved (greedy)")
+    ax.set(title=f"Pass-key retrieval at step {record['step']}: {record['accuracy']:.0%} overall",
+           xlabel="needle depth (0: start of the prompt, 1: just before the question)",
+           ylabel="prompt length (tokens)")
+
+
+def save_long_context_figures(run: RunLog, out: epath.Path) -> dict[str, str]:
+    """position_loss.png (one panel per eval set with buckets) and retrieval.png (the first and the
+    last probe), each only when the logs have it; returns {figure: file name}."""
+    files = {}
+    names = [n for n in run.eval_names if run.position_labels(n)]
+    if names:
+        fig = Figure(figsize=(7 * len(names), 4.2), layout="constrained")
+        for ax, name in zip(np.atleast_1d(fig.subplots(1, len(names))), names):
+            draw_position_loss(ax, run, name)
+        files["position_loss"] = _save(fig, out, "position_loss.png")
+    records = run.retrieval[:1] + run.retrieval[1:][-1:]
+    if records:
+        fig = Figure(figsize=(6.5 * len(records), 4.5), layout="constrained")
+        for ax, record in zip(np.atleast_1d(fig.subplots(1, len(records))), records):
+            draw_retrieval(ax, record)
+        files["retrieval"] = _save(fig, out, "retrieval.png")
+    return files
 
 
 def save_report_figures(run: RunLog, out: epath.Path, domain: tuple[str, ...]) -> dict[str, str]:

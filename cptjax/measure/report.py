@@ -3,7 +3,9 @@
 Read from the run's own folder (run_logs.py): training loss overall and per source, held-out loss
 per set over steps with the base's step-0 value marked (adaptation and forgetting curves), the
 learning rate, realized source shares against the configured weights, tokens/s, and the
-before/after table of the base (step 0) against the last evaluation. The report folder
+before/after table of the base (step 0) against the last evaluation. When the logs have them, the
+long-context section: held-out loss by position bucket (first and last evaluation, and curves over
+steps) and the pass-key probe's accuracy by prompt length and needle depth (heat maps). The report folder
 (default RUN_DIR/report-step<N>, N the last logged step) holds report.md, report.json (the
 tables' numbers), one PNG per plot and overview.png with all of them; it is written whole or not
 at all, and an existing one is never replaced.
@@ -18,9 +20,10 @@ from etils import epath
 
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
 from cptjax.core.paths import PathLike, user_path
-from cptjax.measure.plots import save_report_figures
+from cptjax.measure.plots import save_long_context_figures, save_report_figures
 from cptjax.measure.run_logs import RunLog, mixture_table, read_run, run_summary
-from cptjax.train.evaluation import comparison_table, domain_sets
+from cptjax.train.evaluation import comparison_table, domain_sets, markdown_table
+from cptjax.train.retrieval import retrieval_table
 
 CAPTIONS = {
     "training_loss": "Training loss of each logged step's batch, overall and per source.",
@@ -31,6 +34,12 @@ CAPTIONS = {
     "source_shares": "Each source's share of the target tokens per logging window (thin line) against its "
                      "configured weight (wide pale line).",
     "throughput": "Training tokens per second (batch x seq_len over the step time).",
+}
+LONG_CONTEXT_CAPTIONS = {
+    "position_loss": "Held-out loss per position bucket over steps (positions counted from each document's "
+                     "start in the row). Far buckets falling below near ones: the model uses its far context.",
+    "retrieval": "Pass-key retrieval: the share of keys the model retrieves by greedy decoding, by prompt "
+                 "length and the needle's depth; the first probe of the run beside the last.",
 }
 
 
@@ -57,9 +66,10 @@ def write_report(run_dir: PathLike, out: PathLike | None = None, domain: tuple[s
     mixture, covered = run.mixture()
     numbers = {"run_dir": str(run.run_dir), "last_step": run.last_step, "domain_sets": list(domain),
                "before_after": {"base_step": 0 if rows else None, "after_step": after_step, "rows": rows},
-               "mixture": {"rows": mixture, "steps_covered": covered}}
+               "mixture": {"rows": mixture, "steps_covered": covered},
+               "position_loss": _position_losses(run), "retrieval": run.retrieval[:1] + run.retrieval[1:][-1:]}
     with atomic_output_dir(out) as tmp:
-        figures = save_report_figures(run, tmp, domain)
+        figures = save_report_figures(run, tmp, domain) | save_long_context_figures(run, tmp)
         text = _markdown(run, rows, after_step, mixture, covered, figures, domain) + extra
         (tmp / "report.md").write_text(text)
         (tmp / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
@@ -80,7 +90,43 @@ def _markdown(run: RunLog, rows, after_step, mixture, covered, figures, domain) 
     if covered < run.last_step:
         lines += [f"Token counts cover {covered} of {run.last_step} steps (logging windows cut short by a "
                   "resume are not in the logs).", ""]
+    lines += _long_context(run, figures)
     lines += ["## Plots", ""]
     for name, caption in CAPTIONS.items():
         lines += [f"![{name}]({figures[name]})", "", caption, ""]
     return "\n".join(lines) + "\n"
+
+
+def _position_losses(run: RunLog) -> dict[str, dict]:
+    """{set: {"first_step", "last_step", "first", "last"}}: the loss by position bucket of the
+    first and the last evaluation that logged it."""
+    out = {}
+    for name in run.eval_names:
+        logged = [r for r in run.evals if "position_loss" in r.get(name, {})]
+        if logged:
+            out[name] = {"first_step": logged[0]["step"], "last_step": logged[-1]["step"],
+                         "first": logged[0][name]["position_loss"], "last": logged[-1][name]["position_loss"]}
+    return out
+
+
+def _long_context(run: RunLog, figures: dict[str, str]) -> list[str]:
+    positions = _position_losses(run)
+    if not positions and not run.retrieval:
+        return []
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = ["## Long context", ""]
+    for name, p in positions.items():
+        rows = [[label, fmt(p["first"].get(label)), fmt(p["last"].get(label)),
+                 "n/a" if None in (p["first"].get(label), p["last"].get(label))
+                 else f"{p['last'][label] - p['first'][label]:+.4f}"] for label in run.position_labels(name)]
+        lines += [f"Held-out loss of `{name}` by position in the document (nats/token), step {p['first_step']} "
+                  f"against step {p['last_step']}:", "",
+                  markdown_table(["positions", f"step {p['first_step']}", f"step {p['last_step']}", "change"], rows)]
+    for record in run.retrieval[:1] + run.retrieval[1:][-1:]:
+        lines += [f"Pass-key retrieval at step {record['step']}: {record['accuracy']:.0%} of the keys retrieved by "
+                  f"greedy decoding ({record['samples']} prompts per cell; in brackets the answer's mean NLL, "
+                  "nats/token).", "", retrieval_table(record)]
+    for name, caption in LONG_CONTEXT_CAPTIONS.items():
+        if name in figures:
+            lines += [f"![{name}]({figures[name]})", "", caption, ""]
+    return lines

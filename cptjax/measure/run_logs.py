@@ -29,6 +29,7 @@ class RunLog:
     config: TrainConfig
     train: list[dict]  # train records in step order, one per step
     evals: list[dict]  # eval records in step order: {"step", "kind", set name: summary, ...}
+    retrieval: list[dict] = dataclasses.field(default_factory=list)  # pass-key probe records, step order
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -54,6 +55,13 @@ class RunLog:
         """The latest evaluation at or before `step` (the last one if None)."""
         found = [r for r in self.evals if step is None or r["step"] <= step]
         return found[-1] if found else None
+
+    def position_labels(self, name: str) -> list[str]:
+        """The position buckets of set `name` in the evaluations, in order ([] if none logged them)."""
+        labels = []
+        for record in self.evals:
+            labels += [b for b in record.get(name, {}).get("position_loss", {}) if b not in labels]
+        return labels
 
     def sets_of(self, record: dict) -> dict[str, dict]:
         return {k: v for k, v in record.items() if isinstance(v, dict)}
@@ -120,7 +128,7 @@ def read_run(run_dir: PathLike, flag: str = "RUN_DIR") -> RunLog:
     evals = [r for r in ordered if r["kind"] == "eval"]
     if not train and not evals:
         raise CptjaxError(f"{metrics}: no train or eval records yet; run some steps first")
-    return RunLog(root, config, train, evals)
+    return RunLog(root, config, train, evals, [r for r in ordered if r["kind"] == "retrieval"])
 
 
 def mixture_table(rows: list[dict]) -> str:

@@ -16,6 +16,7 @@ from cptjax.core.dtypes import FloatName
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import PathLike, UserPath, user_path
 from cptjax.data.config import DataConfig, StageShape, eval_shape, stage_shapes
+from cptjax.data.passkey import RetrievalConfig
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.attention import Attention
 from cptjax.model.config import ModelConfig, extend_context
@@ -95,12 +96,25 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
+    """Held-out loss, also by position bucket: [0, e0), [e0, e1), ... up to seq_len, positions
+    counted from the start of each document (default: 8 buckets, the last [seq_len/2, seq_len),
+    each half the next). `retrieval`: the pass-key probe (cptjax.data.passkey), accuracy by
+    prompt length and needle depth, logged as a `retrieval` record beside each evaluation."""
+
     every: int = 500  # evaluate data.eval_sets every this many steps
     at_start: bool = True  # measure the base model before any update: the reference for forgetting
+    position_buckets: tuple[int, ...] | None = None  # loss by position in a document: edges; null: 8 doubling
+    retrieval: RetrievalConfig | None = None  # a pass-key probe at each evaluation (null: none)
 
     def __post_init__(self):
         if self.every < 1:
             raise CptjaxError(f"eval.every: must be >= 1, got {self.every}")
+        check_position_buckets(self.position_buckets, "eval.position_buckets")
+
+
+def check_position_buckets(edges, key: str) -> None:
+    if edges and (edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:]))):
+        raise CptjaxError(f"{key} {list(edges)}: give increasing positive token positions, e.g. [1024, 4096]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +167,9 @@ class TrainConfig:
             raise CptjaxError(f"schedule.stage_boundaries {list(self.schedule.stage_boundaries)} differ "
                               f"from the start steps of data.stages {list(starts)}; leave "
                               "schedule.stage_boundaries out to re-warm at each data stage")
+        if self.eval.retrieval is not None:
+            self.eval.retrieval.check_length(self.eval_shape.seq_len, "eval.retrieval",  # the longest stage's
+                                             "raise training.seq_len or drop the longer lengths")
         accum = self.optimizer.grad_accum_steps
         for shape in self.stage_shapes:
             if shape.batch_size % accum:

@@ -73,12 +73,10 @@ def _entries(cls, prefix: str) -> list[tuple[str, list[tuple[str, str, str, str]
         if not docs.get(field.name):
             raise ValueError(f"{cls.__name__}.{field.name} has no comment: write what it does on its line")
         element = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
-        optional = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
-            Union, typing.get_origin(int | None)) else []
-        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # a section or null
-            nested += _entries(optional[0], f"{key}.")
-        elif dataclasses.is_dataclass(tp):
-            nested += _entries(tp, f"{key}.")
+        union = typing.get_origin(tp) in (Union, typing.get_origin(int | None))
+        optional = [a for a in typing.get_args(tp) if union and dataclasses.is_dataclass(a)]  # a section or null
+        if dataclasses.is_dataclass(tp) or optional:
+            nested += _entries(optional[0] if optional else tp, f"{key}.")
         elif element is not None and dataclasses.is_dataclass(element):
             nested += _entries(element, f"{key}[].")
         rows.append((key, _type(tp), _default(field), docs[field.name]))

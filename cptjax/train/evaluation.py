@@ -3,6 +3,13 @@ tables that compare two evaluations (adaptation on the domain sets, forgetting o
 
 Every number is a ratio of sums over the whole set (token-weighted NLL, bytes), so it does not
 depend on the batch size or the number of hosts.
+
+Loss by position bucket: the targets are grouped by the position of their input token within its
+document's segment of the row (the batch's `positions`, which restart at every document and at
+every row a document continues into), so a target at position p is predicted from p + 1 tokens of
+its own document: exactly the context the model had. Buckets [0, e0), [e0, e1), ... end at the
+row length. For long-context evaluation use eval sets of documents at least a row long: each row
+is then one document and the buckets cover every position.
 """
 
 from __future__ import annotations
@@ -16,6 +23,24 @@ from jax.experimental import multihost_utils
 
 from cptjax.core.errors import CptjaxError
 
+DEFAULT_POSITION_BUCKETS = 8  # doubling buckets when eval.position_buckets is not set
+
+
+def position_edges(seq_len: int, buckets: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The upper edges of the position buckets of rows of `seq_len`: the given edges below seq_len,
+    then seq_len; by default (None) seq_len halved up to 7 times: [0, L/128), ..., [L/2, L)
+    (fewer buckets for tiny L). An empty list gives no buckets."""
+    if buckets is not None and not buckets:
+        return ()
+    if buckets is None:
+        buckets = sorted({max(1, seq_len >> k) for k in range(1, DEFAULT_POSITION_BUCKETS)})
+    return tuple(int(e) for e in buckets if e < seq_len) + (seq_len,)
+
+
+def bucket_labels(edges: Sequence[int]) -> list[str]:
+    """'0-1024', '1024-2048', ...: positions from the first number up to (not including) the second."""
+    return [f"{lo}-{hi}" for lo, hi in zip((0, *edges[:-1]), edges)]
+
 
 def summarize(nll: float, tokens: float, num_bytes: float) -> dict:
     """The reported numbers of one eval set from its sums (NLL in nats)."""
@@ -24,13 +49,19 @@ def summarize(nll: float, tokens: float, num_bytes: float) -> dict:
             "bits_per_byte": nll / math.log(2) / num_bytes if num_bytes else None, "tokens": tokens}
 
 
-def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global, stop=None) -> dict[str, dict] | None:
+def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global, stop=None,
+             position_edges: Sequence[int] = ()) -> dict[str, dict] | None:
     """{set name: summarize(...)}: `eval_fn(params, batch) -> {"nll", "tokens"}` (global sums)
     on every batch; `to_global` lays this process's rows out on the mesh. `stop()` true between
-    batches abandons the evaluation (None)."""
+    batches abandons the evaluation (None). With `position_edges` (the eval step's, which then
+    also returns "position_nll" and "position_tokens" per bucket), each summary has
+    "position_loss" and "position_tokens": {bucket label: value}, the loss None where a bucket
+    has no targets."""
     results = {}
+    buckets = len(position_edges)
     for name, batches in eval_sets.items():
         nll = tokens = num_bytes = 0.0
+        bucket_nll, bucket_tokens = np.zeros(buckets), np.zeros(buckets)
         for batch in batches:
             if stop is not None and stop():
                 return None
@@ -38,9 +69,17 @@ def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global, stop=
             nll += float(sums["nll"])
             tokens += float(sums["tokens"])
             num_bytes += float(np.sum(batch["num_bytes"]))
+            if buckets:
+                bucket_nll += np.asarray(sums["position_nll"], np.float64)
+                bucket_tokens += np.asarray(sums["position_tokens"], np.float64)
         if jax.process_count() > 1:  # nll and tokens are global sums; the bytes are this host's
             num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
         results[name] = summarize(nll, tokens, num_bytes)
+        if buckets:
+            labels = bucket_labels(position_edges)
+            results[name]["position_loss"] = {label: float(n / t) if t else None
+                                              for label, n, t in zip(labels, bucket_nll, bucket_tokens)}
+            results[name]["position_tokens"] = dict(zip(labels, map(float, bucket_tokens)))
     return results
 
 
@@ -94,6 +133,19 @@ def results_table(results: dict[str, dict[str, dict]]) -> str:
         [[model, name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}",
           "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}", f"{r['tokens']:,.0f}"]
          for model, sets in results.items() for name, r in sets.items()])
+
+
+def position_table(results: dict[str, dict[str, dict]]) -> str:
+    """Loss by position bucket, {model: {set: summary}} as Markdown: one row per model and set,
+    one column per bucket; '' when no summary has buckets."""
+    rows, labels = [], []
+    for model, sets in results.items():
+        for name, r in sets.items():
+            if "position_loss" in r:
+                labels = labels or list(r["position_loss"])
+                rows.append([model, name] + ["n/a" if r["position_loss"].get(b) is None else
+                                             f"{r['position_loss'][b]:.4f}" for b in labels])
+    return markdown_table(["model", "held-out set", *(f"positions {b}" for b in labels)], rows) if rows else ""
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

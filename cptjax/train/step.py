@@ -38,6 +38,7 @@ from cptjax.model.sharding import (
     with_activation_sharding,
 )
 from cptjax.model.transformer import abstract_model
+from cptjax.train.evaluation import position_edges as position_bucket_edges
 from cptjax.train.optimizer import build_optimizer
 from cptjax.train.schedules import make_schedule
 
@@ -48,6 +49,7 @@ class StepConfig:
     z_loss: float = 0.0
     grad_accum_steps: int = 1
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row per chunk of the loss; None: dense
+    position_edges: tuple[int, ...] = ()  # the eval step's position buckets (evaluation.position_edges)
 
 
 def _sums(graphdef, params, batch, config: StepConfig):
@@ -135,10 +137,25 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
 
 def eval_step(params: dict, batch: dict, *, graphdef, config: StepConfig) -> dict[str, jax.Array]:
     """Token sums for held-out evaluation (loss, perplexity and bits per byte are ratios of these),
-    in the training step's micro-batches: evaluation never needs more memory than training."""
+    in the training step's micro-batches: evaluation never needs more memory than training.
+
+    With `config.position_edges`, also "position_nll" and "position_tokens" [buckets]: the sums
+    grouped by the bucket of each input's position in its document. They are the per-source sums
+    of `_sums` with the bucket in place of the source (an eval set is one source), so the same
+    chunked loss computes them in the same pass."""
+    edges = config.position_edges
+    if edges:
+        config = dataclasses.replace(config, num_sources=len(edges))
+
     def sums(micro):
+        if edges:  # bucket k holds positions in [edges[k - 1], edges[k]); padding keeps source -1
+            bucket = jnp.searchsorted(jnp.asarray(edges, jnp.int32), micro["positions"], side="right")
+            micro = {**micro, "source_ids": jnp.where(micro["source_ids"] >= 0, bucket, -1).astype(jnp.int32)}
         out = _sums(graphdef, params, micro, config)
-        return {"nll": out["nll"], "tokens": out["tokens"]}
+        result = {"nll": out["nll"], "tokens": out["tokens"]}
+        if edges:
+            result.update(position_nll=out["source_nll"], position_tokens=out["source_tokens"])
+        return result
     return summed_over_micro_batches(sums, batch, config.grad_accum_steps)
 
 
@@ -157,6 +174,7 @@ class TrainSetup:
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Any
     eval_fn: Any
+    position_edges: tuple[int, ...] = ()  # eval_fn's position buckets
 
     def to_global(self, batch: dict) -> dict:
         """This process's rows of a batch -> global arrays on the mesh (the training keys only)."""
@@ -212,7 +230,9 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
 
     step_config = StepConfig(num_sources=num_sources, z_loss=config.optimizer.z_loss,
                              grad_accum_steps=config.optimizer.grad_accum_steps,
-                             loss_chunk=config.model.loss_chunk)
+                             loss_chunk=config.model.loss_chunk,
+                             position_edges=position_bucket_edges(config.eval_shape.seq_len,  # the held-out rows'
+                                                                  config.eval.position_buckets))
     b_sharding = batch_sharding(mesh, rules)
     step_fn = jax.jit(
         with_activation_sharding(functools.partial(
@@ -222,7 +242,7 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
         donate_argnums=0)
     eval_fn = _jit_eval_step(graphdef, step_config, mesh, rules, p_shardings, b_sharding)
     return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
-                      b_sharding, step_fn, eval_fn)
+                      b_sharding, step_fn, eval_fn, step_config.position_edges)
 
 
 def _with_shardings(abstract, shardings):
@@ -253,18 +273,23 @@ class EvalSetup:
     abstract_params: dict  # ShapeDtypeStructs carrying their shardings
     batch_sharding: jax.sharding.NamedSharding
     eval_fn: Any
+    graphdef: nnx.GraphDef  # the model, for other programs on the same parameters (the retrieval probe)
+    position_edges: tuple[int, ...] = ()  # eval_fn's position buckets
 
     def to_global(self, batch: dict) -> dict:
         return batch_to_global(self.batch_sharding, batch)
 
 
-def build_eval_setup(model_config, dtype, mesh_config: MeshConfig = MeshConfig(), devices=None) -> EvalSetup:
+def build_eval_setup(model_config, dtype, mesh_config: MeshConfig = MeshConfig(), devices=None,
+                     position_edges: tuple[int, ...] = ()) -> EvalSetup:
     """The eval step of `model_config` with parameters and compute in `dtype`, on a mesh of
-    `devices` (all by default) laid out by `mesh_config`; allocates nothing."""
+    `devices` (all by default) laid out by `mesh_config`, with loss sums by `position_edges`
+    buckets; allocates nothing."""
     mesh, rules = make_mesh(mesh_config, devices), mesh_config.rules
     abstract = abstract_model(model_config, param_dtype=dtype, dtype=dtype)
     p_shardings, abstract_params = _sharded_params(abstract, mesh, rules)
     b_sharding = batch_sharding(mesh, rules)
-    eval_fn = _jit_eval_step(nnx.graphdef(abstract), StepConfig(num_sources=1), mesh, rules, p_shardings,
-                             b_sharding)
-    return EvalSetup(mesh, abstract_params, b_sharding, eval_fn)
+    graphdef = nnx.graphdef(abstract)
+    eval_fn = _jit_eval_step(graphdef, StepConfig(num_sources=1, position_edges=tuple(position_edges)), mesh,
+                             rules, p_shardings, b_sharding)
+    return EvalSetup(mesh, abstract_params, b_sharding, eval_fn, graphdef, tuple(position_edges))

@@ -41,6 +41,7 @@ from cptjax.train.distributed import gather_states, initialize
 from cptjax.train.evaluation import evaluate, format_results
 from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.train.preemption import Preemption, StartInterrupted
+from cptjax.train.retrieval import RetrievalProbe, probe_for_run
 from cptjax.train.run_folder import RunCheckpointer, ensure_assets, fingerprint
 from cptjax.train.schedules import make_schedule
 from cptjax.train.start import RunStart, choose_start, initial_state
@@ -98,13 +99,14 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
                 eval_sets = build_eval_sets(config.data, spec, seq_len=config.eval_shape.seq_len,
                                             batch_size=config.eval_shape.batch_size, **processes)
             setup = build_setup(config, run_start.model_config, num_sources=len(data.source_names))
+            probe = probe_for_run(config, setup, spec, run_start.tokenizer_dir)
             preemption.check("before loading the weights")
             state = initial_state(run_start, config, setup, data, preemption)
             run_start.close()
             preemption.check("before the first compile")
             # Every check passed: only now is the run folder touched.
             _prepare_run_dir(config, run_start)
-            return _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption)
+            return _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption, probe)
         except StartInterrupted as phase:
             stopped = f"SIGTERM during start-up ({phase}): nothing written, exiting"
             if jax.process_index() == 0:
@@ -123,7 +125,8 @@ def check_vocabulary(spec, model_config: ModelConfig) -> None:
                           "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
 
 
-def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption) -> RunResult:
+def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption,
+              probe=None) -> RunResult:
     logger = MetricsLogger(config.paths, config.training.steps, start_step=run_start.resume_step or 0,
                            enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
                            progress=config.logging.progress)
@@ -132,7 +135,8 @@ def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_
     try:
         end = config.training.steps if until_step is None else min(config.training.steps, until_step)
         loop = Loop(config=config, setup=setup, run_start=run_start, data=data, eval_sets=eval_sets,
-                    checkpointer=checkpointer, logger=logger, state=state, end=end, preemption=preemption)
+                    checkpointer=checkpointer, logger=logger, state=state, end=end, preemption=preemption,
+                    probe=probe)
         logger.message(f"cptjax train: {loop.origin}; {loop.model_config.hf_architecture}, "
                        f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
         for note in config.data.weight_notes():
@@ -216,6 +220,7 @@ class Loop:
     state: dict
     end: int  # the last step this call trains
     preemption: Preemption
+    probe: RetrievalProbe | None = None  # eval.retrieval's, run at each evaluation
     window: Window = dataclasses.field(default_factory=Window)
     timer: StepTimer = dataclasses.field(default_factory=StepTimer)
     stopped: str | None = None
@@ -305,7 +310,7 @@ def _ready(loop: Loop, start: int) -> bool:
 
 def _eval_scheduled(loop: Loop, step: int) -> bool:
     """Step 0 (the model as it starts) with eval.at_start, then every eval.every steps."""
-    if not loop.eval_sets:
+    if not loop.eval_sets and loop.probe is None:
         return False
     return loop.config.eval.at_start if step == 0 else step % loop.config.eval.every == 0
 
@@ -368,11 +373,16 @@ def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> b
 def _evaluate(loop: Loop, step: int) -> dict | None:
     """Evaluates and logs; on SIGTERM it stops between batches and logs nothing (the save comes
     first)."""
+    stop = lambda: loop.preemption.requested  # noqa: E731
     results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
-                       stop=lambda: loop.preemption.requested)
-    if results is None:
+                       stop=stop, position_edges=loop.setup.position_edges)
+    probe = None if results is None or loop.probe is None else loop.probe.run(loop.state["params"], stop)
+    if results is None or (loop.probe is not None and probe is None):
         loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
         return None
+    if probe is not None:  # before the eval record, which marks the step's evaluation done
+        loop.logger.log(step, "retrieval", probe)
+        loop.logger.message(f"step {step} retrieval: pass-key accuracy {probe['accuracy']:.0%}")
     loop.logger.log(step, "eval", results)
     loop.logger.message(format_results(step, results))
     loop.logger.flush()
