@@ -18,6 +18,7 @@ from cptjax.core.paths import PathLike, UserPath, user_path
 from cptjax.data.config import DataConfig
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.attention import Attention
+from cptjax.model.context_parallel import ContextParallel
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK
 from cptjax.model.sharding import MeshConfig
 from cptjax.model.transformer import Remat
@@ -39,6 +40,7 @@ class ModelSection:
     compute_dtype: FloatName = "bfloat16"  # matmuls' precision; norms, softmax and loss stay float32
     remat: Remat = "none"  # what the backward pass recomputes per layer, to save memory
     attention: Attention = "auto"  # the attention kernel; auto picks per backend
+    context_parallel: ContextParallel = "all_gather"  # rows split by mesh.sequence: gather K/V, or pass them round
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
 
     def __post_init__(self):

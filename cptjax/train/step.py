@@ -28,6 +28,7 @@ from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
 from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.model.attention import check_kernel
+from cptjax.model.context_parallel import context_kernel
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK, loss_sums
 from cptjax.model.sharding import (
     MeshConfig,
@@ -175,15 +176,25 @@ def check_layout(config, model_config, devices) -> str:
     if seq_len > model_config.max_position_embeddings:
         raise CptjaxError(f"training.seq_len {seq_len} exceeds the model's max_position_embeddings "
                           f"({model_config.max_position_embeddings})")
-    sizes = config.mesh.axis_sizes(len(devices))
-    data_ways, accum = sizes[0] * sizes[1], config.optimizer.grad_accum_steps
-    if config.training.batch_size % (data_ways * accum):
+    data, fsdp, sequence, tensor = config.mesh.axis_sizes(len(devices))
+    data_ways, accum, rows = data * fsdp, config.optimizer.grad_accum_steps, config.training.batch_size
+    if rows % (data_ways * accum):
+        free, micro_rows = len(devices) // tensor, rows // accum  # devices for rows and their tokens
+        hint = f"e.g. mesh: {{data: 1, fsdp: {micro_rows}, sequence: {free // micro_rows}}}" \
+            if rows % accum == 0 and free % micro_rows == 0 else "mesh.sequence > 1"
         raise CptjaxError(
-            f"training.batch_size {config.training.batch_size} must be divisible by the data-parallel "
-            f"ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum})")
-    return check_kernel(config.model.attention, devices[0].platform,
-                        float_dtype(config.model.compute_dtype, "model.compute_dtype"), seq_len,
-                        model_config.sliding_window, "training.seq_len")
+            f"training.batch_size {rows} must be divisible by the data-parallel ways (mesh.data x "
+            f"mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum}); with fewer rows than "
+            f"devices, split each row over devices with mesh.sequence (context parallelism, {hint})")
+    dtype = float_dtype(config.model.compute_dtype, "model.compute_dtype")
+    if sequence == 1:
+        return check_kernel(config.model.attention, devices[0].platform, dtype, seq_len, model_config.sliding_window,
+                            "training.seq_len")
+    if seq_len % (2 * sequence):
+        raise CptjaxError(f"training.seq_len {seq_len} must be divisible by 2 x mesh.sequence ({2 * sequence}): "
+                          "each row is cut into two chunks per sequence shard (load balancing)")
+    return context_kernel(config.model.attention, devices[0].platform, dtype, seq_len, model_config.sliding_window,
+                          sequence, config.model.context_parallel, "training.seq_len")
 
 
 def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
@@ -193,7 +204,8 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     param_dtype = float_dtype(config.model.param_dtype, "model.param_dtype")
     abstract = abstract_model(model_config, param_dtype=param_dtype,
                               dtype=float_dtype(config.model.compute_dtype, "model.compute_dtype"),
-                              remat=config.model.remat, attention=config.model.attention)
+                              remat=config.model.remat, attention=config.model.attention,
+                              context_parallel=config.model.context_parallel)
     graphdef = nnx.graphdef(abstract)
     p_shardings, abstract_params = _sharded_params(abstract, mesh, rules)
     optimizer = build_optimizer(config.optimizer)
