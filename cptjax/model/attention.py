@@ -15,6 +15,9 @@
   auto        splash on TPU; pallas_gpu on GPU in 16-bit (cudnn when the model's sliding window is
               shorter than L); xla otherwise (CPU, or a length the Pallas kernels cannot take).
 
+Rows split over the mesh's sequence axis (context parallelism) go through context_parallel.py,
+which runs splash or the xla kernel's pieces per shard.
+
 Both Pallas kernels need L to be a multiple of 128 (their blocks). With a mesh active they run
 under `jax.shard_map` (batch over the data axes, heads over the tensor axis, as the rules say);
 on a backend that cannot compile them (CPU) they run in Pallas interpret mode, which is how the

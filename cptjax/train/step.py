@@ -193,8 +193,25 @@ def check_layout(config, model_config, devices) -> str:
     if seq_len % (2 * sequence):
         raise CptjaxError(f"training.seq_len {seq_len} must be divisible by 2 x mesh.sequence ({2 * sequence}): "
                           "each row is cut into two chunks per sequence shard (load balancing)")
+    if len({d.process_index for d in devices}) > 1:
+        _check_hosts_hold_whole_rows(config, devices)
     return context_kernel(config.model.attention, devices[0].platform, dtype, seq_len, model_config.sliding_window,
                           sequence, config.model.context_parallel, "training.seq_len")
+
+
+def _check_hosts_hold_whole_rows(config, devices) -> None:
+    """Each host reads its own rows (the pipeline splits rows by process), so the devices that
+    split one row over the sequence axis must all be on one host."""
+    mesh = make_mesh(config.mesh, devices)
+    shape = (config.training.batch_size, config.training.seq_len)
+    hosts_of_rows: dict[tuple, set] = {}
+    for device, index in batch_sharding(mesh, config.mesh.rules).devices_indices_map(shape).items():
+        hosts_of_rows.setdefault(index[0].indices(shape[0]), set()).add(device.process_index)
+    if any(len(hosts) > 1 for hosts in hosts_of_rows.values()):
+        per_host = sum(d.process_index == devices[0].process_index for d in devices)
+        raise CptjaxError(f"mesh.sequence {config.mesh.sequence}: one row's devices span several hosts, but each "
+                          f"host reads its own rows; keep mesh.sequence x mesh.tensor within a host's {per_host} "
+                          "devices")
 
 
 def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
