@@ -172,12 +172,32 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = config.axis_sizes(len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    hosts = len({d.process_index for d in devices})
+    if sizes[MESH_AXES.index("sequence")] > 1 and hosts > 1:
+        return Mesh(_rows_within_hosts(sizes, devices, hosts), MESH_AXES, axis_types=axis_types)
     try:
         return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
     except NotImplementedError:  # e.g. tensor 4 on a TPU v6e 8x8 torus: split a physical axis
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _rows_within_hosts(sizes, devices, hosts: int):
+    """The device grid when rows are split over the sequence axis on several hosts. Each host
+    reads its own rows, so one row's devices (sequence x tensor) must be on one host: hosts take
+    whole blocks of the grid, sequence and tensor inside, fsdp and data across."""
+    from jax.experimental import mesh_utils
+
+    data, fsdp, sequence, tensor = sizes
+    per_host = len(devices) // hosts
+    local_fsdp = per_host // (sequence * tensor)
+    if per_host % (sequence * tensor) or fsdp % local_fsdp:
+        raise CptjaxError(f"mesh: sequence {sequence} x tensor {tensor} must divide a host's {per_host} devices, "
+                          f"and fsdp ({fsdp}) be a multiple of what is left ({max(local_fsdp, 1)}): each host reads "
+                          "its own rows, so one row's devices must be on one host")
+    return mesh_utils.create_hybrid_device_mesh((1, local_fsdp, sequence, tensor), (data, fsdp // local_fsdp, 1, 1),
+                                                devices, process_is_granule=True)
 
 
 def spec_for_shape(names, shape, mesh: Mesh, rules: Rules) -> PartitionSpec:
