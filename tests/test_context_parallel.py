@@ -2,6 +2,7 @@
 simulated devices with both strategies, documents kept apart exactly, the load-balanced layout,
 and the errors that name the knob."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -88,3 +89,19 @@ def test_kernels_under_context_parallelism():
         context_kernel("splash", "tpu", bf16, 8192, None, 4, "ring")
     with pytest.raises(CptjaxError, match="model.context_parallel 'rings': choose one of all_gather, ring"):
         context_kernel("auto", "tpu", bf16, 8192, None, 4, "rings")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
+def test_on_several_hosts_one_rows_devices_share_a_host():
+    # v5p-128: 16 hosts of 4 chips. Each host reads its own rows, so a row's sequence shards must
+    # be on one host (jax.make_mesh alone follows the torus and spreads them over 4 hosts).
+    from cptjax.model.sharding import MeshConfig, make_mesh
+    from cptjax.train.plan import topology_devices
+
+    devices = topology_devices("v5p-128")
+    mesh = make_mesh(MeshConfig(data=1, fsdp=16, sequence=4, tensor=1), devices)
+    assert mesh.shape == {"data": 1, "fsdp": 16, "sequence": 4, "tensor": 1}
+    hosts = [{d.process_index for d in mesh.devices[0, i].flat} for i in range(16)]
+    assert all(len(h) == 1 for h in hosts) and len(set().union(*hosts)) == 16
+    with pytest.raises(CptjaxError, match=r"^mesh: sequence 8 x tensor 1 must divide a host's 4 devices"):
+        make_mesh(MeshConfig(data=1, fsdp=8, sequence=8, tensor=1), devices)
