@@ -15,6 +15,9 @@
   auto        splash on TPU; pallas_gpu on GPU in 16-bit (cudnn when the model's sliding window is
               shorter than L); xla otherwise (CPU, or a length the Pallas kernels cannot take).
 
+Rows split over the mesh's sequence axis (context parallelism) go through context_parallel.py,
+which runs splash or the xla kernel's pieces per shard.
+
 Both Pallas kernels need L to be a multiple of 128 (their blocks). With a mesh active they run
 under `jax.shard_map` (batch over the data axes, heads over the tensor axis, as the rules say);
 on a backend that cannot compile them (CPU) they run in Pallas interpret mode, which is how the
@@ -136,15 +139,16 @@ def _xla(q, k, v, segment_ids, window):
         q_seg, k_seg = (None, None) if segment_ids is None else (segment_ids[:, first:end],
                                                                   segment_ids[:, key_first:end])
         outs.append(_xla_attention(qt[:, :, :, first:end], kt[:, :, key_first:end], vt[:, :, key_first:end],
-                                   q_seg, k_seg, first - key_first, window, head_dim ** -0.5))
+                                   q_seg, k_seg, jnp.arange(first, end), jnp.arange(key_first, end), window,
+                                   head_dim ** -0.5))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, L, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
 
-def _allowed(q_segments, k_segments, offset: int, q_len: int, k_len: int, window: int | None) -> jax.Array:
-    """[B or 1, Lq, Lk]: whether query l (at position offset + l among the keys) may see key s:
-    causal, within the window, same document."""
-    query, key = offset + jnp.arange(q_len)[:, None], jnp.arange(k_len)[None, :]
+def _allowed(q_segments, k_segments, q_index, k_index, window: int | None) -> jax.Array:
+    """[B or 1, Lq, Lk]: whether query l may see key s: causal and within the window by their
+    indexes in the row (q_index [Lq], k_index [Lk]), same document."""
+    query, key = q_index[:, None], k_index[None, :]
     ok = key <= query
     if window is not None:
         ok &= query - key < window
@@ -154,13 +158,15 @@ def _allowed(q_segments, k_segments, offset: int, q_len: int, k_len: int, window
     return ok
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _xla_attention(q, k, v, q_segments, k_segments, offset, window, scale):
-    return _xla_forward(q, k, v, q_segments, k_segments, offset, window, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _xla_attention(q, k, v, q_segments, k_segments, q_index, k_index, window, scale):
+    """q [B, K, G, Lq, H] against k, v [B, K, S, H]; queries and keys placed in the row by
+    q_index [Lq] and k_index [S] (context parallelism reorders them)."""
+    return _xla_forward(q, k, v, q_segments, k_segments, q_index, k_index, window, scale)[0]
 
 
-def _xla_forward(q, k, v, q_segments, k_segments, offset, window, scale):
-    ok = _allowed(q_segments, k_segments, offset, q.shape[3], k.shape[2], window)[:, None, None]
+def _xla_forward(q, k, v, q_segments, k_segments, q_index, k_index, window, scale):
+    ok = _allowed(q_segments, k_segments, q_index, k_index, window)[:, None, None]
     scores = jnp.einsum("BKGLH,BKSH->BKGLS", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(ok, scores, _MASKED)
     peak = jnp.max(scores, axis=-1, keepdims=True)
@@ -168,14 +174,15 @@ def _xla_forward(q, k, v, q_segments, k_segments, offset, window, scale):
     total = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum("BKGLS,BKSH->BKGLH", (weights / total).astype(v.dtype), v)
     log_sum_exp = peak[..., 0] + jnp.log(total[..., 0])  # [B, K, G, L]
-    return out, (q, k, v, q_segments, k_segments, out, log_sum_exp)
+    return out, (q, k, v, q_segments, k_segments, q_index, k_index, out, log_sum_exp)
 
 
-def _xla_backward(offset, window, scale, residuals, d_out):
+def _xla_backward(window, scale, residuals, d_out):
     # In the transposed score space [B, K, S, G, L]: each kv head's keys against all its group's
-    # queries, which makes dk and dv plain matmuls over (G, L).
-    q, k, v, q_segments, k_segments, out, log_sum_exp = residuals
-    ok = _allowed(q_segments, k_segments, offset, q.shape[3], k.shape[2], window)
+    # queries, which makes dk and dv plain matmuls over (G, L). With `out` and `log_sum_exp` of
+    # all the keys, this is also one key block's share of the gradients (ring attention).
+    q, k, v, q_segments, k_segments, q_index, k_index, out, log_sum_exp = residuals
+    ok = _allowed(q_segments, k_segments, q_index, k_index, window)
     ok = jnp.swapaxes(ok, 1, 2)[:, None, :, None]  # [B, 1, S, 1, L]
     scores = jnp.einsum("BKSH,BKGLH->BKSGL", k, q, preferred_element_type=jnp.float32) * scale
     probs = jnp.where(ok, jnp.exp(scores - log_sum_exp[:, :, None]), 0.0)
@@ -186,7 +193,7 @@ def _xla_backward(offset, window, scale, residuals, d_out):
     d_scores = (probs * (d_probs - row_dot[:, :, None]) * scale).astype(q.dtype)
     d_k = jnp.einsum("BKSGL,BKGLH->BKSH", d_scores, q)
     d_q = jnp.moveaxis(jnp.einsum("BKSH,BKSGL->BKHGL", k, d_scores), 2, 4)
-    return d_q, d_k, d_v, None, None
+    return d_q, d_k, d_v, None, None, None, None
 
 
 _xla_attention.defvjp(_xla_forward, _xla_backward)

@@ -3,7 +3,8 @@
 The logits of `chunk` positions of every row at a time ([B, chunk, V] float32) are all that exist:
 chunks run along L under `jax.lax.scan`, and the backward pass recomputes each chunk's logits
 (`jax.checkpoint`) instead of keeping them. Chunking along L keeps the rows (sharded over the data
-axes) whole, so no device gathers another's hidden states. A chunk of at least L positions is the
+axes) whole, so no device gathers another's hidden states; a row split over the sequence axis is
+chunked within each shard's part (chunk j of every shard at once). A chunk of at least L positions is the
 dense computation. Sums, not means, so micro-batches and chunks add up exactly (up to float32
 summation order): the train step divides once.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cptjax.model.context_parallel import sequence_ways
 from cptjax.model.sharding import constrain
 
 # Positions per row per chunk. Memory: rows per device x chunk x V x 4 bytes of logits (and as much
@@ -40,16 +42,19 @@ def loss_sums(hidden, head, targets, mask, source_ids, num_sources: int,
     rows, length = targets.shape
     if chunk is None or chunk >= length:
         return logit_sums(hidden, head, targets, mask, source_ids, num_sources)
-    count = -(-length // chunk)
-    pad = count * chunk - length
-    if pad:  # padded positions have mask 0 and no source: they add nothing
-        widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
-        hidden, targets, mask = (jnp.pad(x, widths(x)) for x in (hidden, targets, mask))
-        source_ids = jnp.pad(source_ids, widths(source_ids), constant_values=-1)
+    ways = sequence_ways()
+    ways = ways if length % ways == 0 else 1
+    local = length // ways  # positions per shard of a row
+    chunk = min(chunk, local)
+    count = -(-local // chunk)
+    pad = count * chunk - local
 
-    def chunks(x):  # [B, count * chunk, ...] -> [count, B, chunk, ...]
-        x = x.reshape(rows, count, chunk, *x.shape[2:])
-        return jnp.swapaxes(x, 0, 1)
+    def chunks(x, fill=0):  # [B, L, ...] -> [count, B, ways * chunk, ...]: chunk j of each shard's part
+        x = x.reshape(rows, ways, local, *x.shape[2:])
+        if pad:  # padded positions have mask 0 and no source: they add nothing
+            x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+        x = jnp.moveaxis(x.reshape(rows, ways, count, chunk, *x.shape[3:]), 2, 0)
+        return x.reshape(count, rows, ways * chunk, *x.shape[4:])
 
     @jax.checkpoint
     def add(total, xs):
@@ -58,5 +63,6 @@ def loss_sums(hidden, head, targets, mask, source_ids, num_sources: int,
 
     zeros = {"nll": jnp.zeros((), jnp.float32), "z": jnp.zeros((), jnp.float32),
              "source_nll": jnp.zeros((num_sources,), jnp.float32)}
-    total, _ = jax.lax.scan(add, zeros, tuple(chunks(x) for x in (hidden, targets, mask, source_ids)))
+    xs = (chunks(hidden), chunks(targets), chunks(mask), chunks(source_ids, fill=-1))
+    total, _ = jax.lax.scan(add, zeros, xs)
     return total

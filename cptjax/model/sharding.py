@@ -30,7 +30,7 @@ ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", 
 
 DEFAULT_RULES: Rules = (
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),  # a row's shards hold different tokens, not copies of the weights
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -38,7 +38,7 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("norm", None),
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "sequence"),  # context parallelism (cptjax.model.context_parallel)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -119,7 +119,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Order: the last axes get the closest devices (tensor, then sequence: both talk every layer).
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,7 @@ class MeshConfig:
 
     data: int = -1  # data-parallel replicas (-1: whatever the other axes leave)
     fsdp: int = 1  # ways parameters and optimizer state are split (and batch rows)
+    sequence: int = 1  # ways each row's tokens are split (context parallelism, see model.context_parallel)
     tensor: int = 1  # ways heads and MLP columns are split
     rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES  # logical axis -> mesh axes
 
@@ -148,7 +150,7 @@ class MeshConfig:
         except CptjaxError as err:
             raise CptjaxError(f"mesh.rules: {str(err).removeprefix('sharding rules: ')}") from None
 
-    def axis_sizes(self, device_count: int) -> tuple[int, int, int]:
+    def axis_sizes(self, device_count: int) -> tuple[int, ...]:
         sizes = [getattr(self, a) for a in MESH_AXES]
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
@@ -170,6 +172,9 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = config.axis_sizes(len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    hosts = len({d.process_index for d in devices})
+    if sizes[MESH_AXES.index("sequence")] > 1 and hosts > 1:
+        return Mesh(_rows_within_hosts(sizes, devices, hosts), MESH_AXES, axis_types=axis_types)
     try:
         return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
     except NotImplementedError:  # e.g. tensor 4 on a TPU v6e 8x8 torus: split a physical axis
@@ -178,14 +183,32 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
+def _rows_within_hosts(sizes, devices, hosts: int):
+    """The device grid when rows are split over the sequence axis on several hosts. Each host
+    reads its own rows, so one row's devices (sequence x tensor) must be on one host: hosts take
+    whole blocks of the grid, sequence and tensor inside, fsdp and data across."""
+    from jax.experimental import mesh_utils
+
+    data, fsdp, sequence, tensor = sizes
+    per_host = len(devices) // hosts
+    local_fsdp = per_host // (sequence * tensor)
+    if per_host % (sequence * tensor) or fsdp % local_fsdp:
+        raise CptjaxError(f"mesh: sequence {sequence} x tensor {tensor} must divide a host's {per_host} devices, "
+                          f"and fsdp ({fsdp}) be a multiple of what is left ({max(local_fsdp, 1)}): each host reads "
+                          "its own rows, so one row's devices must be on one host")
+    return mesh_utils.create_hybrid_device_mesh((1, local_fsdp, sequence, tensor), (data, fsdp // local_fsdp, 1, 1),
+                                                devices, process_is_granule=True)
+
+
 def spec_for_shape(names, shape, mesh: Mesh, rules: Rules) -> PartitionSpec:
     """`logical_to_spec`, replicating any dimension the mesh axes do not divide evenly."""
     spec = logical_to_spec(names, rules)
     fitted = []
     for dim, axes in zip(shape, spec):
-        flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        flat = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in flat)
-        fitted.append(axes if size > 1 and dim % size == 0 else None)
+        # Axes of size 1 are left out: ("fsdp", "sequence") reads "fsdp" when sequence is 1.
+        fitted.append(None if size == 1 or dim % size else flat[0] if len(flat) == 1 else flat)
     return PartitionSpec(*fitted)
 
 
@@ -201,8 +224,9 @@ def param_shardings(abstract_model, mesh: Mesh, rules: Rules) -> dict:
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-    """Where a [B, L] batch array lives: rows over the data-parallel axes."""
-    return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length"), rules))
+    """Where a [B, L] batch array lives: rows over the data-parallel axes, each row whole (every
+    host reads whole rows; the embedding's constraint splits them over the sequence axis)."""
+    return NamedSharding(mesh, logical_to_spec(("activation_batch", None), rules))
 
 
 def optimizer_state_shardings(abstract_opt_state, params_shardings: dict, mesh: Mesh):

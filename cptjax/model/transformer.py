@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, attend
+from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES
 from cptjax.model.config import ModelConfig
+from cptjax.model.context_parallel import STRATEGIES, attend_rows, balanced_ways, from_layout, layout_order, to_layout
 from cptjax.model.kv_cache import KVCache, LayerCache
 from cptjax.model.rope import rope_attention_factor, rope_inverse_frequencies
 from cptjax.model.sharding import constrain
@@ -113,16 +114,22 @@ class Llama(nnx.Module):
 
     `positions` restart at 0 in each packed document; `segment_ids` keep packed documents from
     attending to each other. `remat` is a key of REMAT_POLICIES; `attention` is a kernel of
-    cptjax.model.attention ('auto': splash on TPU, Pallas flash on GPU, XLA on CPU).
+    cptjax.model.attention ('auto': splash on TPU, Pallas flash on GPU, XLA on CPU);
+    `context_parallel` how attention crosses a row split over the mesh's sequence axis
+    (cptjax.model.context_parallel).
     """
 
     def __init__(self, cfg: ModelConfig, *, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-                 remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
+                 remat: str = "none", attention: str = "auto", context_parallel: str = "all_gather",
+                 rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+        if context_parallel not in STRATEGIES:
+            raise ValueError(f"context_parallel must be one of {STRATEGIES}, got {context_parallel!r}")
         self.config = cfg
+        self.context_parallel = context_parallel
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
         self.attention = attention
@@ -147,23 +154,35 @@ class Llama(nnx.Module):
         return head.astype(self.dtype)
 
     def hidden_states(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-        """The final-normed hidden states [B, L, D] in the compute dtype."""
-        return self.decode(self.embed(tokens), positions, segment_ids)
+        """The final-normed hidden states [B, L, D] in the compute dtype. A row split over the
+        mesh's sequence axis runs in the load-balanced layout (context_parallel.py), in row order
+        again on the way out."""
+        ways = balanced_ways(tokens.shape[1])
+        if ways == 1:
+            return self.decode(self.embed(tokens), positions, segment_ids)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        tokens, positions = to_layout(tokens, ways), to_layout(positions, ways)
+        segment_ids = None if segment_ids is None else to_layout(segment_ids, ways)
+        token_index = jnp.asarray(layout_order(tokens.shape[1], ways))
+        hidden = self.decode(self.embed(tokens), positions, segment_ids, token_index)
+        return constrain(from_layout(hidden, ways), ("activation_batch", "activation_length", "activation_embed"))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, L, D]
         return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
-    def decode(self, x: jax.Array, positions=None, segment_ids=None) -> jax.Array:
-        """Runs the decoder layers and the final norm on input embeddings x [B, L, D]."""
+    def decode(self, x: jax.Array, positions=None, segment_ids=None, token_index=None) -> jax.Array:
+        """Runs the decoder layers and the final norm on input embeddings x [B, L, D];
+        `token_index` [L]: each position's index in the row when the row is reordered."""
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         cos, sin = _rope_tables(cfg, positions, self.dtype)
-        block = _Block(cfg, dtype=self.dtype, attention=self.attention)
+        block = _Block(cfg, dtype=self.dtype, attention=self.attention, context_parallel=self.context_parallel)
 
         def step(carry, weights):
-            return block(carry, weights, cos, sin, segment_ids)  # (x, None): no cache
+            return block(carry, weights, cos, sin, segment_ids, token_index=token_index)  # (x, None): no cache
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -197,8 +216,9 @@ class _Block:
     cfg: ModelConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    context_parallel: str = "all_gather"
 
-    def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None):
+    def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None, token_index=None):
         """x [B, L, D] -> (x [B, L, D], the layer's new keys and values with a `cache` (generation),
         else None): the (carry, output) pair that `jax.lax.scan` over the layers expects."""
         cfg, dt = self.cfg, self.dtype
@@ -217,7 +237,8 @@ class _Block:
         q = constrain(_apply_rope(q, cos, sin), Q_AXES)
         k = constrain(_apply_rope(k, cos, sin), KV_AXES)
         if cache is None:
-            attn = attend(q, k, v, segment_ids, choice=self.attention, window=cfg.sliding_window)  # [B, L, N, H]
+            attn = attend_rows(q, k, v, segment_ids, token_index, choice=self.attention,  # [B, L, N, H]
+                               strategy=self.context_parallel, window=cfg.sliding_window)
         else:  # generation: the cached keys too, masked by position (kv_cache.py)
             attn, cache = cache.attend(q, k, v)
         out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))

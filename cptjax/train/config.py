@@ -20,6 +20,7 @@ from cptjax.data.passkey import RetrievalConfig
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.attention import Attention
 from cptjax.model.config import ModelConfig, extend_context
+from cptjax.model.context_parallel import ContextParallel
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK
 from cptjax.model.rope import RopeOverrides
 from cptjax.model.sharding import MeshConfig
@@ -44,6 +45,7 @@ class ModelSection:
     compute_dtype: FloatName = "bfloat16"  # matmuls' precision; norms, softmax and loss stay float32
     remat: Remat = "none"  # what the backward pass recomputes per layer, to save memory
     attention: Attention = "auto"  # the attention kernel; auto picks per backend
+    context_parallel: ContextParallel = "all_gather"  # rows split by mesh.sequence: gather K/V, or pass them round
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
     max_position_embeddings: int | None = None  # the run's context limit (null: the model's); raise to train longer
     rope: RopeOverrides = RopeOverrides()  # the run's changes to the model's RoPE (base, scaling)

@@ -242,6 +242,10 @@ def knobs(config: TrainConfig, result: Plan) -> tuple[str, ...]:
     accum = config.optimizer.grad_accum_steps * 2
     if all(s.batch_size % ((result.mesh["data"] * result.mesh["fsdp"]) * accum) == 0 for s in config.stage_shapes):
         out.append(f"optimizer.grad_accum_steps: {accum} (micro-batches of half the rows)")
+    sequence = result.mesh.get("sequence", 1) * 2
+    if config.training.seq_len % (2 * sequence) == 0 and result.devices % sequence == 0:
+        out.append(f"mesh.sequence: {sequence} (context parallelism: each row's tokens split over {sequence} "
+                   "devices, fewer activations per device; model.context_parallel picks all_gather or ring)")
     if result.mesh["data"] > 1:
         out.append("mesh: {data: 1, fsdp: -1} (shard parameters and optimizer state over every device)")
     elif result.mesh["tensor"] == 1:

@@ -28,6 +28,7 @@ from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
 from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.model.attention import check_kernel
+from cptjax.model.context_parallel import context_kernel
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK, loss_sums
 from cptjax.model.sharding import (
     MeshConfig,
@@ -190,25 +191,53 @@ def check_layout(config, model_config, devices) -> str:
     """The checks of `config` (a TrainConfig) that need the model config and the devices it will
     run on (the trainer's, or a TPU topology's for `cptjax plan`), for every stage's batch shape;
     returns the attention kernel (of the longest rows)."""
-    sizes = config.mesh.axis_sizes(len(devices))
-    data_ways, accum = sizes[0] * sizes[1], config.optimizer.grad_accum_steps
+    data, fsdp, sequence, tensor = config.mesh.axis_sizes(len(devices))
+    data_ways, accum = data * fsdp, config.optimizer.grad_accum_steps
+    dtype = float_dtype(config.model.compute_dtype, "model.compute_dtype")
     kernels = {}
     for shape in config.stage_shapes:
-        length_key = config.shape_key(shape, "seq_len")
-        if shape.seq_len > model_config.max_position_embeddings:
-            raise CptjaxError(f"{length_key} {shape.seq_len} exceeds the model's max_position_embeddings "
+        seq_len, rows = shape.seq_len, shape.batch_size
+        length_key, rows_key = config.shape_key(shape, "seq_len"), config.shape_key(shape, "batch_size")
+        if seq_len > model_config.max_position_embeddings:
+            raise CptjaxError(f"{length_key} {seq_len} exceeds the model's max_position_embeddings "
                               f"({model_config.max_position_embeddings}); to extend the context, raise "
                               "model.max_position_embeddings, with a larger RoPE base (model.rope.theta) or "
                               "model.rope.type: yarn (docs/training.md, 'Extending the context')")
-        if shape.batch_size % (data_ways * accum):
+        if rows % (data_ways * accum):
+            free, micro_rows = len(devices) // tensor, rows // accum  # devices for rows and their tokens
+            hint = f"e.g. mesh: {{data: 1, fsdp: {micro_rows}, sequence: {free // micro_rows}}}" \
+                if rows % accum == 0 and free % micro_rows == 0 else "mesh.sequence > 1"
             raise CptjaxError(
-                f"{config.shape_key(shape, 'batch_size')} {shape.batch_size} must be divisible by the "
-                f"data-parallel ways (mesh.data x mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps "
-                f"({accum})")
-        kernels[shape.seq_len] = check_kernel(
-            config.model.attention, devices[0].platform, float_dtype(config.model.compute_dtype, "model.compute_dtype"),
-            shape.seq_len, model_config.sliding_window, length_key)
+                f"{rows_key} {rows} must be divisible by the data-parallel ways (mesh.data x "
+                f"mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum}); with fewer rows than "
+                f"devices, split each row over devices with mesh.sequence (context parallelism, {hint})")
+        if sequence == 1:
+            kernels[seq_len] = check_kernel(config.model.attention, devices[0].platform, dtype, seq_len,
+                                            model_config.sliding_window, length_key)
+            continue
+        if seq_len % (2 * sequence):
+            raise CptjaxError(f"{length_key} {seq_len} must be divisible by 2 x mesh.sequence ({2 * sequence}): "
+                              "each row is cut into two chunks per sequence shard (load balancing)")
+        if len({d.process_index for d in devices}) > 1:
+            _check_hosts_hold_whole_rows(config, devices, (rows, seq_len))
+        kernels[seq_len] = context_kernel(config.model.attention, devices[0].platform, dtype, seq_len,
+                                          model_config.sliding_window, sequence, config.model.context_parallel,
+                                          length_key)
     return kernels[max(kernels)]
+
+
+def _check_hosts_hold_whole_rows(config, devices, shape: tuple[int, int]) -> None:
+    """Each host reads its own rows (the pipeline splits rows by process), so the devices that
+    split one row over the sequence axis must all be on one host. `shape`: a batch's [B, L]."""
+    mesh = make_mesh(config.mesh, devices)
+    hosts_of_rows: dict[tuple, set] = {}
+    for device, index in batch_sharding(mesh, config.mesh.rules).devices_indices_map(shape).items():
+        hosts_of_rows.setdefault(index[0].indices(shape[0]), set()).add(device.process_index)
+    if any(len(hosts) > 1 for hosts in hosts_of_rows.values()):
+        per_host = sum(d.process_index == devices[0].process_index for d in devices)
+        raise CptjaxError(f"mesh.sequence {config.mesh.sequence}: one row's devices span several hosts, but each "
+                          f"host reads its own rows; keep mesh.sequence x mesh.tensor within a host's {per_host} "
+                          "devices")
 
 
 def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSetup:
@@ -218,7 +247,8 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     param_dtype = float_dtype(config.model.param_dtype, "model.param_dtype")
     abstract = abstract_model(model_config, param_dtype=param_dtype,
                               dtype=float_dtype(config.model.compute_dtype, "model.compute_dtype"),
-                              remat=config.model.remat, attention=config.model.attention)
+                              remat=config.model.remat, attention=config.model.attention,
+                              context_parallel=config.model.context_parallel)
     graphdef = nnx.graphdef(abstract)
     p_shardings, abstract_params = _sharded_params(abstract, mesh, rules)
     optimizer = build_optimizer(config.optimizer)
