@@ -1,13 +1,14 @@
 """Per-device memory of the shipped configs' train steps, compiled ahead of time from this CPU host.
 
-    python scripts/bench_plan.py [--out FILE]
+    python scripts/bench_plan.py [--only configs|without-knobs|long-context] [--out FILE]
 
 For each config in configs/, `cptjax plan`'s own function (cptjax.train.plan.plan: the trainer's step with its
 mesh, shardings, donation, remat, attention kernel and chunked loss) compiled for the config's target:
 a TPU slice through libtpu (the `tpu` extra; no TPU needed), a GPU node as the same step on as many TPU
 v5p chips (a proxy, as tests/test_plan.py plans it: measured against an H100 80GB as JAX uses it), or
 this machine's CPU. Then the flagship (llama-3.1-8b-tpu-wsd.yaml) with its memory knobs turned off:
-XLA attention and whole logits, and also no remat. The model shapes come from tests/fixtures/hf_configs/
+XLA attention and whole logits, and also no remat; and the flagship's model at 512K tokens a row with
+context parallelism (LONG_CONTEXT). The model shapes come from tests/fixtures/hf_configs/
 (the configs' init_from folders are not on this machine). docs/performance.md's table comes from this
 record: docs/benchmarks/plan_<date>.json (scripts/bench_record.py: command, commit, machine, load).
 """
@@ -43,6 +44,15 @@ FLAGSHIP_WITHOUT_KNOBS = {
 }
 
 
+# Long context (docs/scaling.md): the flagship's model at 512K tokens a row, 16 rows, its context
+# raised by the run's keys and each row split over 4 chips (context parallelism).
+LONG_CONTEXT = {
+    "512K rows, mesh.sequence 4": ["training.seq_len=524288", "training.batch_size=16",
+                                   "model.max_position_embeddings=524288", "model.rope.theta=1.28e8",
+                                   "mesh.data=1", "mesh.fsdp=16", "mesh.sequence=4"],
+}
+
+
 def plan_one(name: str, overrides: list[str]) -> dict:
     from cptjax.train.config import load_config
     from cptjax.train.plan import model_config_for, plan
@@ -68,13 +78,18 @@ def plan_one(name: str, overrides: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON record (default: a new docs/benchmarks/plan_<date>.json)")
+    parser.add_argument("--only", choices=["configs", "without-knobs", "long-context"], action="append",
+                        help="plan only these groups (repeatable; default: all three)")
     args = parser.parse_args()
+    groups = args.only or ["configs", "without-knobs", "long-context"]
     record = bench_record.begin("plan", ("libtpu",))
     rows = []
-    for name in TARGETS:
+    for name in TARGETS if "configs" in groups else ():
         rows.append(plan_one(name, []))
         print_row(rows[-1])
-    for label, overrides in FLAGSHIP_WITHOUT_KNOBS.items():
+    variants = {**(FLAGSHIP_WITHOUT_KNOBS if "without-knobs" in groups else {}),
+                **(LONG_CONTEXT if "long-context" in groups else {})}
+    for label, overrides in variants.items():
         rows.append(dict(plan_one("llama-3.1-8b-tpu-wsd.yaml", overrides), variant=label))
         print_row(rows[-1])
     bench_record.finish(record, {"plans": rows}, args.out)
