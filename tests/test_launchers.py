@@ -74,11 +74,16 @@ def test_tpu_launcher_refuses_bad_input_in_one_line(args, expected):
 
 FAKE_SRUN = r"""#!/bin/bash
 # srun's stand-in: one process per task of the allocation, with srun's per-task variables.
-while [[ $1 == --* ]]; do echo "$1" >> "$FAKE/srun_options"; shift; done
 if [ -n "${FAKE_WAIT_FOR_TERM:-}" ]; then
   trap 'echo TERM > "$FAKE/srun_got"; exit 0' TERM
+  # SIGTERM to the batch script while it is still starting srun (its pid not yet recorded).
+  if [ -n "${FAKE_TERM_PARENT:-}" ]; then kill -TERM "$PPID"; fi
+fi
+while [[ $1 == --* ]]; do echo "$1" >> "$FAKE/srun_options"; shift; done
+if [ -n "${FAKE_WAIT_FOR_TERM:-}" ]; then
   echo started > "$FAKE/srun_started"
-  while true; do sleep 0.1; done
+  for ((i = 0; i < 100; i++)); do sleep 0.1; done
+  echo "never got SIGTERM" > "$FAKE/srun_got"; exit 1
 fi
 per_node=$((SLURM_NTASKS / SLURM_NNODES))
 for ((p = 0; p < SLURM_NTASKS; p++)); do
@@ -151,6 +156,21 @@ def test_slurm_sigterm_saves_through_srun_and_requeues(slurm):
     assert (fake / "srun_got").read_text().strip() == "TERM"
     assert (fake / "scontrol_calls").read_text().split() == ["requeue", "4242"]
     assert "saved and stopped; requeueing job 4242" in out
+
+
+def test_slurm_sigterm_while_srun_starts_still_reaches_it(slurm):
+    # The trap used to run with no pid to pass the signal to, and the job then waited for the time
+    # limit's SIGKILL without saving: about 1 start in 10 when the signal lands in that window.
+    fake, env = slurm
+    env.update(FAKE_WAIT_FOR_TERM="1", FAKE_TERM_PARENT="1")
+    for attempt in range(20):
+        for name in ("srun_got", "scontrol_calls"):
+            (fake / name).unlink(missing_ok=True)
+        done = subprocess.run(["bash", str(SBATCH), "configs/llama-3.1-8b-8xh100.yaml"], env=env, cwd="/",
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert (fake / "srun_got").read_text().strip() == "TERM", f"start {attempt}: {done.stdout}"
+        assert done.returncode == 0 and "saved and stopped; requeueing job 4242" in done.stdout, done.stderr
+        assert (fake / "scontrol_calls").read_text().split() == ["requeue", "4242"]
 
 
 def test_slurm_script_refuses_a_missing_config_in_one_line(slurm):
