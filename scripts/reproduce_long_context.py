@@ -81,10 +81,11 @@ def lengths(study: dict) -> list[int]:
 def variants(study: dict) -> dict[str, dict]:
     """{name: the CPT run's `model` keys}: the three ways to extend the context."""
     long = study["short"] * study["factor"]
-    return {"unchanged": {"max_position_embeddings": long},
+    every = {"unchanged": {"max_position_embeddings": long},
             "abf": {"max_position_embeddings": long, "rope": {"theta": study["theta"] * study["abf_theta_scale"]}},
             "yarn": {"max_position_embeddings": long, "rope": {
                 "type": "yarn", "factor": study["factor"], "original_max_position_embeddings": study["short"]}}}
+    return {name: every[name] for name in study.get("variants", every)}
 
 
 def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> dict:
@@ -286,12 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="every part at tiny shapes, a few steps, one seed")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the study's")
+    parser.add_argument("--variants", help="comma-separated, a subset of " + ", ".join(variants(STUDY)))
     parser.add_argument("--data-dir", help="the bundled corpora (default: the clone's data/)")
     parser.add_argument("--out", required=True, help="a new folder, or that of a stopped study to continue it")
     args = parser.parse_args(argv)
     study = dict(SMOKE if args.smoke else STUDY)
     if args.seeds:
         study["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.variants:
+        study["variants"] = args.variants.split(",")
+        unknown = sorted(set(study["variants"]) - set(variants(STUDY)))
+        if unknown:
+            print(f"reproduce_long_context: --variants {','.join(unknown)}: not a variant; choose among "
+                  + ", ".join(variants(STUDY)), file=sys.stderr)
+            return 2
     out = Path(args.out).absolute()
     recorded = out / "study.json"
     if out.exists() and any(out.iterdir()):
