@@ -26,10 +26,19 @@ base beyond its context: `unchanged` at step 0 is the base read at 1024, `abf` a
 per seed), results.md (means and standard deviations over seeds), position_loss.png,
 retrieval.png, progress.json (a study stopped and run again continues where it stopped).
 
-Cost, measured on a 2-core CPU shared with other jobs (Dec 2026), and extrapolated: the --smoke run
-(below) took ~60 s wall, nearly all compilation. The full study's steps were timed at --smoke's
-shapes only, so its cost is an extrapolation: see STUDY_COST below, and progress.json's minutes for
-the real numbers once it runs.
+Cost, on the 2-core CPU this was written on, shared with other jobs (load 3-5), 2026-12-07:
+- measured: `--smoke` 50 s wall (all three variants); `--smoke --variants unchanged,yarn` with
+  XLA_FLAGS="--xla_backend_optimization_level=0" (the test's way) 28 s wall;
+- measured, a pilot at the study's shapes (40 base steps, 20 CPT steps of `yarn`): a base step
+  (16 x 256 tokens) 0.64 s, a CPT step (4 x 1024 tokens) 1.08 s, one CPT evaluation (28 held-out
+  documents, 47K tokens, and 120 pass-key prompts) 7.6 s, a run's start (compilation) ~10-20 s;
+- EXTRAPOLATED from those, not measured: the base 2400 x 0.64 s = ~26 min; each CPT run
+  600 x 1.08 s + 4-5 evaluations = ~11.5 min, 9 runs (3 variants x 3 seeds) = ~105 min; the whole
+  study ~2.2 h on this machine (less on idle cores). A seed at a time: --seeds 0, then --seeds 0,1,2
+  in the same --out continues (finished runs are kept).
+The base must learn retrieval at 256 tokens for the probe to show anything: the script prints the
+base's accuracy before the CPT runs (first row of results.md); near 0, raise base.steps or the
+pass-key share.
 """
 
 from __future__ import annotations
@@ -256,7 +265,8 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
                                study["short"], seed=0, at_start=False))
     base = measured(out / "base", study["base"]["steps"])
     minutes = {"base": json.loads((out / findings.PROGRESS).read_text())["base"]["minutes"], "seeds": {}}
-    echo(f"base pretrained in {minutes['base']:.1f} min")
+    echo(f"base pretrained in {minutes['base']:.1f} min; pass-key accuracy at {study['short']} tokens "
+         f"{base['retrieval'][str(study['short'])]:.0%} (near 0: the probe will show nothing, see the docstring)")
     runs, zero_shot = {}, {}
     for seed in study["seeds"]:
         runs[seed] = {}
