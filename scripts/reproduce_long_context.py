@@ -27,8 +27,8 @@ per seed), results.md (means and standard deviations over seeds), position_loss.
 retrieval.png, progress.json (a study stopped and run again continues where it stopped).
 
 Cost, on the 2-core CPU this was written on, shared with other jobs (load 3-5), 2026-12-07:
-- measured: `--smoke` 50 s wall (all three variants); `--smoke --variants unchanged,yarn` with
-  XLA_FLAGS="--xla_backend_optimization_level=0" (the test's way) 28 s wall;
+- measured: `--smoke` 50 s wall (all three variants: compilation, nearly all of it); `--smoke
+  --variants yarn` with XLA_FLAGS="--xla_backend_optimization_level=0" (the test's way) ~25 s wall;
 - measured, a pilot at the study's shapes (40 base steps, 20 CPT steps of `yarn`): a base step
   (16 x 256 tokens) 0.64 s, a CPT step (4 x 1024 tokens) 1.08 s, one CPT evaluation (28 held-out
   documents, 47K tokens, and 120 pass-key prompts) 7.6 s, a run's start (compilation) ~10-20 s;

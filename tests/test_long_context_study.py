@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer
 
 from cptjax.data.passkey import RetrievalConfig, make_prompts
@@ -31,6 +32,7 @@ def _script():
     return module
 
 
+@pytest.mark.slow
 def test_the_smoke_study_writes_every_number_per_variant_and_seed(tmp_path):
     script = _script()
     assert script.variants(script.SMOKE) == {
