@@ -40,6 +40,14 @@ BAD = [
      "eval.retrieval.lengths [64]: longer than the rows (32 tokens); raise training.seq_len"),
     ("probe depth", lambda r: r["eval"].update(retrieval={"lengths": [32], "depths": [0.5, 2]}),
      "eval.retrieval.depths: give one or more depths in [0, 1]"),
+    ("no task names", lambda r: r["eval"].update(tasks={"names": []}),
+     "eval.tasks.names: give one or more lm-eval task names or task YAML paths"),
+    ("task limit", lambda r: r["eval"].update(tasks={"names": ["x.yaml"], "limit": 0}),
+     "eval.tasks.limit: must be >= 1, got 0"),
+    ("missing task file", lambda r: r["eval"].update(tasks={"names": ["/no/such/task.yaml"]}),
+     "eval.tasks.names: task file /no/such/task.yaml: no such file"),
+    ("unknown task", lambda r: r["eval"].update(tasks={"names": ["hellaswag", "hellaswog"]}),
+     "eval.tasks.names: 'hellaswog' is not an lm-eval task, group or tag"),
 ]
 
 

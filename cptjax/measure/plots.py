@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from cptjax.measure.run_logs import RunLog
+from cptjax.train.harness import headline_metric
 from cptjax.train.retrieval import accuracy_grid
 from cptjax.train.schedules import make_schedule
 
@@ -147,6 +148,35 @@ def draw_retrieval(ax: Axes, record: dict) -> None:
     ax.set(title=f"Pass-key retrieval at step {record['step']}: {record['accuracy']:.0%} overall",
            xlabel="needle depth (0: start of the prompt, 1: just before the question)",
            ylabel="prompt length (tokens)")
+
+
+def draw_tasks(ax: Axes, run: RunLog, name: str) -> None:
+    """Task `name`'s headline score over steps, the step-0 score (the base) dashed and starred:
+    a falling accuracy (or a rising perplexity) is forgetting the model's earlier skills."""
+    metric = headline_metric(next(r[name] for r in run.tasks if name in r))
+    points = [(r["step"], r[name][metric]) for r in run.tasks if metric in r.get(name, {})]
+    ax.plot(*zip(*points), color="tab:blue", marker="o", ms=4, lw=1.5, label=f"{name}: {metric}")
+    if points[0][0] == 0:
+        ax.axhline(points[0][1], color="tab:blue", ls="--", lw=0.9, label="the base (step 0)")
+        ax.plot([0], [points[0][1]], color="tab:blue", marker="*", ms=13, ls="none")
+    better = "lower is better" if "perplexity" in metric or metric.endswith("bits_per_byte") else "higher is better"
+    ax.set(title=f"Task {name}", xlabel="step", ylabel=f"{metric} ({better})")
+    _legend(ax)
+
+
+def save_task_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
+    """tasks.png: one panel per lm-eval task logged during training ({} when there are none)."""
+    names = run.task_names
+    if not names:
+        return {}
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    fig = Figure(figsize=(5.5 * columns, 3.8 * rows), layout="constrained")
+    for ax, name in zip(np.atleast_1d(fig.subplots(rows, columns)).flat, names):
+        draw_tasks(ax, run, name)
+    for ax in np.atleast_1d(fig.axes)[len(names):]:
+        ax.set_visible(False)
+    return {"tasks": _save(fig, out, "tasks.png")}
 
 
 def save_long_context_figures(run: RunLog, out: epath.Path) -> dict[str, str]:

@@ -20,9 +20,10 @@ from etils import epath
 
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
 from cptjax.core.paths import PathLike, user_path
-from cptjax.measure.plots import save_long_context_figures, save_report_figures
+from cptjax.measure.plots import save_long_context_figures, save_report_figures, save_task_figure
 from cptjax.measure.run_logs import RunLog, mixture_table, read_run, run_summary
 from cptjax.train.evaluation import comparison_table, domain_sets, markdown_table
+from cptjax.train.harness import headline_metric
 from cptjax.train.retrieval import retrieval_table
 
 CAPTIONS = {
@@ -67,9 +68,11 @@ def write_report(run_dir: PathLike, out: PathLike | None = None, domain: tuple[s
     numbers = {"run_dir": str(run.run_dir), "last_step": run.last_step, "domain_sets": list(domain),
                "before_after": {"base_step": 0 if rows else None, "after_step": after_step, "rows": rows},
                "mixture": {"rows": mixture, "steps_covered": covered},
-               "position_loss": _position_losses(run), "retrieval": run.retrieval[:1] + run.retrieval[1:][-1:]}
+               "position_loss": _position_losses(run), "retrieval": run.retrieval[:1] + run.retrieval[1:][-1:],
+               "tasks": _task_scores(run)}
     with atomic_output_dir(out) as tmp:
-        figures = save_report_figures(run, tmp, domain) | save_long_context_figures(run, tmp)
+        figures = (save_report_figures(run, tmp, domain) | save_long_context_figures(run, tmp)
+                   | save_task_figure(run, tmp))
         text = _markdown(run, rows, after_step, mixture, covered, figures, domain) + extra
         (tmp / "report.md").write_text(text)
         (tmp / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
@@ -90,11 +93,39 @@ def _markdown(run: RunLog, rows, after_step, mixture, covered, figures, domain) 
     if covered < run.last_step:
         lines += [f"Token counts cover {covered} of {run.last_step} steps (logging windows cut short by a "
                   "resume are not in the logs).", ""]
+    lines += _tasks(run, figures)
     lines += _long_context(run, figures)
     lines += ["## Plots", ""]
     for name, caption in CAPTIONS.items():
         lines += [f"![{name}]({figures[name]})", "", caption, ""]
     return "\n".join(lines) + "\n"
+
+
+def _task_scores(run: RunLog) -> dict[str, dict]:
+    """{task: {"metric", "first_step", "first", "last_step", "last"}}: each lm-eval task's headline
+    score at its first evaluation (the base when that is step 0) and its last."""
+    out = {}
+    for name in run.task_names:
+        logged = [r for r in run.tasks if name in r]
+        metric = headline_metric(logged[0][name])
+        out[name] = {"metric": metric, "first_step": logged[0]["step"], "first": logged[0][name].get(metric),
+                     "last_step": logged[-1]["step"], "last": logged[-1][name].get(metric)}
+    return out
+
+
+def _tasks(run: RunLog, figures: dict[str, str]) -> list[str]:
+    scores = _task_scores(run)
+    if not scores:
+        return []
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    rows = [[name, s["metric"], f"{fmt(s['first'])} (step {s['first_step']})", f"{fmt(s['last'])} (step {s['last_step']})",
+             "n/a" if None in (s["first"], s["last"]) else f"{s['last'] - s['first']:+.4f}"]
+            for name, s in scores.items()]
+    return ["## Downstream tasks", "", "lm-evaluation-harness scores logged during training (eval.tasks): each "
+            "task's first evaluation (the base, when it is step 0) against its last.", "",
+            markdown_table(["task", "metric", "first", "last", "change"], rows),
+            f"![tasks]({figures['tasks']})", "", "Each task's score over steps; the dashed line and star are the "
+            "base model at step 0. A falling accuracy (rising perplexity) is forgetting.", ""]
 
 
 def _position_losses(run: RunLog) -> dict[str, dict]:

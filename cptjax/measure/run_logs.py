@@ -30,6 +30,7 @@ class RunLog:
     train: list[dict]  # train records in step order, one per step
     evals: list[dict]  # eval records in step order: {"step", "kind", set name: summary, ...}
     retrieval: list[dict] = dataclasses.field(default_factory=list)  # pass-key probe records, step order
+    tasks: list[dict] = dataclasses.field(default_factory=list)  # lm-eval task records: {task: {metric: value}}
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -39,6 +40,13 @@ class RunLog:
     def eval_names(self) -> list[str]:
         names = []
         for record in self.evals:
+            names += [k for k in record if isinstance(record[k], dict) and k not in names]
+        return names
+
+    @property
+    def task_names(self) -> list[str]:
+        names = []
+        for record in self.tasks:
             names += [k for k in record if isinstance(record[k], dict) and k not in names]
         return names
 
@@ -128,7 +136,8 @@ def read_run(run_dir: PathLike, flag: str = "RUN_DIR") -> RunLog:
     evals = [r for r in ordered if r["kind"] == "eval"]
     if not train and not evals:
         raise CptjaxError(f"{metrics}: no train or eval records yet; run some steps first")
-    return RunLog(root, config, train, evals, [r for r in ordered if r["kind"] == "retrieval"])
+    return RunLog(root, config, train, evals, [r for r in ordered if r["kind"] == "retrieval"],
+                  [r for r in ordered if r["kind"] == "tasks"])
 
 
 def mixture_table(rows: list[dict]) -> str:

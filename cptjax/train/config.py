@@ -107,11 +107,35 @@ class EvalSection:
     at_start: bool = True  # measure the base model before any update: the reference for forgetting
     position_buckets: tuple[int, ...] | None = None  # loss by position in a document: edges; null: 8 doubling
     retrieval: RetrievalConfig | None = None  # a pass-key probe at each evaluation (null: none)
+    tasks: TasksConfig | None = None  # lm-evaluation-harness tasks during training (null: none)
 
     def __post_init__(self):
         if self.every < 1:
             raise CptjaxError(f"eval.every: must be >= 1, got {self.every}")
         check_position_buckets(self.position_buckets, "eval.position_buckets")
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    """Downstream tasks scored by lm-evaluation-harness on the training mesh, between steps: at
+    step 0 with eval.at_start (the reference for forgetting), then every `every` steps. Process 0
+    drives the harness; every process computes. Logged as `tasks` records."""
+
+    names: tuple[str, ...]  # lm-eval task or group names, or paths to local task YAML files
+    every: int | None = None  # steps between task evaluations (null: eval.every)
+    limit: int | None = None  # at most this many documents per task (null: all)
+    num_fewshot: int | None = None  # few-shot examples per prompt (null: each task's own)
+    seed: int = 1234  # lm-eval's seeds (few-shot sampling, shuffles): the same documents every time
+
+    def __post_init__(self):
+        if not self.names or any(not isinstance(n, str) or not n.strip() for n in self.names):
+            raise CptjaxError("eval.tasks.names: give one or more lm-eval task names or task YAML paths, "
+                              "e.g. [hellaswag, arc_easy]")
+        for key in ("every", "limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise CptjaxError(f"eval.tasks.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise CptjaxError(f"eval.tasks.num_fewshot: must be >= 0, got {self.num_fewshot}")
 
 
 def check_position_buckets(edges, key: str) -> None:
