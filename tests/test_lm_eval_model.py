@@ -18,7 +18,8 @@ from run_helpers import ENV, cli
 from transformers import AutoTokenizer
 
 from cptjax.measure.generate import Sampling, decode, generate_ids
-from cptjax.measure.lm_eval_model import CptjaxLM, ModelOnMesh, bucket_length, run_tasks
+from cptjax.measure.lm_eval_model import CptjaxLM
+from cptjax.measure.model_on_mesh import ModelOnMesh, bucket_length
 
 pytest.importorskip("accelerate", reason="lm-eval's hf backend (the ground truth) imports accelerate; "
                     "pip install 'cptjax[test]'")
@@ -190,12 +191,29 @@ def test_entry_point_names_the_model_class():
     assert EntryPoint("cptjax", value, "lm_eval.models").load() is CptjaxLM
 
 
-def test_run_tasks_rejects_unknown_tasks_and_missing_files(model_dir, tmp_path):
-    from cptjax.core.errors import CptjaxError
+@pytest.mark.slow
+def test_cptjax_eval_tasks_compares_models_side_by_side(model_dir, task_dir, tmp_path):
+    """`cptjax eval --tasks`: two models (the base and another with different weights) on a task
+    YAML; the table gives each score and the difference from the base, as eval.json records."""
+    other = hf_models.save_hf_model(json.loads((model_dir / "config.json").read_text()), tmp_path / "other", seed=1)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(other)
+    out = cli("eval", "--model", model_dir, "--model", other, "--tasks", task_dir / "tiny_mc.yaml", "--limit", 4,
+              "--num-fewshot", 1, "--out", tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "eval.json").read_text())
+    base, tuned = (report["tasks"][str(m)]["tiny_mc"]["acc"] for m in (model_dir, other))
+    assert f"| tiny_mc | acc | {base:.4f} | {tuned:.4f} | {tuned - base:+.4f} |" in out
+    assert set(report["tasks"][str(model_dir)]["tiny_mc"]) == {"acc", "acc_norm"}
 
-    lm = CptjaxLM(path=str(model_dir), max_length=MAX_LENGTH)
-    with pytest.raises(CptjaxError, match="--tasks no_such_task: not an lm-eval task"):
-        run_tasks(lm, ["no_such_task"])
-    with pytest.raises(CptjaxError, match="no such task file"):
-        run_tasks(lm, [str(tmp_path / "missing.yaml")])
-    assert sys.modules["cptjax.measure.lm_eval_model"]
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "no_such_task"], "--tasks no_such_task: not an lm-eval task"),
+    (["--tasks", "missing.yaml"], "--tasks missing.yaml: no such task file"),
+    (["--limit", "3"], "--limit / --num-fewshot: only with --tasks"),
+])
+def test_cptjax_eval_tasks_bad_input_is_one_line(model_dir, args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cptjax.cli", "eval", "--model", str(model_dir), *args],
+                            capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"cptjax: error: {lines[-1].removeprefix('cptjax: error: ')}" and message in lines[-1]
+    assert len([line for line in lines if "error" in line.lower()]) == 1
