@@ -21,9 +21,6 @@ from cptjax.measure.generate import Sampling, decode, generate_ids
 from cptjax.measure.lm_eval_model import CptjaxLM
 from cptjax.measure.model_on_mesh import ModelOnMesh, bucket_length
 
-pytest.importorskip("accelerate", reason="lm-eval's hf backend (the ground truth) imports accelerate; "
-                    "pip install 'cptjax[test]'")
-
 MAX_LENGTH = 48  # short: contexts are truncated from the left and texts span several rolling windows
 TASKS = ("tiny_mc", "tiny_rolling", "tiny_gen")
 
@@ -100,6 +97,8 @@ def _responses(results, task):
 
 @pytest.mark.slow
 def test_cptjax_matches_the_hf_backend(model_dir, task_dir):
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend (the ground truth) imports accelerate; "
+                        "pip install -e '.[test]'")
     ours = _run("cptjax", f"path={model_dir},dtype=float32,max_length={MAX_LENGTH}", task_dir)
     hf = _run("hf", f"pretrained={model_dir},dtype=float32,max_length={MAX_LENGTH}", task_dir)
 
@@ -205,6 +204,7 @@ def test_cptjax_eval_tasks_compares_models_side_by_side(model_dir, task_dir, tmp
     assert set(report["tasks"][str(model_dir)]["tiny_mc"]) == {"acc", "acc_norm"}
 
 
+@pytest.mark.slow  # lm-eval indexes its ~10k built-in task files for each check (20-40 s here)
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "no_such_task"], "--tasks no_such_task: not an lm-eval task"),
     (["--tasks", "missing.yaml"], "--tasks missing.yaml: no such task file"),
