@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     from cptjax.measure.cli import add_measure_commands
     add_measure_commands(commands)
+    commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the "
+                        "cptjax model registered: cptjax lm-eval --model cptjax --model_args path=DIR[@STEP] "
+                        "--tasks hellaswag (needs the eval extra)")
     return parser
 
 
@@ -137,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from cptjax.train.preemption import install_handler
         install_handler()  # a SIGTERM during start-up (imports, compiling) exits cleanly too
-    args = _parser().parse_args(argv)
     try:
+        if argv[:1] == ["lm-eval"]:  # every argument is lm-eval's, parsed by lm-eval
+            from cptjax.measure.lm_eval_model import lm_eval_main
+            lm_eval_main(argv[1:])
+            return 0
+        args = _parser().parse_args(argv)
         return _run(args) or 0  # `plan` returns 1 when the step does not fit
     except CptjaxError as err:
         print(f"cptjax: error: {err}", file=sys.stderr)

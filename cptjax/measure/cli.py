@@ -45,6 +45,11 @@ def add_measure_commands(commands) -> None:
     ev.add_argument("--retrieval", metavar="YAML", help="the pass-key probe, accuracy by length and depth: "
                     "'{lengths: [1024, 4096], depths: [0, 0.5, 1], samples: 4}' (lengths in tokens, at most "
                     "--seq-len)")
+    ev.add_argument("--tasks", metavar="NAMES", help="lm-evaluation-harness tasks run on every model, "
+                    "comma-separated names or local YAML files (hellaswag,arc_easy,my_task.yaml); needs the "
+                    "eval extra")
+    ev.add_argument("--limit", type=float, help="with --tasks: documents per task (below 1: a fraction)")
+    ev.add_argument("--num-fewshot", type=int, help="with --tasks: few-shot examples (default: each task's own)")
     ev.add_argument("--out", help="new folder for eval.json and eval.md (default: print only)")
 
     rep = commands.add_parser("report", help="a training run's Markdown report with PNG plots")
@@ -120,8 +125,14 @@ def _eval_settings(args, flag: str, dtype: str):
     if args.command != "eval":  # merge sweeps compare whole-set losses only
         return settings
     buckets, retrieval = args.position_buckets, args.retrieval
+    tasks = None
+    if args.tasks is not None:
+        from cptjax.measure.eval_tasks import parse_tasks
+        tasks = parse_tasks(args.tasks, args.limit, args.num_fewshot)
+    elif args.limit is not None or args.num_fewshot is not None:
+        raise CptjaxError("--limit / --num-fewshot: only with --tasks")
     return dataclasses.replace(
-        settings, position_buckets=parse_position_buckets(buckets) if buckets is not None else
+        settings, tasks=tasks, position_buckets=parse_position_buckets(buckets) if buckets is not None else
         defaults.get("position_buckets"),
         retrieval=parse_retrieval(retrieval) if retrieval is not None else defaults.get("retrieval"))
 
@@ -136,7 +147,7 @@ def _eval(args) -> None:
     s = _eval_settings(args, "--data", args.dtype)
     report = evaluate_models(args.model, s.sets, domain=s.domain, seq_len=s.seq_len, batch_size=s.batch_size,
                              dtype=s.dtype, tokenizer=s.tokenizer, position_buckets=s.position_buckets,
-                             retrieval=s.retrieval)
+                             retrieval=s.retrieval, tasks=s.tasks)
     print(report.markdown(), end="")
     if args.out:
         print(f"wrote {write_report(report, args.out)}/eval.json and eval.md")

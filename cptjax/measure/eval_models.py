@@ -45,6 +45,8 @@ from cptjax.data.eval_sets import pack_eval_sets
 from cptjax.data.passkey import Prompt, RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.io.weights import Weights, open_weights, split_step
+from cptjax.measure.eval_tasks import TaskSettings, run_model_tasks, tasks_table
+from cptjax.measure.model_on_mesh import ModelOnMesh
 from cptjax.model.config import ModelConfig
 from cptjax.model.sharding import MeshConfig
 from cptjax.train.config import check_position_buckets
@@ -164,11 +166,13 @@ class EvalSettings:
     flag: str = "--data"
     position_buckets: tuple[int, ...] | None = None  # edges; default: evaluation.position_edges's doubling
     retrieval: RetrievalConfig | None = None  # the pass-key probe, if any
+    tasks: TaskSettings | None = None  # lm-eval tasks, if any
 
     def check(self) -> tuple[str, ...]:
         """The checks that need no model; returns the domain sets' names."""
-        if not self.sets and self.retrieval is None:
-            raise CptjaxError(f"{self.flag}: no eval set given; add {self.flag} NAME=SPEC or --data-config FILE")
+        if not self.sets and self.retrieval is None and self.tasks is None:
+            raise CptjaxError(f"{self.flag}: no eval set given; add {self.flag} NAME=SPEC, --data-config FILE "
+                              "or --tasks NAMES")
         names = [s.name for s in self.sets]
         for name in names:
             if names.count(name) > 1:
@@ -191,6 +195,8 @@ class EvalData:
     position_edges: tuple[int, ...] = ()
     retrieval: RetrievalConfig | None = None
     prompts: list[Prompt] = dataclasses.field(default_factory=list)  # the retrieval probe's
+    tasks: TaskSettings | None = None
+    task_specs: tuple = ()  # (lm-eval's TaskManager, the resolved specs) of `tasks`
 
 
 def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequence[str]) -> EvalData:
@@ -222,6 +228,8 @@ def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequ
     if settings.retrieval is not None:
         data.retrieval = settings.retrieval
         data.prompts = make_prompts(settings.retrieval, data.tokenizer, "--retrieval")
+    if settings.tasks is not None:
+        data.tasks, data.task_specs = settings.tasks, settings.tasks.resolved()
     return data
 
 
@@ -260,22 +268,27 @@ def check_tokenizers(weights: Sequence[Weights], labels: Sequence[str]) -> None:
 
 
 def evaluate_weights(weights: Weights, data: EvalData, dtype: str = "float32",
-                     label: str = "") -> tuple[dict, dict | None]:
-    """({set: summarize(...)}, the retrieval probe's results or None) of one model, read straight
-    onto the devices in `dtype`."""
+                     label: str = "") -> tuple[dict, dict | None, dict | None]:
+    """({set: summarize(...)}, the retrieval probe's results or None, the lm-eval tasks'
+    `task_scores` or None) of one model, read straight onto the devices in `dtype`."""
     mesh_config = MeshConfig()
     setup = build_eval_setup(weights.config, float_dtype(dtype, "--dtype"), mesh_config,
                              position_edges=data.position_edges)
     params = weights.read_onto(setup.abstract_params)
     label = label or weights.describe()
     results = _evaluate(setup, params, data, label)
-    if data.retrieval is None:
-        return results, None
-    probe = build_probe(data.retrieval, data.prompts, graphdef=setup.graphdef, mesh=setup.mesh,
-                        rules=mesh_config.rules, param_shardings=jax.tree.map(lambda a: a.sharding,
-                                                                              setup.abstract_params),
-                        batch_sharding=setup.batch_sharding, seq_len=data.seq_len, batch_size=data.batch_size)
-    return results, probe.run(params)
+    probe = None
+    if data.retrieval is not None:
+        probe = build_probe(data.retrieval, data.prompts, graphdef=setup.graphdef, mesh=setup.mesh,
+                            rules=mesh_config.rules, param_shardings=jax.tree.map(lambda a: a.sharding,
+                                                                                  setup.abstract_params),
+                            batch_sharding=setup.batch_sharding, seq_len=data.seq_len,
+                            batch_size=data.batch_size).run(params)
+    tasks = None
+    if data.tasks is not None:
+        model = ModelOnMesh(weights.config, setup.graphdef, params, setup.mesh, mesh_config.rules, data.batch_size)
+        tasks = run_model_tasks(model, data.tokenizer.spec.path, data.tasks, data.task_specs)
+    return results, probe, tasks
 
 
 def evaluate_host_params(setup: EvalSetup, params: dict, data: EvalData, label: str) -> dict:
@@ -300,6 +313,7 @@ class EvalReport:
     batch_size: int
     dtype: str
     retrieval: dict[str, dict] = dataclasses.field(default_factory=dict)  # {model label: probe results}
+    tasks: dict[str, dict] = dataclasses.field(default_factory=dict)  # {model label: task_scores(...)}
 
     @property
     def comparisons(self) -> dict[str, list[dict]]:
@@ -312,14 +326,14 @@ class EvalReport:
         return {"models": self.results, "domain_sets": list(self.domain), "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "dtype": self.dtype,
                 "reference": next(iter(self.results)), "comparisons": self.comparisons,
-                "retrieval": self.retrieval}
+                "retrieval": self.retrieval, "tasks": self.tasks}
 
     def markdown(self) -> str:
         if any(self.results.values()):
             text = (f"# Held-out evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; "
                     f"domain sets (adaptation): {', '.join(self.domain)}; the others measure forgetting.\n\n"
                     + results_table(self.results))
-        else:  # --retrieval alone
+        else:  # --retrieval or --tasks alone
             text = f"# Evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; no held-out sets.\n"
         if positions := position_table(self.results):
             text += ("\n## Loss by position in the document\n\nnats/token of the targets whose input sits at "
@@ -328,8 +342,14 @@ class EvalReport:
             text += (f"\n## Pass-key retrieval: {label}\n\ngreedy exact match of the key, {probe['samples']} "
                      f"prompts per cell, in brackets the answer's mean NLL in nats/token; {probe['accuracy']:.0%} "
                      "overall\n\n" + retrieval_table(probe))
+        if self.tasks:
+            text += ("\n## lm-evaluation-harness tasks\n\nscores of lm-eval's metrics (higher is better for "
+                     "accuracies, lower for perplexities), and each model's difference from the first\n\n"
+                     + tasks_table(self.tasks))
         reference = next(iter(self.results))
         for label, rows in self.comparisons.items():
+            if not rows:  # no held-out sets
+                continue
             text += (f"\n## {label} against {reference}\n\nadaptation = domain loss drop, forgetting = "
                      f"general loss rise, in nats/token\n\n"
                      + comparison_table(rows, before="reference", after="model"))
@@ -340,10 +360,10 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
                     seq_len: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                     dtype: str = "float32", tokenizer: str | None = None,
                     position_buckets: tuple[int, ...] | None = None,
-                    retrieval: RetrievalConfig | None = None) -> EvalReport:
-    """Every model (PATH or PATH@STEP) on every set; the first model is the reference."""
+                    retrieval: RetrievalConfig | None = None, tasks: TaskSettings | None = None) -> EvalReport:
+    """Every model (PATH or PATH@STEP) on every set and lm-eval task; the first model is the reference."""
     settings = EvalSettings(tuple(sets), tuple(domain), seq_len, batch_size, dtype, tokenizer,
-                            position_buckets=position_buckets, retrieval=retrieval)
+                            position_buckets=position_buckets, retrieval=retrieval, tasks=tasks)
     if not models:
         raise CptjaxError("--model: give at least one model (an HF folder or a cptjax checkpoint)")
     settings.check()
@@ -358,8 +378,9 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
     finally:
         for w in opened:
             w.close()
-    return EvalReport({label: sets for label, (sets, _) in both.items()}, data.domain, data.seq_len, batch_size,
-                      dtype, {label: probe for label, (_, probe) in both.items() if probe is not None})
+    return EvalReport({label: sets for label, (sets, _, _) in both.items()}, data.domain, data.seq_len, batch_size,
+                      dtype, {label: probe for label, (_, probe, _) in both.items() if probe is not None},
+                      {label: tasks for label, (_, _, tasks) in both.items() if tasks is not None})
 
 
 def _labels(models: Sequence[str]) -> list[str]:

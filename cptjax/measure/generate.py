@@ -9,7 +9,8 @@ and, for sliding-window models, only the window.
 Temperature 0 is greedy decoding (the argmax, as transformers' greedy `generate`). Otherwise the
 logits are divided by the temperature, cut to the smallest set of most likely tokens whose
 probability reaches `top_p` (nucleus sampling), and sampled with a key folded in by step from
-`seed`: the same seed gives the same tokens. Runs on one device.
+`seed`: the same seed gives the same tokens. Runs on one device; `decode` is the loop itself, which
+lm_eval_model.py jits on a mesh for batches of prompts of different lengths.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: fl
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos"))
-def _generate(graphdef, state, prompt, *, sampling: Sampling, eos: tuple[int, ...]):
-    """prompt [B, P] -> (new tokens [B, N], how many steps ran)."""
-    model = nnx.merge(graphdef, state)
+def decode(model, prompt, lengths, *, sampling: Sampling, eos: tuple[int, ...]):
+    """The decoding loop, a pure function for any jit (one device here, a mesh in lm_eval_model.py):
+    prompt [B, P] left-padded, each row's last `lengths` [B] tokens real -> (new tokens [B, N],
+    how many steps ran). Padding takes position -1, which the cache ignores (kv_cache.py), and each
+    row's positions continue after its own prompt."""
     rows, length = prompt.shape
     total = sampling.max_new_tokens
     key = jax.random.key(sampling.seed)
@@ -74,7 +76,8 @@ def _generate(graphdef, state, prompt, *, sampling: Sampling, eos: tuple[int, ..
     pick = functools.partial(sample_next, temperature=sampling.temperature, top_p=sampling.top_p)
 
     cache = KVCache.empty(model.config, rows, length + total, model.dtype)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+    positions = jnp.arange(length, dtype=jnp.int32)[None, :] - (length - lengths)[:, None]  # [B, P]
+    positions = jnp.maximum(positions, -1)
     logits, cache = model.extend(prompt, positions, cache)
     first = pick(logits, jax.random.fold_in(key, 0))
     out = jnp.zeros((rows, total), jnp.int32).at[:, 0].set(first)
@@ -85,7 +88,7 @@ def _generate(graphdef, state, prompt, *, sampling: Sampling, eos: tuple[int, ..
 
     def one_token(carry):
         step, token, cache, out, done = carry
-        at = jnp.full((rows, 1), length - 1, jnp.int32) + step  # the position of `token`
+        at = (lengths - 1 + step)[:, None]  # [B, 1]: the position of `token`
         logits, cache = model.extend(token[:, None], at, cache)
         token = jnp.where(done, 0, pick(logits, jax.random.fold_in(key, step)))
         return step + 1, token, cache, out.at[:, step].set(token), done | jnp.isin(token, eos_ids)
@@ -93,6 +96,22 @@ def _generate(graphdef, state, prompt, *, sampling: Sampling, eos: tuple[int, ..
     steps, _, _, out, _ = jax.lax.while_loop(
         running, one_token, (jnp.int32(1), first, cache, out, jnp.isin(first, eos_ids)))
     return out, steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos"))
+def _generate(graphdef, state, prompt, *, sampling: Sampling, eos: tuple[int, ...]):
+    """prompt [B, P], every row P real tokens -> (new tokens [B, N], how many steps ran)."""
+    lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+    return decode(nnx.merge(graphdef, state), prompt, lengths, sampling=sampling, eos=eos)
+
+
+def cut_at_eos(out: np.ndarray, steps: int, eos: tuple[int, ...]) -> list[list[int]]:
+    """`decode`'s new tokens per row, each up to and including its first end-of-sequence token."""
+    rows = []
+    for row in np.asarray(out)[:, :int(steps)].tolist():
+        ends = [i for i, t in enumerate(row) if t in eos]
+        rows.append(row[:ends[0] + 1] if ends else row)
+    return rows
 
 
 def generate_ids(model: PretrainedModel, prompts: np.ndarray, sampling: Sampling,
@@ -108,13 +127,9 @@ def generate_ids(model: PretrainedModel, prompts: np.ndarray, sampling: Sampling
                           f"tokens) plus the new tokens exceed the model's max_position_embeddings "
                           f"({cfg.max_position_embeddings})")
     graphdef, state = nnx.split(model.model)
-    out, steps = jax.device_get(_generate(graphdef, state, jnp.asarray(prompts), sampling=sampling,
-                                          eos=tuple(int(e) for e in eos)))
-    rows = []
-    for row in out[:, :int(steps)].tolist():
-        ends = [i for i, t in enumerate(row) if t in eos]
-        rows.append(row[:ends[0] + 1] if ends else row)
-    return rows
+    eos = tuple(int(e) for e in eos)
+    out, steps = jax.device_get(_generate(graphdef, state, jnp.asarray(prompts), sampling=sampling, eos=eos))
+    return cut_at_eos(out, steps, eos)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,9 @@ not by slots: a query at position p sees the keys at positions max(0, p - W + 1)
 training path applies (`local_window_size=(W - 1, 0)`).
 
 New tokens attend over the cached keys and their own (concatenated), and are written into the cache
-afterwards, so a prompt longer than the window is prefilled in one call.
+afterwards, so a prompt longer than the window is prefilled in one call. A negative position marks
+padding (rows of a batch of prompts of different lengths, left-padded): it attends to nothing, no
+token attends to it, and it is never written into the cache.
 """
 
 from __future__ import annotations
@@ -44,7 +46,13 @@ class KVCache:
         slots = self.positions.shape[1]
         kept = positions[:, -min(positions.shape[1], slots):]  # older ones would be overwritten
         rows = np.arange(positions.shape[0])[:, None]
-        return dataclasses.replace(self, positions=self.positions.at[rows, kept % slots].set(kept))
+        return dataclasses.replace(self, positions=self.positions.at[rows, _slot(kept, slots)].set(kept, mode="drop"))
+
+
+def _slot(positions: jax.Array, slots: int) -> jax.Array:
+    """The cache slot of each position; padding (< 0) gets an index past the end, which the
+    writes drop."""
+    return jnp.where(positions >= 0, positions % slots, slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +80,7 @@ class LayerCache:
         slots = self.keys.shape[1]
         keep = min(k.shape[1], slots)
         rows = np.arange(k.shape[0])[:, None]
-        where = self.positions[:, -keep:] % slots  # [B, keep]
-        keys = self.keys.at[rows, where].set(k[:, -keep:].astype(self.keys.dtype))
-        values = self.values.at[rows, where].set(v[:, -keep:].astype(self.values.dtype))
+        where = _slot(self.positions[:, -keep:], slots)  # [B, keep]
+        keys = self.keys.at[rows, where].set(k[:, -keep:].astype(self.keys.dtype), mode="drop")
+        values = self.values.at[rows, where].set(v[:, -keep:].astype(self.values.dtype), mode="drop")
         return attn, (keys, values)
