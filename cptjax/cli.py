@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         install_handler()  # a SIGTERM during start-up (imports, compiling) exits cleanly too
     try:
         if argv[:1] == ["lm-eval"]:  # every argument is lm-eval's, parsed by lm-eval
-            from cptjax.measure.lm_eval_model import lm_eval_main
+            from cptjax.train.lm_eval_model import lm_eval_main
             lm_eval_main(argv[1:])
             return 0
         args = _parser().parse_args(argv)

@@ -17,9 +17,10 @@ from data_helpers import jargon_paragraphs, tokenizer_dir, wiki_articles
 from run_helpers import ENV, cli
 from transformers import AutoTokenizer
 
-from cptjax.measure.generate import Sampling, decode, generate_ids
-from cptjax.measure.lm_eval_model import CptjaxLM
-from cptjax.measure.model_on_mesh import ModelOnMesh, bucket_length
+from cptjax.measure.generate import generate_ids
+from cptjax.model.decode import Sampling, decode
+from cptjax.train.lm_eval_model import CptjaxLM
+from cptjax.train.model_on_mesh import ModelOnMesh, bucket_length
 
 MAX_LENGTH = 48  # short: contexts are truncated from the left and texts span several rolling windows
 TASKS = ("tiny_mc", "tiny_rolling", "tiny_gen")
@@ -186,7 +187,7 @@ def test_entry_point_names_the_model_class():
     else:
         value = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
             "project"]["entry-points"]["lm_eval.models"]["cptjax"]
-    assert value == "cptjax.measure.lm_eval_model:CptjaxLM"
+    assert value == "cptjax.train.lm_eval_model:CptjaxLM"
     assert EntryPoint("cptjax", value, "lm_eval.models").load() is CptjaxLM
 
 

@@ -45,9 +45,9 @@ BAD = [
     ("task limit", lambda r: r["eval"].update(tasks={"names": ["x.yaml"], "limit": 0}),
      "eval.tasks.limit: must be >= 1, got 0"),
     ("missing task file", lambda r: r["eval"].update(tasks={"names": ["/no/such/task.yaml"]}),
-     "eval.tasks.names: task file /no/such/task.yaml: no such file"),
+     "eval.tasks.names /no/such/task.yaml: no such task file"),
     ("unknown task", lambda r: r["eval"].update(tasks={"names": ["hellaswag", "hellaswog"]}),
-     "eval.tasks.names: 'hellaswog' is not an lm-eval task, group or tag"),
+     "eval.tasks.names hellaswog: not an lm-eval task, group or tag name"),
 ]
 
 

@@ -46,7 +46,6 @@ from cptjax.data.passkey import Prompt, RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.io.weights import Weights, open_weights, split_step
 from cptjax.measure.eval_tasks import TaskSettings, run_model_tasks, tasks_table
-from cptjax.measure.model_on_mesh import ModelOnMesh
 from cptjax.model.config import ModelConfig
 from cptjax.model.sharding import MeshConfig
 from cptjax.train.config import check_position_buckets
@@ -59,6 +58,7 @@ from cptjax.train.evaluation import (
     position_table,
     results_table,
 )
+from cptjax.train.model_on_mesh import ModelOnMesh
 from cptjax.train.retrieval import build_probe, retrieval_table
 from cptjax.train.step import EvalSetup, build_eval_setup
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 from cptjax.core.errors import CptjaxError
-from cptjax.measure.model_on_mesh import ModelOnMesh
 from cptjax.train.evaluation import markdown_table
+from cptjax.train.model_on_mesh import ModelOnMesh
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSettings:
-    """lm-evaluation-harness tasks to run on every model (cptjax.measure.lm_eval_model): names or
+    """lm-evaluation-harness tasks to run on every model (cptjax.train.lm_eval_model): names or
     local YAML files, checked by `resolved` before any model is read."""
 
     names: tuple[str, ...]
@@ -26,7 +26,7 @@ class TaskSettings:
 
     def resolved(self):
         """(lm-eval's TaskManager, the task specs); one error naming an unknown task or missing file."""
-        from cptjax.measure.lm_eval_model import resolve_tasks
+        from cptjax.train.lm_eval_model import resolve_tasks
         if self.limit is not None and self.limit <= 0:
             raise CptjaxError(f"--limit {self.limit:g}: must be > 0 (a count, or a fraction below 1)")
         if self.num_fewshot is not None and self.num_fewshot < 0:
@@ -40,17 +40,6 @@ def parse_tasks(text: str, limit: float | None = None, num_fewshot: int | None =
     if not names:
         raise CptjaxError(f"--tasks {text!r}: give task names or YAML files, comma-separated")
     return TaskSettings(names, limit, num_fewshot)
-
-
-def task_scores(results: dict) -> dict[str, dict[str, float]]:
-    """lm-eval's results -> {task: {metric: value}}: the numbers only (no standard errors, names)."""
-    scores = {}
-    for task, metrics in results["results"].items():
-        numbers = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
-                   if "_stderr" not in k and k != "sample_len" and isinstance(v, (int, float))}
-        if numbers:
-            scores[task] = numbers
-    return scores
 
 
 def tasks_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -71,7 +60,7 @@ def tasks_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
 def run_model_tasks(model: ModelOnMesh, tokenizer_dir, settings: TaskSettings, specs: tuple) -> dict:
     """`task_scores` of one model on the tasks `specs` (TaskSettings.resolved's), with the
     models' tokenizer folder."""
-    from cptjax.measure.lm_eval_model import CptjaxLM, load_hf_tokenizer, run_tasks
+    from cptjax.train.lm_eval_model import CptjaxLM, load_hf_tokenizer, run_tasks, task_scores
 
     lm = CptjaxLM(model=model, tokenizer=load_hf_tokenizer(tokenizer_dir, "--tokenizer"))
     manager, resolved = specs

@@ -118,7 +118,8 @@ def _tasks(run: RunLog, figures: dict[str, str]) -> list[str]:
     if not scores:
         return []
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    rows = [[name, s["metric"], f"{fmt(s['first'])} (step {s['first_step']})", f"{fmt(s['last'])} (step {s['last_step']})",
+    rows = [[name, s["metric"], f"{fmt(s['first'])} (step {s['first_step']})",
+             f"{fmt(s['last'])} (step {s['last_step']})",
              "n/a" if None in (s["first"], s["last"]) else f"{s['last'] - s['first']:+.4f}"]
             for name, s in scores.items()]
     return ["## Downstream tasks", "", "lm-evaluation-harness scores logged during training (eval.tasks): each "

@@ -1,29 +1,31 @@
 """lm-evaluation-harness tasks during training (`eval.tasks`): scored on the training mesh.
 
-Process 0 runs the harness (`lm_eval.simple_evaluate`): it builds the tasks' requests, batches
-them and reads the scores. Every call that touches the model goes through `Lockstep`, so every
-other process makes the same jitted call with the same arrays: all hosts compute, one drives.
-The model is cptjax's lm-eval backend (cptjax.measure's `cptjax` model) over the live training
-parameters, without a copy and without leaving the mesh.
+Process 0 runs the harness (`lm_eval.simple_evaluate` over cptjax's lm-eval model,
+lm_eval_model.py): it builds the tasks' requests, batches them and reads the scores. Each batch's
+device call (a scoring pass, or a KV-cache decode) goes through `Lockstep`, so every other process
+makes the same jitted call with the same tokens: one process drives, all compute, as Levanter's
+evaluation callback does. The model is the live training parameters, never copied.
 
-A SIGTERM between two of the harness's model calls stops the evaluation (nothing is logged; the
-next start runs it again first), as a held-out evaluation stops between batches.
+A SIGTERM (the run's stop request) between two device calls stops the evaluation: nothing is
+logged, and the next start runs it again first, as a held-out evaluation stops between batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from pathlib import Path
 from typing import Any
 
-from cptjax.core.errors import CptjaxError
+import numpy as np
+
+from cptjax.model.decode import Sampling
+from cptjax.train.lockstep import Lockstep, led
+from cptjax.train.model_on_mesh import ModelOnMesh
 
 PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "word_perplexity", "bits_per_byte")
 
 
 class TasksInterrupted(Exception):
-    """Raised between two model calls of the harness when the run was asked to stop."""
+    """Raised on process 0 between two device calls when the run was asked to stop."""
 
 
 def headline_metric(scores: dict[str, float]) -> str:
@@ -32,25 +34,7 @@ def headline_metric(scores: dict[str, float]) -> str:
     for name in PREFERRED_METRICS:
         if name in scores:
             return name
-    return next(k for k in scores if not k.endswith("_stderr") and k != "samples")
-
-
-def scores_from_results(results: dict) -> dict[str, dict[str, float]]:
-    """lm-eval's `results` ({task: {"acc,none": x, "acc_stderr,none": s, "alias": ...}}) as
-    {task: {"acc": x, "acc_stderr": s, ...}}: numbers only; a filter other than `none` kept in the
-    name (`exact_match,strict-match` -> `exact_match[strict-match]`)."""
-    out = {}
-    for task, metrics in results["results"].items():
-        row = {}
-        for key, value in metrics.items():
-            if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            metric, filter_name = key.split(",", 1)
-            row[metric if filter_name == "none" else f"{metric}[{filter_name}]"] = float(value)
-        if row:
-            row["samples"] = float(results.get("n-samples", {}).get(task, {}).get("effective", 0))
-            out[task] = row
-    return out
+    return next(iter(scores))
 
 
 def format_scores(step: int, scores: dict[str, dict[str, float]]) -> str:
@@ -59,43 +43,102 @@ def format_scores(step: int, scores: dict[str, dict[str, float]]) -> str:
     return f"step {step} tasks: " + ", ".join(parts)
 
 
-@functools.lru_cache(maxsize=4)
-def task_manager(names: tuple[str, ...], key: str = "eval.tasks.names"):
-    """lm-eval's TaskManager for `names` (registered task names or local YAML files), after
-    checking that each one exists: one error naming the first that does not. Only local files:
-    the built-in index is not read (it takes seconds)."""
-    from lm_eval.tasks import TaskManager
+def _sampling_array(sampling: Sampling) -> np.ndarray:
+    """A Sampling as int32 words (the floats by their bits), for Lockstep's integer arrays."""
+    floats = np.array([sampling.temperature, sampling.top_p], np.float32).view(np.int32)
+    return np.array([sampling.max_new_tokens, sampling.seed, *floats], np.int32)
 
-    files = [n for n in names if n.endswith((".yaml", ".yml"))]
-    missing = [n for n in files if not Path(n).is_file()]
-    if missing:
-        raise CptjaxError(f"{key}: task file {missing[0]}: no such file (relative paths are from the "
-                          "folder the run starts in)")
-    manager = TaskManager(include_defaults=len(files) < len(names))
-    unknown = [n for n in names if n not in files and n not in manager.all_tasks]
-    if unknown:
-        raise CptjaxError(f"{key}: {unknown[0]!r} is not an lm-eval task, group or tag; see `lm-eval ls tasks`, "
-                          "or give the path of a task YAML file")
-    return manager
+
+def _sampling_from(words: np.ndarray) -> Sampling:
+    temperature, top_p = (float(x) for x in np.asarray(words[2:4], np.int32).view(np.float32))
+    return Sampling(max_new_tokens=int(words[0]), seed=int(words[1]), temperature=temperature, top_p=top_p)
+
+
+class LockstepModel(ModelOnMesh):
+    """A ModelOnMesh whose device calls, made on process 0, are made by every process
+    (`follow()` on the others); `stop()` true before a call raises TasksInterrupted."""
+
+    def attach(self, lockstep: Lockstep, stop) -> None:
+        self.lockstep, self.stop = lockstep, stop
+
+    def ops(self) -> dict[str, Any]:
+        """The device calls, as every process makes them."""
+        return {"score": lambda tokens: ModelOnMesh.score_batch(self, tokens),
+                "decode": lambda tokens, lengths, sampling, eos: ModelOnMesh.decode_batch(
+                    self, tokens, lengths, _sampling_from(sampling), tuple(int(t) for t in eos))}
+
+    def _check(self) -> None:
+        if self.stop is not None and self.stop():
+            raise TasksInterrupted
+
+    def score_batch(self, tokens):
+        self._check()
+        return self.lockstep.call("score", tokens)
+
+    def decode_batch(self, tokens, lengths, sampling, eos):
+        self._check()
+        return self.lockstep.call("decode", tokens, lengths, _sampling_array(sampling), np.array(eos, np.int32))
 
 
 @dataclasses.dataclass
 class TaskHarness:
-    """eval.tasks' harness: process 0's task manager, and the model calls every process makes."""
+    """eval.tasks' harness: the tasks (checked), the model on the training mesh, and on process 0
+    the lm-eval model that drives it."""
 
     config: Any  # a TasksConfig
+    model: LockstepModel
+    lockstep: Lockstep
+    tokenizer: Any  # the HF tokenizer (process 0), None elsewhere
     manager: Any  # lm-eval's TaskManager (process 0), None elsewhere
-    lockstep: Any  # cptjax.train.lockstep.Lockstep over the model's jitted calls
-    make_model: Any  # (params, stop) -> the lm-eval model whose calls go through `lockstep`
+    tasks: list[str]  # the task specs as lm-eval takes them
+
+    def summary(self, step: int, scores: dict) -> str:
+        return format_scores(step, scores)
+
+    def run(self, params, stop=None) -> dict[str, dict[str, float]] | None:
+        """{task: {metric: value}} of `params` (every process calls this; process 0's numbers are
+        the ones returned everywhere else as None too: only process 0 logs); None on every process
+        if `stop()` turned true on process 0 between two device calls."""
+        from cptjax.train.lm_eval_model import CptjaxLM, run_tasks, task_scores
+
+        self.model.params = params
+        self.model.attach(self.lockstep, stop)
+
+        def drive():
+            lm = CptjaxLM(model=self.model, tokenizer=self.tokenizer)
+            results = run_tasks(lm, self.tasks, limit=self.config.limit, num_fewshot=self.config.num_fewshot,
+                                manager=self.manager, seed=self.config.seed)
+            return task_scores(results)
+
+        scores, interrupted = led(self.lockstep, drive, TasksInterrupted)
+        if interrupted:
+            return None
+        return scores if self.lockstep.lead else {}
 
 
-def harness_for_run(config, setup, tokenizer_dir) -> TaskHarness | None:
+def check_tasks(config) -> tuple[Any, list[str]]:
+    """(lm-eval's TaskManager, the task specs) of `config.eval.tasks`: one error naming an unknown
+    task or a missing file. Every process checks, so that all refuse or none does."""
+    from cptjax.train.lm_eval_model import resolve_tasks
+
+    return resolve_tasks(config.eval.tasks.names, "eval.tasks.names")
+
+
+def harness_for_run(config, setup, tokenizer_dir, model_config) -> TaskHarness | None:
     """`config.eval.tasks`' harness (config: a TrainConfig; None without tasks) for the model laid
-    out by `setup`, with the run's tokenizer; checks the task names first."""
-    tasks = config.eval.tasks
-    if tasks is None:
+    out by `setup`, with the run's tokenizer, in rows of the held-out batches' size."""
+    if config.eval.tasks is None:
         return None
     import jax
 
-    manager = task_manager(tasks.names) if jax.process_index() == 0 else None
-    raise NotImplementedError("the model calls come with cptjax's lm-eval backend")
+    from cptjax.train.lm_eval_model import load_hf_tokenizer
+
+    manager, tasks = check_tasks(config)
+    model = LockstepModel(model_config, setup.graphdef, None, setup.mesh, config.mesh.rules,
+                          batch_size=config.eval_shape.batch_size, param_shardings=setup.state_shardings["params"])
+    lockstep = Lockstep(model.ops())
+    lead = jax.process_index() == 0
+    folder, key = (tokenizer_dir, "model.tokenizer") if tokenizer_dir is not None else (config.data.tokenizer,
+                                                                                        "data.tokenizer")
+    tokenizer = load_hf_tokenizer(folder, key) if lead else None
+    return TaskHarness(config.eval.tasks, model, lockstep, tokenizer, manager if lead else None, tasks)

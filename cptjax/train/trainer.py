@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from cptjax.core.atomic_dir import check_output_dir
 from cptjax.core.config_tree import to_dict
@@ -38,10 +37,10 @@ from cptjax.data.tokenize import load_data_tokenizer
 from cptjax.model.config import ModelConfig
 from cptjax.train.config import TrainConfig, dump_yaml
 from cptjax.train.distributed import gather_states, initialize
-from cptjax.train.evaluation import evaluate, format_results
+from cptjax.train.harness import TaskHarness, check_tasks, harness_for_run
+from cptjax.train.loop_evals import eval_due, eval_owed, run_evaluations
 from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.train.preemption import Preemption, StartInterrupted
-from cptjax.train.harness import TaskHarness, format_scores, harness_for_run, task_manager
 from cptjax.train.retrieval import RetrievalProbe, probe_for_run
 from cptjax.train.run_folder import RunCheckpointer, ensure_assets, fingerprint
 from cptjax.train.schedules import make_schedule
@@ -63,7 +62,7 @@ def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
     touched."""
     check_layout(config, model_config, jax.devices())  # lengths, batch split, attention kernel
     if config.eval.tasks is not None:  # every process: they must all refuse, or none
-        task_manager(config.eval.tasks.names)
+        check_tasks(config)
     for shape in config.stage_shapes:
         if shape.batch_size % jax.process_count():
             raise CptjaxError(f"{config.shape_key(shape, 'batch_size')} {shape.batch_size} must be divisible "
@@ -103,7 +102,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
                                             batch_size=config.eval_shape.batch_size, **processes)
             setup = build_setup(config, run_start.model_config, num_sources=len(data.source_names))
             probe = probe_for_run(config, setup, spec, run_start.tokenizer_dir)
-            tasks = harness_for_run(config, setup, run_start.tokenizer_dir)
+            tasks = harness_for_run(config, setup, run_start.tokenizer_dir, run_start.model_config)
             preemption.check("before loading the weights")
             state = initial_state(run_start, config, setup, data, preemption)
             run_start.close()
@@ -257,13 +256,13 @@ def _train(loop: Loop) -> RunResult:
         pending = (step, metrics, data_state)
         preempted = preemption.agreed(step)
         due_save = step % config.checkpoint.every == 0 or step == loop.end or preempted
-        due_eval = _eval_scheduled(loop, step)
+        due_eval = eval_due(loop, step)
         if due_save or due_eval:
             ok = _finish(loop, *pending)  # a checkpoint or eval must never follow an unchecked NaN
             pending = None
             if not ok:
                 break
-            if due_eval and _evaluate(loop, step, due_eval) is None:
+            if due_eval and run_evaluations(loop, step, due_eval) is None:
                 preempted = True  # SIGTERM during the eval: this step is saved, and the run ends
             if due_save or preempted:
                 _save(loop, step, data_state, force=preempted)
@@ -304,8 +303,8 @@ def _ready(loop: Loop, start: int) -> bool:
     """Before the first step: the evaluation the start step still owes (see `_eval_missing`), then
     a last SIGTERM check before the train step compiles. False if a SIGTERM came first: the start
     step is already saved (or is the start itself), so the run stops with nothing new to save."""
-    owed = _eval_missing(loop, start)
-    if owed and _evaluate(loop, start, owed) is None:
+    owed = eval_owed(loop, start)
+    if owed and run_evaluations(loop, start, owed) is None:
         loop.stopped = f"SIGTERM during step {start}'s evaluation: nothing new to save, exiting"
     elif start < loop.end and loop.preemption.requested:
         loop.stopped = f"SIGTERM before step {start + 1}: nothing new to save, exiting"
@@ -313,32 +312,6 @@ def _ready(loop: Loop, start: int) -> bool:
         return True
     loop.logger.message(f"cptjax train: {loop.stopped}")
     return False
-
-
-EVAL_KINDS = ("eval", "tasks")  # held-out sets (and the probe), and lm-eval tasks: each its own schedule
-
-
-def _eval_scheduled(loop: Loop, step: int) -> tuple[str, ...]:
-    """The evaluations due at `step`: at step 0 (the model as it starts) with eval.at_start, then
-    held-out sets every eval.every steps and tasks every eval.tasks.every steps."""
-    due = []
-    if loop.eval_sets or loop.probe is not None:
-        due.append(("eval", loop.config.eval.every))
-    if loop.tasks is not None:
-        due.append(("tasks", loop.config.eval.tasks.every or loop.config.eval.every))
-    return tuple(kind for kind, every in due if (loop.config.eval.at_start if step == 0 else step % every == 0))
-
-
-def _eval_missing(loop: Loop, step: int) -> tuple[str, ...]:
-    """The evaluations the run, starting from `step`, still owes that step: scheduled, and the
-    history in metrics.jsonl (the records up to `step`) has no record of their kind. That is step
-    0's at a new start, and a resumed step's whose evaluation a SIGTERM cut short: that step was
-    saved, so no later step's is missing. Process 0 keeps the log and answers for every process."""
-    scheduled = _eval_scheduled(loop, step)
-    missing = np.array([kind in scheduled and step not in loop.logger.logged_steps(kind) for kind in EVAL_KINDS])
-    if jax.process_count() > 1:
-        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing.astype(np.int32))).astype(bool)
-    return tuple(kind for kind, owed in zip(EVAL_KINDS, missing) if owed)
 
 
 def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> bool:
@@ -381,37 +354,6 @@ def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> b
                                 f"lr {record['learning_rate']:.3g} grad_norm {record['grad_norm']:.3f}"
                                 + (f" tok/s {record['tokens_per_s']:,.0f}" if "tokens_per_s" in record else ""))
     return True
-
-
-def _evaluate(loop: Loop, step: int, kinds: tuple[str, ...]) -> dict | None:
-    """Runs and logs the evaluations of `kinds` (EVAL_KINDS); on SIGTERM it stops between batches
-    and logs nothing more (the save comes first): a kind already logged is not run again."""
-    stop = lambda: loop.preemption.requested  # noqa: E731
-    done = {}
-    if "eval" in kinds:
-        results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
-                           stop=stop, position_edges=loop.setup.position_edges)
-        probe = None if results is None or loop.probe is None else loop.probe.run(loop.state["params"], stop)
-        if results is None or (loop.probe is not None and probe is None):
-            loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
-            return None
-        if probe is not None:  # before the eval record, which marks the step's evaluation done
-            loop.logger.log(step, "retrieval", probe)
-            loop.logger.message(f"step {step} retrieval: pass-key accuracy {probe['accuracy']:.0%}")
-        loop.logger.log(step, "eval", results)
-        loop.logger.message(format_results(step, results))
-        loop.logger.flush()
-        done["eval"] = results
-    if "tasks" in kinds:
-        scores = loop.tasks.run(loop.state["params"], stop)
-        if scores is None:
-            loop.logger.message(f"step {step} tasks: interrupted by SIGTERM, not logged (the next start runs them first)")
-            return None
-        loop.logger.log(step, "tasks", scores)
-        loop.logger.message(format_scores(step, scores))
-        loop.logger.flush()
-        done["tasks"] = scores
-    return done
 
 
 def _save(loop: Loop, step: int, data_state: dict, force: bool = False) -> None:

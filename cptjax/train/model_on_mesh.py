@@ -25,8 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cptjax.core.dtypes import float_dtype
 from cptjax.io.weights import open_weights, split_step
-from cptjax.measure.generate import Sampling, cut_at_eos, decode
 from cptjax.model.config import ModelConfig
+from cptjax.model.decode import Sampling, cut_at_eos, decode
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK
 from cptjax.model.sharding import MeshConfig, batch_sharding, with_activation_sharding
 from cptjax.train.step import build_eval_setup
@@ -80,6 +80,7 @@ class ModelOnMesh:
     mesh: jax.sharding.Mesh
     rules: tuple = MeshConfig().rules
     batch_size: int = DEFAULT_BATCH_SIZE  # rows per call, rounded up to the data-parallel ways
+    param_shardings: Any = None  # default: the params' own (give it when params come later)
 
     def __post_init__(self):
         self.rows = batch_sharding(self.mesh, self.rules)
@@ -87,7 +88,7 @@ class ModelOnMesh:
         self.batch_size = -(-max(1, self.batch_size) // ways) * ways
         self.per_row = NamedSharding(self.mesh, PartitionSpec(self.rows.spec[0]))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        p_shardings = jax.tree.map(lambda a: a.sharding, self.params)
+        p_shardings = self.param_shardings or jax.tree.map(lambda a: a.sharding, self.params)
         self._score = jax.jit(with_activation_sharding(
             functools.partial(token_scores, graphdef=self.graphdef), self.mesh, self.rules),
             in_shardings=(p_shardings, self.rows, self.rows), out_shardings=self.replicated)
@@ -127,8 +128,7 @@ class ModelOnMesh:
                     raise ValueError(f"request {i}: {len(seq)} tokens with {scored[i]} scored does not fit "
                                      f"the model's {limit} positions")
                 tokens[row, :len(seq)] = seq
-            got = jax.device_get(self._score(self.params, self._place(tokens[:, :-1], self.rows),
-                                             self._place(tokens[:, 1:], self.rows)))
+            got = self.score_batch(tokens)
             for row, i in enumerate(batch):
                 end = len(sequences[i]) - 1
                 span = slice(end - scored[i], end)
@@ -141,7 +141,6 @@ class ModelOnMesh:
         limit = self.config.max_position_embeddings
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
-        fn = self._decoder(sampling, eos)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             longest = max(len(prompts[i]) for i in batch)
@@ -154,11 +153,23 @@ class ModelOnMesh:
             for row, i in enumerate(batch):
                 tokens[row, length - len(prompts[i]):] = prompts[i]
                 lengths[row] = len(prompts[i])
-            new, steps = jax.device_get(fn(self.params, self._place(tokens, self.rows),
-                                           self._place(lengths, self.per_row)))
+            new, steps = self.decode_batch(tokens, lengths, sampling, eos)
             for row, ids in zip(batch, cut_at_eos(new[:len(batch)], steps, eos)):
                 out[row] = ids
         return out
+
+    def score_batch(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """The device call of `score`: tokens [batch_size, L + 1] -> {"logprob", "greedy"} [batch_size, L]."""
+        return jax.device_get(self._score(self.params, self._place(tokens[:, :-1], self.rows),
+                                          self._place(tokens[:, 1:], self.rows)))
+
+    def decode_batch(self, tokens: np.ndarray, lengths: np.ndarray, sampling: Sampling,
+                     eos: tuple[int, ...]) -> tuple[np.ndarray, int]:
+        """The device call of `generate`: left-padded prompts [batch_size, P] and their lengths ->
+        (new tokens [batch_size, N], how many steps ran)."""
+        new, steps = jax.device_get(self._decoder(sampling, eos)(
+            self.params, self._place(tokens, self.rows), self._place(lengths, self.per_row)))
+        return new, int(steps)
 
     def _decoder(self, sampling: Sampling, eos: tuple[int, ...]):
         key = (sampling, eos)

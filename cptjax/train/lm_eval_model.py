@@ -22,6 +22,7 @@ runs the same requests (one program over the whole mesh) and gets the same resul
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,8 +33,8 @@ from etils import epath
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import PathLike, local_copy, user_path
 from cptjax.data.tokenize import TOKENIZER_FILES
-from cptjax.measure.generate import Sampling
-from cptjax.measure.model_on_mesh import DEFAULT_BATCH_SIZE, ModelOnMesh
+from cptjax.model.decode import Sampling
+from cptjax.train.model_on_mesh import DEFAULT_BATCH_SIZE, ModelOnMesh
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -213,15 +214,23 @@ class CptjaxLM(TemplateLM):
                                                   add_generation_prompt=add_generation_prompt)
 
 
-def resolve_tasks(specs: Sequence[str], flag: str = "--tasks"):
-    """(a TaskManager, the task specs) for task names and local YAML files, each checked: an
-    unknown name or a missing file is one error naming it."""
+@functools.lru_cache(maxsize=8)
+def _task_manager(with_registry: bool):
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager()
+    return TaskManager(include_defaults=with_registry)  # lm-eval's own registry takes seconds to index
+
+
+def resolve_tasks(specs: Sequence[str], flag: str = "--tasks"):
+    """(a TaskManager, the task specs) for task names and local YAML files, each checked: an
+    unknown name or a missing file is one error naming it. Local files alone skip lm-eval's
+    registry."""
+    specs = [spec.strip() for spec in specs]
+    if not specs or not all(specs):
+        raise CptjaxError(f"{flag}: no task given; e.g. {flag} hellaswag,arc_easy or {flag} my_task.yaml")
+    manager = _task_manager(not all(spec.endswith((".yaml", ".yml")) for spec in specs))
     resolved = []
     for spec in specs:
-        spec = spec.strip()
         if spec.endswith((".yaml", ".yml")):
             path = user_path(spec, flag)
             if not path.is_file():
@@ -232,25 +241,36 @@ def resolve_tasks(specs: Sequence[str], flag: str = "--tasks"):
         else:
             raise CptjaxError(f"{flag} {spec}: not an lm-eval task, group or tag name, nor a .yaml task file "
                               "(`lm_eval ls tasks` lists the names)")
-    if not resolved:
-        raise CptjaxError(f"{flag}: no task given; e.g. {flag} hellaswag,arc_easy or {flag} my_task.yaml")
     return manager, resolved
 
 
 def run_tasks(lm: CptjaxLM, tasks: Sequence[str], *, limit: int | float | None = None,
               num_fewshot: int | None = None, log_samples: bool = False, manager=None,
-              flag: str = "--tasks") -> dict:
+              flag: str = "--tasks", seed: int | None = None) -> dict:
     """lm-eval's `simple_evaluate` of `lm` on task names or YAML files (already resolved when
     `manager`, resolve_tasks's TaskManager, is given); its results dict. Standard errors are left
-    out (no bootstrap)."""
+    out (no bootstrap). `seed` sets all of lm-eval's seeds (default: lm-eval's own)."""
     from lm_eval import simple_evaluate
 
     if manager is None:
         manager, tasks = resolve_tasks(tasks, flag)
     if limit is not None and limit >= 1:
         limit = int(limit)
+    seeds = {} if seed is None else {k: seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed",
+                                                         "fewshot_random_seed")}
     return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                           log_samples=log_samples, bootstrap_iters=0)
+                           log_samples=log_samples, bootstrap_iters=0, **seeds)
+
+
+def task_scores(results: dict) -> dict[str, dict[str, float]]:
+    """lm-eval's results -> {task: {metric: value}}: the numbers only (no standard errors, names)."""
+    scores = {}
+    for task, metrics in results["results"].items():
+        numbers = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
+                   if "_stderr" not in k and k != "sample_len" and isinstance(v, (int, float))}
+        if numbers:
+            scores[task] = numbers
+    return scores
 
 
 def lm_eval_main(argv: Sequence[str]) -> None:
