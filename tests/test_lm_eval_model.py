@@ -13,7 +13,8 @@ import hf_models
 import numpy as np
 import pytest
 import tiny_configs
-from data_helpers import jargon_paragraphs, tokenizer_dir, wiki_articles
+from data_helpers import tokenizer_dir
+from lm_eval_tasks import write_tasks
 from run_helpers import ENV, cli
 from transformers import AutoTokenizer
 
@@ -38,49 +39,10 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def _metric(name, aggregation="mean", higher_is_better=True):
-    return {"metric": name, "aggregation": aggregation, "higher_is_better": higher_is_better}
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """Three YAML tasks over JSON Lines files, all written here."""
-    root = tmp_path_factory.mktemp("tasks")
-    rng = np.random.default_rng(0)
-    words = " ".join(jargon_paragraphs()[:200]).split()
-    mc = [{"question": " ".join(rng.choice(words, 12)), "choices": [" ".join(rng.choice(words, n)) for n in (1, 2, 3)],
-           "answer": int(rng.integers(3))} for _ in range(8)]
-    gen = [{"question": " ".join(rng.choice(words, 8)), "answer": str(rng.choice(words))} for _ in range(6)]
-    texts = [{"text": a[:400]} for a in wiki_articles()[:3]]
-    data = {"mc": _jsonl(root / "mc.jsonl", mc), "gen": _jsonl(root / "gen.jsonl", gen),
-            "rolling": _jsonl(root / "rolling.jsonl", texts)}
-
-    def source(name):
-        return {"dataset_path": "json", "dataset_kwargs": {"data_files": {"train": str(data[name]),
-                                                                           "test": str(data[name])}},
-                "training_split": "train", "test_split": "test", "fewshot_split": "train"}
-    tasks = {
-        "tiny_mc": {**source("mc"), "output_type": "multiple_choice", "num_fewshot": 2,
-                    "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "{{choices}}",
-                    "doc_to_target": "{{answer}}", "metric_list": [_metric("acc"), _metric("acc_norm")]},
-        "tiny_rolling": {**source("rolling"), "output_type": "loglikelihood_rolling", "doc_to_text": "",
-                         "doc_to_target": "{{text}}",
-                         "metric_list": [_metric("word_perplexity", "weighted_perplexity", False),
-                                         _metric("byte_perplexity", "weighted_perplexity", False),
-                                         _metric("bits_per_byte", "bits_per_byte", False)]},
-        "tiny_gen": {**source("gen"), "output_type": "generate_until", "num_fewshot": 1,
-                     "doc_to_text": "Q: {{question}}\nA:", "doc_to_target": "{{answer}}",
-                     "generation_kwargs": {"until": ["\n", "s"], "max_gen_toks": 10, "do_sample": False},
-                     "metric_list": [_metric("exact_match")]},
-    }
-    for name, task in tasks.items():
-        (root / f"{name}.yaml").write_text(json.dumps({"task": name, **task}, indent=1))
-    return root
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def _run(model, model_args, task_dir):

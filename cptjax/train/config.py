@@ -125,7 +125,7 @@ class TasksConfig:
     every: int | None = None  # steps between task evaluations (null: eval.every)
     limit: int | None = None  # at most this many documents per task (null: all)
     num_fewshot: int | None = None  # few-shot examples per prompt (null: each task's own)
-    seed: int = 1234  # lm-eval's seeds (few-shot sampling, shuffles): the same documents every time
+    seed: int | None = None  # every lm-eval seed (few-shot picks); null: lm-eval's defaults, as `cptjax eval --tasks`
 
     def __post_init__(self):
         if not self.names or any(not isinstance(n, str) or not n.strip() for n in self.names):
