@@ -122,16 +122,16 @@ def check_position_buckets(edges, key: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class WandbSection:
     """Weights & Biases (`pip install 'cptjax[wandb]'`): every record of metrics.jsonl, the resolved
-    config, and `cptjax report`'s figures. A restarted run continues the same W&B run. The
-    environment variable WANDB_MODE, when set, wins over `mode`; `dir` defaults to WANDB_DIR, else
-    the run folder's logs/ (local run folders), else W&B's own ./wandb."""
+    config, and `cptjax report`'s figures (train/wandb_run.py). A restarted run continues the same
+    W&B run. The environment variable WANDB_MODE, when set, wins over `mode`; `dir` defaults to
+    WANDB_DIR, else the run folder's logs/ (local run folders), else W&B's own ./wandb."""
 
     project: str  # the W&B project
     entity: str | None = None  # the team or user (null: your W&B default)
     name: str | None = None  # the run's display name (null: the run folder's name)
     tags: tuple[str, ...] = ()  # labels for the run in W&B
-    mode: Literal["online", "offline", "disabled"] = "online"  # offline: local files for `wandb sync`
-    dir: UserPath | None = None  # a local folder for W&B's files (null: see above)
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: files to `wandb sync`; WANDB_MODE wins
+    dir: UserPath | None = None  # a local folder for W&B's files (null: WANDB_DIR, else RUN_DIR/logs)
 
     def __post_init__(self):
         for name in ("project", "entity", "name"):

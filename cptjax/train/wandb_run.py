@@ -78,6 +78,7 @@ class WandbRun:
         self._run = None
         self._warn, self._without = warn, without
         self._skipped = False
+        self.failed = False  # W&B failed and is off: the warning was given
         self.logged_up_to = logged_up_to
         mode = resolved_mode(section)
         if mode == "disabled":
@@ -139,6 +140,7 @@ class WandbRun:
 
     def _fail(self, problem: str, fix: str) -> None:
         """The one warning: W&B is off for the rest of the run."""
+        self.failed = True
         run, self._run = self._run, None
         if run is not None:
             try:
