@@ -257,3 +257,32 @@ def test_bad_wandb_keys_name_the_key(tmp_path, wandb, message):
     raw = raw_config(tmp_path / "run", tmp_path, logging={"wandb": wandb})
     with pytest.raises(CptjaxError, match="^" + message.replace("(", r"\(").replace("[", r"\[")):
         config_from_dict(raw)
+
+
+def test_where_wandb_writes_its_mode_and_a_bad_id_file(tmp_path, monkeypatch):
+    from etils import epath
+
+    from cptjax.train.wandb_run import WandbRun, local_dir, resolved_mode, run_id
+
+    paths = RunPaths(tmp_path / "run")
+    section = WandbSection(project="p", mode="offline")
+    assert local_dir(paths, section) == str(tmp_path / "run" / "logs")  # W&B writes logs/wandb/ in it
+    assert local_dir(RunPaths(tmp_path / "run"), WandbSection(project="p", dir="/elsewhere")) == "/elsewhere"
+    assert local_dir(RunPaths(epath.Path("gs://bucket/run")), section) is None  # W&B's own default
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    assert local_dir(paths, section) is None  # W&B reads WANDB_DIR itself
+
+    assert resolved_mode(section) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolved_mode(section) == "disabled"
+    warnings = []
+    disabled = WandbRun(section, paths, {}, logged_up_to=-1, warn=warnings.append, without="goes on")
+    assert not disabled.active and not warnings and not paths.wandb_run.exists()  # nothing, not even the id
+    monkeypatch.delenv("WANDB_MODE")
+
+    first = run_id(paths, section)
+    assert run_id(paths, section) == first and len(first) == 8  # kept in the run folder: one W&B run
+    paths.wandb_run.write_text("{not json")
+    broken = WandbRun(section, paths, {}, logged_up_to=-1, warn=warnings.append, without="training goes on")
+    assert not broken.active and len(warnings) == 1
+    assert f"{paths.wandb_run} is not the JSON W&B run record cptjax writes; delete it" in warnings[0]
