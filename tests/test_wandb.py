@@ -125,6 +125,7 @@ def _raw(tmp_path, **wandb):
                                          "mode": "offline", **wandb}})
 
 
+@pytest.mark.slow  # three short runs and a report: 59-88 s on a busy 2-core machine (load 5-8)
 def test_offline_history_equals_metrics_jsonl_across_resumes_and_the_report_adds_figures(tiny_hf, tmp_path,
                                                                                            capsys):
     raw = _raw(tmp_path, hf=tiny_hf("llama-3.2-1b"))
@@ -184,7 +185,7 @@ def test_offline_history_equals_metrics_jsonl_across_resumes_and_the_report_adds
         assert image["sha256"] == hashlib.sha256((report.out / report.figures[name]).read_bytes()).hexdigest()
 
 
-@pytest.mark.slow  # two short runs (one with W&B, one without), ~50 s on a busy 2-core machine
+@pytest.mark.slow  # two short runs (one with W&B, one without): 48-118 s on a busy 2-core machine
 def test_training_goes_on_when_wandb_is_unreachable(tiny_hf, tmp_path, monkeypatch, capsys):
     hf = tiny_hf("llama-3.2-1b")
     short = dict(training={"steps": 4}, eval={"every": 2}, schedule={"peak_lr": 1e-3, "warmup": 1, "end_lr": 1e-4})
@@ -204,6 +205,7 @@ def test_training_goes_on_when_wandb_is_unreachable(tiny_hf, tmp_path, monkeypat
     assert len(warnings) == 1, text[-3000:]
     [warning] = warnings
     assert "W&B did not start" in warning and "training goes on without it" in warning and "wandb login" in warning
+    assert not RunPaths(tmp_path / "run").wandb_run.exists()  # no W&B run started: the next start makes one
 
     def comparable(path):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in _jsonl(path / "logs" / "metrics.jsonl")]
@@ -262,7 +264,7 @@ def test_bad_wandb_keys_name_the_key(tmp_path, wandb, message):
 def test_where_wandb_writes_its_mode_and_a_bad_id_file(tmp_path, monkeypatch):
     from etils import epath
 
-    from cptjax.train.wandb_run import WandbRun, local_dir, resolved_mode, run_id
+    from cptjax.train.wandb_run import WandbRun, kept_run_id, local_dir, resolved_mode
 
     paths = RunPaths(tmp_path / "run")
     section = WandbSection(project="p", mode="offline")
@@ -280,8 +282,15 @@ def test_where_wandb_writes_its_mode_and_a_bad_id_file(tmp_path, monkeypatch):
     assert not disabled.active and not warnings and not paths.wandb_run.exists()  # nothing, not even the id
     monkeypatch.delenv("WANDB_MODE")
 
-    first = run_id(paths, section)
-    assert run_id(paths, section) == first and len(first) == 8  # kept in the run folder: one W&B run
+    assert kept_run_id(paths) is None
+    started = WandbRun(section, paths, {}, logged_up_to=5, warn=warnings.append, without="goes on")
+    assert started.active and started.logged_up_to == -1  # a new W&B run: metrics.jsonl's steps are not in it
+    started.close()
+    first = kept_run_id(paths)
+    assert len(first) == 8 and not warnings
+    again = WandbRun(section, paths, {}, logged_up_to=5, warn=warnings.append, without="goes on")
+    assert again._run.id == first and again.logged_up_to == 5  # kept in the run folder: one W&B run
+    again.close()
     paths.wandb_run.write_text("{not json")
     broken = WandbRun(section, paths, {}, logged_up_to=-1, warn=warnings.append, without="training goes on")
     assert not broken.active and len(warnings) == 1

@@ -40,19 +40,22 @@ def resolved_mode(section: WandbSection) -> str:
     return os.environ.get("WANDB_MODE") or section.mode
 
 
-def run_id(run: RunPaths, section: WandbSection) -> str:
-    """The W&B run id of this run folder: the one kept in it, or a new one, kept there now."""
+def kept_run_id(run: RunPaths) -> str | None:
+    """The W&B run id kept in the run folder, or None before its first W&B run started."""
     path = run.wandb_run
-    if path.exists():
-        try:
-            return str(json.loads(path.read_text())["id"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} is not the JSON W&B run record cptjax writes; delete it to log to "
-                             "a new W&B run") from None
-    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"id": new, "project": section.project, "entity": section.entity}) + "\n")
-    return new
+    if not path.exists():
+        return None
+    try:
+        return str(json.loads(path.read_text())["id"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not the JSON W&B run record cptjax writes; delete it to log to "
+                         "a new W&B run") from None
+
+
+def keep_run_id(run: RunPaths, section: WandbSection, run_id: str) -> None:
+    """Written once the W&B run has started: every later start of the run continues it."""
+    run.wandb_run.parent.mkdir(parents=True, exist_ok=True)
+    run.wandb_run.write_text(json.dumps({"id": run_id, "project": section.project, "entity": section.entity}) + "\n")
 
 
 def local_dir(run: RunPaths, section: WandbSection) -> str | None:
@@ -69,7 +72,8 @@ class WandbRun:
     """The W&B run of a training run, or nothing after one warning (see the module docstring).
 
     `logged_up_to`: the last step the W&B run may already hold (from metrics.jsonl as it was
-    before this start, set-aside records included); records of steps up to it are not sent.
+    before this start, set-aside records included; none if the run folder has no W&B run yet, as
+    when logging.wandb is added to a run midway); records of steps up to it are not sent.
     `warn` prints one line; `without` says what goes on without W&B ("training goes on ...").
     """
 
@@ -89,13 +93,18 @@ class WandbRun:
             self._fail("the wandb package is not installed", "pip install 'cptjax[wandb]'")
             return
         try:
+            kept = kept_run_id(run)
+            run_id = kept or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             self._run = wandb.init(project=section.project, entity=section.entity, name=section.name or run.root.name,
                                    tags=list(section.tags), mode=mode, dir=local_dir(run, section), config=config,
-                                   id=run_id(run, section), resume="allow", reinit="create_new")
+                                   id=run_id, resume="allow", reinit="create_new")
+            if kept is None:
+                keep_run_id(run, section, run_id)
+                self.logged_up_to = -1  # a new W&B run holds nothing, whatever metrics.jsonl has
         except Exception as err:  # noqa: BLE001 - whatever stops W&B (network, login, a bad id file) must not stop the run
             self._fail(f"W&B did not start ({_one_line(err)})", HELP)
             return
-        self.logged_up_to = max(logged_up_to, self._run.starting_step - 1)  # online: what the server holds
+        self.logged_up_to = max(self.logged_up_to, self._run.starting_step - 1)  # online: what the server holds
 
     @property
     def active(self) -> bool:
