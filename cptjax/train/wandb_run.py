@@ -7,13 +7,13 @@ in the run folder (RunPaths.wandb_run), so every start of a run continues one W&
 (`resume="allow"`); offline, each start writes one more local run with that id, and `wandb sync`
 uploads them in order.
 
-W&B's history only grows: a step it holds cannot be written again. A SIGTERM saves the step it
-stops at, so a preempted run resumes right after the last step W&B holds. After a crash,
-metrics.jsonl sets aside the records of the steps after the last checkpoint and logs them again
-as they are recomputed; W&B keeps the records it already had for those steps (the same losses,
-the resume being exact; the timings differ) and is sent the steps after them. So is the
-evaluation of a resumed step that a SIGTERM cut short: metrics.jsonl has it, W&B does not (one
-message says so).
+W&B's history only grows: a step it holds cannot be written again, so records of steps the W&B
+run already holds are not sent (one message says so). A SIGTERM saves the step it stops at, so a
+preempted run resumes right after the last step W&B holds, and W&B's history stays equal to
+metrics.jsonl. Two cases differ. After a crash, metrics.jsonl sets aside the records of the steps
+after the last checkpoint and logs them again as they are recomputed, while W&B keeps the ones it
+had (the same losses, the resume being exact; the timings differ). And the evaluation of a resumed
+step that a SIGTERM cut short, run first at the restart, is in metrics.jsonl only.
 
 W&B never stops a run: if wandb is not installed, or starting or logging fails (no network, no API
 key), one warning names logging.wandb and what to do, and the run goes on without W&B.
