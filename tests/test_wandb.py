@@ -27,13 +27,20 @@ W_AND_B_KEYS = {"_step", "_runtime", "_timestamp"}  # W&B's own fields of a hist
 
 @pytest.fixture(autouse=True)
 def _wandb_env(monkeypatch, tmp_path):
-    """W&B quiet, its settings and caches in tmp_path, nothing inherited from the machine."""
+    """W&B quiet, its settings and caches in tmp_path, nothing inherited from the machine. W&B reads
+    the WANDB_* variables once per session (its first wandb.init in the process) and ignores later
+    changes: each test starts and ends a session of its own (a `cptjax train` process has one)."""
+    import wandb
+
+    wandb.teardown()
     for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_RUN_ID", "WANDB_RESUME",
-                 "WANDB_PROJECT", "WANDB_ENTITY"):
+                 "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_INIT_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
+    yield
+    wandb.teardown()
 
 
 def _train(raw, until_step=None):
@@ -79,7 +86,8 @@ def _wandb_runs(run_dir):
     "rows": [{"step": s, key: value}], "summary": {key: value}}]."""
     run_id = json.loads(RunPaths(run_dir).wandb_run.read_text())["id"]
     found = []
-    for path in (run_dir / "logs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
+    # offline-run-<time>-<id>, with a -1, -2... suffix when two starts fall in the same second
+    for path in (run_dir / "logs" / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"):
         info = {"rows": [], "summary": {}}
         for record in _read_wandb_log(path):
             kind = record.WhichOneof("record_type")
@@ -125,7 +133,7 @@ def _raw(tmp_path, **wandb):
                                          "mode": "offline", **wandb}})
 
 
-@pytest.mark.slow  # three short runs and a report: 59-88 s on a busy 2-core machine (load 5-8)
+@pytest.mark.slow  # three short runs and a report: 48-88 s on a busy 2-core machine (load 4-8)
 def test_offline_history_equals_metrics_jsonl_across_resumes_and_the_report_adds_figures(tiny_hf, tmp_path,
                                                                                            capsys):
     raw = _raw(tmp_path, hf=tiny_hf("llama-3.2-1b"))
@@ -185,7 +193,7 @@ def test_offline_history_equals_metrics_jsonl_across_resumes_and_the_report_adds
         assert image["sha256"] == hashlib.sha256((report.out / report.figures[name]).read_bytes()).hexdigest()
 
 
-@pytest.mark.slow  # two short runs (one with W&B, one without): 48-118 s on a busy 2-core machine
+@pytest.mark.slow  # two short runs (one with W&B, one without): 25-48 s on a busy 2-core machine
 def test_training_goes_on_when_wandb_is_unreachable(tiny_hf, tmp_path, monkeypatch, capsys):
     hf = tiny_hf("llama-3.2-1b")
     short = dict(training={"steps": 4}, eval={"every": 2}, schedule={"peak_lr": 1e-3, "warmup": 1, "end_lr": 1e-4})
@@ -273,6 +281,7 @@ def test_where_wandb_writes_its_mode_and_a_bad_id_file(tmp_path, monkeypatch):
     assert local_dir(RunPaths(epath.Path("gs://bucket/run")), section) is None  # W&B's own default
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
     assert local_dir(paths, section) is None  # W&B reads WANDB_DIR itself
+    monkeypatch.delenv("WANDB_DIR")
 
     assert resolved_mode(section) == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
