@@ -193,7 +193,6 @@ def test_offline_history_equals_metrics_jsonl_across_resumes_and_the_report_adds
         assert image["sha256"] == hashlib.sha256((report.out / report.figures[name]).read_bytes()).hexdigest()
 
 
-@pytest.mark.slow  # two short runs (one with W&B, one without): 25-48 s on a busy 2-core machine
 def test_training_goes_on_when_wandb_is_unreachable(tiny_hf, tmp_path, monkeypatch, capsys):
     hf = tiny_hf("llama-3.2-1b")
     short = dict(training={"steps": 4}, eval={"every": 2}, schedule={"peak_lr": 1e-3, "warmup": 1, "end_lr": 1e-4})
