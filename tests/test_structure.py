@@ -98,7 +98,8 @@ def test_a_run_folder_is_named_in_one_module():
     """io/run_layout.py names what a run folder holds; every other module asks it (RunPaths)."""
     from cptjax.io import run_layout
 
-    names = {run_layout.CHECKPOINTS, run_layout.LOGS, run_layout.METRICS, run_layout.TENSORBOARD, run_layout.CONFIG}
+    names = {run_layout.CHECKPOINTS, run_layout.LOGS, run_layout.METRICS, run_layout.TENSORBOARD, run_layout.CONFIG,
+             run_layout.WANDB_RUN}
     spelled = sorted(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}"
                      for name, path in _modules().items() if name != "cptjax.io.run_layout"
                      for node in ast.walk(ast.parse(path.read_text()))

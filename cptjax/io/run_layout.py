@@ -5,6 +5,9 @@
   RUN_DIR/checkpoints/hf_assets/      tokenizer and generation files (io/checkpoint.py: ASSETS_DIR)
   RUN_DIR/logs/metrics.jsonl          every record, one JSON object a line (train/metrics.py)
   RUN_DIR/logs/tensorboard/           the same scalars for TensorBoard
+  RUN_DIR/logs/wandb_run.json         the W&B run this run logs to (logging.wandb), so a restart continues it
+  RUN_DIR/logs/wandb/                 W&B's own local files, when logging.wandb.dir and WANDB_DIR are unset
+                                      (W&B names the folder wandb/ under the logs/ it is given)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ LOGS = "logs"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CONFIG = "config.yaml"
+WANDB_RUN = "wandb_run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,3 +57,12 @@ class RunPaths:
     @property
     def config(self) -> epath.Path:
         return self.root / CONFIG
+
+    @property
+    def wandb_run(self) -> epath.Path:
+        return self.logs / WANDB_RUN
+
+    @property
+    def wandb_files(self) -> epath.Path:
+        """The folder handed to W&B as its `dir` (it writes wandb/ inside)."""
+        return self.logs

@@ -101,7 +101,8 @@ def run_measure_command(args: argparse.Namespace) -> None:
     elif args.command == "report":
         from cptjax.measure.report import write_report
         report = write_report(args.run_dir, args.out, tuple(args.domain))
-        print(f"wrote {report.out}/report.md with {len(report.figures)} plots")
+        print(f"wrote {report.out}/report.md with {len(report.figures)} plots"
+              + (", and added them to the run's W&B run" if report.wandb else ""))
 
 
 def _eval_settings(args, flag: str, dtype: str):

@@ -8,23 +8,29 @@ long-context section: held-out loss by position bucket (first and last evaluatio
 steps) and the pass-key probe's accuracy by prompt length and needle depth (heat maps). The report folder
 (default RUN_DIR/report-step<N>, N the last logged step) holds report.md, report.json (the
 tables' numbers), one PNG per plot and overview.png with all of them; it is written whole or not
-at all, and an existing one is never replaced.
+at all, and an existing one is never replaced. A run with `logging.wandb` also gets the figures in
+its W&B run's summary (`report/<plot>`), unless W&B is unreachable (one warning, the report is
+written all the same).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 from etils import epath
 
 from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
+from cptjax.core.config_tree import to_dict
 from cptjax.core.paths import PathLike, user_path
+from cptjax.io.run_layout import RunPaths
 from cptjax.measure.plots import save_long_context_figures, save_report_figures, save_task_figure
 from cptjax.measure.run_logs import RunLog, mixture_table, read_run, run_summary
 from cptjax.train.evaluation import comparison_table, domain_sets, markdown_table
 from cptjax.train.harness import headline_metric
 from cptjax.train.retrieval import retrieval_table
+from cptjax.train.wandb_run import WandbRun
 
 CAPTIONS = {
     "training_loss": "Training loss of each logged step's batch, overall and per source.",
@@ -43,6 +49,9 @@ LONG_CONTEXT_CAPTIONS = {
                  "length and the needle's depth; the first probe of the run beside the last.",
 }
 
+TASKS_CAPTION = ("Each task's score over steps; the dashed line and star are the base model at step 0. A falling "
+                 "accuracy (rising perplexity) is forgetting.")
+
 
 @dataclasses.dataclass(frozen=True)
 class Report:
@@ -50,6 +59,7 @@ class Report:
     markdown: str
     numbers: dict  # what report.json holds
     figures: dict[str, str]
+    wandb: bool = False  # the figures went to the run's W&B run
 
 
 def default_out(run: RunLog) -> epath.Path:
@@ -76,7 +86,22 @@ def write_report(run_dir: PathLike, out: PathLike | None = None, domain: tuple[s
         text = _markdown(run, rows, after_step, mixture, covered, figures, domain) + extra
         (tmp / "report.md").write_text(text)
         (tmp / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
-    return Report(out, text, numbers, figures)
+    return Report(out, text, numbers, figures, _to_wandb(run, out, figures))
+
+
+def _to_wandb(run: RunLog, out: epath.Path, figures: dict[str, str]) -> bool:
+    """The figures into the summary of the run's W&B run, when it logs to one; True if they went."""
+    section = run.config.logging.wandb
+    if section is None:
+        return False
+    captions = CAPTIONS | LONG_CONTEXT_CAPTIONS | {"tasks": TASKS_CAPTION, "overview": "All the plots of the report."}
+    warn = lambda text: print(f"cptjax report: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    wandb = WandbRun(section, RunPaths(run.run_dir), to_dict(run.config), logged_up_to=run.last_step, warn=warn,
+                     without="the report is written without it")
+    started = wandb.active
+    wandb.add_figures({name: (str(out / file), captions.get(name, name)) for name, file in figures.items()})
+    wandb.close()
+    return started and not wandb.failed
 
 
 def _markdown(run: RunLog, rows, after_step, mixture, covered, figures, domain) -> str:
@@ -125,8 +150,7 @@ def _tasks(run: RunLog, figures: dict[str, str]) -> list[str]:
     return ["## Downstream tasks", "", "lm-evaluation-harness scores logged during training (eval.tasks): each "
             "task's first evaluation (the base, when it is step 0) against its last.", "",
             markdown_table(["task", "metric", "first", "last", "change"], rows),
-            f"![tasks]({figures['tasks']})", "", "Each task's score over steps; the dashed line and star are the "
-            "base model at step 0. A falling accuracy (rising perplexity) is forgetting.", ""]
+            f"![tasks]({figures['tasks']})", "", TASKS_CAPTION, ""]
 
 
 def _position_losses(run: RunLog) -> dict[str, dict]:

@@ -14,7 +14,7 @@ import yaml
 from cptjax.core.config_tree import apply_overrides, from_dict, read_yaml_mapping, to_dict
 from cptjax.core.dtypes import FloatName
 from cptjax.core.errors import CptjaxError
-from cptjax.core.paths import PathLike, UserPath, user_path
+from cptjax.core.paths import PathLike, UserPath, is_remote, user_path
 from cptjax.data.config import DataConfig, StageShape, eval_shape, stage_shapes
 from cptjax.data.passkey import RetrievalConfig
 from cptjax.io.run_layout import RunPaths
@@ -144,11 +144,38 @@ def check_position_buckets(edges, key: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbSection:
+    """Weights & Biases (`pip install 'cptjax[wandb]'`): every record of metrics.jsonl, the resolved
+    config, and `cptjax report`'s figures (train/wandb_run.py). A restarted run continues the same
+    W&B run. The environment variable WANDB_MODE, when set, wins over `mode`; `dir` defaults to
+    WANDB_DIR, else the run folder's logs/ (local run folders), else W&B's own ./wandb."""
+
+    project: str  # the W&B project
+    entity: str | None = None  # the team or user (null: your W&B default)
+    name: str | None = None  # the run's display name (null: the run folder's name)
+    tags: tuple[str, ...] = ()  # labels for the run in W&B
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: files to `wandb sync`; WANDB_MODE wins
+    dir: UserPath | None = None  # a local folder for W&B's files (null: WANDB_DIR, else RUN_DIR/logs)
+
+    def __post_init__(self):
+        for name in ("project", "entity", "name"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise CptjaxError(f"logging.wandb.{name}: must not be empty; give a name or leave the key out")
+        bad = [tag for tag in self.tags if not tag.strip() or len(tag) > 64]
+        if bad:
+            raise CptjaxError(f"logging.wandb.tags: {bad[0]!r} is not a W&B tag; give 1 to 64 characters")
+        if self.dir is not None and is_remote(self.dir):
+            raise CptjaxError(f"logging.wandb.dir {self.dir}: W&B writes local files; give a local folder")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingSection:
     every: int = 10  # a train record every this many steps
     tensorboard: bool = True  # also write TensorBoard event files
     progress: Literal["auto", "bar", "lines"] = "auto"  # console: a bar on a terminal, lines elsewhere
     peak_flops_per_device: float | None = None  # for MFU on chips cptjax does not know
+    wandb: WandbSection | None = None  # also log to Weights & Biases (null: not)
 
     def __post_init__(self):
         if self.every < 1:
@@ -183,7 +210,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()  # how devices split the work
     checkpoint: CheckpointSection = CheckpointSection()  # saves and what is kept
     eval: EvalSection = EvalSection()  # held-out evaluation
-    logging: LoggingSection = LoggingSection()  # records, TensorBoard, console
+    logging: LoggingSection = LoggingSection()  # records, TensorBoard, W&B, console
     distributed: DistributedSection = DistributedSection()  # several hosts
 
     def __post_init__(self):

@@ -1,14 +1,15 @@
-"""Training metrics: JSON Lines, TensorBoard event files, and a console that suits where it runs.
+"""Training metrics: JSON Lines, TensorBoard event files, W&B, and a console that suits where it runs.
 
-Every record is written to `metrics.jsonl` (one JSON object per line, `{"step", "kind", ...}`) and to
-TensorBoard under `tensorboard/`. The console shows a progress bar with loss, tokens/s and ETA on an
-interactive terminal, and plain log lines otherwise (CI logs, SLURM files). Only process 0 writes.
+Every record is written to `metrics.jsonl` (one JSON object per line, `{"step", "kind", ...}`), to
+TensorBoard under `tensorboard/`, and with `logging.wandb` to Weights & Biases (wandb_run.py). The
+console shows a progress bar with loss, tokens/s and ETA on an interactive terminal, and plain log
+lines otherwise (CI logs, SLURM files). Only process 0 writes.
 
 The log is the history of the run as restored: a run that starts at step k (its checkpoint) keeps
 the records of steps <= k, and moves those of later steps (written before a crash, about to be
-computed again) to `metrics.discarded.jsonl`; TensorBoard purges them too. On an object store
-(gs://), which cannot append, the file is rewritten whole at most every FLUSH_SECONDS and at
-`flush()`, as tensorboardX does for its event files.
+computed again) to `metrics.discarded.jsonl`; TensorBoard purges them too (W&B cannot: see
+wandb_run.py). On an object store (gs://), which cannot append, the file is rewritten whole at
+most every FLUSH_SECONDS and at `flush()`, as tensorboardX does for its event files.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from etils import epath
 from cptjax.core.paths import is_remote
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.config import ModelConfig
+from cptjax.train.config import WandbSection
+from cptjax.train.wandb_run import WandbRun
 
 FLUSH_SECONDS = 30.0  # how stale a remote metrics.jsonl may get between flushes
 
@@ -62,6 +65,8 @@ class JsonLines:
         self.path = path
         self._remote = is_remote(path)
         lines = path.read_text().splitlines() if path.exists() else []
+        # the last step logged before this start, set-aside records included (what W&B may hold)
+        self.last_step = max((_step_of(line) for line in lines), default=-1)
         kept = [line for line in lines if line and start_step > 0 and json.loads(line)["step"] <= start_step]
         dropped = [line for line in lines if line and line not in kept]
         if dropped:
@@ -109,17 +114,20 @@ class JsonLines:
 
 
 class MetricsLogger:
-    """Writes records to JSON Lines, TensorBoard and the console (process 0 only). `start_step`
-    is where the run (re)starts: later records already in the log are set aside."""
+    """Writes records to JSON Lines, TensorBoard, W&B and the console (process 0 only). `start_step`
+    is where the run (re)starts: later records already in the log are set aside. `wandb` and
+    `config` (the resolved config, plain data): the W&B run to log to as well, if any."""
 
     def __init__(self, run: RunPaths, total_steps: int, *, start_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True, progress: str = "auto", stream=None):
+                 tensorboard: bool = True, progress: str = "auto", stream=None,
+                 wandb: WandbSection | None = None, config: dict | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
         self._bar = None
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         run.logs.mkdir(parents=True, exist_ok=True)
@@ -130,6 +138,10 @@ class MetricsLogger:
         if progress == "bar" or (progress == "auto" and self.stream.isatty()):
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, file=self.stream, unit="step", dynamic_ncols=True)
+        if wandb is not None:
+            self._wandb = WandbRun(wandb, run, config or {}, logged_up_to=self._jsonl.last_step,
+                                   warn=lambda text: self.message(f"cptjax train: {text}"),
+                                   without="training goes on without it (metrics.jsonl has every record)")
 
     @property
     def has_bar(self) -> bool:
@@ -149,10 +161,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._jsonl.write({"step": step, "kind": kind, **values})
+        fields = dict(_flatten(values))
         if self._tb is not None:
-            for key, value in _flatten(values):
+            for key, value in fields.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, kind, fields)
         if self._bar is not None and kind == "train":
             self._bar.n = step
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values.get('tokens_per_s', 0):,.0f}",
@@ -179,8 +194,18 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _step_of(line: str) -> int:
+    """A logged line's step; -1 for a blank line or one a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def _flatten(values: dict, prefix: str = ""):

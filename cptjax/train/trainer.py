@@ -133,7 +133,7 @@ def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_
               probe=None, tasks=None) -> RunResult:
     logger = MetricsLogger(config.paths, config.training.steps, start_step=run_start.resume_step or 0,
                            enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
-                           progress=config.logging.progress)
+                           progress=config.logging.progress, wandb=config.logging.wandb, config=to_dict(config))
     checkpointer = RunCheckpointer(config.paths.checkpoints, config.checkpoint.keep_last,
                                    config.checkpoint.keep_every, config.checkpoint.async_save)
     try:
