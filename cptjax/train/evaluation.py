@@ -83,8 +83,8 @@ def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global, stop=
     return results
 
 
-def format_results(step: int, results: dict[str, dict]) -> str:
-    return f"step {step} eval: " + ", ".join(
+def format_results(step: int, results: dict[str, dict], what: str = "eval") -> str:
+    return f"step {step} {what}: " + ", ".join(
         f"{n} loss {r['loss']:.4f} bpb {r['bits_per_byte'] or float('nan'):.4f}" for n, r in results.items())
 
 

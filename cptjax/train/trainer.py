@@ -9,11 +9,12 @@ Each step: the next batch goes onto the mesh, the jitted step is dispatched, and
 previous step's metrics fetched, so the host never stalls the device. A length stage (`data.stages`
 with `seq_len` or `batch_size`) changes the batches' shape at its start step, and the jitted step
 compiles once more for it. Held-out sets are evaluated every `eval.every` steps, in the longest
-stage's shape all run (`TrainConfig.eval_shape`). Checkpoints are saved asynchronously every
-`checkpoint.every` steps, at the end, and on SIGTERM (preemption), after which the run exits
-cleanly; a step whose loss is not finite is never saved. An evaluation a SIGTERM cut short is run
-first when the run starts again from that step, so metrics.jsonl ends with every scheduled
-evaluation however often it was preempted.
+stage's shape all run (`TrainConfig.eval_shape`); with `eval.ema`, on the EMA of the weights too
+(`eval_ema` records, from training.ema.start_step on: before it the EMA is the weights).
+Checkpoints are saved asynchronously every `checkpoint.every` steps, at the end, and on SIGTERM
+(preemption), after which the run exits cleanly; a step whose loss is not finite is never saved.
+An evaluation a SIGTERM cut short is run first when the run starts again from that step, so
+metrics.jsonl ends with every scheduled evaluation however often it was preempted.
 """
 
 from __future__ import annotations
@@ -372,17 +373,26 @@ def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> b
 
 def _evaluate(loop: Loop, step: int) -> dict | None:
     """Evaluates and logs; on SIGTERM it stops between batches and logs nothing (the save comes
-    first)."""
+    first). With eval.ema, the held-out sets also on the EMA (an `eval_ema` record; the probe runs on
+    the weights only)."""
     stop = lambda: loop.preemption.requested  # noqa: E731
     results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
                        stop=stop, position_edges=loop.setup.position_edges)
     probe = None if results is None or loop.probe is None else loop.probe.run(loop.state["params"], stop)
-    if results is None or (loop.probe is not None and probe is None):
+    ema = loop.config.training.ema
+    on_ema = loop.config.eval.ema and loop.eval_sets and step >= ema.start_step
+    ema_results = None if results is None or not on_ema else evaluate(
+        loop.setup.eval_fn, loop.state["ema"], loop.eval_sets, loop.setup.to_global, stop=stop,
+        position_edges=loop.setup.position_edges)
+    if results is None or (loop.probe is not None and probe is None) or (on_ema and ema_results is None):
         loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
         return None
     if probe is not None:  # before the eval record, which marks the step's evaluation done
         loop.logger.log(step, "retrieval", probe)
         loop.logger.message(f"step {step} retrieval: pass-key accuracy {probe['accuracy']:.0%}")
+    if ema_results is not None:  # also before it
+        loop.logger.log(step, "eval_ema", ema_results)
+        loop.logger.message(format_results(step, ema_results, "eval (EMA)"))
     loop.logger.log(step, "eval", results)
     loop.logger.message(format_results(step, results))
     loop.logger.flush()
