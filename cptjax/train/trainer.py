@@ -9,12 +9,11 @@ Each step: the next batch goes onto the mesh, the jitted step is dispatched, and
 previous step's metrics fetched, so the host never stalls the device. A length stage (`data.stages`
 with `seq_len` or `batch_size`) changes the batches' shape at its start step, and the jitted step
 compiles once more for it. Held-out sets are evaluated every `eval.every` steps, in the longest
-stage's shape all run (`TrainConfig.eval_shape`); with `eval.ema`, on the EMA of the weights too
-(`eval_ema` records, from training.ema.start_step on: before it the EMA is the weights).
-Checkpoints are saved asynchronously every `checkpoint.every` steps, at the end, and on SIGTERM
-(preemption), after which the run exits cleanly; a step whose loss is not finite is never saved.
-An evaluation a SIGTERM cut short is run first when the run starts again from that step, so
-metrics.jsonl ends with every scheduled evaluation however often it was preempted.
+stage's shape all run (`TrainConfig.eval_shape`). Checkpoints are saved asynchronously every
+`checkpoint.every` steps, at the end, and on SIGTERM (preemption), after which the run exits
+cleanly; a step whose loss is not finite is never saved. An evaluation a SIGTERM cut short is run
+first when the run starts again from that step, so metrics.jsonl ends with every scheduled
+evaluation however often it was preempted.
 """
 
 from __future__ import annotations
@@ -35,11 +34,11 @@ from cptjax.core.errors import CptjaxError
 from cptjax.data.config import shape_at
 from cptjax.data.eval_sets import build_eval_sets
 from cptjax.data.pipeline import build_train_pipeline, document_counts
-from cptjax.data.tokenize import load_data_tokenizer
+from cptjax.data.tokenize import check_vocabulary, load_data_tokenizer
 from cptjax.model.config import ModelConfig
 from cptjax.train.config import TrainConfig, dump_yaml
 from cptjax.train.distributed import gather_states, initialize
-from cptjax.train.evaluation import evaluate, format_results
+from cptjax.train.evaluation import evaluate_each, format_results
 from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
 from cptjax.train.preemption import Preemption, StartInterrupted
 from cptjax.train.retrieval import RetrievalProbe, probe_for_run
@@ -91,7 +90,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             if data is None or eval_sets is None:
                 spec = load_data_tokenizer(config.data.tokenizer, run_start.tokenizer_dir, "model.tokenizer"
                                            if config.model.tokenizer else "the model's tokenizer")
-                check_vocabulary(spec, run_start.model_config)
+                check_vocabulary(spec, run_start.model_config.vocab_size)
             processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
             if data is None:  # the first stage's shape; the pipeline follows data.stages from there
                 data = built = build_train_pipeline(config.data, spec, seq_len=config.training.seq_len,
@@ -117,13 +116,6 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             run_start.close()
             if built is not None:
                 built.close()
-
-
-def check_vocabulary(spec, model_config: ModelConfig) -> None:
-    if spec.vocab_size > model_config.vocab_size:
-        raise CptjaxError(f"tokenizer {spec.path}: {spec.vocab_size} tokens, more than the model's vocab_size "
-                          f"{model_config.vocab_size}; ids past it would index beyond the embedding table. "
-                          "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
 
 
 def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption,
@@ -373,30 +365,24 @@ def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> b
 
 def _evaluate(loop: Loop, step: int) -> dict | None:
     """Evaluates and logs; on SIGTERM it stops between batches and logs nothing (the save comes
-    first). With eval.ema, the held-out sets also on the EMA (an `eval_ema` record; the probe runs on
-    the weights only)."""
+    first). With eval.ema, the EMA too (`eval_ema`), from its start_step (before it, the weights)."""
     stop = lambda: loop.preemption.requested  # noqa: E731
-    results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
-                       stop=stop, position_edges=loop.setup.position_edges)
+    on_ema = loop.config.eval.ema and step >= loop.config.training.ema.start_step
+    ema = {"eval_ema": loop.state["ema"]} if on_ema else {}
+    results = evaluate_each(loop.setup.eval_fn, {**ema, "eval": loop.state["params"]}, loop.eval_sets,
+                            loop.setup.to_global, stop=stop, position_edges=loop.setup.position_edges)
     probe = None if results is None or loop.probe is None else loop.probe.run(loop.state["params"], stop)
-    ema = loop.config.training.ema
-    on_ema = loop.config.eval.ema and loop.eval_sets and step >= ema.start_step
-    ema_results = None if results is None or not on_ema else evaluate(
-        loop.setup.eval_fn, loop.state["ema"], loop.eval_sets, loop.setup.to_global, stop=stop,
-        position_edges=loop.setup.position_edges)
-    if results is None or (loop.probe is not None and probe is None) or (on_ema and ema_results is None):
+    if results is None or (loop.probe is not None and probe is None):
         loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
         return None
     if probe is not None:  # before the eval record, which marks the step's evaluation done
         loop.logger.log(step, "retrieval", probe)
         loop.logger.message(f"step {step} retrieval: pass-key accuracy {probe['accuracy']:.0%}")
-    if ema_results is not None:  # also before it
-        loop.logger.log(step, "eval_ema", ema_results)
-        loop.logger.message(format_results(step, ema_results, "eval (EMA)"))
-    loop.logger.log(step, "eval", results)
-    loop.logger.message(format_results(step, results))
+    for kind, values in results.items():  # "eval" last: its record marks the step's evaluation done
+        loop.logger.log(step, kind, values)
+        loop.logger.message(format_results(step, values, kind))
     loop.logger.flush()
-    return results
+    return results["eval"]
 
 
 def _save(loop: Loop, step: int, data_state: dict, force: bool = False) -> None:
