@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from batches import CountingData, raw_config
+from data_helpers import STDLIB, tokenizer_dir
 from run_helpers import flip_largest_file_bytes
 
 from cptjax import load_model
@@ -145,6 +146,16 @@ def test_resume_restores_the_ema_bit_for_bit_and_eval_and_export_use_it(tiny_hf,
     assert np.abs(theirs - raw).max() > 1e-3  # not the base model's
     card = (out / "README.md").read_text()
     assert "(step 8, EMA)" in card and "exponential moving average" in card
+
+    # `cptjax eval` of RUN@8:ema is the EMA: the same numbers as its float32 export, not the weights'.
+    tokenizer = tokenizer_dir("llama", VOCAB)
+    report = tmp_path / "eval"
+    models = [f"{run_dir}@8", f"{run_dir}@8:ema", str(out)]
+    code = f"code=text:{STDLIB / 'json' / '*.py'}"
+    assert main(["eval", *(f for m in models for f in ("--model", m)), "--data", code, "--tokenizer", str(tokenizer),
+                 "--seq-len", "32", "--out", str(report)]) == 0
+    losses = [json.loads((report / "eval.json").read_text())["models"][m]["code"]["loss"] for m in models]
+    assert losses[1] == pytest.approx(losses[2], rel=1e-6) and abs(losses[1] - losses[0]) > 1e-4, losses
 
     # The eval_ema record is the EMA's loss: the held-out batch through the EMA model loaded above
     # (whose logits transformers just confirmed), documents kept apart as in the packed rows.
