@@ -119,8 +119,8 @@ def initial_state(start: RunStart, config: TrainConfig, setup, data, preemption:
     """The train state on its shardings: restored (resume: `data`'s position first, so a resume it
     cannot honour is refused before the arrays are read), loaded from `start.weights`, or
     initialised; `setup` is the run's `TrainSetup`. With training.ema, the EMA is restored, or starts
-    as the parameters (what it is before training.ema.start_step). Writes nothing. A SIGTERM (`preemption`) stops
-    an HF weight load between two tensors, with StartInterrupted."""
+    as the parameters (what it is before training.ema.start_step). Writes nothing. A SIGTERM
+    (`preemption`) stops an HF weight load between two tensors, with StartInterrupted."""
     shardings = setup.state_shardings
     if start.origin == "resume":
         data.set_state(start.resume_meta["data_state"])
