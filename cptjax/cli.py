@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the export's precision (default: the one the source model's config.json "
                        "recorded, float32 where none)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    to_hf.add_argument("--ema", action="store_true",
+                       help="export the EMA of the weights that a training run with training.ema saved")
     to_hf.add_argument("--verify", action="store_true",
                        help="load the export with transformers (needs torch) and report the logit difference")
     from cptjax.data.cli import add_data_commands
@@ -122,7 +124,7 @@ def _run(args) -> int | None:
     else:
         from cptjax.convert import orbax_to_hf
         result = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype,
-                             max_shard_size=args.max_shard_size, verify=args.verify)
+                             max_shard_size=args.max_shard_size, verify=args.verify, ema=args.ema)
         print(f"wrote HF model {result.out} from step {result.step}: {', '.join(result.files)}")
         if result.max_logit_diff is not None:
             print(f"verified with transformers: max |logit difference| = {result.max_logit_diff:.3g}")

@@ -42,8 +42,9 @@ class ExportResult:
 
 
 def orbax_to_hf(ckpt: PathLike, out: PathLike, step: int | None = None, dtype: str | None = None,
-                max_shard_size: str | int = "5GB", verify: bool = False) -> ExportResult:
-    """Exports one step of a cptjax checkpoint as an HF folder, restoring a parameter at a time.
+                max_shard_size: str | int = "5GB", verify: bool = False, ema: bool = False) -> ExportResult:
+    """Exports one step of a cptjax checkpoint as an HF folder, restoring a parameter at a time;
+    with `ema`, the EMA of the weights a training run (training.ema) saved in that step.
 
     `dtype` None keeps the precision the source model's config.json recorded (float32 where it
     recorded none), so HF -> cptjax -> HF is lossless by default."""
@@ -57,13 +58,13 @@ def orbax_to_hf(ckpt: PathLike, out: PathLike, step: int | None = None, dtype: s
     if verify and is_remote(out):
         raise CptjaxError(f"--verify: transformers reads local folders only, and --out {out} is remote; "
                           "export to a local folder to verify, then copy it")
-    with open_weights(ckpt, step, flag="--ckpt", kind="checkpoint") as weights:
+    with open_weights(ckpt, step, flag="--ckpt", kind="checkpoint", ema=ema) as weights:
         target = float_dtype(dtype or weights.config.dtype or "float32", "--dtype")
         with atomic_output_dir(out) as tmp:
             files = write_hf_dir(tmp, weights.config, weights.read_one, dtype=target,
                                  max_shard_size=max_shard_size, assets_dir=weights.assets_dir,
                                  progress=progress_bar("writing safetensors"))
-            if write_model_card(tmp, weights.path, weights.step, weights.config.hf_architecture):
+            if write_model_card(tmp, weights.path, weights.step, weights.config.hf_architecture, weights.ema):
                 files.append(CARD)
         diff = None
         if verify:

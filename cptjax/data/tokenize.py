@@ -89,6 +89,15 @@ def load_data_tokenizer(data_tokenizer: str | None, model_tokenizer,
     return load_tokenizer_spec(model_tokenizer, model_key)
 
 
+def check_vocabulary(spec: TokenizerSpec, vocab_size: int) -> None:
+    """A training run's tokenizer must fit the model's `vocab_size`: ids past it would index beyond
+    the embedding table."""
+    if spec.vocab_size > vocab_size:
+        raise CptjaxError(f"tokenizer {spec.path}: {spec.vocab_size} tokens, more than the model's vocab_size "
+                          f"{vocab_size}; ids past it would index beyond the embedding table. "
+                          "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
+
+
 class DocumentTokenizer:
     """Texts -> token ids (BOS? + text + EOS), batched in Rust; built lazily in each process."""
 

@@ -3,6 +3,7 @@
 Layout (a training run adds items to the same steps; run_folder.py writes those):
   CKPT/<step>/params        the model parameters (a PyTree of arrays, stacked layers)
   CKPT/<step>/model_config  the model's HF config.json, as JSON
+  CKPT/<step>/ema           a training run's EMA of the parameters (training.ema), float32, if kept
   CKPT/hf_assets/           tokenizer and generation files from the source model
 
 Orbax lists only steps whose write finished, so a half-written step is never restored. A step that
@@ -37,6 +38,7 @@ ASSETS_DIR = "hf_assets"
 OPT_STATE = "opt_state"
 TRAIN_META = "train_meta"  # step, data iterator state, lr, tokens seen: small JSON
 TRAIN_CONFIG = "train_config"
+EMA = "ema"  # a run's EMA of the parameters: the same tree as params, in float32
 
 # Orbax's notices (through absl's logger) that a read-only manager is read-only: true of every
 # checkpoint cptjax reads, so in a notebook or script they are only noise. Its other messages pass.
@@ -167,15 +169,22 @@ def save_params_checkpoint(directory: epath.Path, step: int, cfg: ModelConfig, p
         manager.wait_until_finished()
 
 
+def has_item(directory: epath.Path, step: int, item: str) -> bool:
+    """Whether a finished step holds `item` (a run's step holds EMA only if it kept one)."""
+    return (directory / str(step) / item).is_dir()
+
+
 class CheckpointReader:
     """Reads one finished step of a cptjax checkpoint, a parameter at a time if asked.
 
     `flag` and `step_flag` name the path and the step the way the user gave them ("--ckpt",
     "model.init_from"...), for messages. `cptjax.io.weights.open_weights` decides that a folder is one.
+    `item` is PARAMS, or EMA for a training run's EMA of them (the same tree, in float32).
     """
 
     def __init__(self, directory: PathLike, step: int | None = None, *, flag: str = "--ckpt",
-                 step_flag: str = "--step"):
+                 step_flag: str = "--step", item: str = PARAMS):
+        self.item = item
         self.directory = user_path(directory, flag)
         if not self.directory.is_dir():
             raise CptjaxError(f"{flag} {self.directory}: no such folder")
@@ -201,8 +210,12 @@ class CheckpointReader:
         self.step, self._flag, self._step_flag = step, flag, step_flag
         config_dict = self._restore({MODEL_CONFIG: ocp.args.JsonRestore()})[MODEL_CONFIG]
         self.config = ModelConfig.from_hf_config(config_dict, f"{self.directory}/{step}/{MODEL_CONFIG}")
+        if self.item != PARAMS and not has_item(self.directory, step, self.item):
+            raise CptjaxError(f"{flag} {self.directory}: step {step} holds no EMA of the weights (its run had "
+                              "no training.ema); read its parameters without ':ema' / --ema, or train with "
+                              "training.ema set")
         try:
-            self._metadata = self._manager.item_metadata(step)[PARAMS]
+            self._metadata = self._manager.item_metadata(step)[self.item]
         except Exception as err:  # noqa: BLE001 - a damaged step raises what the store raises
             raise CptjaxError(unreadable_step(self.directory, step, steps, err, flag, step_flag)) from None
         # A training run's step holds the digests of its arrays (run_folder.py): every parameter
@@ -216,7 +229,7 @@ class CheckpointReader:
     def _verified(self, params: dict) -> dict:
         if self._digests is None:
             return params
-        now = array_digests({PARAMS: params})
+        now = array_digests({self.item: params})
         changed = differing(now, {name: self._digests.get(name) for name in now})
         if changed:
             error = ValueError(f"{', '.join(changed[:3])} differ from the fingerprint saved with the step (a file "
@@ -240,15 +253,15 @@ class CheckpointReader:
         for path in param_paths(meta) if paths is None else paths:
             set_param(item, path, np.empty((0,), dtype=get_param(meta, path).dtype))
             set_param(restore_args, path, ocp.RestoreArgs(restore_type=np.ndarray))
-        restored = self._restore({PARAMS: ocp.args.PyTreeRestore(
+        restored = self._restore({self.item: ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)})
-        return self._verified(restored[PARAMS])
+        return self._verified(restored[self.item])
 
     def restore_onto(self, abstract_params: dict) -> dict:
         """All parameters straight onto the shardings (and dtypes) of `abstract_params`' leaves."""
-        restored = self._restore({PARAMS: ocp.args.PyTreeRestore(
+        restored = self._restore({self.item: ocp.args.PyTreeRestore(
             item=abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))})
-        return self._verified(restored[PARAMS])
+        return self._verified(restored[self.item])
 
     def restore_one(self, path: ParamPath) -> np.ndarray:
         return get_param(self.restore([path]), path)
@@ -259,8 +272,10 @@ class CheckpointReader:
 
 def item_handlers() -> dict:
     """Every item a cptjax checkpoint may hold (a converted one has params and model_config; a run's
-    has all five). Orbax warns of each item present but unregistered, even when it is not read."""
+    the other three, and ema with training.ema). Orbax warns of each item present but unregistered,
+    even when it is not read."""
     return {PARAMS: ocp.PyTreeCheckpointHandler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
+            EMA: ocp.PyTreeCheckpointHandler(),
             MODEL_CONFIG: ocp.JsonCheckpointHandler(), TRAIN_META: ocp.JsonCheckpointHandler(),
             TRAIN_CONFIG: ocp.JsonCheckpointHandler()}
 

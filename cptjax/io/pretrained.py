@@ -40,14 +40,15 @@ def params_to_dtype(params: dict, dtype) -> dict:
     return jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), params)
 
 
-def load_model(path: PathLike, dtype: str = "float32", step: int | None = None,
+def load_model(path: PathLike, dtype: str = "float32", step: int | None = None, ema: bool = False,
                **model_kwargs) -> PretrainedModel:
     """Loads an HF model folder (config.json + safetensors) or a cptjax checkpoint folder.
 
     `dtype` sets both the parameter and compute dtype; `step` picks a checkpoint step (latest
-    by default). Extra keyword arguments go to `Llama` (remat, attention).
+    by default); `ema` the EMA of a training run's weights (training.ema) instead of the weights.
+    Extra keyword arguments go to `Llama` (remat, attention).
     """
-    with open_weights(path, step, flag="path", step_flag="step") as weights:
+    with open_weights(path, step, flag="path", step_flag="step", ema=ema) as weights:
         return model_from_weights(weights, dtype, **model_kwargs)
 
 

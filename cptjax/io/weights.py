@@ -9,6 +9,9 @@ host (NumPy, stored dtype), one at a time (export), or straight onto device shar
   - a cptjax checkpoint: an Orbax folder of finished steps (`<step>/params`, `<step>/model_config`,
     `hf_assets/` with the tokenizer), as `cptjax convert hf-to-orbax` or a training run writes it;
   - a training run's folder: its `checkpoints/` subfolder is used.
+
+A training run with `training.ema` also keeps the EMA of its weights in each step; `ema=True`
+(`PATH:ema`, `PATH@STEP:ema` on the command line, `--ema` for `cptjax convert`) reads that instead.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from etils import epath
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import PathLike, user_path
 from cptjax.hf.read import HFTensors, Progress, load_hf_params_sharded, open_hf_tensors, read_group, read_hf_params
-from cptjax.io.checkpoint import ASSETS_DIR, CheckpointReader
+from cptjax.io.checkpoint import ASSETS_DIR, EMA, PARAMS, CheckpointReader
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.config import ModelConfig, read_hf_config
 from cptjax.model.transformer import ParamPath
@@ -63,8 +66,15 @@ class Weights:
     def tokenizer_dir(self) -> epath.Path | None:
         return self.assets_dir if (self.assets_dir / "tokenizer.json").is_file() else None
 
+    @property
+    def ema(self) -> bool:
+        """Whether these are a training run's EMA of the weights."""
+        return self._reader is not None and self._reader.item == EMA
+
     def describe(self) -> str:
-        return str(self.path) if self.kind == "hf" else f"{self.path} (step {self.step})"
+        if self.kind == "hf":
+            return str(self.path)
+        return f"{self.path} (step {self.step}{', EMA of the weights' if self.ema else ''})"
 
     def read(self, progress: Progress | None = None) -> dict:
         """Every parameter as a NumPy array in its stored dtype, in a nested dict."""
@@ -104,8 +114,10 @@ class Weights:
 
 
 def open_weights(path: PathLike, step: int | None = None, *, flag: str = "--model",
-                 step_flag: str | None = "--step", kind: Literal["hf", "checkpoint"] | None = None) -> Weights:
-    """Opens an HF folder or a cptjax checkpoint (the latest finished step, or `step`).
+                 step_flag: str | None = "--step", kind: Literal["hf", "checkpoint"] | None = None,
+                 ema: bool = False) -> Weights:
+    """Opens an HF folder or a cptjax checkpoint (the latest finished step, or `step`); with `ema`,
+    the EMA of the weights that a training run with training.ema saved in that step.
 
     `flag` and `step_flag` are how the user named the path and the step, for messages. `kind`
     says what the caller needs (`cptjax convert` knows its direction); None accepts either.
@@ -125,11 +137,14 @@ def open_weights(path: PathLike, step: int | None = None, *, flag: str = "--mode
         raise CptjaxError(f"{flag} {path}: is {what[found[0]]}, not {what[kind]}")
     kind, folder = found or (kind, path)
     if kind == "hf":
+        if ema:
+            raise CptjaxError(f"{flag} {path}: is an HF folder, which holds no EMA of the weights; the EMA "
+                              "(':ema', --ema) is read from a cptjax training run that set training.ema")
         if step is not None:
             raise CptjaxError(f"{step_flag} {step}: {path} is an HF folder, which has no steps; "
                               f"leave {step_flag} out")
         return Weights("hf", folder, read_hf_config(folder))
-    reader = CheckpointReader(folder, step, flag=flag, step_flag=step_flag)
+    reader = CheckpointReader(folder, step, flag=flag, step_flag=step_flag, item=EMA if ema else PARAMS)
     return Weights("checkpoint", folder, reader.config, reader)
 
 
@@ -141,3 +156,15 @@ def split_step(text: str, flag: str = "--model") -> tuple[epath.Path, int | None
     if sep and head and step.isdigit() and not path.exists():
         return user_path(head, flag), int(step)
     return path, None
+
+
+EMA_SUFFIX = ":ema"
+
+
+def parse_model_arg(text: str, flag: str = "--model") -> tuple[epath.Path, int | None, bool]:
+    """A model argument as users write it: PATH or PATH@STEP (`split_step`), either followed by
+    ':ema' for the EMA of a training run's weights (a path that exists as written is taken as the
+    path). Returns (path, step, ema)."""
+    ema = text.endswith(EMA_SUFFIX) and len(text) > len(EMA_SUFFIX) and not user_path(text, flag).exists()
+    path, step = split_step(text[:-len(EMA_SUFFIX)] if ema else text, flag)
+    return path, step, ema

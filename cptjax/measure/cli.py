@@ -12,7 +12,8 @@ import dataclasses
 from cptjax.core.dtypes import FLOAT_NAMES
 from cptjax.core.errors import CptjaxError
 
-_MODEL_HELP = "an HF folder or a cptjax checkpoint (or a run folder); PATH@STEP for one checkpoint step"
+_MODEL_HELP = ("an HF folder or a cptjax checkpoint (or a run folder); PATH@STEP for one checkpoint step; "
+               "PATH:ema or PATH@STEP:ema for the EMA of a run's weights (training.ema)")
 _DATA_HELP = ("a held-out set NAME=SPEC: SPEC is TYPE:PATHS (code=text:'heldout/*.py', "
               "wiki=jsonl:heldout/wiki.jsonl) or a YAML mapping of the set's keys "
               "(code='{type: jsonl, paths: [h.jsonl], max_docs: 200}'); repeatable")
@@ -155,12 +156,12 @@ def _eval(args) -> None:
 
 
 def _generate(args) -> None:
-    from cptjax.io.weights import split_step
+    from cptjax.io.weights import parse_model_arg
     from cptjax.measure.generate import Generator, Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    path, step = split_step(args.model)
-    result = Generator(path, step, dtype=args.dtype, tokenizer=args.tokenizer).generate(args.prompt, sampling)
+    path, step, ema = parse_model_arg(args.model)
+    result = Generator(path, step, dtype=args.dtype, tokenizer=args.tokenizer, ema=ema).generate(args.prompt, sampling)
     print(result.prompt + result.text)
     how = "greedy" if sampling.temperature == 0 else (f"temperature {sampling.temperature}, top-p "
                                                       f"{sampling.top_p}, seed {sampling.seed}")

@@ -44,7 +44,7 @@ from cptjax.data.config import EvalSetConfig, StageConfig, eval_shape, stage_sha
 from cptjax.data.eval_sets import pack_eval_sets
 from cptjax.data.passkey import Prompt, RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
-from cptjax.io.weights import Weights, open_weights, split_step
+from cptjax.io.weights import Weights, open_weights, parse_model_arg
 from cptjax.measure.eval_tasks import TaskSettings, run_model_tasks, tasks_table
 from cptjax.model.config import ModelConfig
 from cptjax.model.sharding import MeshConfig
@@ -361,7 +361,8 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
                     dtype: str = "float32", tokenizer: str | None = None,
                     position_buckets: tuple[int, ...] | None = None,
                     retrieval: RetrievalConfig | None = None, tasks: TaskSettings | None = None) -> EvalReport:
-    """Every model (PATH or PATH@STEP) on every set and lm-eval task; the first model is the reference."""
+    """Every model (PATH, PATH@STEP, either with :ema) on every set and lm-eval task; the first model is the
+    reference."""
     settings = EvalSettings(tuple(sets), tuple(domain), seq_len, batch_size, dtype, tokenizer,
                             position_buckets=position_buckets, retrieval=retrieval, tasks=tasks)
     if not models:
@@ -371,8 +372,8 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
     opened: list[Weights] = []
     try:
         for text in models:
-            path, step = split_step(text)
-            opened.append(open_weights(path, step, flag="--model", step_flag="--model PATH@STEP"))
+            path, step, ema = parse_model_arg(text)
+            opened.append(open_weights(path, step, flag="--model", step_flag="--model PATH@STEP", ema=ema))
         data = prepare_eval(settings, opened, [f"--model {label}" for label in labels])
         both = {label: evaluate_weights(w, data, dtype, label) for w, label in zip(opened, labels)}
     finally:

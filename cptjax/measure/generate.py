@@ -69,8 +69,8 @@ class Generator:
     """A model and its tokenizer, loaded once: `.generate(prompt) -> Generation`."""
 
     def __init__(self, path: str | Path, step: int | None = None, *, dtype: str = "float32",
-                 tokenizer: str | Path | None = None, flag: str = "--model"):
-        with open_weights(path, step, flag=flag, step_flag=f"{flag} PATH@STEP") as weights:
+                 tokenizer: str | Path | None = None, flag: str = "--model", ema: bool = False):
+        with open_weights(path, step, flag=flag, step_flag=f"{flag} PATH@STEP", ema=ema) as weights:
             folder = tokenizer or weights.tokenizer_dir
             if folder is None:
                 raise CptjaxError(f"{flag} {path}: has no tokenizer files (tokenizer.json); pass "

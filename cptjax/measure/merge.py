@@ -34,7 +34,7 @@ from cptjax.core.progress import progress_bar
 from cptjax.hf.keymap import grouped_key_map
 from cptjax.hf.write import copy_assets, write_hf_dir
 from cptjax.io.checkpoint import ASSETS_DIR, save_params_checkpoint
-from cptjax.io.weights import Weights, open_weights, split_step
+from cptjax.io.weights import Weights, open_weights, parse_model_arg
 from cptjax.measure.eval_models import check_tokenizers, check_vocabulary
 from cptjax.model.config import ModelConfig
 from cptjax.model.transformer import ParamPath, set_param
@@ -136,8 +136,8 @@ def open_pair(base: str, tuned: str, dtype: str | None = None) -> MergePair:
     opened = []
     try:
         for text, flag in ((base, "--base"), (tuned, "--tuned")):
-            path, step = split_step(text, flag)
-            opened.append(open_weights(path, step, flag=flag, step_flag=f"{flag} PATH@STEP"))
+            path, step, ema = parse_model_arg(text, flag)
+            opened.append(open_weights(path, step, flag=flag, step_flag=f"{flag} PATH@STEP", ema=ema))
         check_same_architecture(*opened)
         check_tokenizers(opened, ("--base", "--tuned"))
         stored = {np.dtype(opened[0].read_one(("norm",)).dtype), np.dtype(opened[1].read_one(("norm",)).dtype)}

@@ -24,15 +24,17 @@ def run_of_checkpoint(folder: epath.Path) -> epath.Path | None:
     return None if run is None else run.root
 
 
-def model_card(run: RunLog, step: int, architecture: str) -> str:
-    """The card's Markdown for the export of checkpoint `step` of `run`."""
+def model_card(run: RunLog, step: int, architecture: str, ema: bool = False) -> str:
+    """The card's Markdown for the export of checkpoint `step` of `run` (its EMA of the weights with `ema`)."""
     domain = domain_sets(run.eval_names, ()) if run.eval_names else ()
     rows, after = run.before_after(domain, step)
     mixture, covered = run.mixture(up_to=step)
     lines = ["---", "library_name: transformers", "tags:", "- cptjax", "- continued-pretraining", "---", "",
-             f"# {run.run_dir.name} (step {step})", "",
+             f"# {run.run_dir.name} (step {step}{', EMA' if ema else ''})", "",
              f"A {architecture} trained with cptjax (`cptjax train`): checkpoint {step} of the run "
-             f"`{run.run_dir}`, exported with `cptjax convert orbax-to-hf`.", "",
+             f"`{run.run_dir}`, exported with `cptjax convert orbax-to-hf`"
+             + (" --ema: the run's exponential moving average of its weights (training.ema), not the weights "
+                "themselves; the held-out numbers below are the weights'." if ema else "."), "",
              "## Training", "", *run_summary(run, step), "", "## Data mixture", "",
              f"Target tokens each source supplied in steps 1-{step}, from the run's logs:", "",
              mixture_table(mixture)]
@@ -49,10 +51,11 @@ def model_card(run: RunLog, step: int, architecture: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(out: epath.Path, checkpoint_dir: epath.Path, step: int, architecture: str) -> bool:
+def write_model_card(out: epath.Path, checkpoint_dir: epath.Path, step: int, architecture: str,
+                     ema: bool = False) -> bool:
     """Writes README.md into the export folder `out` if `checkpoint_dir` is a run's; True if it did."""
     root = run_of_checkpoint(checkpoint_dir)
     if root is None:
         return False
-    (out / CARD).write_text(model_card(read_run(root, "--ckpt"), step, architecture))
+    (out / CARD).write_text(model_card(read_run(root, "--ckpt"), step, architecture, ema))
     return True

@@ -25,6 +25,7 @@ from cptjax.model.loss import DEFAULT_LOSS_CHUNK
 from cptjax.model.rope import RopeOverrides
 from cptjax.model.sharding import MeshConfig
 from cptjax.model.transformer import Remat
+from cptjax.train.ema import EmaConfig
 from cptjax.train.optimizer import OptimizerConfig
 from cptjax.train.schedules import ScheduleConfig
 
@@ -72,6 +73,7 @@ class TrainingSection:
     seq_len: int  # tokens per row (until a data stage sets another)
     seed: int = 0  # initialisation from scratch
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop the run, or skip that update
+    ema: EmaConfig | None = None  # a float32 EMA of the weights, for eval.ema and exports (null: none)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len"):
@@ -108,6 +110,7 @@ class EvalSection:
     position_buckets: tuple[int, ...] | None = None  # loss by position in a document: edges; null: 8 doubling
     retrieval: RetrievalConfig | None = None  # a pass-key probe at each evaluation (null: none)
     tasks: TasksConfig | None = None  # lm-evaluation-harness tasks during training (null: none)
+    ema: bool = False  # also evaluate training.ema's weights: `eval_ema` records beside `eval`
 
     def __post_init__(self):
         if self.every < 1:
@@ -220,6 +223,9 @@ class TrainConfig:
             raise CptjaxError(f"schedule.stage_boundaries {list(self.schedule.stage_boundaries)} differ "
                               f"from the start steps of data.stages {list(starts)}; leave "
                               "schedule.stage_boundaries out to re-warm at each data stage")
+        if self.eval.ema and self.training.ema is None:
+            raise CptjaxError("eval.ema: there is no EMA to evaluate; set training.ema (e.g. "
+                              "training.ema.decay=0.999) or drop eval.ema")
         if self.eval.retrieval is not None:
             self.eval.retrieval.check_length(self.eval_shape.seq_len, "eval.retrieval",  # the longest stage's
                                              "raise training.seq_len or drop the longer lengths")

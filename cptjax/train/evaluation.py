@@ -83,8 +83,20 @@ def evaluate(eval_fn, params, eval_sets: dict[str, list[dict]], to_global, stop=
     return results
 
 
-def format_results(step: int, results: dict[str, dict]) -> str:
-    return f"step {step} eval: " + ", ".join(
+def evaluate_each(eval_fn, trees: dict[str, dict], eval_sets: dict[str, list[dict]], to_global, stop=None,
+                  position_edges: Sequence[int] = ()) -> dict[str, dict] | None:
+    """`evaluate` of each named tree of weights in turn ({"eval_ema": ema, "eval": params}): {name:
+    results}, or None if `stop` cut one short."""
+    results = {}
+    for name, params in trees.items():
+        results[name] = evaluate(eval_fn, params, eval_sets, to_global, stop, position_edges)
+        if results[name] is None:
+            return None
+    return results
+
+
+def format_results(step: int, results: dict[str, dict], kind: str = "eval") -> str:
+    return f"step {step} {kind}: " + ", ".join(
         f"{n} loss {r['loss']:.4f} bpb {r['bits_per_byte'] or float('nan'):.4f}" for n, r in results.items())
 
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cptjax.train.evaluation import evaluate, format_results
+from cptjax.train.evaluation import evaluate_each, format_results
 
 EVAL_KINDS = ("eval", "tasks")  # held-out sets (and the probe), and lm-eval tasks: each its own schedule
 
@@ -46,9 +46,11 @@ def run_evaluations(loop, step: int, kinds: tuple[str, ...]) -> dict | None:
     and logs nothing more (the save comes first): a kind already logged is not run again."""
     stop = lambda: loop.preemption.requested  # noqa: E731
     done = {}
-    if "eval" in kinds:
-        results = evaluate(loop.setup.eval_fn, loop.state["params"], loop.eval_sets, loop.setup.to_global,
-                           stop=stop, position_edges=loop.setup.position_edges)
+    if "eval" in kinds:  # with eval.ema, the EMA too (`eval_ema`), from its start_step (before it, the weights)
+        on_ema = loop.config.eval.ema and step >= loop.config.training.ema.start_step
+        ema = {"eval_ema": loop.state["ema"]} if on_ema else {}
+        results = evaluate_each(loop.setup.eval_fn, {**ema, "eval": loop.state["params"]}, loop.eval_sets,
+                                loop.setup.to_global, stop=stop, position_edges=loop.setup.position_edges)
         probe = None if results is None or loop.probe is None else loop.probe.run(loop.state["params"], stop)
         if results is None or (loop.probe is not None and probe is None):
             loop.logger.message(f"step {step} eval: interrupted by SIGTERM, not logged (the next start runs it first)")
@@ -56,10 +58,11 @@ def run_evaluations(loop, step: int, kinds: tuple[str, ...]) -> dict | None:
         if probe is not None:  # before the eval record, which marks the step's evaluation done
             loop.logger.log(step, "retrieval", probe)
             loop.logger.message(f"step {step} retrieval: pass-key accuracy {probe['accuracy']:.0%}")
-        loop.logger.log(step, "eval", results)
-        loop.logger.message(format_results(step, results))
+        for kind, values in results.items():  # "eval" last: its record marks the step's evaluation done
+            loop.logger.log(step, kind, values)
+            loop.logger.message(format_results(step, values, kind))
         loop.logger.flush()
-        done["eval"] = results
+        done["eval"] = results["eval"]
     if "tasks" in kinds:
         scores = loop.tasks.run(loop.state["params"], stop)
         if scores is None:

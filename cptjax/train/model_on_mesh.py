@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cptjax.core.dtypes import float_dtype
-from cptjax.io.weights import open_weights, split_step
+from cptjax.io.weights import open_weights, parse_model_arg
 from cptjax.model.config import ModelConfig
 from cptjax.model.decode import Sampling, cut_at_eos, decode
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK
@@ -98,10 +98,11 @@ class ModelOnMesh:
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", batch_size: int = DEFAULT_BATCH_SIZE,
              mesh_config: MeshConfig = MeshConfig(), flag: str = "path") -> tuple[ModelOnMesh, Any]:
-        """(the model at `path` (an HF folder or a cptjax checkpoint or run, PATH@STEP for a step)
-        read straight onto the devices in `dtype`, its tokenizer folder or None)."""
-        folder, step = split_step(path, flag)
-        with open_weights(folder, step, flag=flag, step_flag=f"{flag} PATH@STEP") as weights:
+        """(the model at `path` (an HF folder or a cptjax checkpoint or run, PATH@STEP for a step,
+        either followed by :ema for training.ema's weights) read straight onto the devices in
+        `dtype`, its tokenizer folder or None)."""
+        folder, step, ema = parse_model_arg(path, flag)
+        with open_weights(folder, step, flag=flag, step_flag=f"{flag} PATH@STEP", ema=ema) as weights:
             setup = build_eval_setup(weights.config, float_dtype(dtype, "dtype"), mesh_config)
             params = weights.read_onto(setup.abstract_params)
             model = cls(weights.config, setup.graphdef, params, setup.mesh, mesh_config.rules, batch_size)

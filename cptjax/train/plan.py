@@ -4,9 +4,10 @@ Compiles the step `cptjax train` runs (train_step.build_setup: the same mesh, sh
 remat, attention kernel and loss) ahead of time, for a TPU slice named by `--topology` from any
 host with libtpu installed (the `tpu` extra; no TPU needed), or for this machine's devices. Reads
 no weights and no data: the model's shape comes from its config.json. Reports per-device memory
-(parameters, optimizer state, the compiler's temporaries and peak) against the device's, whether
-it fits, and which knobs to turn if it does not. The TPU compiler refuses a program that does not
-fit exactly as the chip would, so "fits" is the compiler's answer, not a model of it. A run with
+(parameters, optimizer state, the EMA of the weights with training.ema, the compiler's temporaries
+and peak) against the device's, whether it fits, and which knobs to turn if it does not. The TPU
+compiler refuses a program that does not fit exactly as the chip would, so "fits" is the
+compiler's answer, not a model of it. A run with
 length stages (`data.stages` with `seq_len` or `batch_size`) compiles its step for each shape;
 the plan reports the one that needs the most memory.
 """
@@ -148,6 +149,7 @@ class Plan:
     batch_size: int = 0  # the planned shape: global rows per step ...
     seq_len: int = 0  # ... of this many tokens (of the stage that needs the most memory)
     stage_key: str = "training.seq_len"  # the key that sets that shape's seq_len
+    ema_bytes: int = 0  # training.ema's float32 copy of the parameters (part of the compiled state)
 
     @property
     def fits(self) -> bool:
@@ -211,6 +213,7 @@ def _plan_shape(config: TrainConfig, model_config: ModelConfig, setup, devices, 
         parameters=param_count(abstract_model(model_config)),
         params_bytes=_per_device(setup.abstract_state["params"]),
         opt_state_bytes=_per_device(setup.abstract_state["opt_state"]),
+        ema_bytes=_per_device(setup.abstract_state.get("ema", {})),
         batch_bytes=_per_device(batch), device_memory=device_memory(devices[0]), compile_s=compile_s,
         memory=memory, needed=needed, error=error, batch_size=rows, seq_len=length,
         stage_key=config.shape_key(shape, "seq_len"))
@@ -270,6 +273,7 @@ def format_plan(result: Plan, config_path: str, model_config: ModelConfig, confi
         "  per device:",
         f"    parameters       {gib(result.params_bytes)}",
         f"    optimizer state  {gib(result.opt_state_bytes)}",
+        *([f"    weight EMA       {gib(result.ema_bytes)}"] if result.ema_bytes else []),
         f"    batch            {gib(result.batch_bytes)}",
     ]
     if result.memory is not None:

@@ -1,7 +1,7 @@
 """A training run's checkpoints (RunPaths.checkpoints; the folder's layout is io/run_layout.py),
 written so that no crash can leave them in a state a restart misreads: Orbax steps <step>/ (params,
-opt_state, model_config, train_config, train_meta) and hf_assets/ (tokenizer and generation files,
-with `.complete` written last).
+opt_state, model_config, train_config, train_meta, and ema with training.ema) and hf_assets/
+(tokenizer and generation files, with `.complete` written last).
 
 - Saves are Orbax's own (asynchronous; a step is listed only once its write finished).
 - Old steps are removed here, not by Orbax, because Orbax deletes a step file by file and a kill
@@ -13,7 +13,7 @@ with `.complete` written last).
   like an unfinished step there).
 - Orbax keeps no checksum of array data: a file changed after the save, at the same size, would
   restore silently with wrong values. Each save records a 64-bit digest of every array of the
-  parameters and the optimizer state (`fingerprint`, computed on the devices), checked on resume:
+  parameters, the optimizer state and the EMA (`fingerprint`, computed on the devices), checked on resume:
   a change within one 32-bit word of an array (any single bit flip; any change to one float32 or
   bf16 element) is detected for certain, other changes but for a chance of about 2^-64.
 - hf_assets is complete only with its `.complete` marker (names and sizes, written last); every
@@ -36,6 +36,7 @@ from cptjax.core.paths import is_remote
 from cptjax.hf.write import HF_ASSET_FILES
 from cptjax.io.checkpoint import (
     ASSETS_DIR,
+    EMA,
     FINGERPRINT_FORMAT,
     MODEL_CONFIG,
     OPT_STATE,
@@ -45,6 +46,7 @@ from cptjax.io.checkpoint import (
     array_digests,
     differing,
     finished_steps,
+    has_item,
     item_handlers,
     restore_guarded,
     unreadable_step,
@@ -57,11 +59,15 @@ _UNLISTED = f"{_TMP}-deleting"  # a step being removed: already unlisted
 _COMMIT_FILE = "commit_success.txt"  # what marks a step finished on an object store
 
 
+_SAVED = (PARAMS, OPT_STATE, EMA)  # the train state's items a step saves (ema only with training.ema)
+
+
 def fingerprint(state: dict) -> dict:
-    """A 64-bit digest (16 hex digits) per array of params and opt_state, by name ("params/embed_tokens"),
-    computed where the arrays lie: only the digests leave the devices (see checkpoint.array_digests)."""
+    """A 64-bit digest (16 hex digits) per array of params, opt_state and ema (if kept), by name
+    ("params/embed_tokens"), computed where the arrays lie: only the digests leave the devices (see
+    checkpoint.array_digests)."""
     return {"format": FINGERPRINT_FORMAT,
-            "arrays": array_digests({"params": state["params"], "opt_state": state["opt_state"]})}
+            "arrays": array_digests({item: state[item] for item in _SAVED if item in state})}
 
 
 @jax.jit
@@ -83,25 +89,30 @@ def fingerprint_v1(state: dict) -> list[int]:
 
 def changed_arrays(state: dict, saved: dict | list) -> list[str]:
     """The arrays of `state` that differ from the fingerprint `saved` with them: by name, or "the
-    arrays" for a v1 fingerprint (a list), which names none."""
+    arrays" for a v1 fingerprint (a list), which names none. Items of the step that `state` does
+    not hold (an EMA the run no longer keeps) are not compared."""
     if isinstance(saved, list):
         return [] if fingerprint_v1(state) == saved else ["the arrays"]
-    return differing(fingerprint(state)["arrays"], saved["arrays"])
+    held = {name: digest for name, digest in saved["arrays"].items() if name.split("/")[0] in state}
+    return differing(fingerprint(state)["arrays"], held)
 
 
 def restore_run(directory: epath.Path, step: int, abstract_state: dict, what: str = "run_dir") -> tuple[dict, dict]:
-    """Params and optimizer state of a run's step onto the shardings of `abstract_state`'s leaves,
-    and its train_meta; a damaged step is one line saying which earlier step to fall back to."""
+    """Params, optimizer state and (if `abstract_state` has one and the step holds one) the EMA of
+    a run's step onto the shardings of `abstract_state`'s leaves, and its train_meta; a damaged
+    step is one line saying which earlier step to fall back to. The caller decides what a missing
+    EMA means (start.initial_state)."""
     steps = finished_steps(directory)
+    items = [item for item in _SAVED if item in abstract_state and (item != EMA or has_item(directory, step, EMA))]
     args = {item: ocp.args.PyTreeRestore(item=abstract_state[item],
                                          restore_args=ocp.checkpoint_utils.construct_restore_args(
                                              abstract_state[item]))
-            for item in (PARAMS, OPT_STATE)}
+            for item in items}
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
     with ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers()) as manager:
         restored = restore_guarded(manager, directory, step, steps,
                                    {**args, TRAIN_META: ocp.args.JsonRestore()}, what)
-    state, meta = {"params": restored[PARAMS], "opt_state": restored[OPT_STATE]}, restored[TRAIN_META]
+    state, meta = {item: restored[item] for item in items}, restored[TRAIN_META]
     saved = meta.get("fingerprint")
     if isinstance(saved, dict) and saved.get("format") != FINGERPRINT_FORMAT:
         raise CptjaxError(f"{what} {directory}: step {step} holds a fingerprint of format "
@@ -128,7 +139,8 @@ class RunCheckpointer:
     """A training run's saves: asynchronous, the last `keep_last` kept plus every multiple of
     `keep_every`, old ones removed crash-safely (module docstring). Steps hold params, optimizer
     state, the model and training configs and `train_meta` (step, data state...), so a run resumes
-    exactly, and `cptjax convert orbax-to-hf` and `load_model` read them like any checkpoint."""
+    exactly, and `cptjax convert orbax-to-hf` and `load_model` read them like any checkpoint (their
+    EMA too, when asked)."""
 
     def __init__(self, directory: epath.Path, keep_last: int, keep_every: int | None, async_save: bool = True):
         self.directory = directory
@@ -146,6 +158,7 @@ class RunCheckpointer:
         return self._manager.save(step, force=force, args=ocp.args.Composite(**{
             PARAMS: ocp.args.PyTreeSave(state["params"]),
             OPT_STATE: ocp.args.PyTreeSave(state["opt_state"]),
+            **({EMA: ocp.args.PyTreeSave(state["ema"])} if "ema" in state else {}),
             MODEL_CONFIG: ocp.args.JsonSave(model_config.to_hf_config()),
             TRAIN_META: ocp.args.JsonSave(meta),
             TRAIN_CONFIG: ocp.args.JsonSave(train_config),

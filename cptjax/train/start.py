@@ -1,8 +1,8 @@
 """How a training run starts, decided once: where its model config, tokenizer and weights come from.
 
 The start order:
-  1. "resume": the run has a finished checkpoint of its own -> params, optimizer state, step and
-     data position from its latest step; model config and tokenizer from that checkpoint too, so
+  1. "resume": the run has a finished checkpoint of its own -> params, optimizer state, EMA, step
+     and data position from its latest step; model config and tokenizer from that checkpoint too, so
      `model.init_from` may be gone by then (unless the run's copy of the tokenizer is incomplete:
      a crash while it was first written; then it is rewritten from the source).
   2. "init": `model.init_from` (an HF folder or a cptjax checkpoint, `model.init_step`) -> its
@@ -25,11 +25,12 @@ from flax import nnx
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import user_path
 from cptjax.core.progress import progress_bar
-from cptjax.io.checkpoint import ASSETS_DIR, finished_steps
+from cptjax.io.checkpoint import ASSETS_DIR, EMA, finished_steps, has_item
 from cptjax.io.weights import Weights, open_weights
 from cptjax.model.config import ModelConfig, read_hf_config_file
 from cptjax.model.transformer import Llama
 from cptjax.train.config import TrainConfig
+from cptjax.train.ema import init_ema
 from cptjax.train.preemption import Preemption
 from cptjax.train.run_folder import assets_complete, read_meta, restore_run
 
@@ -67,6 +68,7 @@ def choose_start(config: TrainConfig) -> RunStart:
         with open_weights(own, steps[-1], flag="run_dir", step_flag=None) as weights:
             model_config = config.model.run_model_config(weights.config)
         meta = read_meta(own, steps[-1])
+        _check_ema(config, own, steps[-1])
         if assets_complete(own / ASSETS_DIR):
             tokenizer = chosen or weights.tokenizer_dir
             sources = []
@@ -91,6 +93,16 @@ def choose_start(config: TrainConfig) -> RunStart:
     return RunStart("scratch", config.model.run_model_config(read_hf_config_file(path)), chosen, [chosen])
 
 
+def _check_ema(config: TrainConfig, checkpoints: epath.Path, step: int) -> None:
+    """A resume with training.ema from a step saved without an EMA (the key was added to a running
+    run) works only where the EMA is still the weights themselves: before its start_step."""
+    ema = config.training.ema
+    if ema is not None and step >= ema.start_step and not has_item(checkpoints, step, EMA):
+        raise CptjaxError(f"training.ema: step {step} of {checkpoints} was saved without an EMA (the run had no "
+                          f"training.ema then), so there is no average to continue; set training.ema.start_step "
+                          f"to {step + 1} or later to start one from here")
+
+
 def _init_from_assets(config: TrainConfig) -> epath.Path | None:
     """model.init_from's tokenizer and generation files, if it is still there."""
     if config.model.init_from is None:
@@ -106,13 +118,16 @@ def _init_from_assets(config: TrainConfig) -> epath.Path | None:
 def initial_state(start: RunStart, config: TrainConfig, setup, data, preemption: Preemption) -> dict:
     """The train state on its shardings: restored (resume: `data`'s position first, so a resume it
     cannot honour is refused before the arrays are read), loaded from `start.weights`, or
-    initialised; `setup` is the run's `TrainSetup`. Writes nothing. A SIGTERM (`preemption`) stops
-    an HF weight load between two tensors, with StartInterrupted."""
+    initialised; `setup` is the run's `TrainSetup`. With training.ema, the EMA is restored, or starts
+    as the parameters (what it is before training.ema.start_step). Writes nothing. A SIGTERM
+    (`preemption`) stops an HF weight load between two tensors, with StartInterrupted."""
     shardings = setup.state_shardings
     if start.origin == "resume":
         data.set_state(start.resume_meta["data_state"])
         state, _ = restore_run(config.paths.checkpoints, start.resume_step, setup.abstract_state)
         state["step"] = jax.device_put(jnp.int32(start.resume_step), shardings["step"])
+        if "ema" in shardings and "ema" not in state:  # allowed by _check_ema: before its start_step
+            state["ema"] = jax.jit(init_ema, out_shardings=shardings["ema"])(state["params"])
         return state
     if start.origin == "init":
         bar = progress_bar("loading weights")
@@ -129,4 +144,7 @@ def initial_state(start: RunStart, config: TrainConfig, setup, data, preemption:
         params = init()
     opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.int32(0), shardings["step"])
-    return {"step": step, "params": params, "opt_state": opt_state}
+    state = {"step": step, "params": params, "opt_state": opt_state}
+    if "ema" in shardings:
+        state["ema"] = jax.jit(init_ema, out_shardings=shardings["ema"])(params)
+    return state

@@ -4,7 +4,7 @@
 functions of arrays; `build_setup` jits them once with explicit shardings and buffer donation, for
 the trainer and every other caller. The state is a plain dict
 {"step", "params", "opt_state"} with params as a nested dict of arrays (Orbax and optax masks need
-nothing more).
+nothing more), and "ema" (float32, laid out like params) when `training.ema` is set.
 
 A batch is the data pipeline's dict of [B, L] arrays: inputs, targets, loss_mask, positions,
 segment_ids, source_ids. The loss is the token-weighted mean of the next-token negative
@@ -39,6 +39,7 @@ from cptjax.model.sharding import (
     with_activation_sharding,
 )
 from cptjax.model.transformer import abstract_model
+from cptjax.train.ema import EmaConfig, update_ema
 from cptjax.train.evaluation import position_edges as position_bucket_edges
 from cptjax.train.optimizer import build_optimizer
 from cptjax.train.schedules import make_schedule
@@ -51,6 +52,7 @@ class StepConfig:
     grad_accum_steps: int = 1
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row per chunk of the loss; None: dense
     position_edges: tuple[int, ...] = ()  # the eval step's position buckets (evaluation.position_edges)
+    ema: EmaConfig | None = None  # the train step also updates state["ema"] (cptjax.train.ema)
 
 
 def _sums(graphdef, params, batch, config: StepConfig):
@@ -105,8 +107,8 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
 
     The update is `optimizer`'s direction times -schedule(state["step"]): the learning rate of
     step N is the schedule at N - 1 (its 0-based update count), logged as applied. A non-finite
-    loss or gradient leaves params and optimizer state as they were (the step counter still
-    advances, so the schedule does too), and the metrics say so."""
+    loss or gradient leaves params, optimizer state and the EMA as they were (the step counter
+    still advances, so the schedule does too), and the metrics say so."""
     loss, grads, sums = loss_and_grads(graphdef, state["params"], batch, config)
     grad_norm = optax.tree.norm(grads)
     learning_rate = schedule(state["step"])
@@ -120,6 +122,9 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
         "params": keep(new_params, state["params"]),
         "opt_state": keep(new_opt_state, state["opt_state"]),
     }
+    if config.ema is not None:
+        new_ema = update_ema(state["ema"], new_params, state["step"] + 1, config.ema)
+        new_state["ema"] = keep(new_ema, state["ema"])
     count = jnp.maximum(sums["tokens"], 1.0)
     metrics = {
         "loss": loss,
@@ -170,8 +175,8 @@ class TrainSetup:
     graphdef: nnx.GraphDef
     optimizer: optax.GradientTransformation
     param_dtype: Any
-    abstract_state: dict  # {"params", "opt_state"}: ShapeDtypeStructs carrying their shardings
-    state_shardings: dict  # {"step", "params", "opt_state"}
+    abstract_state: dict  # {"params", "opt_state"[, "ema"]}: ShapeDtypeStructs carrying their shardings
+    state_shardings: dict  # {"step", "params", "opt_state"[, "ema"]}
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Any
     eval_fn: Any
@@ -257,12 +262,18 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
     abstract_state = {"params": abstract_params, "opt_state": _with_shardings(abstract_opt_state, opt_shardings)}
+    ema = config.training.ema
+    if ema is not None:  # float32 whatever the parameters' dtype, on the parameters' shardings
+        state_shardings["ema"] = p_shardings
+        abstract_state["ema"] = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding),
+                                             abstract_params)
 
     step_config = StepConfig(num_sources=num_sources, z_loss=config.optimizer.z_loss,
                              grad_accum_steps=config.optimizer.grad_accum_steps,
                              loss_chunk=config.model.loss_chunk,
                              position_edges=position_bucket_edges(config.eval_shape.seq_len,  # the held-out rows'
-                                                                  config.eval.position_buckets))
+                                                                  config.eval.position_buckets),
+                             ema=ema)
     b_sharding = batch_sharding(mesh, rules)
     step_fn = jax.jit(
         with_activation_sharding(functools.partial(

@@ -33,7 +33,7 @@ from cptjax.core.errors import CptjaxError
 from cptjax.data.config import shape_at
 from cptjax.data.eval_sets import build_eval_sets
 from cptjax.data.pipeline import build_train_pipeline, document_counts
-from cptjax.data.tokenize import load_data_tokenizer
+from cptjax.data.tokenize import check_vocabulary, load_data_tokenizer
 from cptjax.model.config import ModelConfig
 from cptjax.train.config import TrainConfig, dump_yaml
 from cptjax.train.distributed import gather_states, initialize
@@ -92,7 +92,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             if data is None or eval_sets is None:
                 spec = load_data_tokenizer(config.data.tokenizer, run_start.tokenizer_dir, "model.tokenizer"
                                            if config.model.tokenizer else "the model's tokenizer")
-                check_vocabulary(spec, run_start.model_config)
+                check_vocabulary(spec, run_start.model_config.vocab_size)
             processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
             if data is None:  # the first stage's shape; the pipeline follows data.stages from there
                 data = built = build_train_pipeline(config.data, spec, seq_len=config.training.seq_len,
@@ -120,13 +120,6 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             run_start.close()
             if built is not None:
                 built.close()
-
-
-def check_vocabulary(spec, model_config: ModelConfig) -> None:
-    if spec.vocab_size > model_config.vocab_size:
-        raise CptjaxError(f"tokenizer {spec.path}: {spec.vocab_size} tokens, more than the model's vocab_size "
-                          f"{model_config.vocab_size}; ids past it would index beyond the embedding table. "
-                          "Use the model's own tokenizer (model.tokenizer / data.tokenizer)")
 
 
 def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption,
