@@ -361,8 +361,7 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
                     dtype: str = "float32", tokenizer: str | None = None,
                     position_buckets: tuple[int, ...] | None = None,
                     retrieval: RetrievalConfig | None = None, tasks: TaskSettings | None = None) -> EvalReport:
-    """Every model (PATH, PATH@STEP, either with :ema) on every set and lm-eval task; the first model is the
-    reference."""
+    """Every model (PATH, PATH@STEP, either with :ema) on every set and task; the first is the reference."""
     settings = EvalSettings(tuple(sets), tuple(domain), seq_len, batch_size, dtype, tokenizer,
                             position_buckets=position_buckets, retrieval=retrieval, tasks=tasks)
     if not models:
