@@ -41,6 +41,9 @@ def test_the_structures_under_test_are_the_ones_claimed():
     assert configs["llama-3.2-1b"].tie_word_embeddings and configs["llama-3.2-1b"].head_dim == 24
     assert configs["mistral-7b-v0.1"].sliding_window == tiny_configs.SLIDING_WINDOW
     assert configs["qwen2-sliding"].sliding_window == tiny_configs.SLIDING_WINDOW
+    assert configs["qwen2-mixed"].layer_windows == (None, tiny_configs.SLIDING_WINDOW, tiny_configs.SLIDING_WINDOW)
+    assert configs["gemma-2-2b"].layer_windows == (tiny_configs.SLIDING_WINDOW, None, tiny_configs.SLIDING_WINDOW)
+    assert configs["gemma-2-2b"].final_logit_softcapping and configs["gemma-2-2b"].tie_word_embeddings
     assert configs["qwen2.5-0.5b"].qkv_bias and configs["qwen2.5-0.5b"].sliding_window is None
     assert configs["qwen3-0.6b"].qk_norm and configs["qwen3-0.6b"].head_dim == 24
     assert configs["llama-biases"].o_bias and configs["llama-biases"].mlp_bias
