@@ -120,12 +120,13 @@ def test_remat_changes_nothing(remat):
 
 def test_scan_matches_layer_by_layer_loop():
     """The scanned stack equals applying each layer's weights in turn (no hidden layer mixing)."""
-    from cptjax.model.transformer import _Block, _rms_norm, _rope_tables
+    from cptjax.model.rope import rope_tables
+    from cptjax.model.transformer import _Block, _rms_norm
 
     cfg, model = _random_model("llama-3.1-8b")
     tokens = jnp.asarray(_tokens(cfg.vocab_size, 1, 16))
     x = model.embed(tokens)
-    cos, sin = _rope_tables(cfg, jnp.arange(16)[None], jnp.float32)
+    cos, sin = rope_tables(cfg.rope, cfg.head_dim, jnp.arange(16)[None], jnp.float32)
     weights = model.layers.arrays()
     for i in range(cfg.num_layers):
         x, _ = _Block(cfg)(x, {k: v[i] for k, v in weights.items()}, cos, sin, None)

@@ -269,9 +269,7 @@ def _default_layer_type(hf: dict, arch: Architecture, layer: int, source: str) -
 
 def _optional_number(hf: dict, key: str, source: str) -> float | None:
     value = hf.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
         raise CptjaxError(f"{source}: {key} must be a positive number or null, got {value!r}")
     return value  # as written: transformers' config classes check int against float
 

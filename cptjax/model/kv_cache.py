@@ -86,3 +86,11 @@ class LayerCache:
         keys = self.keys.at[rows, where].set(k[:, -keep:].astype(self.keys.dtype))
         values = self.values.at[rows, where].set(v[:, -keep:].astype(self.values.dtype))
         return attn, (keys, values)
+
+
+def layer_window_sizes(cfg: ModelConfig) -> jax.Array | None:
+    """int32 [Ly]: each layer's window for the generation cache's position mask, full layers as
+    a window longer than any position; None when no layer slides."""
+    if all(w is None for w in cfg.layer_windows):
+        return None
+    return jnp.asarray([2 ** 30 if w is None else w for w in cfg.layer_windows], jnp.int32)

@@ -29,8 +29,8 @@ from flax import nnx
 from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, soft_cap
 from cptjax.model.config import ModelConfig
 from cptjax.model.context_parallel import STRATEGIES, attend_rows, balanced_ways, from_layout, layout_order, to_layout
-from cptjax.model.kv_cache import KVCache, LayerCache
-from cptjax.model.rope import rope_attention_factor, rope_inverse_frequencies
+from cptjax.model.kv_cache import KVCache, LayerCache, layer_window_sizes
+from cptjax.model.rope import apply_rope, rope_tables
 from cptjax.model.sharding import constrain
 
 # What the backward pass recomputes, per decoder layer: nothing ("none"), everything ("full"),
@@ -187,7 +187,7 @@ class Llama(nnx.Module):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention, context_parallel=self.context_parallel)
 
         def step(carry, layer):
@@ -205,7 +205,7 @@ class Llama(nnx.Module):
         over `cache` and their own keys (kv_cache.py); returns the float32 logits of each row's last
         token [B, V] and the cache with the new tokens added."""
         cfg = self.config
-        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention)
 
         def step(x, layer):
@@ -249,8 +249,8 @@ class _Block:
         if cfg.qk_norm:
             q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
             k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-        q = constrain(_apply_rope(q, cos, sin), Q_AXES)
-        k = constrain(_apply_rope(k, cos, sin), KV_AXES)
+        q = constrain(apply_rope(q, cos, sin), Q_AXES)
+        k = constrain(apply_rope(k, cos, sin), KV_AXES)
         if cache is None:
             attn = self._attend(q, k, v, segment_ids, token_index, window_index)  # [B, L, N, H]
         else:  # generation: the cached keys too, masked by position (kv_cache.py)
@@ -342,55 +342,11 @@ def _norm(x, weight, cfg: ModelConfig):
     return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def layer_window_sizes(cfg: ModelConfig) -> jax.Array | None:
-    """int32 [Ly]: each layer's window for the generation cache's position mask, full layers as
-    a window longer than any position; None when no layer slides."""
-    if all(w is None for w in cfg.layer_windows):
-        return None
-    return jnp.asarray([2 ** 30 if w is None else w for w in cfg.layer_windows], jnp.int32)
-
-
 def _rms_norm(x, weight, eps):
     # Statistics in float32, then back to the input dtype before the scale, as transformers does.
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def _rope_tables(cfg: ModelConfig, positions, dtype):
-    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg.rope, cfg.head_dim))  # [H/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, H]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    scale = rope_attention_factor(cfg.rope)  # yarn's mscale; transformers scales cos/sin in float32
-    if scale != 1.0:
-        cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
-    return cos.astype(dtype), sin.astype(dtype)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-@jax.custom_vjp
-def _apply_rope(x, cos, sin):
-    # HF's rotate-half convention (its checkpoints are permuted for it), so weights need no permutation.
-    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
-
-
-def _apply_rope_forward(x, cos, sin):
-    return _apply_rope(x, cos, sin), (cos, sin)
-
-
-def _apply_rope_backward(residuals, d_out):
-    # rotate_half's transpose is -rotate_half, written directly (autodiff pads and adds the two
-    # halves); the tables are functions of the positions only and get no gradient.
-    cos, sin = residuals
-    return d_out * cos[:, :, None, :] - _rotate_half(d_out * sin[:, :, None, :]), None, None
-
-
-_apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)
 
 
 def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -> Llama:
