@@ -262,6 +262,10 @@ def test_kernels_without_a_soft_cap_refuse_it_and_auto_avoids_them():
         with pytest.raises(CptjaxError, match=f"^model.attention '{kernel}' has no attention-logit soft cap, "
                            r"and the model's config.json sets attn_logit_softcapping \(50.0\)"):
             check_kernel(kernel, "gpu", jnp.bfloat16, 4096, None, logit_cap=50.0)
+    mixed = ModelConfig.from_hf_config(MODELS["qwen2-mixed"])  # the window is on its later layers only
+    with pytest.raises(CptjaxError, match=r"^model.attention 'pallas_gpu' has no sliding window, and the model's "
+                       r"config.json sliding_window \(12, on some or all layers\)"):
+        check_kernel("pallas_gpu", "gpu", jnp.bfloat16, 128, mixed.sliding_window)
     assert resolve("auto", "gpu", jnp.bfloat16, 4096, None, logit_cap=50.0) == "xla"
     assert resolve("auto", "tpu", jnp.bfloat16, 4096, 4096, logit_cap=50.0) == "splash"
 

@@ -97,8 +97,8 @@ def check_kernel(choice: str, platform: str, dtype, seq_len: int, window: int | 
                           f"{PALLAS_BLOCK} (e.g. {up}); or set model.attention: xla")
     if name == "pallas_gpu" and effective_window(window, seq_len) is not None:
         raise CptjaxError(f"model.attention 'pallas_gpu' has no sliding window, and the model's "
-                          f"window ({window}) is shorter than the {length_key} ({seq_len}); use "
-                          "model.attention: cudnn or xla")
+                          f"config.json sliding_window ({window}, on some or all layers) is shorter than the "
+                          f"{length_key} ({seq_len}); use model.attention: cudnn or xla")
     if name == "cudnn" and platform == "gpu" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         raise CptjaxError("model.attention 'cudnn' needs 16-bit compute; set model.compute_dtype: "
                           "bfloat16, or model.attention: xla")
