@@ -191,8 +191,9 @@ class Llama(nnx.Module):
         block = _Block(cfg, dtype=self.dtype, attention=self.attention, context_parallel=self.context_parallel)
 
         def step(carry, layer):
-            weights, window_index = layer  # (x, None): no cache
-            return block(carry, weights, cos, sin, segment_ids, token_index=token_index, window_index=window_index)
+            weights, window_index = layer
+            return block(carry, weights, cos, sin, segment_ids, token_index=token_index,  # (x, None): no cache
+                         window_index=window_index)
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
