@@ -150,10 +150,15 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        hidden = self.hidden_states(tokens, positions, segment_ids)
-        logits = jnp.einsum("BLD,VD->BLV", hidden, self.output_head(), preferred_element_type=jnp.float32)
-        logits = soft_cap(logits, self.config.final_logit_softcapping)
+        logits = self.head_logits(self.hidden_states(tokens, positions, segment_ids))
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def head_logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits [..., V] of final hidden states [..., D]: the output head, then the soft
+        cap where config.json sets final_logit_softcapping (Gemma 2). Every caller that turns
+        hidden states into logits asks this (the chunked loss passes the cap itself)."""
+        logits = jnp.einsum("...D,VD->...V", hidden, self.output_head(), preferred_element_type=jnp.float32)
+        return soft_cap(logits, self.config.final_logit_softcapping)
 
     def output_head(self) -> jax.Array:
         """The output projection [V, D] in the compute dtype (the embedding, when tied)."""
@@ -216,9 +221,7 @@ class Llama(nnx.Module):
         windows = layer_window_sizes(cfg)  # [Ly]: the cache masks by each layer's own window
         x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
                                                                      cache.values, windows))
-        last = _norm(x[:, -1], self.norm[...], cfg)  # [B, D]
-        logits = jnp.einsum("BD,VD->BV", last, self.output_head(), preferred_element_type=jnp.float32)
-        logits = soft_cap(logits, cfg.final_logit_softcapping)
+        logits = self.head_logits(_norm(x[:, -1], self.norm[...], cfg))  # [B, V]
         return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
 
 
