@@ -4,9 +4,9 @@ Two tiny models, shrunk from published configs with their structure kept: Gemma 
 alternating sliding and global layers, soft-caps, (1 + weight) sandwich norms, sqrt(D) embeddings,
 GeGLU, query_pre_attn_scalar, tied embeddings) and Qwen2 with max_window_layers (1) below its depth
 (3) and use_sliding_window set. The sliding window (12) is shorter than every prompt, so the
-interleave matters. The published soft caps (50 on scores of order 0.1) bend the logits by less than
-the 1e-4 tolerance, so the Gemma model here has caps that bite (and a test says they do); the
-published shape is in test_parity.py and test_conversion.py through tiny_configs.NAMES.
+interleave matters. The published attention cap (50, on scores of order 0.1 here) moves the logits
+by 4e-5, under the 1e-4 tolerance, so the Gemma model here has caps that bite (and a test says they
+do); the published config is in test_parity.py and test_conversion.py through tiny_configs.NAMES.
 """
 
 import dataclasses
