@@ -14,10 +14,12 @@ ROPE_ORIGINAL_LEN = 16
 SLIDING_WINDOW = 12
 
 # Structures the public fixtures do not cover but the model claims: Llama with attention and MLP
-# biases, and Qwen2 with its sliding window switched on for every layer.
+# biases, and Qwen2 with its sliding window switched on for every layer or for some.
 VARIANTS = {
     "llama-biases": ("llama-2-7b", {"attention_bias": True, "mlp_bias": True}),
     "qwen2-sliding": ("qwen2.5-0.5b", {"use_sliding_window": True, "max_window_layers": 0}),
+    # Qwen2 with its first layer full and the later two sliding (max_window_layers below the depth).
+    "qwen2-mixed": ("qwen2.5-0.5b", {"use_sliding_window": True, "max_window_layers": 1}),
 }
 
 

@@ -14,6 +14,8 @@ from cptjax.model.transformer import ParamPath, layer_weight_names, layer_weight
 _HF_LAYER_NAMES = {
     "input_layernorm": "input_layernorm.weight",
     "post_attention_layernorm": "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm": "pre_feedforward_layernorm.weight",
+    "post_feedforward_layernorm": "post_feedforward_layernorm.weight",
     "q_proj": "self_attn.q_proj.weight", "k_proj": "self_attn.k_proj.weight",
     "v_proj": "self_attn.v_proj.weight", "o_proj": "self_attn.o_proj.weight",
     "q_proj_bias": "self_attn.q_proj.bias", "k_proj_bias": "self_attn.k_proj.bias",

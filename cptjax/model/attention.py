@@ -7,13 +7,18 @@
               window's start), so most of the causal mask's empty half is never computed; the
               packed-document mask is built from segment ids within each block.
   cudnn       `jax.nn.dot_product_attention` through cuDNN flash attention (GPU, 16-bit
-              compute); the segment mask still reaches cuDNN as a dense [B, 1, L, S] bias.
-  splash      TPU splash attention (Pallas, Mosaic): segment ids, the causal or sliding-window mask
-              and GQA inside the kernel, nothing of size L x S in memory.
+              compute); the segment mask still reaches cuDNN as a dense [B, 1, L, S] bias. It has
+              no attention-logit soft cap.
+  splash      TPU splash attention (Pallas, Mosaic): segment ids, the causal or sliding-window mask,
+              the logit soft cap and GQA inside the kernel, nothing of size L x S in memory.
   pallas_gpu  the Pallas GPU flash kernel (Triton) with segment ids, nothing of size L x S in
-              memory; it has no GQA (kv heads are repeated) and no sliding window.
-  auto        splash on TPU; pallas_gpu on GPU in 16-bit (cudnn when the model's sliding window is
-              shorter than L); xla otherwise (CPU, or a length the Pallas kernels cannot take).
+              memory; it has no GQA (kv heads are repeated), no sliding window and no soft cap.
+  auto        splash on TPU; on GPU in 16-bit pallas_gpu, or cudnn when the model's sliding window
+              is shorter than L, or xla with a soft cap; xla otherwise (CPU, or a length the Pallas
+              kernels cannot take).
+
+Every kernel takes the scale of q . k (`ModelConfig.attention_scale`) and one window; a model whose
+layers mix windows chooses each layer's with `jax.lax.switch` inside the layer scan (transformer.py).
 
 Rows split over the mesh's sequence axis (context parallelism) go through context_parallel.py,
 which runs splash or the xla kernel's pieces per shard.
@@ -56,33 +61,44 @@ def effective_window(window: int | None, seq_len: int) -> int | None:
     return None if window is None or window >= seq_len else window
 
 
-def resolve(choice: str, platform: str, dtype, seq_len: int, window: int | None) -> str:
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap), Gemma 2's soft cap of attention scores and output logits (None: x)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def resolve(choice: str, platform: str, dtype, seq_len: int, window: int | None,
+            logit_cap: float | None = None) -> str:
     """The kernel that `choice` means on `platform` for this compute dtype and length."""
     if choice != "auto":
         return choice
     fits_blocks = seq_len % PALLAS_BLOCK == 0
     if platform == "tpu" and fits_blocks:
         return "splash"
-    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and logit_cap is None:
         return "pallas_gpu" if fits_blocks and effective_window(window, seq_len) is None else "cudnn"
     return "xla"
 
 
 def check_kernel(choice: str, platform: str, dtype, seq_len: int, window: int | None,
-                 length_key: str = "sequence length") -> str:
+                 length_key: str = "sequence length", logit_cap: float | None = None) -> str:
     """The resolved kernel, or a CptjaxError saying why it cannot run this (`length_key` names the
-    length in the message, e.g. 'training.seq_len')."""
+    length in the message, e.g. 'training.seq_len'). `window`: the shortest layer window (None:
+    no layer slides); `logit_cap`: the model's attn_logit_softcapping."""
     if choice not in ATTENTION_KERNELS:
         raise CptjaxError(f"model.attention {choice!r}: choose one of {', '.join(ATTENTION_KERNELS)}")
-    name = resolve(choice, platform, dtype, seq_len, window)
+    name = resolve(choice, platform, dtype, seq_len, window, logit_cap)
+    if name in ("cudnn", "pallas_gpu") and logit_cap is not None:
+        raise CptjaxError(f"model.attention {name!r} has no attention-logit soft cap, and the model's "
+                          f"config.json sets attn_logit_softcapping ({logit_cap}); use model.attention: "
+                          "xla (or splash on TPU)")
     if name in ("splash", "pallas_gpu") and seq_len % PALLAS_BLOCK:
         up = -(-seq_len // PALLAS_BLOCK) * PALLAS_BLOCK
         raise CptjaxError(f"{length_key} {seq_len}: model.attention {name!r} needs a multiple of "
                           f"{PALLAS_BLOCK} (e.g. {up}); or set model.attention: xla")
     if name == "pallas_gpu" and effective_window(window, seq_len) is not None:
         raise CptjaxError(f"model.attention 'pallas_gpu' has no sliding window, and the model's "
-                          f"window ({window}) is shorter than the {length_key} ({seq_len}); use "
-                          "model.attention: cudnn or xla")
+                          f"config.json sliding_window ({window}, on some or all layers) is shorter than the "
+                          f"{length_key} ({seq_len}); use model.attention: cudnn or xla")
     if name == "cudnn" and platform == "gpu" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         raise CptjaxError("model.attention 'cudnn' needs 16-bit compute; set model.compute_dtype: "
                           "bfloat16, or model.attention: xla")
@@ -92,24 +108,30 @@ def check_kernel(choice: str, platform: str, dtype, seq_len: int, window: int | 
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
-           choice: str, window: int | None) -> jax.Array:
+           choice: str, window: int | None, scale: float | None = None,
+           logit_cap: float | None = None) -> jax.Array:
     """Causal attention of q [B, L, N, H] over k, v [B, L, K, H] -> [B, L, N, H]. `segment_ids`
     [B, L] keep packed documents apart (None: one document per row); `window` is the number of
-    tokens a query sees, itself included (None: all earlier ones)."""
+    tokens a query sees, itself included (None: all earlier ones); `scale` multiplies q . k
+    (None: H ** -0.5); `logit_cap` soft-caps the scaled scores (`soft_cap`)."""
     platform = target_platform()
     seq_len = q.shape[1]
-    name = check_kernel(choice, platform, q.dtype, seq_len, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    name = check_kernel(choice, platform, q.dtype, seq_len, window, logit_cap=logit_cap)
     window = effective_window(window, seq_len)
     if name == "xla":
-        return _xla(q, k, v, segment_ids, window)
+        return _xla(q, k, v, segment_ids, window, scale, logit_cap)
     if name == "cudnn":
         mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         return jax.nn.dot_product_attention(  # mask: [B, 1, L, S]
-            q, k, v, mask=mask, is_causal=True, implementation=name,
+            q, k, v, mask=mask, is_causal=True, implementation=name, scale=scale,
             local_window_size=None if window is None else (window - 1, 0))
-    local = _splash if name == "splash" else _pallas_gpu
     interpret = platform != _NATIVE_PLATFORM[name]
-    return _on_mesh(functools.partial(local, window=window, interpret=interpret), q, k, v, segment_ids)
+    if name == "splash":
+        local = functools.partial(_splash, window=window, scale=scale, logit_cap=logit_cap, interpret=interpret)
+    else:
+        local = functools.partial(_pallas_gpu, window=window, scale=scale, interpret=interpret)
+    return _on_mesh(local, q, k, v, segment_ids)
 
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a score no query keeps: exp(_MASKED - max) == 0
@@ -123,7 +145,7 @@ def query_blocks(seq_len: int) -> int:
     return blocks if seq_len % blocks == 0 else 1
 
 
-def _xla(q, k, v, segment_ids, window):
+def _xla(q, k, v, segment_ids, window, scale, logit_cap):
     """Causal attention in query blocks; one head group's queries at a time per kv head:
     q [B, K, G, L, H] against k, v [B, K, S, H] (no kv head is repeated)."""
     rows, length, num_heads, head_dim = q.shape
@@ -140,7 +162,7 @@ def _xla(q, k, v, segment_ids, window):
                                                                   segment_ids[:, key_first:end])
         outs.append(_xla_attention(qt[:, :, :, first:end], kt[:, :, key_first:end], vt[:, :, key_first:end],
                                    q_seg, k_seg, jnp.arange(first, end), jnp.arange(key_first, end), window,
-                                   head_dim ** -0.5))
+                                   scale, logit_cap))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, L, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
@@ -158,39 +180,51 @@ def _allowed(q_segments, k_segments, q_index, k_index, window: int | None) -> ja
     return ok
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _xla_attention(q, k, v, q_segments, k_segments, q_index, k_index, window, scale):
+def scores(spec: str, a, b, scale: float, logit_cap: float | None) -> jax.Array:
+    """The float32 attention scores einsum(spec, a, b) * scale, soft-capped by `logit_cap`."""
+    return soft_cap(jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) * scale, logit_cap)
+
+
+def capped_gradient(d_scores, capped, logit_cap: float | None):
+    """The gradient at the scores before the soft cap, from the one after it and the capped scores
+    (d/dx cap * tanh(x / cap) = 1 - tanh^2)."""
+    return d_scores if logit_cap is None else d_scores * (1 - jnp.square(capped / logit_cap))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _xla_attention(q, k, v, q_segments, k_segments, q_index, k_index, window, scale, logit_cap):
     """q [B, K, G, Lq, H] against k, v [B, K, S, H]; queries and keys placed in the row by
     q_index [Lq] and k_index [S] (context parallelism reorders them)."""
-    return _xla_forward(q, k, v, q_segments, k_segments, q_index, k_index, window, scale)[0]
+    return _xla_forward(q, k, v, q_segments, k_segments, q_index, k_index, window, scale, logit_cap)[0]
 
 
-def _xla_forward(q, k, v, q_segments, k_segments, q_index, k_index, window, scale):
+def _xla_forward(q, k, v, q_segments, k_segments, q_index, k_index, window, scale, logit_cap):
     ok = _allowed(q_segments, k_segments, q_index, k_index, window)[:, None, None]
-    scores = jnp.einsum("BKGLH,BKSH->BKGLS", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(ok, scores, _MASKED)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.exp(scores - peak)
+    scores_ = scores("BKGLH,BKSH->BKGLS", q, k, scale, logit_cap)
+    scores_ = jnp.where(ok, scores_, _MASKED)
+    peak = jnp.max(scores_, axis=-1, keepdims=True)
+    weights = jnp.exp(scores_ - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum("BKGLS,BKSH->BKGLH", (weights / total).astype(v.dtype), v)
     log_sum_exp = peak[..., 0] + jnp.log(total[..., 0])  # [B, K, G, L]
     return out, (q, k, v, q_segments, k_segments, q_index, k_index, out, log_sum_exp)
 
 
-def _xla_backward(window, scale, residuals, d_out):
+def _xla_backward(window, scale, logit_cap, residuals, d_out):
     # In the transposed score space [B, K, S, G, L]: each kv head's keys against all its group's
     # queries, which makes dk and dv plain matmuls over (G, L). With `out` and `log_sum_exp` of
     # all the keys, this is also one key block's share of the gradients (ring attention).
     q, k, v, q_segments, k_segments, q_index, k_index, out, log_sum_exp = residuals
     ok = _allowed(q_segments, k_segments, q_index, k_index, window)
     ok = jnp.swapaxes(ok, 1, 2)[:, None, :, None]  # [B, 1, S, 1, L]
-    scores = jnp.einsum("BKSH,BKGLH->BKSGL", k, q, preferred_element_type=jnp.float32) * scale
-    probs = jnp.where(ok, jnp.exp(scores - log_sum_exp[:, :, None]), 0.0)
+    scores_ = scores("BKSH,BKGLH->BKSGL", k, q, scale, logit_cap)
+    probs = jnp.where(ok, jnp.exp(scores_ - log_sum_exp[:, :, None]), 0.0)
     d_v = jnp.einsum("BKSGL,BKGLH->BKSH", probs.astype(d_out.dtype), d_out)
     d_probs = jnp.einsum("BKSH,BKGLH->BKSGL", v, d_out, preferred_element_type=jnp.float32)
     # softmax backward: d_scores = probs * (d_probs - sum_s probs * d_probs), and that sum is <d_out, out>.
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G, L]
-    d_scores = (probs * (d_probs - row_dot[:, :, None]) * scale).astype(q.dtype)
+    d_capped = probs * (d_probs - row_dot[:, :, None])
+    d_scores = (capped_gradient(d_capped, scores_, logit_cap) * scale).astype(q.dtype)
     d_k = jnp.einsum("BKSGL,BKGLH->BKSH", d_scores, q)
     d_q = jnp.moveaxis(jnp.einsum("BKSH,BKSGL->BKHGL", k, d_scores), 2, 4)
     return d_q, d_k, d_v, None, None, None, None
@@ -244,7 +278,7 @@ def _block(seq_len: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _splash_kernel(seq_len: int, num_heads: int, window: int | None, interpret: bool):
+def _splash_kernel(seq_len: int, num_heads: int, window: int | None, logit_cap: float | None, interpret: bool):
     # Building the kernel analyses the mask on the host (0.2 s at L=8192): once per shape.
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -255,15 +289,17 @@ def _splash_kernel(seq_len: int, num_heads: int, window: int | None, interpret: 
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     with jax.ensure_compile_time_eval():  # concrete mask arrays, even when first built under jit
         return sa.make_splash_mha(sa.MultiHeadMask([mask] * num_heads), block_sizes=sizes,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+                                  attn_logits_soft_cap=logit_cap, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
-def _splash(q, k, v, segment_ids, *, window, interpret):
+def _splash(q, k, v, segment_ids, *, window, scale, logit_cap, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-    kernel = _splash_kernel(q.shape[1], q.shape[2], window, interpret)
-    # Splash does not scale the logits, and takes one row at a time: [N, L, H] and [K, L, H].
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    kernel = _splash_kernel(q.shape[1], q.shape[2], window, logit_cap, interpret)
+    # Splash does not scale the logits (it soft-caps what it gets), and takes one row at a time:
+    # [N, L, H] and [K, L, H].
+    q = q * jnp.asarray(scale, q.dtype)
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     if segment_ids is None:
         out = jax.vmap(kernel)(qt, kt, vt)
@@ -273,7 +309,7 @@ def _splash(q, k, v, segment_ids, *, window, interpret):
     return jnp.swapaxes(out, 1, 2)
 
 
-def _pallas_gpu(q, k, v, segment_ids, *, window, interpret):
+def _pallas_gpu(q, k, v, segment_ids, *, window, scale, interpret):
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     assert window is None, "check_kernel refuses pallas_gpu with a sliding window"
@@ -281,5 +317,5 @@ def _pallas_gpu(q, k, v, segment_ids, *, window, interpret):
     if group > 1:  # the kernel indexes k and v by the query head: repeat each kv head for its group
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    return gpu_attention.mha(q, k, v, seg, sm_scale=q.shape[-1] ** -0.5, causal=True,
+    return gpu_attention.mha(q, k, v, seg, sm_scale=scale, causal=True,
                              block_sizes=gpu_attention.BlockSizes.get_default(), interpret=interpret)

@@ -1,9 +1,10 @@
 """The model's hyperparameters, read from and written back to a Hugging Face `config.json`.
 
-The model keys every behaviour on these fields (bias, qk-norm, rope type, sliding window, tied
-embeddings), never on a model name. The one place that knows HF architecture names is
-`ARCHITECTURES` below: it says what each HF class implies about fields its config does not spell out
-(Qwen2 always has q/k/v biases, Qwen3 always has q/k RMSNorm). RoPE's part is in rope.py.
+The model keys every behaviour on these fields (bias, qk-norm, rope type, which layers have a
+sliding window, soft-caps, norm placement, tied embeddings), never on a model name. The one place
+that knows HF architecture names is `ARCHITECTURES` below: it says what each HF class implies about
+fields its config does not spell out (Qwen2 always has q/k/v biases, Qwen3 always has q/k RMSNorm,
+Gemma 2 always has (1 + weight) norms on both sides of each sub-layer). RoPE's part is in rope.py.
 """
 
 from __future__ import annotations
@@ -27,15 +28,28 @@ class Architecture:
     o_bias: str | bool
     mlp_bias: str | bool
     qk_norm: bool
-    sliding_window: str  # 'never', 'all_layers' (Mistral) or 'layer_types' (Qwen2/3)
+    # Which layers slide: 'never', 'all_layers' (Mistral), 'max_window_layers' (Qwen2/3: where
+    # use_sliding_window is set, the layers from max_window_layers on, unless layer_types lists
+    # them) or 'alternating' (Gemma 2: layer_types, else every other layer from the first).
+    sliding_window: str
+    gemma_norms: bool = False  # (1 + weight) RMSNorms, also after attention and the MLP; sqrt(D)-scaled embeddings
+    act_key: str = "hidden_act"  # the config key naming the MLP's activation
+    default_act: str = "silu"
+    tied_by_default: bool = False  # tie_word_embeddings where config.json leaves it out
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("LlamaForCausalLM", "attention_bias", "attention_bias", "mlp_bias", False, "never"),
     "mistral": Architecture("MistralForCausalLM", False, False, False, False, "all_layers"),
-    "qwen2": Architecture("Qwen2ForCausalLM", True, False, False, False, "layer_types"),
-    "qwen3": Architecture("Qwen3ForCausalLM", "attention_bias", "attention_bias", False, True, "layer_types"),
+    "qwen2": Architecture("Qwen2ForCausalLM", True, False, False, False, "max_window_layers"),
+    "qwen3": Architecture("Qwen3ForCausalLM", "attention_bias", "attention_bias", False, True, "max_window_layers"),
+    "gemma2": Architecture("Gemma2ForCausalLM", "attention_bias", "attention_bias", False, False, "alternating",
+                           gemma_norms=True, act_key="hidden_activation", default_act="gelu_pytorch_tanh",
+                           tied_by_default=True),
 }
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names: x * sigmoid(x), and GELU's tanh form
+LAYER_TYPES = ("full_attention", "sliding_attention")
+_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default when config.json leaves max_window_layers out
 
 # Keys this module reads or writes itself; every other key of the source config.json is carried
 # through unchanged so that an export keeps what the user's model had (initializer_range, use_cache...).
@@ -46,6 +60,8 @@ _MODELED_KEYS = frozenset({
     "attention_bias", "mlp_bias", "hidden_act", "tie_word_embeddings", "sliding_window",
     "use_sliding_window", "max_window_layers", "layer_types", "bos_token_id", "eos_token_id",
     "pad_token_id", "torch_dtype", "dtype", "partial_rotary_factor", "transformers_version",
+    "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "sliding_window_pattern",
 })
 
 
@@ -69,6 +85,14 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None  # tokens a query sees, itself included (HF's convention)
+    # Per layer, 'sliding_attention' or 'full_attention' where the layers mix; () when every layer
+    # is alike (all sliding with a sliding_window, else all full). `layer_windows` reads it.
+    layer_types: tuple[str, ...] = ()
+    hidden_act: str = "silu"  # the MLP's gate activation, one of ACTIVATIONS
+    gemma_norms: bool = False  # Gemma 2's (1 + weight) norms before and after each sub-layer, sqrt(D) embeddings
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (None: head_dim's)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
+    final_logit_softcapping: float | None = None  # the same on the output logits
     tie_word_embeddings: bool = False
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -91,6 +115,43 @@ class ModelConfig:
             raise CptjaxError(f"model config: sliding_window must be positive, got {self.sliding_window}")
         if self.model_type not in ARCHITECTURES:
             raise CptjaxError(_architecture_refusal(self.model_type))
+        if self.hidden_act not in ACTIVATIONS:
+            raise CptjaxError(f"model config: hidden_act {self.hidden_act!r} is not supported "
+                              f"(one of {', '.join(ACTIVATIONS)})")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise CptjaxError(f"model config: layer_types must list one of {', '.join(LAYER_TYPES)} "
+                                  f"for each of the {self.num_layers} layers, got {list(self.layer_types)}")
+            if len(set(self.layer_types)) == 1 or self.sliding_window is None:
+                raise CptjaxError("model config: layer_types is for layers that mix sliding and full "
+                                  "attention, with a sliding_window; leave it empty otherwise")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise CptjaxError(f"model config: {name} must be positive or null, got {value!r}")
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full causal attention)."""
+        if not self.layer_types:
+            return (self.sliding_window,) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
+
+    @property
+    def attention_windows(self) -> tuple[int | None, ...]:
+        """The distinct windows of the layers, in order of first use: the branches each layer's
+        attention chooses among (`layer_window_index`)."""
+        return tuple(dict.fromkeys(self.layer_windows))
+
+    @property
+    def layer_window_index(self) -> tuple[int, ...]:
+        """Per layer, its window's index in `attention_windows`."""
+        return tuple(self.attention_windows.index(w) for w in self.layer_windows)
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q . k: query_pre_attn_scalar ** -0.5 where the config sets it, else head_dim's."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def hf_architecture(self) -> str:
@@ -166,34 +227,51 @@ def _flag(hf: dict, spec: str | bool, source: str) -> bool:
     return value
 
 
-def _parse_sliding_window(hf: dict, arch: Architecture, num_layers: int, source: str) -> int | None:
+def _parse_layer_windows(hf: dict, arch: Architecture, num_layers: int,
+                         source: str) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers reads them for this architecture: the window
+    and, where sliding and full layers mix, each layer's kind (else ())."""
     window = hf.get("sliding_window")
     if arch.sliding_window == "never" or window is None:
-        return None
+        return None, ()
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         raise CptjaxError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
     if arch.sliding_window == "all_layers":
-        return window
-    # Qwen2/Qwen3: a window only where use_sliding_window is set, on layers >= max_window_layers,
-    # or as listed in layer_types (transformers 5 writes that list out).
+        return window, ()
+    if arch.sliding_window == "max_window_layers" and not _flag(hf, "use_sliding_window", source):
+        return None, ()  # transformers' Qwen2/3 set the window to None then, whatever layer_types says
     layer_types = hf.get("layer_types")
     if layer_types is None:
-        if not hf.get("use_sliding_window", False):
-            return None
-        first = hf.get("max_window_layers", num_layers)
-        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
-    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
-        raise CptjaxError(f"{source}: layer_types must list one entry per layer ({num_layers})")
-    if not hf.get("use_sliding_window", False):
-        return None
-    kinds = set(layer_types)
-    if kinds == {"full_attention"}:
-        return None
-    if kinds == {"sliding_attention"}:
-        return window
-    raise CptjaxError(
-        f"{source}: layers mix sliding-window and full attention (max_window_layers / layer_types); "
-        "cptjax runs all layers under one scan and supports a window on all layers or on none")
+        layer_types = [_default_layer_type(hf, arch, i, source) for i in range(num_layers)]
+    if (not isinstance(layer_types, list) or len(layer_types) != num_layers
+            or not set(layer_types) <= set(LAYER_TYPES)):
+        raise CptjaxError(f"{source}: layer_types must list one of {', '.join(LAYER_TYPES)} for each of the "
+                          f"{num_layers} layers, got {layer_types!r}")
+    if set(layer_types) == {"full_attention"}:
+        return None, ()
+    if set(layer_types) == {"sliding_attention"}:
+        return window, ()
+    return window, tuple(layer_types)
+
+
+def _default_layer_type(hf: dict, arch: Architecture, layer: int, source: str) -> str:
+    """Layer `layer`'s kind where config.json has no layer_types (transformers' defaults)."""
+    if arch.sliding_window == "max_window_layers":
+        first = hf.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise CptjaxError(f"{source}: max_window_layers must be a non-negative integer, got {first!r}")
+        return "sliding_attention" if layer >= first else "full_attention"
+    pattern = hf.get("sliding_window_pattern", 2)  # Gemma 2 alternates; every `pattern`-th layer is full
+    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+        raise CptjaxError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+    return "sliding_attention" if (layer + 1) % pattern else "full_attention"
+
+
+def _optional_number(hf: dict, key: str, source: str) -> float | None:
+    value = hf.get(key)
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+        raise CptjaxError(f"{source}: {key} must be a positive number or null, got {value!r}")
+    return value  # as written: transformers' config classes check int against float
 
 
 def _recorded_dtype(hf: dict) -> str | None:
@@ -211,9 +289,13 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
     if archs is not None and archs != [arch.hf_class]:
         raise CptjaxError(f"{source}: architectures {archs} do not match model_type {model_type!r} "
                           f"(expected [{arch.hf_class!r}]); only causal-LM checkpoints are supported")
-    act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise CptjaxError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+    act = hf.get(arch.act_key) or arch.default_act
+    act = "silu" if act == "swish" else act
+    if act not in ACTIVATIONS:
+        raise CptjaxError(f"{source}: {arch.act_key} {act!r} is not supported (one of {', '.join(ACTIVATIONS)})")
+    if hf.get("use_bidirectional_attention"):
+        raise CptjaxError(f"{source}: use_bidirectional_attention is not supported; cptjax trains causal "
+                          "decoders (set it to false or null)")
     hidden = _require(hf, "hidden_size", source)
     heads = _require(hf, "num_attention_heads", source)
     num_layers = _require(hf, "num_hidden_layers", source)
@@ -225,6 +307,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
         head_dim = hidden // heads
     eos = hf.get("eos_token_id")
     rope = rope_from_hf(hf, source)
+    sliding_window, layer_types = _parse_layer_windows(hf, arch, num_layers, source)
     modeled = _MODELED_KEYS | ({"original_max_position_embeddings"} if rope.type in ("llama3", "yarn") else set())
     extra = {k: v for k, v in hf.items() if k not in modeled}
     try:
@@ -243,8 +326,14 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
             o_bias=_flag(hf, arch.o_bias, source),
             mlp_bias=_flag(hf, arch.mlp_bias, source),
             qk_norm=arch.qk_norm,
-            sliding_window=_parse_sliding_window(hf, arch, num_layers, source),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            hidden_act=act,
+            gemma_norms=arch.gemma_norms,
+            query_pre_attn_scalar=_optional_number(hf, "query_pre_attn_scalar", source),
+            attn_logit_softcapping=_optional_number(hf, "attn_logit_softcapping", source),
+            final_logit_softcapping=_optional_number(hf, "final_logit_softcapping", source),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.tied_by_default)),
             model_type=model_type,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -276,7 +365,7 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope.theta,
         "rope_scaling": rope_to_hf(cfg.rope),
-        "hidden_act": "silu",
+        arch.act_key: cfg.hidden_act,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
@@ -289,12 +378,22 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         hf[arch.qkv_bias] = cfg.qkv_bias
     if isinstance(arch.mlp_bias, str):
         hf[arch.mlp_bias] = cfg.mlp_bias
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(cfg, key)
+        if value is not None or arch.gemma_norms:  # Gemma 2's config class defaults them when absent
+            hf[key] = value
+    if arch.sliding_window == "never":
+        return hf
+    hf["sliding_window"] = cfg.sliding_window
     if arch.sliding_window == "all_layers":
-        hf["sliding_window"] = cfg.sliding_window
-    elif arch.sliding_window == "layer_types":
+        return hf
+    kinds = ["full_attention" if w is None else "sliding_attention" for w in cfg.layer_windows]
+    hf["layer_types"] = kinds
+    if arch.sliding_window == "max_window_layers":
         hf["use_sliding_window"] = cfg.sliding_window is not None
-        hf["sliding_window"] = cfg.sliding_window
-        hf["max_window_layers"] = 0 if cfg.sliding_window is not None else cfg.num_layers
-        kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
-        hf["layer_types"] = [kind] * cfg.num_layers
+        # transformers 4 reads max_window_layers, not layer_types: the first sliding layer, when
+        # the sliding layers are the last ones (the only pattern it can say).
+        full = kinds.count("full_attention")
+        if kinds == ["full_attention"] * full + ["sliding_attention"] * (cfg.num_layers - full):
+            hf["max_window_layers"] = full
     return hf

@@ -43,6 +43,7 @@ from cptjax.model.attention import (
     attend,
     check_kernel,
     effective_window,
+    scores,
     target_platform,
 )
 from cptjax.model.sharding import active_mesh, spec_for_shape
@@ -91,12 +92,12 @@ def from_layout(x: jax.Array, ways: int) -> jax.Array:
 
 
 def context_kernel(choice: str, platform: str, dtype, seq_len: int, window: int | None, ways: int,
-                   strategy: str, length_key: str = "sequence length") -> str:
+                   strategy: str, length_key: str = "sequence length", logit_cap: float | None = None) -> str:
     """The kernel attention runs with rows split `ways` ways: splash (TPU, all_gather) or xla;
     a CptjaxError for a model.attention choice that cannot."""
     if strategy not in STRATEGIES:
         raise CptjaxError(f"model.context_parallel {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    resolved = check_kernel(choice, platform, dtype, seq_len, window, length_key)
+    resolved = check_kernel(choice, platform, dtype, seq_len, window, length_key, logit_cap)
     chunk = seq_len // (2 * ways)
     splash_fits = strategy == "all_gather" and seq_len % (2 * ways) == 0 and chunk % PALLAS_BLOCK == 0
     if choice == "auto":
@@ -110,21 +111,23 @@ def context_kernel(choice: str, platform: str, dtype, seq_len: int, window: int 
 
 
 def attend_rows(q, k, v, segment_ids, token_index=None, *, choice: str, strategy: str,
-                window: int | None) -> jax.Array:
+                window: int | None, scale: float | None = None, logit_cap: float | None = None) -> jax.Array:
     """`attention.attend`, or context-parallel attention when the active mesh splits the rows'
     tokens. `token_index` [L]: each position's index in the row (None: row order)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     active = active_mesh()
     if active is not None:
         mesh, rules = active
         q_spec = spec_for_shape(Q_AXES, q.shape, mesh, rules)
         if q_spec[1] is not None:
             return _context_attention(q, k, v, segment_ids, token_index, mesh, rules, q_spec, choice=choice,
-                                      strategy=strategy, window=window)
+                                      strategy=strategy, window=window, scale=scale, logit_cap=logit_cap)
     assert token_index is None, "rows are reordered only when their tokens are split over devices"
-    return attend(q, k, v, segment_ids, choice=choice, window=window)
+    return attend(q, k, v, segment_ids, choice=choice, window=window, scale=scale, logit_cap=logit_cap)
 
 
-def _context_attention(q, k, v, segment_ids, token_index, mesh, rules, q_spec, *, choice, strategy, window):
+def _context_attention(q, k, v, segment_ids, token_index, mesh, rules, q_spec, *, choice, strategy, window,
+                       scale, logit_cap):
     rows, seq_len, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
     length = q_spec[1]
@@ -132,7 +135,8 @@ def _context_attention(q, k, v, segment_ids, token_index, mesh, rules, q_spec, *
         raise CptjaxError(f"mesh.rules: activation_length maps to {length}; context parallelism takes one "
                           "mesh axis (sequence)")
     ways = mesh.shape[length]
-    kernel = context_kernel(choice, target_platform(), q.dtype, seq_len, window, ways, strategy)
+    kernel = context_kernel(choice, target_platform(), q.dtype, seq_len, window, ways, strategy,
+                            logit_cap=logit_cap)
     window = effective_window(window, seq_len)
     balanced = token_index is not None
     segment_ids = jnp.zeros((rows, seq_len), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -140,20 +144,18 @@ def _context_attention(q, k, v, segment_ids, token_index, mesh, rules, q_spec, *
     batch, heads = q_spec[0], q_spec[2]
     kv_whole = heads is not None and spec_for_shape(KV_AXES, k.shape, mesh, rules)[2] != heads
     kv_spec = PartitionSpec(batch, length, None if kv_whole or heads is None else heads, None)
-    scale = head_dim ** -0.5
-
     def body(q, k, v, segments, index):
         if kv_whole:  # this device's q heads use a slice of the (replicated) kv heads
             k, v = (_local_kv(x, jax.lax.axis_index(heads), q.shape[2], num_heads, num_kv) for x in (k, v))
         if kernel == "splash":
-            return _splash_gathered(q, k, v, segments, index, length, ways, balanced, window)
+            return _splash_gathered(q, k, v, segments, index, length, ways, balanced, window, scale, logit_cap)
         qt, kt, vt = _grouped(q, k.shape[2]), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         if strategy == "ring":
-            out = _ring_attention(qt, kt, vt, segments, index, length, ways, window, scale)
+            out = _ring_attention(qt, kt, vt, segments, index, length, ways, window, scale, logit_cap)
         else:
             gather = lambda x, axis: jax.lax.all_gather(x, length, axis=axis, tiled=True)  # noqa: E731
             out = _xla_attention(qt, gather(kt, 2), gather(vt, 2), segments, gather(segments, 1), index,
-                                 gather(index, 0), window, scale)
+                                 gather(index, 0), window, scale, logit_cap)
         return _ungrouped(out)
 
     specs = (q_spec, kv_spec, kv_spec, PartitionSpec(batch, length), PartitionSpec(length))
@@ -186,24 +188,23 @@ def _shift(x, axis: str, ways: int):
     return jax.lax.ppermute(x, axis, [(i, (i + 1) % ways) for i in range(ways)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _ring_attention(q, k, v, segments, index, axis, ways, window, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring_attention(q, k, v, segments, index, axis, ways, window, scale, logit_cap):
     """This shard's queries q [B, K, G, Lq, H] over every shard's keys k, v [B, K, S, H], which
     come round the ring one shard at a time; `segments` [B, L] and `index` [L] of the local
     tokens (queries and keys alike)."""
-    return _ring_forward(q, k, v, segments, index, axis, ways, window, scale)[0]
+    return _ring_forward(q, k, v, segments, index, axis, ways, window, scale, logit_cap)[0]
 
 
-def _ring_forward(q, k, v, segments, index, axis, ways, window, scale):
+def _ring_forward(q, k, v, segments, index, axis, ways, window, scale, logit_cap):
     def step(carry, _):
         (k, v, k_segments, k_index), (acc, peak, total) = carry
         ok = _allowed(segments, k_segments, index, k_index, window)[:, None, None]
-        scores = jnp.einsum("BKGLH,BKSH->BKGLS", q, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(ok, scores, _MASKED)
+        scores_ = jnp.where(ok, scores("BKGLH,BKSH->BKGLS", q, k, scale, logit_cap), _MASKED)
         # Online softmax: a row's blocks before its first visible key hold _MASKED scores, and
         # the first real score rescales them by exp(_MASKED - peak) == 0.
-        new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1))
-        weights = jnp.exp(scores - new_peak[..., None])
+        new_peak = jnp.maximum(peak, jnp.max(scores_, axis=-1))
+        weights = jnp.exp(scores_ - new_peak[..., None])
         rescale = jnp.exp(peak - new_peak)
         acc = acc * rescale[..., None] + jnp.einsum("BKGLS,BKSH->BKGLH", weights, v.astype(jnp.float32))
         total = total * rescale + jnp.sum(weights, axis=-1)
@@ -220,13 +221,13 @@ def _ring_forward(q, k, v, segments, index, axis, ways, window, scale):
     return out, (q, k, v, segments, index, out, log_sum_exp)
 
 
-def _ring_backward(axis, ways, window, scale, residuals, d_out):
+def _ring_backward(axis, ways, window, scale, logit_cap, residuals, d_out):
     q, k, v, segments, index, out, log_sum_exp = residuals
 
     def step(carry, _):
         (k, v, k_segments, k_index, d_k, d_v), d_q = carry
-        block = _xla_backward(window, scale, (q, k, v, segments, k_segments, index, k_index, out, log_sum_exp),
-                              d_out)
+        residuals = (q, k, v, segments, k_segments, index, k_index, out, log_sum_exp)
+        block = _xla_backward(window, scale, logit_cap, residuals, d_out)
         d_q = d_q + block[0].astype(jnp.float32)
         d_k, d_v = d_k + block[1].astype(jnp.float32), d_v + block[2].astype(jnp.float32)
         return (_shift((k, v, k_segments, k_index, d_k, d_v), axis, ways), d_q), None
@@ -240,7 +241,7 @@ def _ring_backward(axis, ways, window, scale, residuals, d_out):
 _ring_attention.defvjp(_ring_forward, _ring_backward)
 
 
-def _splash_gathered(q, k, v, segments, index, axis, ways, balanced, window):
+def _splash_gathered(q, k, v, segments, index, axis, ways, balanced, window, scale, logit_cap):
     """all_gather through splash: the local queries are two runs of c consecutive tokens of the
     row (balanced layout or row order); each attends to the F keys that end with it, sliced from
     the gathered keys in row order with F - c padding keys in front, so one static mask (causal,
@@ -258,8 +259,8 @@ def _splash_gathered(q, k, v, segments, index, axis, ways, balanced, window):
     # Padding keys are in document -1, which no query is in.
     k, v = jnp.pad(k, widths(k)), jnp.pad(v, widths(v))
     k_segments = jnp.pad(k_segments, widths(k_segments), constant_values=-1)
-    kernel = _splash_frame_kernel(chunk, frame, q.shape[2], window, target_platform() != "tpu")
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    kernel = _splash_frame_kernel(chunk, frame, q.shape[2], window, logit_cap, target_platform() != "tpu")
+    q = q * jnp.asarray(scale, q.dtype)
     outs = []
     for run in range(2):
         start = index[run * chunk]  # the run's first token's index in the row
@@ -272,7 +273,8 @@ def _splash_gathered(q, k, v, segments, index, axis, ways, balanced, window):
 
 
 @functools.lru_cache(maxsize=16)
-def _splash_frame_kernel(chunk: int, frame: int, num_heads: int, window: int | None, interpret: bool):
+def _splash_frame_kernel(chunk: int, frame: int, num_heads: int, window: int | None, logit_cap: float | None,
+                         interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     shape = (chunk, frame)
@@ -283,4 +285,5 @@ def _splash_frame_kernel(chunk: int, frame: int, num_heads: int, window: int | N
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     with jax.ensure_compile_time_eval():
         return sa.make_splash_mha(sa.MultiHeadMask([mask] * num_heads), block_sizes=sizes,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+                                  attn_logits_soft_cap=logit_cap, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)

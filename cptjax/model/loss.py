@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cptjax.model.attention import soft_cap
 from cptjax.model.context_parallel import sequence_ways
 from cptjax.model.sharding import constrain
 
@@ -22,10 +23,13 @@ from cptjax.model.sharding import constrain
 DEFAULT_LOSS_CHUNK = 512
 
 
-def logit_sums(hidden, head, targets, mask, source_ids, num_sources: int) -> dict[str, jax.Array]:
+def logit_sums(hidden, head, targets, mask, source_ids, num_sources: int,
+               logit_cap: float | None = None) -> dict[str, jax.Array]:
     """Float32 sums over hidden [B, L, D] (compute dtype) with the output head [V, D]: the target
-    NLL, the squared log-partition (z-loss) and the NLL per source [S], each weighted by mask."""
+    NLL, the squared log-partition (z-loss) and the NLL per source [S], each weighted by mask.
+    `logit_cap`: the model's final_logit_softcapping, applied to the logits first."""
     logits = jnp.einsum("BLD,VD->BLV", hidden, head, preferred_element_type=jnp.float32)
+    logits = soft_cap(logits, logit_cap)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -36,12 +40,12 @@ def logit_sums(hidden, head, targets, mask, source_ids, num_sources: int) -> dic
 
 
 def loss_sums(hidden, head, targets, mask, source_ids, num_sources: int,
-              chunk: int | None = DEFAULT_LOSS_CHUNK) -> dict[str, jax.Array]:
+              chunk: int | None = DEFAULT_LOSS_CHUNK, logit_cap: float | None = None) -> dict[str, jax.Array]:
     """`logit_sums` over chunks of `chunk` positions (None: all at once); [B, L] arrays besides
     hidden [B, L, D] and head [V, D]; mask float32."""
     rows, length = targets.shape
     if chunk is None or chunk >= length:
-        return logit_sums(hidden, head, targets, mask, source_ids, num_sources)
+        return logit_sums(hidden, head, targets, mask, source_ids, num_sources, logit_cap)
     ways = sequence_ways()
     ways = ways if length % ways == 0 else 1
     local = length // ways  # positions per shard of a row
@@ -58,7 +62,7 @@ def loss_sums(hidden, head, targets, mask, source_ids, num_sources: int,
 
     @jax.checkpoint
     def add(total, xs):
-        part = logit_sums(*xs[:1], head, *xs[1:], num_sources)
+        part = logit_sums(*xs[:1], head, *xs[1:], num_sources, logit_cap)
         return jax.tree.map(jnp.add, total, part), None
 
     zeros = {"nll": jnp.zeros((), jnp.float32), "z": jnp.zeros((), jnp.float32),

@@ -1,6 +1,6 @@
 """Rotary position embeddings: the RoPE part of a model's config, read from an HF `config.json`,
-changed by a run's `model.rope` keys, written back for the export, and turned into the inverse
-frequencies and the cos/sin scale exactly as transformers computes them.
+changed by a run's `model.rope` keys, written back for the export, turned into the inverse
+frequencies and the cos/sin scale exactly as transformers computes them, and applied to q and k.
 
 Types: `default`, `linear` (position interpolation), `llama3`, `yarn` (Peng et al. 2023). Dynamic
 NTK scaling is refused: its frequencies follow the length of the sequence being run, so training
@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cptjax.core.errors import CptjaxError
@@ -258,3 +260,41 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, positions, dtype):
+    """cos and sin [B, L, H] in `dtype` for the token positions [B, L]."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(rope, head_dim))  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, H]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    scale = rope_attention_factor(rope)  # yarn's mscale; transformers scales cos/sin in float32
+    if scale != 1.0:
+        cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@jax.custom_vjp
+def apply_rope(x, cos, sin):
+    """x [B, L, N, H] rotated by the tables of `rope_tables`."""
+    # HF's rotate-half convention (its checkpoints are permuted for it), so weights need no permutation.
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+def _apply_rope_forward(x, cos, sin):
+    return apply_rope(x, cos, sin), (cos, sin)
+
+
+def _apply_rope_backward(residuals, d_out):
+    # rotate_half's transpose is -rotate_half, written directly (autodiff pads and adds the two
+    # halves); the tables are functions of the positions only and get no gradient.
+    cos, sin = residuals
+    return d_out * cos[:, :, None, :] - _rotate_half(d_out * sin[:, :, None, :]), None, None
+
+
+apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)

@@ -1,4 +1,5 @@
-"""The Llama-family decoder in Flax NNX: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, TinyLlama, SmolLM.
+"""The Llama-family decoder in Flax NNX: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, TinyLlama, SmolLM,
+Gemma 2.
 
 Dimension letters (used in einsums, comments and sharding names):
   B batch, L length (S for keys), D model, V vocab, F mlp, N query heads, K kv heads, H head dim,
@@ -6,7 +7,9 @@ Dimension letters (used in einsums, comments and sharding names):
 
 Weights keep Hugging Face's layout ([out, in] for every projection, heads split out of `out`), so
 the HF key map is a reshape, never a transpose. The layers' weights are stacked on a leading Ly axis
-and run under `jax.lax.scan`, so compile time does not grow with depth.
+and run under `jax.lax.scan`, so compile time does not grow with depth. Where layers differ in their
+attention window (Gemma 2's alternation, Qwen2's max_window_layers), the scan carries each layer's
+window index and the layer picks its window with `jax.lax.switch`: still one scanned body.
 
 Numerics: parameters are stored in `param_dtype` and cast to `dtype` for compute; RMSNorm statistics,
 the attention softmax and the logits are float32.
@@ -23,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES
+from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, soft_cap
 from cptjax.model.config import ModelConfig
 from cptjax.model.context_parallel import STRATEGIES, attend_rows, balanced_ways, from_layout, layout_order, to_layout
-from cptjax.model.kv_cache import KVCache, LayerCache
-from cptjax.model.rope import rope_attention_factor, rope_inverse_frequencies
+from cptjax.model.kv_cache import KVCache, LayerCache, layer_window_sizes
+from cptjax.model.rope import apply_rope, rope_tables
 from cptjax.model.sharding import constrain
 
 # What the backward pass recomputes, per decoder layer: nothing ("none"), everything ("full"),
@@ -54,7 +57,9 @@ _LAYER_WEIGHTS = (
     ("o_proj_bias", "D", ("embed",)),
     ("q_norm", "H", ("head_dim",)),
     ("k_norm", "H", ("head_dim",)),
-    ("post_attention_layernorm", "D", ("norm",)),
+    ("post_attention_layernorm", "D", ("norm",)),  # Gemma 2: on the attention's output
+    ("pre_feedforward_layernorm", "D", ("norm",)),  # Gemma 2 only: before the MLP
+    ("post_feedforward_layernorm", "D", ("norm",)),  # Gemma 2 only: on the MLP's output
     ("gate_proj", "FD", ("mlp", "embed")),
     ("up_proj", "FD", ("mlp", "embed")),
     ("down_proj", "DF", ("embed", "mlp")),
@@ -70,6 +75,7 @@ def layer_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
         "q_proj_bias": cfg.qkv_bias, "k_proj_bias": cfg.qkv_bias, "v_proj_bias": cfg.qkv_bias,
         "o_proj_bias": cfg.o_bias, "q_norm": cfg.qk_norm, "k_norm": cfg.qk_norm,
         "gate_proj_bias": cfg.mlp_bias, "up_proj_bias": cfg.mlp_bias, "down_proj_bias": cfg.mlp_bias,
+        "pre_feedforward_layernorm": cfg.gemma_norms, "post_feedforward_layernorm": cfg.gemma_norms,
     }
     return tuple(name for name, _, _ in _LAYER_WEIGHTS if present.get(name, True))
 
@@ -81,9 +87,9 @@ def layer_weight_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     return tuple(sizes[c] for c in letters)
 
 
-def _init_value(name: str, shape, key, dtype, std: float):
-    if name.endswith("norm"):
-        return jnp.ones(shape, dtype)
+def _init_value(name: str, shape, key, dtype, std: float, cfg: ModelConfig):
+    if name.endswith("norm"):  # a scale of 1: Gemma's norms store it as 1 + weight
+        return jnp.zeros(shape, dtype) if cfg.gemma_norms else jnp.ones(shape, dtype)
     if name.endswith("bias"):
         return jnp.zeros(shape, dtype)
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
@@ -103,7 +109,7 @@ class DecoderLayers(nnx.Module):
         for name in self.names:
             shape = (cfg.num_layers, *layer_weight_shape(cfg, name))
             axes = ("layers", *next(a for n, _, a in _LAYER_WEIGHTS if n == name))
-            setattr(self, name, _param(_init_value(name, shape, rngs.params(), param_dtype, std), axes))
+            setattr(self, name, _param(_init_value(name, shape, rngs.params(), param_dtype, std, cfg), axes))
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
@@ -135,18 +141,24 @@ class Llama(nnx.Module):
         self.attention = attention
         std = 0.02
         self.embed_tokens = _param(_init_value("embed", (cfg.vocab_size, cfg.hidden_size),
-                                               rngs.params(), param_dtype, std), ("vocab", "embed"))
+                                               rngs.params(), param_dtype, std, cfg), ("vocab", "embed"))
         self.layers = DecoderLayers(cfg, param_dtype=param_dtype, std=std, rngs=rngs)
-        self.norm = _param(jnp.ones((cfg.hidden_size,), param_dtype), ("norm",))
+        self.norm = _param(_init_value("norm", (cfg.hidden_size,), None, param_dtype, std, cfg), ("norm",))
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(_init_value("lm_head", (cfg.vocab_size, cfg.hidden_size),
-                                              rngs.params(), param_dtype, std), ("vocab", "embed"))
+                                              rngs.params(), param_dtype, std, cfg), ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        hidden = self.hidden_states(tokens, positions, segment_ids)
-        logits = jnp.einsum("BLD,VD->BLV", hidden, self.output_head(), preferred_element_type=jnp.float32)
+        logits = self.head_logits(self.hidden_states(tokens, positions, segment_ids))
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def head_logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits [..., V] of final hidden states [..., D]: the output head, then the soft
+        cap where config.json sets final_logit_softcapping (Gemma 2). Every caller that turns
+        hidden states into logits asks this (the chunked loss passes the cap itself)."""
+        logits = jnp.einsum("...D,VD->...V", hidden, self.output_head(), preferred_element_type=jnp.float32)
+        return soft_cap(logits, self.config.final_logit_softcapping)
 
     def output_head(self) -> jax.Array:
         """The output projection [V, D] in the compute dtype (the embedding, when tied)."""
@@ -170,6 +182,8 @@ class Llama(nnx.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, L, D]
+        if self.config.gemma_norms:  # sqrt(D) rounded to the embeddings' dtype first, as transformers does
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype)
         return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
     def decode(self, x: jax.Array, positions=None, segment_ids=None, token_index=None) -> jax.Array:
@@ -178,34 +192,36 @@ class Llama(nnx.Module):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention, context_parallel=self.context_parallel)
 
-        def step(carry, weights):
-            return block(carry, weights, cos, sin, segment_ids, token_index=token_index)  # (x, None): no cache
+        def step(carry, layer):
+            weights, window_index = layer
+            return block(carry, weights, cos, sin, segment_ids, token_index=token_index,  # (x, None): no cache
+                         window_index=window_index)
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(step, x, self.layers.arrays())
-        return _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
+        window_index = jnp.asarray(cfg.layer_window_index, jnp.int32)  # [Ly]
+        x, _ = jax.lax.scan(step, x, (self.layers.arrays(), window_index))
+        return _norm(x, self.norm[...], cfg)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Generation: runs new `tokens` [B, L] at `positions` [B, L] through the layers, attending
         over `cache` and their own keys (kv_cache.py); returns the float32 logits of each row's last
         token [B, V] and the cache with the new tokens added."""
         cfg = self.config
-        cos, sin = _rope_tables(cfg, positions, self.dtype)
+        cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention)
 
         def step(x, layer):
-            weights, keys, values = layer
-            return block(x, weights, cos, sin, None,
-                         LayerCache(keys, values, cache.positions, positions, cfg.sliding_window))
+            weights, keys, values, window = layer
+            return block(x, weights, cos, sin, None, LayerCache(keys, values, cache.positions, positions, window))
 
+        windows = layer_window_sizes(cfg)  # [Ly]: the cache masks by each layer's own window
         x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
-                                                                     cache.values))
-        last = _rms_norm(x[:, -1], self.norm[...], cfg.rms_norm_eps)  # [B, D]
-        logits = jnp.einsum("BD,VD->BV", last, self.output_head(), preferred_element_type=jnp.float32)
+                                                                     cache.values, windows))
+        logits = self.head_logits(_norm(x[:, -1], self.norm[...], cfg))  # [B, V]
         return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
 
 
@@ -218,11 +234,14 @@ class _Block:
     attention: str = "auto"
     context_parallel: str = "all_gather"
 
-    def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None, token_index=None):
+    def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None, token_index=None,
+                 window_index=None):
         """x [B, L, D] -> (x [B, L, D], the layer's new keys and values with a `cache` (generation),
-        else None): the (carry, output) pair that `jax.lax.scan` over the layers expects."""
+        else None): the (carry, output) pair that `jax.lax.scan` over the layers expects.
+        `window_index`: this layer's window in `cfg.attention_windows` (a traced int32 under the
+        scan; needed only where layers differ)."""
         cfg, dt = self.cfg, self.dtype
-        h = _rms_norm(x, w["input_layernorm"], cfg.rms_norm_eps)
+        h = _norm(x, w["input_layernorm"], cfg)
         q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
         # k and v in one matmul, stacked as gate and up are below.
         kv = jnp.einsum("BLD,TKHD->BLTKH", h, jnp.stack([w["k_proj"], w["v_proj"]]).astype(dt))
@@ -234,19 +253,21 @@ class _Block:
         if cfg.qk_norm:
             q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
             k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-        q = constrain(_apply_rope(q, cos, sin), Q_AXES)
-        k = constrain(_apply_rope(k, cos, sin), KV_AXES)
+        q = constrain(apply_rope(q, cos, sin), Q_AXES)
+        k = constrain(apply_rope(k, cos, sin), KV_AXES)
         if cache is None:
-            attn = attend_rows(q, k, v, segment_ids, token_index, choice=self.attention,  # [B, L, N, H]
-                               strategy=self.context_parallel, window=cfg.sliding_window)
+            attn = self._attend(q, k, v, segment_ids, token_index, window_index)  # [B, L, N, H]
         else:  # generation: the cached keys too, masked by position (kv_cache.py)
-            attn, cache = cache.attend(q, k, v)
+            attn, cache = cache.attend(q, k, v, scale=cfg.attention_scale, logit_cap=cfg.attn_logit_softcapping)
         out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))
         if cfg.o_bias:
             out = out + w["o_proj_bias"].astype(dt)
+        if cfg.gemma_norms:
+            out = _norm(out, w["post_attention_layernorm"], cfg)
         x = constrain(x + out, ("activation_batch", "activation_length", "activation_embed"))
 
-        h = _rms_norm(x, w["post_attention_layernorm"], cfg.rms_norm_eps)
+        # Llama's post_attention_layernorm is the MLP's pre-norm; Gemma 2 names that one pre_feedforward.
+        h = _norm(x, w["pre_feedforward_layernorm" if cfg.gemma_norms else "post_attention_layernorm"], cfg)
         # One matmul for both projections (one pass over h, and one for its gradient), stacked on a
         # new axis rather than concatenated along F, so an F-sharded mesh needs no data movement.
         gate_up = jnp.einsum("BLD,TFD->BLTF", h, jnp.stack([w["gate_proj"], w["up_proj"]]).astype(dt))
@@ -254,11 +275,35 @@ class _Block:
         if cfg.mlp_bias:
             gate = gate + w["gate_proj_bias"].astype(dt)
             up = up + w["up_proj_bias"].astype(dt)
-        down = _swiglu_down(gate, up, w["down_proj"].astype(dt))
+        if cfg.hidden_act == "silu":
+            down = _swiglu_down(gate, up, w["down_proj"].astype(dt))
+        else:  # gelu_pytorch_tanh: GeGLU with GELU's tanh approximation
+            act = constrain(jax.nn.gelu(gate, approximate=True) * up,
+                            ("activation_batch", "activation_length", "activation_mlp"))
+            down = jnp.einsum("BLF,DF->BLD", act, w["down_proj"].astype(dt))
         if cfg.mlp_bias:
             down = down + w["down_proj_bias"].astype(dt)
+        if cfg.gemma_norms:
+            down = _norm(down, w["post_feedforward_layernorm"], cfg)
         x = constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache
+
+    def _attend(self, q, k, v, segment_ids, token_index, window_index):
+        """Attention with this layer's window: one branch per distinct window of the model,
+        chosen by the traced `window_index` where there are several."""
+        cfg = self.cfg
+
+        def with_window(window):
+            return lambda q, k, v: attend_rows(
+                q, k, v, segment_ids, token_index, choice=self.attention, strategy=self.context_parallel,
+                window=window, scale=cfg.attention_scale, logit_cap=cfg.attn_logit_softcapping)
+
+        windows = cfg.attention_windows
+        if len(windows) == 1:
+            return with_window(windows[0])(q, k, v)
+        if window_index is None:
+            raise ValueError("a model whose layers differ in window needs each layer's window_index")
+        return jax.lax.switch(window_index, [with_window(w) for w in windows], q, k, v)
 
 
 def _swiglu(gate, up):
@@ -292,47 +337,20 @@ def _swiglu_down_backward(residuals, d_out):
 _swiglu_down.defvjp(_swiglu_down_forward, _swiglu_down_backward)
 
 
+def _norm(x, weight, cfg: ModelConfig):
+    """The model's RMSNorm: Llama's, or Gemma's (1 + weight) scale applied in float32."""
+    if not cfg.gemma_norms:
+        return _rms_norm(x, weight, cfg.rms_norm_eps)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
 def _rms_norm(x, weight, eps):
     # Statistics in float32, then back to the input dtype before the scale, as transformers does.
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def _rope_tables(cfg: ModelConfig, positions, dtype):
-    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg.rope, cfg.head_dim))  # [H/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, H]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    scale = rope_attention_factor(cfg.rope)  # yarn's mscale; transformers scales cos/sin in float32
-    if scale != 1.0:
-        cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
-    return cos.astype(dtype), sin.astype(dtype)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-@jax.custom_vjp
-def _apply_rope(x, cos, sin):
-    # HF's rotate-half convention (its checkpoints are permuted for it), so weights need no permutation.
-    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
-
-
-def _apply_rope_forward(x, cos, sin):
-    return _apply_rope(x, cos, sin), (cos, sin)
-
-
-def _apply_rope_backward(residuals, d_out):
-    # rotate_half's transpose is -rotate_half, written directly (autodiff pads and adds the two
-    # halves); the tables are functions of the positions only and get no gradient.
-    cos, sin = residuals
-    return d_out * cos[:, :, None, :] - _rotate_half(d_out * sin[:, :, None, :]), None, None
-
-
-_apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)
 
 
 def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -> Llama:

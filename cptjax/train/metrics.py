@@ -50,12 +50,12 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs per trained token, attention included (PaLM, appendix B): 6 x the matmul
     parameters (embedding lookup excluded, output projection included) + 12 x layers x heads x
     head_dim x attended length. Causal masking's skipped half is counted, as PaLM counts it; the
-    attended length is the sliding window when there is one."""
+    attended length is each layer's sliding window where it has one."""
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f
     matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * d
-    context = min(seq_len, cfg.sliding_window or seq_len)
-    return 6.0 * matmul_params + 12.0 * cfg.num_layers * n * h * context
+    context = sum(min(seq_len, window or seq_len) for window in cfg.layer_windows)  # over the layers
+    return 6.0 * matmul_params + 12.0 * n * h * context
 
 
 class JsonLines:

@@ -182,7 +182,7 @@ def _plan_shape(config: TrainConfig, model_config: ModelConfig, setup, devices, 
     rows, length = shape.batch_size, shape.seq_len
     attention = check_kernel(config.model.attention, devices[0].platform,
                              float_dtype(config.model.compute_dtype, "model.compute_dtype"), length,
-                             model_config.sliding_window)
+                             model_config.sliding_window, logit_cap=model_config.attn_logit_softcapping)
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=setup.batch_sharding) for k in BATCH_KEYS}
     state = {**setup.abstract_state, "step": jax.ShapeDtypeStruct((), jnp.int32,

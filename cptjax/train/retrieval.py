@@ -39,7 +39,7 @@ def retrieval_step(params: dict, batch: dict, *, graphdef) -> dict[str, jax.Arra
     hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, L, D]
     where = batch["answer_index"]  # [B, M]
     picked = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, M, D]
-    logits = jnp.einsum("BMD,VD->BMV", picked, model.output_head(), preferred_element_type=jnp.float32)
+    logits = model.head_logits(picked)  # [B, M, V]
     targets = jnp.take_along_axis(batch["targets"], where, axis=1)  # [B, M]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return {"nll": jax.nn.logsumexp(logits, axis=-1) - target_logit,

@@ -62,7 +62,7 @@ def _sums(graphdef, params, batch, config: StepConfig):
     hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
     sums = loss_sums(hidden, model.output_head(), batch["targets"], mask, batch["source_ids"],
-                     config.num_sources, config.loss_chunk)
+                     config.num_sources, config.loss_chunk, model.config.final_logit_softcapping)
     sources = jax.nn.one_hot(batch["source_ids"], config.num_sources, dtype=jnp.float32)  # [B, L, S]
     return {
         **sums,  # nll, z, source_nll
@@ -218,7 +218,8 @@ def check_layout(config, model_config, devices) -> str:
                 f"devices, split each row over devices with mesh.sequence (context parallelism, {hint})")
         if sequence == 1:
             kernels[seq_len] = check_kernel(config.model.attention, devices[0].platform, dtype, seq_len,
-                                            model_config.sliding_window, length_key)
+                                            model_config.sliding_window, length_key,
+                                            model_config.attn_logit_softcapping)
             continue
         if seq_len % (2 * sequence):
             raise CptjaxError(f"{length_key} {seq_len} must be divisible by 2 x mesh.sequence ({2 * sequence}): "
@@ -227,7 +228,7 @@ def check_layout(config, model_config, devices) -> str:
             _check_hosts_hold_whole_rows(config, devices, (rows, seq_len))
         kernels[seq_len] = context_kernel(config.model.attention, devices[0].platform, dtype, seq_len,
                                           model_config.sliding_window, sequence, config.model.context_parallel,
-                                          length_key)
+                                          length_key, model_config.attn_logit_softcapping)
     return kernels[max(kernels)]
 
 
