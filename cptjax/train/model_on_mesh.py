@@ -47,10 +47,9 @@ def token_scores(params, inputs, targets, *, graphdef, chunk: int = DEFAULT_LOSS
     whether it is the argmax, float32; the logits exist `chunk` positions at a time."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(inputs)  # [B, L, D]
-    head = model.output_head()  # [V, D]
 
     def score(h, t):  # [B, C, D], [B, C] -> ([B, C], [B, C])
-        logits = jnp.einsum("BCD,VD->BCV", h, head, preferred_element_type=jnp.float32)
+        logits = model.head_logits(h)  # [B, C, V], soft-capped where the config says
         target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == t
 
