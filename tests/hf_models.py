@@ -37,7 +37,12 @@ def make_hf_model(hf: dict, seed: int = 0):
 
 
 def save_hf_model(hf: dict, out: Path, seed: int = 0, **save_kwargs) -> Path:
-    make_hf_model(hf, seed).save_pretrained(out, **save_kwargs)
+    # quietly: tests that read a command's stderr may build their model first (transformers' bar)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        make_hf_model(hf, seed).save_pretrained(out, **save_kwargs)
+    finally:
+        transformers.utils.logging.enable_progress_bar()
     return out
 
 
