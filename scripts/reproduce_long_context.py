@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,14 +58,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this clone's cptjax, whichever copy is installed
 sys.path.insert(0, str(ROOT / "scripts"))
+import bench_record  # noqa: E402  (what ran, on which commit, machine and load)
 import reproduce_cpt_findings as findings  # noqa: E402  (its English corpus, run bookkeeping)
 
 STUDY = {
-    "model": {},  # DEMO_MODEL's sizes: hidden 128, 4 layers, 4 heads (2 KV), head_dim 32
-    "tokenizer_vocab": 2048, "short": 256, "factor": 4, "theta": 10000.0,
-    "base": {"steps": 2400, "batch_size": 16, "peak_lr": 3e-3, "warmup": 0.05, "end_lr": 3e-4, "eval_every": 600},
-    "cpt": {"steps": 600, "batch_size": 4, "peak_lr": 1e-3, "warmup": 0.05, "end_lr": 1e-4, "eval_every": 150},
-    "passkey": {"weight": 0.3, "lengths": [64, 128, 192, 256], "depths": 11, "samples": 150, "seed": 1000},
+    "model": {"num_hidden_layers": 2},  # else DEMO_MODEL's: hidden 128, 4 heads (2 KV), head_dim 32
+    "tokenizer_vocab": 2048, "short": 128, "factor": 4, "theta": 10000.0,
+    "base": {"steps": 2000, "batch_size": 16, "peak_lr": 5e-3, "warmup": 0.02, "end_lr": 5e-4, "eval_every": 500},
+    "cpt": {"steps": 250, "batch_size": 4, "peak_lr": 1e-3, "warmup": 0.05, "end_lr": 1e-4, "eval_every": 125},
+    "passkey": {"weight": 0.3, "lengths": [40, 64, 96, 128], "depths": 11, "samples": 150, "seed": 1000,
+                "copy": {"weight": 0.3, "documents": 12000, "words": [4, 16], "length": 60, "vocabulary": 2000,
+                         "seed": 7}},
     "heldout_docs": 64, "retrieval": {"depths": [0.0, 0.25, 0.5, 0.75, 1.0], "samples": 8, "seed": 0},
     "abf_theta_scale": 16, "long_upsample": 4, "seeds": [0, 1, 2],
 }
@@ -75,7 +79,8 @@ SMOKE = {
     "tokenizer_vocab": 512, "short": 64, "factor": 4, "theta": 10000.0,
     "base": {"steps": 2, "batch_size": 2, "peak_lr": 3e-3, "warmup": 0.5, "end_lr": 3e-4, "eval_every": 2},
     "cpt": {"steps": 2, "batch_size": 1, "peak_lr": 1e-3, "warmup": 0.5, "end_lr": 1e-4, "eval_every": 2},
-    "passkey": {"weight": 0.3, "lengths": [64], "depths": 2, "samples": 2, "seed": 1000},
+    "passkey": {"weight": 0.3, "lengths": [64], "depths": 2, "samples": 2, "seed": 1000,
+                "copy": {"weight": 0.3, "documents": 20, "words": [2, 4], "length": 12, "vocabulary": 100, "seed": 7}},
     "heldout_docs": 1, "retrieval": {"depths": [0.0, 1.0], "samples": 1, "seed": 0},
     "abf_theta_scale": 16, "long_upsample": 4, "seeds": [0],
 }
@@ -101,9 +106,32 @@ def variants(study: dict) -> dict[str, dict]:
     return {name: every[name] for name in study.get("variants", every)}
 
 
+def copy_documents(english: list[str], study: dict) -> list[str]:
+    """Copying drill: each document a sequence of `words` distinct English words (drawn from the
+    `vocabulary` most frequent of the training documents, the 50 most frequent left out) repeated to
+    about `length` words. From its second repetition on every token is a copy of the token after
+    the same word earlier, the signal from which induction heads form (Olsson et al. 2022), and far
+    denser than the probe's documents give: there only the 5-digit answer is a copy, and a key of
+    ten possible digit tokens often repeats one, so the token after the last match is often wrong."""
+    import collections
+    import random
+    import re
+
+    drill = study["passkey"]["copy"]
+    counts = collections.Counter(w for d in english for w in re.findall(r"\b[a-z]{3,9}\b", d))
+    vocabulary = [w for w, _ in counts.most_common(drill["vocabulary"] + 50)][50:]
+    rng = random.Random(drill["seed"])
+    documents = []
+    for _ in range(drill["documents"]):
+        words = rng.sample(vocabulary, rng.randint(*drill["words"]))
+        documents.append(" " + " ".join(words * max(2, drill["length"] // len(words))))
+    return documents
+
+
 def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> dict:
     """English train (nine documents in ten) and held out (the tenth, only those of at least the
-    extended length in tokens, the first `heldout_docs`); pass-key documents as text."""
+    extended length in tokens, the first `heldout_docs`); pass-key documents as text (the probe's
+    prompts, another seed); the copying drill (`copy_documents`)."""
     from tokenizers import Tokenizer
 
     from cptjax.data.passkey import RetrievalConfig, make_prompts
@@ -117,8 +145,10 @@ def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> di
     depths = [i / max(passkey["depths"] - 1, 1) for i in range(passkey["depths"])]
     prompts = make_prompts(RetrievalConfig(tuple(passkey["lengths"]), tuple(depths), passkey["samples"],
                                            passkey["seed"]), DocumentTokenizer(load_tokenizer_spec(tokenizer)))
-    documents = {"english_train": [d for i, d in enumerate(english) if i % 10], "english_heldout_long": heldout,
-                 "passkey": [trained.decode(p.ids.tolist(), skip_special_tokens=True) for p in prompts]}
+    train = [d for i, d in enumerate(english) if i % 10]
+    documents = {"english_train": train, "english_heldout_long": heldout,
+                 "passkey": [trained.decode(p.ids.tolist(), skip_special_tokens=True) for p in prompts],
+                 "copy": copy_documents(train, study)}
     corpora = {}
     for name, docs in documents.items():
         path = out / "corpora" / f"{name}.jsonl"
@@ -130,12 +160,14 @@ def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> di
 
 def run_config(run_dir: Path, study: dict, section: dict, model: dict, corpora: dict, seq_len: int,
                seed: int, at_start: bool) -> dict:
+    passkey = study["passkey"]
     english = {"name": "english", "type": "jsonl", "paths": [corpora["english_train"]],
-               "weight": 1 - study["passkey"]["weight"]}
+               "weight": 1 - passkey["weight"] - passkey["copy"]["weight"]}
     if seq_len > study["short"]:  # Fu et al. 2024: long documents upsampled, the domain balance kept
         english["long_upsample"] = {"min_tokens": seq_len, "factor": study["long_upsample"]}
-    sources = [english, {"name": "passkey", "type": "jsonl", "paths": [corpora["passkey"]],
-                         "weight": study["passkey"]["weight"]}]
+    sources = [english,
+               {"name": "passkey", "type": "jsonl", "paths": [corpora["passkey"]], "weight": passkey["weight"]},
+               {"name": "copy", "type": "jsonl", "paths": [corpora["copy"]], "weight": passkey["copy"]["weight"]}]
     steps = section["steps"]
     probe = study["retrieval"]
     return {
@@ -198,7 +230,7 @@ def summarize(runs: dict) -> dict:
     return table
 
 
-def markdown(study: dict, base: dict, zero_shot: dict, table: dict, minutes: dict) -> str:
+def markdown(study: dict, base: dict, zero_shot: dict, table: dict, minutes: dict, record: dict) -> str:
     keys = list(next(iter(table.values())))
 
     def cell(entry):
@@ -217,6 +249,11 @@ def markdown(study: dict, base: dict, zero_shot: dict, table: dict, minutes: dic
         lines.append(f"| {name}, step 0 | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     for name, row in table.items():
         lines.append(f"| {name} after CPT | " + " | ".join(cell(row[k]) for k in keys) + " |")
+    lines.append(f"\nCommand `{record['command']}` at commit {record['git']['commit']}"
+                 + (f" (dirty: {', '.join(record['git']['dirty_files'])})" if record["git"]["dirty"] else " (clean)")
+                 + f"; {bench_record.cpu_description(record['machine']['cpu'])}, {record['load_average']['cores']} "
+                 f"usable core(s); load average (1/5/15 min) before {record['load_average']['before']}, after "
+                 f"{record['load_average']['after']}.")
     lines.append(f"\nTimes: base {minutes['base']:.1f} min; per seed "
                  + ", ".join(f"{s}: {m:.1f} min" for s, m in minutes["seeds"].items()) + ".")
     return "\n".join(lines) + "\n"
@@ -259,6 +296,8 @@ def plot(study: dict, base: dict, zero_shot: dict, table: dict, out: Path) -> li
 def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     from cptjax.demo import train_tokenizer
 
+    record = bench_record.begin("reproduce_long_context")  # command, commit (dirty?), CPU, load before
+
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():  # kept when the study continues
@@ -286,11 +325,13 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
         progress = json.loads((out / findings.PROGRESS).read_text())
         minutes["seeds"][seed] = sum(r["minutes"] for k, r in progress.items() if k.startswith(f"seed{seed}/"))
     table = summarize(runs)
-    results = {"study": study, "variants": variants(study), "base": base, "zero_shot": zero_shot,
+    record = {**record, "load_average": {**record["load_average"], "after": list(os.getloadavg())},
+              "finished_utc": bench_record.utc_now()}
+    results = {"record": record, "study": study, "variants": variants(study), "base": base, "zero_shot": zero_shot,
                "runs": {str(s): r for s, r in runs.items()}, "table": table, "minutes": minutes,
                "figures": plot(study, base, zero_shot, table, out)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(study, base, zero_shot, table, minutes))
+    (out / "results.md").write_text(markdown(study, base, zero_shot, table, minutes, record))
     echo((out / "results.md").read_text())
     return results
 
