@@ -64,8 +64,8 @@ import reproduce_cpt_findings as findings  # noqa: E402  (its English corpus, ru
 STUDY = {
     "model": {"num_hidden_layers": 2},  # else DEMO_MODEL's: hidden 128, 4 heads (2 KV), head_dim 32
     "tokenizer_vocab": 2048, "short": 128, "factor": 4, "theta": 10000.0,
-    "base": {"steps": 2000, "batch_size": 16, "peak_lr": 5e-3, "warmup": 0.02, "end_lr": 5e-4, "eval_every": 500},
-    "cpt": {"steps": 250, "batch_size": 4, "peak_lr": 1e-3, "warmup": 0.05, "end_lr": 1e-4, "eval_every": 125},
+    "base": {"steps": 1600, "batch_size": 16, "peak_lr": 5e-3, "warmup": 0.02, "end_lr": 5e-4, "eval_every": 400},
+    "cpt": {"steps": 150, "batch_size": 4, "peak_lr": 1e-3, "warmup": 0.05, "end_lr": 1e-4, "eval_every": 75},
     "passkey": {"weight": 0.3, "lengths": [40, 64, 96, 128], "depths": 11, "samples": 150, "seed": 1000,
                 "copy": {"weight": 0.3, "documents": 12000, "words": [4, 16], "length": 60, "vocabulary": 2000,
                          "seed": 7}},
