@@ -3,46 +3,60 @@
     python scripts/reproduce_long_context.py --out long-context/            # the study: 3 seeds
     python scripts/reproduce_long_context.py --smoke --out lc-smoke/        # the test's tiny version
 
-A base (DEMO_MODEL's sizes) is pretrained from scratch at 256 tokens (rope_theta 10000,
-max_position_embeddings 256) on the bundled English plus a 30% share of synthetic pass-key
-documents (cptjax.data.passkey's format, 64-256 tokens), so that it learns retrieval inside its
-context. It is then extended by CPT to 1024 tokens (4x), with the same data, tokens and schedule
-for each variant, once per seed (the seed orders the data):
-  unchanged: only model.max_position_embeddings raised to 1024;
+A base (DEMO_MODEL's sizes but 2 layers: hidden 128, 4 heads, 2 KV heads, head_dim 32) is
+pretrained from scratch at 128 tokens (rope_theta 10000, max_position_embeddings 128) on the
+bundled English (40%), synthetic pass-key documents (30%: cptjax.data.passkey's format, 40-128
+tokens) and a copying drill (30%: a sequence of 4-16 distinct English words repeated to about 60
+words, see `copy_documents`), so that it can learn retrieval inside its context. It is then
+extended by CPT to 512 tokens (4x), with the same data, tokens and schedule for each variant, once
+per seed (the seed orders the data):
+  unchanged: only model.max_position_embeddings raised to 512;
   abf:       and the RoPE base raised 16x, 10000 -> 160000 (Xiong et al. 2023's ABF; NTK's
              minimum for 4x at head_dim 32 is 4^(32/30) = 4.4x, Llama-2-Long used 50x for 8x and
              ProLong 16x for 8x: 16x = factor squared sits among them);
-  yarn:      and YaRN, factor 4, original_max_position_embeddings 256 (Peng et al. 2023).
-The CPT data are the base's: English (documents of at least 1024 tokens 4x as frequent) and the
-same pass-key documents of at most 256 tokens, so retrieval at 512 and 1024 tokens measures whether
-the skill carries over to positions the pass-key documents never reach.
+  yarn:      and YaRN, factor 4, original_max_position_embeddings 128 (Peng et al. 2023).
+The CPT data are the base's: English (documents of at least 512 tokens 4x as frequent) and the
+same pass-key and drill documents of at most 128 tokens, so retrieval at 256 and 512 tokens
+measures whether the skill carries over to positions the pass-key documents never reach.
 
-The trainer's evaluations measure everything: held-out loss by position bucket (0-256, 256-512,
-512-1024) on held-out English documents of at least 1024 tokens, and the pass-key probe's greedy
-exact-match accuracy at 256, 512 and 1024 tokens x 5 depths. The base is measured at 256 (its own
-final evaluation); each variant's step-0 evaluation (seed 0 only: the same for every seed) is the
-base beyond its context: `unchanged` at step 0 is the base read at 1024, `abf` and `yarn` at step
-0 are the two RoPE changes before any training. Writes into --out: results.json (every number,
-per seed), results.md (means and standard deviations over seeds), position_loss.png,
-retrieval.png, progress.json (a study stopped and run again continues where it stopped).
+The trainer's evaluations measure everything: held-out loss by position bucket (0-128, 128-256,
+256-512) on held-out English documents of at least 512 tokens, and the pass-key probe's greedy
+exact-match accuracy at 128, 256 and 512 tokens x 5 depths (8 prompts each). The base is measured
+at 128 (its own final evaluation); each variant's step-0 evaluation (seed 0 only: the same for
+every seed) is the base beyond its context: `unchanged` at step 0 is the base read at 512, `abf`
+and `yarn` at step 0 are the two RoPE changes before any training. Writes into --out:
+results.json (every number, per seed, and `record`: the command, commit, CPU, load average before
+and after, as scripts/bench_record.py records them), results.md (means and standard deviations
+over seeds), position_loss.png, retrieval.png, progress.json (a study stopped and run again
+continues where it stopped; the record is then the last invocation's).
 
-Cost, on the 2-core CPU this was written on, shared with other jobs (load 3-5), 2026-12-07:
-- measured: `--smoke` 50 s wall (all three variants: compilation, nearly all of it); `--smoke
-  --variants yarn` with XLA_FLAGS="--xla_backend_optimization_level=0" (the test's way) ~25 s wall;
-- measured, a pilot at the study's shapes (40 base steps, 20 CPT steps of `yarn`): a base step
-  (16 x 256 tokens) 0.64 s, a CPT step (4 x 1024 tokens) 1.08 s, one CPT evaluation (28 held-out
-  documents, 47K tokens, and 120 pass-key prompts) 7.6 s, a run's start (compilation) ~10-20 s;
-- EXTRAPOLATED from those, not measured: the base 2400 x 0.64 s = ~26 min; each CPT run
-  600 x 1.08 s + 4-5 evaluations = ~11.5 min, 9 runs (3 variants x 3 seeds) = ~105 min; the whole
-  study ~2.2 h on this machine (less on idle cores). A seed at a time: --seeds 0, then --seeds 0,1,2
-  in the same --out continues (finished runs are kept).
-The base must learn retrieval at 256 tokens for the probe to show anything: the script prints the
-base's accuracy before the CPT runs (first row of results.md). NOT YET SHOWN: three base-only pilots
-(600 steps at a 30% pass-key share; 600 and 1200 steps at 50% with lengths 48-256; each its own
-cosine schedule) all ended at 0% retrieval at 256 tokens, the answer's NLL 2.3-2.9 nats/token
-(uniform over ten digits: 2.30), while the held-out English loss fell 4.96 -> 3.84. Whether 2400
-steps suffice is unmeasured; if the base's accuracy prints near 0, stop there (the CPT runs would
-show only the position-bucket losses) and give it a denser copying signal or more steps first.
+Cost, on the 2-core CPU this was written on, one core (`taskset -c 1`, XLA_FLAGS=
+"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"), shared with other jobs
+(load average 4-10 on 2 cores), 2026-12-07:
+- `--smoke --variants yarn` with the test's XLA_FLAGS: ~1 min wall (compilation, nearly all of it);
+- the study (3 seeds x 3 variants), measured: 23.4 min wall (docs/studies/long_context: its
+  record, 12:39-13:02 UTC, and progress.json): the base 11.5 min (1600 steps of 16 x 128 tokens,
+  median 0.41 s a step, 4.5-9.8K tokens/s as the load varied), each CPT run 1.0-1.6 min (150 steps
+  of 4 x 512 tokens, median 0.34-0.37 s a step, its 2-3 evaluations and its compilation), a seed's
+  three 3.8-4.0 min.
+
+Whether the base learns retrieval: NOT SHOWN. At these settings it does not: the base's probe
+accuracy at 128 tokens was 0% at every evaluation (steps 400, 800, 1200, 1600), the answer's NLL
+2.4-2.9 nats/token (uniform over ten digits: 2.30). Its copying drill's training loss went from
+6.26 (step 80) to a plateau of 4.6-4.8 (steps 320-640), then fell to 3.25 at step 1600: copying
+began to form in the drill only in the second half, as the LR decayed, and did not reach the
+probe's format. Pilots of the base alone, on one shared core, each with its own cosine schedule,
+none of which learned the probe (0% at every evaluation, the answer's NLL 2.3-4.2):
+- 2 layers at 128 tokens, 600 steps at 3e-3, 50% pass-key documents of 40-128 tokens, no drill;
+- the same with 1000 steps and 60% pass-key documents, 8000 of them with keys of 1-8 five-digit
+  numbers (the copied digits' NLL stayed ~2.3: no copying); then 400 steps of 90% such documents;
+- keys of 3-10 English words instead of numbers (80%, 600 steps at 5e-3);
+- the drill above (70% with the pass-key documents, 600 steps at 5e-3): that source's loss fell
+  6.5 -> 4.5, still on the plateau.
+Earlier, at 256 tokens with 4 layers (600/600/1200 steps, 30-50% pass-key documents): the same.
+Induction heads form abruptly after a plateau (Olsson et al. 2022); on this machine's budget
+(~5K tokens/s on a shared core) the base reaches the plateau's end and no further. More base
+steps (the drill's loss was still falling) or a model pretrained elsewhere are what is left.
 """
 
 from __future__ import annotations
