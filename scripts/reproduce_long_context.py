@@ -53,10 +53,14 @@ none of which learned the probe (0% at every evaluation, the answer's NLL 2.3-4.
 - keys of 3-10 English words instead of numbers (80%, 600 steps at 5e-3);
 - the drill above (70% with the pass-key documents, 600 steps at 5e-3): that source's loss fell
   6.5 -> 4.5, still on the plateau.
+- this study's base with twice the steps (3200, the same schedule stretched; 13.3 min on one
+  core): 0% at every evaluation (every 400 steps), the answer's NLL 2.37-2.64 at the end, the
+  drill's loss still falling (3.32 at step 1920, 2.59 at 3200), held-out English 3.85 (its log
+  and config: docs/studies/long_context/pilots/).
 Earlier, at 256 tokens with 4 layers (600/600/1200 steps, 30-50% pass-key documents): the same.
-Induction heads form abruptly after a plateau (Olsson et al. 2022); on this machine's budget
-(~5K tokens/s on a shared core) the base reaches the plateau's end and no further. More base
-steps (the drill's loss was still falling) or a model pretrained elsewhere are what is left.
+Induction heads form abruptly after a plateau (Olsson et al. 2022); here copying forms slowly in
+the drill and does not reach the probe's format within ~6.5M training tokens. Left to try: more
+base steps still, a drill in the probe's own words, or a base pretrained elsewhere.
 """
 
 from __future__ import annotations
