@@ -3,52 +3,71 @@
     python scripts/reproduce_long_context.py --out long-context/            # the study: 3 seeds
     python scripts/reproduce_long_context.py --smoke --out lc-smoke/        # the test's tiny version
 
-A base (DEMO_MODEL's sizes) is pretrained from scratch at 256 tokens (rope_theta 10000,
-max_position_embeddings 256) on the bundled English plus a 30% share of synthetic pass-key
-documents (cptjax.data.passkey's format, 64-256 tokens), so that it learns retrieval inside its
-context. It is then extended by CPT to 1024 tokens (4x), with the same data, tokens and schedule
-for each variant, once per seed (the seed orders the data):
-  unchanged: only model.max_position_embeddings raised to 1024;
+A base (DEMO_MODEL's sizes but 2 layers: hidden 128, 4 heads, 2 KV heads, head_dim 32) is
+pretrained from scratch at 128 tokens (rope_theta 10000, max_position_embeddings 128) on the
+bundled English (40%), synthetic pass-key documents (30%: cptjax.data.passkey's format, 40-128
+tokens) and a copying drill (30%: a sequence of 4-16 distinct English words repeated to about 60
+words, see `copy_documents`), so that it can learn retrieval inside its context. It is then
+extended by CPT to 512 tokens (4x), with the same data, tokens and schedule for each variant, once
+per seed (the seed orders the data):
+  unchanged: only model.max_position_embeddings raised to 512;
   abf:       and the RoPE base raised 16x, 10000 -> 160000 (Xiong et al. 2023's ABF; NTK's
              minimum for 4x at head_dim 32 is 4^(32/30) = 4.4x, Llama-2-Long used 50x for 8x and
              ProLong 16x for 8x: 16x = factor squared sits among them);
-  yarn:      and YaRN, factor 4, original_max_position_embeddings 256 (Peng et al. 2023).
-The CPT data are the base's: English (documents of at least 1024 tokens 4x as frequent) and the
-same pass-key documents of at most 256 tokens, so retrieval at 512 and 1024 tokens measures whether
-the skill carries over to positions the pass-key documents never reach.
+  yarn:      and YaRN, factor 4, original_max_position_embeddings 128 (Peng et al. 2023).
+The CPT data are the base's: English (documents of at least 512 tokens 4x as frequent) and the
+same pass-key and drill documents of at most 128 tokens, so retrieval at 256 and 512 tokens
+measures whether the skill carries over to positions the pass-key documents never reach.
 
-The trainer's evaluations measure everything: held-out loss by position bucket (0-256, 256-512,
-512-1024) on held-out English documents of at least 1024 tokens, and the pass-key probe's greedy
-exact-match accuracy at 256, 512 and 1024 tokens x 5 depths. The base is measured at 256 (its own
-final evaluation); each variant's step-0 evaluation (seed 0 only: the same for every seed) is the
-base beyond its context: `unchanged` at step 0 is the base read at 1024, `abf` and `yarn` at step
-0 are the two RoPE changes before any training. Writes into --out: results.json (every number,
-per seed), results.md (means and standard deviations over seeds), position_loss.png,
-retrieval.png, progress.json (a study stopped and run again continues where it stopped).
+The trainer's evaluations measure everything: held-out loss by position bucket (0-128, 128-256,
+256-512) on held-out English documents of at least 512 tokens, and the pass-key probe's greedy
+exact-match accuracy at 128, 256 and 512 tokens x 5 depths (8 prompts each). The base is measured
+at 128 (its own final evaluation); each variant's step-0 evaluation (seed 0 only: the same for
+every seed) is the base beyond its context: `unchanged` at step 0 is the base read at 512, `abf`
+and `yarn` at step 0 are the two RoPE changes before any training. Writes into --out:
+results.json (every number, per seed, and `record`: the command, commit, CPU, load average before
+and after, as scripts/bench_record.py records them), results.md (means and standard deviations
+over seeds), position_loss.png, retrieval.png, progress.json (a study stopped and run again
+continues where it stopped; the record is then the last invocation's).
 
-Cost, on the 2-core CPU this was written on, shared with other jobs (load 3-5), 2026-12-07:
-- measured: `--smoke` 50 s wall (all three variants: compilation, nearly all of it); `--smoke
-  --variants yarn` with XLA_FLAGS="--xla_backend_optimization_level=0" (the test's way) ~25 s wall;
-- measured, a pilot at the study's shapes (40 base steps, 20 CPT steps of `yarn`): a base step
-  (16 x 256 tokens) 0.64 s, a CPT step (4 x 1024 tokens) 1.08 s, one CPT evaluation (28 held-out
-  documents, 47K tokens, and 120 pass-key prompts) 7.6 s, a run's start (compilation) ~10-20 s;
-- EXTRAPOLATED from those, not measured: the base 2400 x 0.64 s = ~26 min; each CPT run
-  600 x 1.08 s + 4-5 evaluations = ~11.5 min, 9 runs (3 variants x 3 seeds) = ~105 min; the whole
-  study ~2.2 h on this machine (less on idle cores). A seed at a time: --seeds 0, then --seeds 0,1,2
-  in the same --out continues (finished runs are kept).
-The base must learn retrieval at 256 tokens for the probe to show anything: the script prints the
-base's accuracy before the CPT runs (first row of results.md). NOT YET SHOWN: three base-only pilots
-(600 steps at a 30% pass-key share; 600 and 1200 steps at 50% with lengths 48-256; each its own
-cosine schedule) all ended at 0% retrieval at 256 tokens, the answer's NLL 2.3-2.9 nats/token
-(uniform over ten digits: 2.30), while the held-out English loss fell 4.96 -> 3.84. Whether 2400
-steps suffice is unmeasured; if the base's accuracy prints near 0, stop there (the CPT runs would
-show only the position-bucket losses) and give it a denser copying signal or more steps first.
+Cost, on the 2-core CPU this was written on, one core (`taskset -c 1`, XLA_FLAGS=
+"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"), shared with other jobs
+(load average 4-10 on 2 cores), 2026-12-07:
+- `--smoke --variants yarn` with the test's XLA_FLAGS: ~1 min wall (compilation, nearly all of it);
+- the study (3 seeds x 3 variants), measured: 23.4 min wall (docs/studies/long_context: its
+  record, 12:39-13:02 UTC, and progress.json): the base 11.5 min (1600 steps of 16 x 128 tokens,
+  median 0.41 s a step, 4.5-9.8K tokens/s as the load varied), each CPT run 1.0-1.6 min (150 steps
+  of 4 x 512 tokens, median 0.34-0.37 s a step, its 2-3 evaluations and its compilation), a seed's
+  three 3.8-4.0 min.
+
+Whether the base learns retrieval: NOT SHOWN. At these settings it does not: the base's probe
+accuracy at 128 tokens was 0% at every evaluation (steps 400, 800, 1200, 1600), the answer's NLL
+2.4-2.9 nats/token (uniform over ten digits: 2.30). Its copying drill's training loss went from
+6.26 (step 80) to a plateau of 4.6-4.8 (steps 320-640), then fell to 3.25 at step 1600: copying
+began to form in the drill only in the second half, as the LR decayed, and did not reach the
+probe's format. Pilots of the base alone, on one shared core, each with its own cosine schedule,
+none of which learned the probe (0% at every evaluation, the answer's NLL 2.3-4.2):
+- 2 layers at 128 tokens, 600 steps at 3e-3, 50% pass-key documents of 40-128 tokens, no drill;
+- the same with 1000 steps and 60% pass-key documents, 8000 of them with keys of 1-8 five-digit
+  numbers (the copied digits' NLL stayed ~2.3: no copying); then 400 steps of 90% such documents;
+- keys of 3-10 English words instead of numbers (80%, 600 steps at 5e-3);
+- the drill above (70% with the pass-key documents, 600 steps at 5e-3): that source's loss fell
+  6.5 -> 4.5, still on the plateau.
+- this study's base with twice the steps (3200, the same schedule stretched; 13.3 min on one
+  core): 0% at every evaluation (every 400 steps), the answer's NLL 2.37-2.64 at the end, the
+  drill's loss still falling (3.32 at step 1920, 2.59 at 3200), held-out English 3.85 (its log
+  and config: docs/studies/long_context/pilots/).
+Earlier, at 256 tokens with 4 layers (600/600/1200 steps, 30-50% pass-key documents): the same.
+Induction heads form abruptly after a plateau (Olsson et al. 2022); here copying forms slowly in
+the drill and does not reach the probe's format within ~6.5M training tokens. Left to try: more
+base steps still, a drill in the probe's own words, or a base pretrained elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,14 +76,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this clone's cptjax, whichever copy is installed
 sys.path.insert(0, str(ROOT / "scripts"))
+import bench_record  # noqa: E402  (what ran, on which commit, machine and load)
 import reproduce_cpt_findings as findings  # noqa: E402  (its English corpus, run bookkeeping)
 
 STUDY = {
-    "model": {},  # DEMO_MODEL's sizes: hidden 128, 4 layers, 4 heads (2 KV), head_dim 32
-    "tokenizer_vocab": 2048, "short": 256, "factor": 4, "theta": 10000.0,
-    "base": {"steps": 2400, "batch_size": 16, "peak_lr": 3e-3, "warmup": 0.05, "end_lr": 3e-4, "eval_every": 600},
-    "cpt": {"steps": 600, "batch_size": 4, "peak_lr": 1e-3, "warmup": 0.05, "end_lr": 1e-4, "eval_every": 150},
-    "passkey": {"weight": 0.3, "lengths": [64, 128, 192, 256], "depths": 11, "samples": 150, "seed": 1000},
+    "model": {"num_hidden_layers": 2},  # else DEMO_MODEL's: hidden 128, 4 heads (2 KV), head_dim 32
+    "tokenizer_vocab": 2048, "short": 128, "factor": 4, "theta": 10000.0,
+    "base": {"steps": 1600, "batch_size": 16, "peak_lr": 5e-3, "warmup": 0.02, "end_lr": 5e-4, "eval_every": 400},
+    "cpt": {"steps": 150, "batch_size": 4, "peak_lr": 1e-3, "warmup": 0.05, "end_lr": 1e-4, "eval_every": 75},
+    "passkey": {"weight": 0.3, "lengths": [40, 64, 96, 128], "depths": 11, "samples": 150, "seed": 1000,
+                "copy": {"weight": 0.3, "documents": 12000, "words": [4, 16], "length": 60, "vocabulary": 2000,
+                         "seed": 7}},
     "heldout_docs": 64, "retrieval": {"depths": [0.0, 0.25, 0.5, 0.75, 1.0], "samples": 8, "seed": 0},
     "abf_theta_scale": 16, "long_upsample": 4, "seeds": [0, 1, 2],
 }
@@ -75,7 +97,8 @@ SMOKE = {
     "tokenizer_vocab": 512, "short": 64, "factor": 4, "theta": 10000.0,
     "base": {"steps": 2, "batch_size": 2, "peak_lr": 3e-3, "warmup": 0.5, "end_lr": 3e-4, "eval_every": 2},
     "cpt": {"steps": 2, "batch_size": 1, "peak_lr": 1e-3, "warmup": 0.5, "end_lr": 1e-4, "eval_every": 2},
-    "passkey": {"weight": 0.3, "lengths": [64], "depths": 2, "samples": 2, "seed": 1000},
+    "passkey": {"weight": 0.3, "lengths": [64], "depths": 2, "samples": 2, "seed": 1000,
+                "copy": {"weight": 0.3, "documents": 20, "words": [2, 4], "length": 12, "vocabulary": 100, "seed": 7}},
     "heldout_docs": 1, "retrieval": {"depths": [0.0, 1.0], "samples": 1, "seed": 0},
     "abf_theta_scale": 16, "long_upsample": 4, "seeds": [0],
 }
@@ -101,9 +124,32 @@ def variants(study: dict) -> dict[str, dict]:
     return {name: every[name] for name in study.get("variants", every)}
 
 
+def copy_documents(english: list[str], study: dict) -> list[str]:
+    """Copying drill: each document a sequence of `words` distinct English words (drawn from the
+    `vocabulary` most frequent of the training documents, the 50 most frequent left out) repeated to
+    about `length` words. From its second repetition on every token is a copy of the token after
+    the same word earlier, the signal from which induction heads form (Olsson et al. 2022), and far
+    denser than the probe's documents give: there only the 5-digit answer is a copy, and a key of
+    ten possible digit tokens often repeats one, so the token after the last match is often wrong."""
+    import collections
+    import random
+    import re
+
+    drill = study["passkey"]["copy"]
+    counts = collections.Counter(w for d in english for w in re.findall(r"\b[a-z]{3,9}\b", d))
+    vocabulary = [w for w, _ in counts.most_common(drill["vocabulary"] + 50)][50:]
+    rng = random.Random(drill["seed"])
+    documents = []
+    for _ in range(drill["documents"]):
+        words = rng.sample(vocabulary, rng.randint(*drill["words"]))
+        documents.append(" " + " ".join(words * max(2, drill["length"] // len(words))))
+    return documents
+
+
 def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> dict:
     """English train (nine documents in ten) and held out (the tenth, only those of at least the
-    extended length in tokens, the first `heldout_docs`); pass-key documents as text."""
+    extended length in tokens, the first `heldout_docs`); pass-key documents as text (the probe's
+    prompts, another seed); the copying drill (`copy_documents`)."""
     from tokenizers import Tokenizer
 
     from cptjax.data.passkey import RetrievalConfig, make_prompts
@@ -117,8 +163,10 @@ def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> di
     depths = [i / max(passkey["depths"] - 1, 1) for i in range(passkey["depths"])]
     prompts = make_prompts(RetrievalConfig(tuple(passkey["lengths"]), tuple(depths), passkey["samples"],
                                            passkey["seed"]), DocumentTokenizer(load_tokenizer_spec(tokenizer)))
-    documents = {"english_train": [d for i, d in enumerate(english) if i % 10], "english_heldout_long": heldout,
-                 "passkey": [trained.decode(p.ids.tolist(), skip_special_tokens=True) for p in prompts]}
+    train = [d for i, d in enumerate(english) if i % 10]
+    documents = {"english_train": train, "english_heldout_long": heldout,
+                 "passkey": [trained.decode(p.ids.tolist(), skip_special_tokens=True) for p in prompts],
+                 "copy": copy_documents(train, study)}
     corpora = {}
     for name, docs in documents.items():
         path = out / "corpora" / f"{name}.jsonl"
@@ -130,12 +178,14 @@ def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> di
 
 def run_config(run_dir: Path, study: dict, section: dict, model: dict, corpora: dict, seq_len: int,
                seed: int, at_start: bool) -> dict:
+    passkey = study["passkey"]
     english = {"name": "english", "type": "jsonl", "paths": [corpora["english_train"]],
-               "weight": 1 - study["passkey"]["weight"]}
+               "weight": 1 - passkey["weight"] - passkey["copy"]["weight"]}
     if seq_len > study["short"]:  # Fu et al. 2024: long documents upsampled, the domain balance kept
         english["long_upsample"] = {"min_tokens": seq_len, "factor": study["long_upsample"]}
-    sources = [english, {"name": "passkey", "type": "jsonl", "paths": [corpora["passkey"]],
-                         "weight": study["passkey"]["weight"]}]
+    sources = [english,
+               {"name": "passkey", "type": "jsonl", "paths": [corpora["passkey"]], "weight": passkey["weight"]},
+               {"name": "copy", "type": "jsonl", "paths": [corpora["copy"]], "weight": passkey["copy"]["weight"]}]
     steps = section["steps"]
     probe = study["retrieval"]
     return {
@@ -198,7 +248,7 @@ def summarize(runs: dict) -> dict:
     return table
 
 
-def markdown(study: dict, base: dict, zero_shot: dict, table: dict, minutes: dict) -> str:
+def markdown(study: dict, base: dict, zero_shot: dict, table: dict, minutes: dict, record: dict) -> str:
     keys = list(next(iter(table.values())))
 
     def cell(entry):
@@ -217,6 +267,11 @@ def markdown(study: dict, base: dict, zero_shot: dict, table: dict, minutes: dic
         lines.append(f"| {name}, step 0 | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     for name, row in table.items():
         lines.append(f"| {name} after CPT | " + " | ".join(cell(row[k]) for k in keys) + " |")
+    lines.append(f"\nCommand `{record['command']}` at commit {record['git']['commit']}"
+                 + (f" (dirty: {', '.join(record['git']['dirty_files'])})" if record["git"]["dirty"] else " (clean)")
+                 + f"; {bench_record.cpu_description(record['machine']['cpu'])}, {record['load_average']['cores']} "
+                 f"usable core(s); load average (1/5/15 min) before {record['load_average']['before']}, after "
+                 f"{record['load_average']['after']}.")
     lines.append(f"\nTimes: base {minutes['base']:.1f} min; per seed "
                  + ", ".join(f"{s}: {m:.1f} min" for s, m in minutes["seeds"].items()) + ".")
     return "\n".join(lines) + "\n"
@@ -259,6 +314,8 @@ def plot(study: dict, base: dict, zero_shot: dict, table: dict, out: Path) -> li
 def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     from cptjax.demo import train_tokenizer
 
+    record = bench_record.begin("reproduce_long_context")  # command, commit (dirty?), CPU, load before
+
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():  # kept when the study continues
@@ -269,8 +326,9 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
                                study["short"], seed=0, at_start=False))
     base = measured(out / "base", study["base"]["steps"])
     minutes = {"base": json.loads((out / findings.PROGRESS).read_text())["base"]["minutes"], "seeds": {}}
-    echo(f"base pretrained in {minutes['base']:.1f} min; pass-key accuracy at {study['short']} tokens "
-         f"{base['retrieval'][str(study['short'])]:.0%} (near 0: the probe will show nothing, see the docstring)")
+    accuracy = base["retrieval"][str(study["short"])]
+    echo(f"base pretrained in {minutes['base']:.1f} min; pass-key accuracy at {study['short']} tokens {accuracy:.0%}"
+         + (" (near 0: the probe will show nothing beyond it, see the docstring)" if accuracy < 0.05 else ""))
     runs, zero_shot = {}, {}
     for seed in study["seeds"]:
         runs[seed] = {}
@@ -286,11 +344,13 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
         progress = json.loads((out / findings.PROGRESS).read_text())
         minutes["seeds"][seed] = sum(r["minutes"] for k, r in progress.items() if k.startswith(f"seed{seed}/"))
     table = summarize(runs)
-    results = {"study": study, "variants": variants(study), "base": base, "zero_shot": zero_shot,
+    record = {**record, "load_average": {**record["load_average"], "after": list(os.getloadavg())},
+              "finished_utc": bench_record.utc_now()}
+    results = {"record": record, "study": study, "variants": variants(study), "base": base, "zero_shot": zero_shot,
                "runs": {str(s): r for s, r in runs.items()}, "table": table, "minutes": minutes,
                "figures": plot(study, base, zero_shot, table, out)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(study, base, zero_shot, table, minutes))
+    (out / "results.md").write_text(markdown(study, base, zero_shot, table, minutes, record))
     echo((out / "results.md").read_text())
     return results
 

@@ -1,10 +1,12 @@
 """scripts/reproduce_long_context.py at --smoke size (one seed, two steps a run): every output it
-promises, with finite numbers, and the variants' RoPE changes reaching their models.
+promises, with finite numbers, the variants' RoPE changes reaching their models, the copying drill's
+documents and the record of what ran.
 
 Its cost is compilation (three programs per run): the script runs in a process of its own with XLA's
 CPU optimizations off (the programs compile in ~30% less time, run slower, compute the same thing),
 and with the base and one variant, YaRN, the one that changes the most keys (the others' keys are
-checked by reading `variants`); about 25 s of CPU on a shared 2-core machine."""
+checked by reading `variants`); 33 s of CPU (user time), 1.5 min wall on one core of a shared
+2-core machine (2026-12-07, load average 5-10)."""
 
 import importlib.util
 import json
@@ -15,10 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from tokenizers import Tokenizer
 
 from cptjax.data.passkey import RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
+from cptjax.io.run_layout import RunPaths
 from cptjax.io.weights import open_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +82,23 @@ def test_the_smoke_study_writes_every_number_per_variant_and_seed(tmp_path):
                            DocumentTokenizer(load_tokenizer_spec(out / "tokenizer")))
     assert len(documents) == 4 and [p.length for p in prompts] == [short] * 4
     assert [tokenizer.encode(d).ids for d in documents] == [p.ids.tolist() for p in prompts]  # BOS included
+    # the copying drill: distinct words repeated, at least twice, at the study's weight beside the others
+    drill = script.SMOKE["passkey"]["copy"]
+    copies = [json.loads(line)["text"] for line in (out / "corpora" / "copy.jsonl").read_text().splitlines()]
+    assert len(copies) == drill["documents"]
+    for text in copies:
+        words = text.split()
+        period = next(n for n in range(1, len(words) + 1) if words == (words[:n] * len(words))[:len(words)])
+        assert drill["words"][0] <= period <= drill["words"][1] and len(set(words[:period])) == period, text
+        assert len(words) == period * max(2, drill["length"] // period), text
+    sources = yaml.safe_load(RunPaths(out / "base").config.read_text())["data"]["sources"]
+    assert {s["name"]: s["weight"] for s in sources} == pytest.approx({"english": 0.4, "passkey": 0.3, "copy": 0.3})
     for name in ("position_loss.png", "retrieval.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG") and (out / name).stat().st_size > 10_000, name
     table = (out / "results.md").read_text()
     assert "| yarn after CPT |" in table and "| yarn, step 0 |" in table and "| base at 64 |" in table
+    # what ran, where: the command, the commit and the load are recorded beside the numbers
+    record = results["record"]
+    assert record["command"].startswith("python scripts/reproduce_long_context.py --smoke")
+    assert len(record["git"]["commit"]) == 40 and len(record["load_average"]["after"]) == 3
+    assert f"at commit {record['git']['commit']}" in table
