@@ -120,8 +120,9 @@ def test_remat_changes_nothing(remat):
 
 def test_scan_matches_layer_by_layer_loop():
     """The scanned stack equals applying each layer's weights in turn (no hidden layer mixing)."""
+    from cptjax.model.norms import norm
     from cptjax.model.rope import rope_tables
-    from cptjax.model.transformer import _Block, _rms_norm
+    from cptjax.model.transformer import _Block
 
     cfg, model = _random_model("llama-3.1-8b")
     tokens = jnp.asarray(_tokens(cfg.vocab_size, 1, 16))
@@ -130,7 +131,7 @@ def test_scan_matches_layer_by_layer_loop():
     weights = model.layers.arrays()
     for i in range(cfg.num_layers):
         x, _ = _Block(cfg)(x, {k: v[i] for k, v in weights.items()}, cos, sin, None)
-    looped = _rms_norm(x, model.norm[...], cfg.rms_norm_eps)
+    looped = norm(x, model.norm[...], cfg)
     np.testing.assert_allclose(np.asarray(model.hidden_states(tokens)), np.asarray(looped), atol=1e-5)
 
 

@@ -2,11 +2,16 @@
 
 cptjax keeps HF's layout ([out, in], heads split out of `out`), so the map is a reshape, never a
 transpose: pure, total (every HF tensor has a place, every parameter a source) and checked on shapes.
+Where a checkpoint fuses projections in one tensor (Phi-3's qkv_proj and gate_up_proj, their parts
+stacked along the output rows), each part maps to its own parameter as a block of rows: a split on
+import, and an exact concatenation on export.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from cptjax.model.config import ModelConfig
 from cptjax.model.transformer import ParamPath, layer_weight_names, layer_weight_shape
@@ -25,6 +30,9 @@ _HF_LAYER_NAMES = {
     "down_proj": "mlp.down_proj.weight", "gate_proj_bias": "mlp.gate_proj.bias",
     "up_proj_bias": "mlp.up_proj.bias", "down_proj_bias": "mlp.down_proj.bias",
 }
+# Phi-3's fused tensors: the parameters stacked along their first axis, in this order.
+_FUSED = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"),
+          "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True)
@@ -35,27 +43,52 @@ class KeyMapping:
     path: ParamPath
     layer: int | None
     shape: tuple[int, ...]  # cptjax's per-tensor shape; HF's is the same bytes, heads flattened
+    # In a fused HF tensor: (this part's first row, the tensor's rows), both along the first axis
+    # of `shape` (heads for q/k/v, F for gate/up); None where the HF tensor is this parameter alone.
+    fused: tuple[int, int] | None = None
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """The whole HF tensor in cptjax's letters (`shape`, or the stack of the fused parts)."""
+        return self.shape if self.fused is None else (self.fused[1], *self.shape[1:])
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
-        """HF flattens heads into the output (or input) dimension of each projection."""
-        name, shape = self.path[-1], self.shape
+        """The HF tensor's shape: heads flattened into the output (or input) dimension of each projection."""
+        name, shape = self.path[-1], self.view_shape
         if name in ("q_proj", "k_proj", "v_proj"):
             return (shape[0] * shape[1], shape[2])
         if name == "o_proj":
             return (shape[0], shape[1] * shape[2])
-        if name in ("q_proj_bias", "k_proj_bias", "v_proj_bias"):
-            return (shape[0] * shape[1],)
+        if name in ("q_proj_bias", "k_proj_bias", "v_proj_bias", "q_norm", "k_norm"):
+            return (int(np.prod(shape)),)
         return shape
+
+    def file_index(self, block: tuple[slice, ...]) -> tuple[slice, ...]:
+        """`block` of this parameter (slices of `shape`) as slices of the HF tensor's `view_shape`."""
+        if self.fused is None:
+            return block
+        start, stop, _ = block[0].indices(self.shape[0])
+        return (slice(start + self.fused[0], stop + self.fused[0]), *block[1:])
+
+    def take(self, hf_tensor: np.ndarray) -> np.ndarray:
+        """This parameter's part of the whole HF tensor, in `shape`."""
+        return hf_tensor.reshape(self.view_shape)[self.file_index((slice(None),) * len(self.shape))]
 
 
 def key_map(cfg: ModelConfig) -> list[KeyMapping]:
     """Every HF tensor of this config, grouped by cptjax parameter (the order export writes them)."""
     d, v = cfg.hidden_size, cfg.vocab_size
     out = [KeyMapping("model.embed_tokens.weight", ("embed_tokens",), None, (v, d))]
+    fused = {part: (hf_name, parts) for hf_name, parts in _FUSED.items() for part in parts}
     for name in layer_weight_names(cfg):
         shape = layer_weight_shape(cfg, name)
-        out += [KeyMapping(f"model.layers.{i}.{_HF_LAYER_NAMES[name]}", ("layers", name), i, shape)
+        hf_name, where = _HF_LAYER_NAMES[name], None
+        if cfg.fused_projections and name in fused:
+            hf_name, parts = fused[name]
+            rows = [layer_weight_shape(cfg, part)[0] for part in parts]
+            where = (sum(rows[:parts.index(name)]), sum(rows))
+        out += [KeyMapping(f"model.layers.{i}.{hf_name}", ("layers", name), i, shape, where)
                 for i in range(cfg.num_layers)]
     out.append(KeyMapping("model.norm.weight", ("norm",), None, (d,)))
     if not cfg.tie_word_embeddings:
@@ -69,3 +102,14 @@ def grouped_key_map(cfg: ModelConfig) -> dict[ParamPath, list[KeyMapping]]:
     for m in key_map(cfg):
         groups.setdefault(m.path, []).append(m)
     return groups
+
+
+def hf_tensors(cfg: ModelConfig) -> dict[str, list[KeyMapping]]:
+    """The key map by HF tensor, in the order of their first part in `key_map`: a fused tensor
+    lists its parts in the order they are stacked."""
+    tensors: dict[str, list[KeyMapping]] = {}
+    for m in key_map(cfg):
+        tensors.setdefault(m.hf_name, []).append(m)
+    for parts in tensors.values():
+        parts.sort(key=lambda m: m.fused[0] if m.fused else 0)
+    return tensors

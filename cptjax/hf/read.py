@@ -75,8 +75,9 @@ class HFTensors:
         return self.located[m.hf_name].tensors[m.hf_name].dtype
 
     def read(self, m: KeyMapping) -> np.ndarray:
-        """One tensor in cptjax's per-tensor shape and its stored dtype."""
-        return self.located[m.hf_name].read(m.hf_name).reshape(m.shape)
+        """One parameter's tensor (its part, where the HF tensor is fused) in cptjax's per-tensor
+        shape and its stored dtype."""
+        return m.take(self.located[m.hf_name].read(m.hf_name))
 
     def check_tied_head(self, embed: np.ndarray) -> None:
         if self.tied_head:
@@ -147,8 +148,10 @@ def read_group(tensors: HFTensors, group: list[KeyMapping]) -> np.ndarray:
     for m in group:
         file = tensors.located[m.hf_name]
         dest = array[m.layer] if stacked else array
-        if tensors.dtype(m) == array.dtype:
+        if tensors.dtype(m) == array.dtype and m.fused is None:
             file.read_into(m.hf_name, dest.reshape(m.hf_shape))
+        elif tensors.dtype(m) == array.dtype:  # a part of a fused tensor: its rows only
+            file.read_block_into(m.hf_name, m.view_shape, m.file_index((slice(None),) * dest.ndim), dest)
         else:  # a layer stored in another dtype than layer 0: convert this one tensor
             dest[...] = tensors.read(m).astype(array.dtype)
     return array
@@ -197,7 +200,8 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
                 m = group[layer if layer is not None else 0]
                 dest = out[i] if stacked else out
                 if tensors.dtype(m) == stored:
-                    tensors.located[m.hf_name].read_block_into(m.hf_name, m.shape, inner, dest)
+                    tensors.located[m.hf_name].read_block_into(m.hf_name, m.view_shape, m.file_index(inner),
+                                                               dest)
                 else:
                     dest[...] = tensors.read(m)[inner].astype(stored)
             if out.shape == tuple(b - a for a, b in spans):

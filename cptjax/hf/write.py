@@ -15,7 +15,7 @@ from etils import epath
 from cptjax.core.dtypes import dtype_name
 from cptjax.core.errors import CptjaxError
 from cptjax.data.tokenize import TOKENIZER_FILES
-from cptjax.hf.keymap import KeyMapping, key_map
+from cptjax.hf.keymap import KeyMapping, hf_tensors
 from cptjax.hf.read import INDEX_FILE, SINGLE_FILE, Progress
 from cptjax.hf.safetensors import write_safetensors
 from cptjax.model.config import ModelConfig
@@ -40,16 +40,17 @@ def parse_size(text: str | int) -> int:
     return int(number * scale)
 
 
-def _shard_plan(mappings: list[KeyMapping], itemsize: int, limit: int) -> list[list[KeyMapping]]:
-    """Consecutive tensors into files of at most `limit` bytes (a larger tensor gets its own)."""
-    shards: list[list[KeyMapping]] = [[]]
+def _shard_plan(tensors: list[list[KeyMapping]], itemsize: int, limit: int) -> list[list[list[KeyMapping]]]:
+    """Consecutive HF tensors (each the list of its parts) into files of at most `limit` bytes (a
+    larger tensor gets its own)."""
+    shards: list[list[list[KeyMapping]]] = [[]]
     size = 0
-    for m in mappings:
-        nbytes = int(np.prod(m.shape)) * itemsize
+    for parts in tensors:
+        nbytes = int(np.prod(parts[0].hf_shape)) * itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
-        shards[-1].append(m)
+        shards[-1].append(parts)
         size += nbytes
     return shards
 
@@ -63,31 +64,40 @@ def write_hf_dir(out: epath.Path, cfg: ModelConfig, get_param: Callable[[ParamPa
     key-map order, so a caller can restore parameters one at a time. Tensors are cast to `dtype`.
     """
     target = np.dtype(dtype)
-    mappings = key_map(cfg)
-    shards = _shard_plan(mappings, target.itemsize, parse_size(max_shard_size))
+    tensors = list(hf_tensors(cfg).values())
+    shards = _shard_plan(tensors, target.itemsize, parse_size(max_shard_size))
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
+    # Parameters come grouped, so one is held at a time; a fused tensor's parts (Phi-3's q, k and
+    # v projections) are held together.
     cache: dict[ParamPath, np.ndarray] = {}
 
-    def fetch(m: KeyMapping) -> np.ndarray:
+    def part(m: KeyMapping) -> np.ndarray:
         if m.path not in cache:
-            cache.clear()  # parameters come grouped, so one is held at a time
             cache[m.path] = np.asarray(get_param(m.path))
         array = cache[m.path]
         tensor = array[m.layer] if m.layer is not None else array
         if tuple(tensor.shape) != m.shape:
             raise CptjaxError(f"parameter {'/'.join(m.path)} has shape {list(array.shape)}, which does "
                               f"not fit the checkpoint's model config")
-        return tensor.astype(target, copy=False).reshape(m.hf_shape)
+        return tensor.astype(target, copy=False)
+
+    def fetch(parts: list[KeyMapping]) -> np.ndarray:
+        for path in [p for p in cache if p not in {m.path for m in parts}]:
+            del cache[path]
+        if len(parts) == 1:
+            return part(parts[0]).reshape(parts[0].hf_shape)
+        return np.concatenate([part(m) for m in parts]).reshape(parts[0].hf_shape)
 
     steps = list(zip(names, shards))
     for name, shard in (progress(steps) if progress else steps):
-        specs = [(m.hf_name, target, m.hf_shape) for m in shard]
-        write_safetensors(out / name, ((m.hf_name, fetch(m)) for m in shard), specs)
+        specs = [(parts[0].hf_name, target, parts[0].hf_shape) for parts in shard]
+        write_safetensors(out / name, ((parts[0].hf_name, fetch(parts)) for parts in shard), specs)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(int(np.prod(m.shape)) * target.itemsize for m in mappings)},
-                 "weight_map": {m.hf_name: names[i] for i, shard in enumerate(shards) for m in shard}}
+        total = sum(int(np.prod(parts[0].hf_shape)) * target.itemsize for parts in tensors)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {parts[0].hf_name: names[i] for i, shard in enumerate(shards) for parts in shard}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     hf_config = cfg.to_hf_config()

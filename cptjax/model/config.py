@@ -1,10 +1,9 @@
 """The model's hyperparameters, read from and written back to a Hugging Face `config.json`.
 
 The model keys every behaviour on these fields (bias, qk-norm, rope type, which layers have a
-sliding window, soft-caps, norm placement, tied embeddings), never on a model name. The one place
-that knows HF architecture names is `ARCHITECTURES` below: it says what each HF class implies about
-fields its config does not spell out (Qwen2 always has q/k/v biases, Qwen3 always has q/k RMSNorm,
-Gemma 2 always has (1 + weight) norms on both sides of each sub-layer). RoPE's part is in rope.py.
+sliding window, soft-caps, norm placement, fused checkpoint tensors, tied embeddings), never on a
+model name. What each HF architecture implies about fields its config does not spell out is in
+families.py; RoPE's part is in rope.py.
 """
 
 from __future__ import annotations
@@ -16,40 +15,15 @@ from typing import Any
 from cptjax.core.dtypes import FLOAT_NAMES
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import PathLike, user_path
+from cptjax.model.families import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    LAYER_TYPES,
+    architecture_refusal,
+    flag,
+    parse_layer_windows,
+)
 from cptjax.model.rope import RopeConfig, RopeOverrides, override_rope, rope_from_hf, rope_to_hf
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """What an HF `model_type` implies about the structure of its layers."""
-
-    hf_class: str
-    qkv_bias: str | bool  # a config key to read, or a fixed value
-    o_bias: str | bool
-    mlp_bias: str | bool
-    qk_norm: bool
-    # Which layers slide: 'never', 'all_layers' (Mistral), 'max_window_layers' (Qwen2/3: where
-    # use_sliding_window is set, the layers from max_window_layers on, unless layer_types lists
-    # them) or 'alternating' (Gemma 2: layer_types, else every other layer from the first).
-    sliding_window: str
-    gemma_norms: bool = False  # (1 + weight) RMSNorms, also after attention and the MLP; sqrt(D)-scaled embeddings
-    act_key: str = "hidden_act"  # the config key naming the MLP's activation
-    default_act: str = "silu"
-    tied_by_default: bool = False  # tie_word_embeddings where config.json leaves it out
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("LlamaForCausalLM", "attention_bias", "attention_bias", "mlp_bias", False, "never"),
-    "mistral": Architecture("MistralForCausalLM", False, False, False, False, "all_layers"),
-    "qwen2": Architecture("Qwen2ForCausalLM", True, False, False, False, "max_window_layers"),
-    "qwen3": Architecture("Qwen3ForCausalLM", "attention_bias", "attention_bias", False, True, "max_window_layers"),
-    "gemma2": Architecture("Gemma2ForCausalLM", "attention_bias", "attention_bias", False, False, "alternating",
-                           gemma_norms=True, act_key="hidden_activation", default_act="gelu_pytorch_tanh",
-                           tied_by_default=True),
-}
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names: x * sigmoid(x), and GELU's tanh form
-LAYER_TYPES = ("full_attention", "sliding_attention")
-_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default when config.json leaves max_window_layers out
 
 # Keys this module reads or writes itself; every other key of the source config.json is carried
 # through unchanged so that an export keeps what the user's model had (initializer_range, use_cache...).
@@ -84,12 +58,15 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    qk_norm_all_heads: bool = False  # OLMo 2: the q/k norms over all heads together (weights [N, H], [K, H])
     sliding_window: int | None = None  # tokens a query sees, itself included (HF's convention)
     # Per layer, 'sliding_attention' or 'full_attention' where the layers mix; () when every layer
     # is alike (all sliding with a sliding_window, else all full). `layer_windows` reads it.
     layer_types: tuple[str, ...] = ()
     hidden_act: str = "silu"  # the MLP's gate activation, one of ACTIVATIONS
     gemma_norms: bool = False  # Gemma 2's (1 + weight) norms before and after each sub-layer, sqrt(D) embeddings
+    post_norms: bool = False  # OLMo 2's norms after each sub-layer only, their scale applied in float32
+    fused_projections: bool = False  # Phi-3: HF files hold qkv_proj and gate_up_proj (hf/keymap.py splits them)
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (None: head_dim's)
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
     final_logit_softcapping: float | None = None  # the same on the output logits
@@ -114,7 +91,7 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise CptjaxError(f"model config: sliding_window must be positive, got {self.sliding_window}")
         if self.model_type not in ARCHITECTURES:
-            raise CptjaxError(_architecture_refusal(self.model_type))
+            raise CptjaxError(architecture_refusal(self.model_type))
         if self.hidden_act not in ACTIVATIONS:
             raise CptjaxError(f"model config: hidden_act {self.hidden_act!r} is not supported "
                               f"(one of {', '.join(ACTIVATIONS)})")
@@ -125,6 +102,10 @@ class ModelConfig:
             if len(set(self.layer_types)) == 1 or self.sliding_window is None:
                 raise CptjaxError("model config: layer_types is for layers that mix sliding and full "
                                   "attention, with a sliding_window; leave it empty otherwise")
+        if self.qk_norm_all_heads and not self.qk_norm:
+            raise CptjaxError("model config: qk_norm_all_heads needs qk_norm")
+        if self.post_norms and self.gemma_norms:
+            raise CptjaxError("model config: post_norms (OLMo 2) and gemma_norms (Gemma 2) exclude each other")
         for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -199,12 +180,6 @@ def extend_context(cfg: ModelConfig, rope: RopeOverrides, max_position_embedding
     return dataclasses.replace(cfg, rope=new_rope, max_position_embeddings=length)
 
 
-def _architecture_refusal(model_type: Any) -> str:
-    supported = ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items())
-    return (f"unsupported architecture: model_type {model_type!r}. "
-            f"cptjax supports: {supported}; TinyLlama and SmolLM use model_type 'llama'")
-
-
 def _require(hf: dict, key: str, source: str, kind=int):
     if key not in hf or hf[key] is None:
         raise CptjaxError(f"{source}: missing key {key!r}")
@@ -216,55 +191,15 @@ def _require(hf: dict, key: str, source: str, kind=int):
     return value
 
 
-def _flag(hf: dict, spec: str | bool, source: str) -> bool:
-    if isinstance(spec, bool):
-        return spec
-    value = hf.get(spec, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise CptjaxError(f"{source}: key {spec!r} must be true or false, got {value!r}")
-    return value
-
-
-def _parse_layer_windows(hf: dict, arch: Architecture, num_layers: int,
-                         source: str) -> tuple[int | None, tuple[str, ...]]:
-    """(sliding_window, layer_types) as transformers reads them for this architecture: the window
-    and, where sliding and full layers mix, each layer's kind (else ())."""
-    window = hf.get("sliding_window")
-    if arch.sliding_window == "never" or window is None:
-        return None, ()
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        raise CptjaxError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
-    if arch.sliding_window == "all_layers":
-        return window, ()
-    if arch.sliding_window == "max_window_layers" and not _flag(hf, "use_sliding_window", source):
-        return None, ()  # transformers' Qwen2/3 set the window to None then, whatever layer_types says
-    layer_types = hf.get("layer_types")
-    if layer_types is None:
-        layer_types = [_default_layer_type(hf, arch, i, source) for i in range(num_layers)]
-    if (not isinstance(layer_types, list) or len(layer_types) != num_layers
-            or not set(layer_types) <= set(LAYER_TYPES)):
-        raise CptjaxError(f"{source}: layer_types must list one of {', '.join(LAYER_TYPES)} for each of the "
-                          f"{num_layers} layers, got {layer_types!r}")
-    if set(layer_types) == {"full_attention"}:
-        return None, ()
-    if set(layer_types) == {"sliding_attention"}:
-        return window, ()
-    return window, tuple(layer_types)
-
-
-def _default_layer_type(hf: dict, arch: Architecture, layer: int, source: str) -> str:
-    """Layer `layer`'s kind where config.json has no layer_types (transformers' defaults)."""
-    if arch.sliding_window == "max_window_layers":
-        first = hf.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
-        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
-            raise CptjaxError(f"{source}: max_window_layers must be a non-negative integer, got {first!r}")
-        return "sliding_attention" if layer >= first else "full_attention"
-    pattern = hf.get("sliding_window_pattern", 2)  # Gemma 2 alternates; every `pattern`-th layer is full
-    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
-        raise CptjaxError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
-    return "sliding_attention" if (layer + 1) % pattern else "full_attention"
+def _refuse_scaled_rope(hf: dict, model_type: str, source: str) -> None:
+    """Phi-3 reads any rope_scaling as longrope ('su' and 'yarn' included): refused, naming the field."""
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key)
+        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
+        if kind != "default":
+            raise CptjaxError(f"{source}: {key}.type {kind!r} is not supported for model_type {model_type!r}: "
+                              "cptjax implements Phi-3's unscaled RoPE only (the 4K-context models, "
+                              "rope_scaling null), not longrope")
 
 
 def _optional_number(hf: dict, key: str, source: str) -> float | None:
@@ -283,7 +218,7 @@ def _recorded_dtype(hf: dict) -> str | None:
 def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise CptjaxError(f"{source}: " + _architecture_refusal(model_type))
+        raise CptjaxError(f"{source}: " + architecture_refusal(model_type))
     arch = ARCHITECTURES[model_type]
     archs = hf.get("architectures")
     if archs is not None and archs != [arch.hf_class]:
@@ -306,8 +241,10 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
                               f"{heads}; set head_dim explicitly")
         head_dim = hidden // heads
     eos = hf.get("eos_token_id")
+    if arch.only_default_rope:
+        _refuse_scaled_rope(hf, model_type, source)
     rope = rope_from_hf(hf, source)
-    sliding_window, layer_types = _parse_layer_windows(hf, arch, num_layers, source)
+    sliding_window, layer_types = parse_layer_windows(hf, arch, num_layers, source)
     modeled = _MODELED_KEYS | ({"original_max_position_embeddings"} if rope.type in ("llama3", "yarn") else set())
     extra = {k: v for k, v in hf.items() if k not in modeled}
     try:
@@ -322,14 +259,17 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
             max_position_embeddings=_require(hf, "max_position_embeddings", source),
             rms_norm_eps=float(_require(hf, "rms_norm_eps", source, float)),
             rope=rope,
-            qkv_bias=_flag(hf, arch.qkv_bias, source),
-            o_bias=_flag(hf, arch.o_bias, source),
-            mlp_bias=_flag(hf, arch.mlp_bias, source),
+            qkv_bias=flag(hf, arch.qkv_bias, source),
+            o_bias=flag(hf, arch.o_bias, source),
+            mlp_bias=flag(hf, arch.mlp_bias, source),
             qk_norm=arch.qk_norm,
+            qk_norm_all_heads=arch.qk_norm_all_heads,
             sliding_window=sliding_window,
             layer_types=layer_types,
             hidden_act=act,
             gemma_norms=arch.gemma_norms,
+            post_norms=arch.post_norms,
+            fused_projections=arch.fused_projections,
             query_pre_attn_scalar=_optional_number(hf, "query_pre_attn_scalar", source),
             attn_logit_softcapping=_optional_number(hf, "attn_logit_softcapping", source),
             final_logit_softcapping=_optional_number(hf, "final_logit_softcapping", source),

@@ -1,5 +1,5 @@
 """The Llama-family decoder in Flax NNX: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, TinyLlama, SmolLM,
-Gemma 2.
+Gemma 2, OLMo 2, Phi-3.
 
 Dimension letters (used in einsums, comments and sharding names):
   B batch, L length (S for keys), D model, V vocab, F mlp, N query heads, K kv heads, H head dim,
@@ -30,6 +30,8 @@ from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, soft_cap
 from cptjax.model.config import ModelConfig
 from cptjax.model.context_parallel import STRATEGIES, attend_rows, balanced_ways, from_layout, layout_order, to_layout
 from cptjax.model.kv_cache import KVCache, LayerCache, layer_window_sizes
+from cptjax.model.mlp import gated_mlp
+from cptjax.model.norms import norm
 from cptjax.model.rope import apply_rope, rope_tables
 from cptjax.model.sharding import constrain
 
@@ -57,9 +59,9 @@ _LAYER_WEIGHTS = (
     ("o_proj_bias", "D", ("embed",)),
     ("q_norm", "H", ("head_dim",)),
     ("k_norm", "H", ("head_dim",)),
-    ("post_attention_layernorm", "D", ("norm",)),  # Gemma 2: on the attention's output
+    ("post_attention_layernorm", "D", ("norm",)),  # Gemma 2, OLMo 2: on the attention's output
     ("pre_feedforward_layernorm", "D", ("norm",)),  # Gemma 2 only: before the MLP
-    ("post_feedforward_layernorm", "D", ("norm",)),  # Gemma 2 only: on the MLP's output
+    ("post_feedforward_layernorm", "D", ("norm",)),  # Gemma 2, OLMo 2: on the MLP's output
     ("gate_proj", "FD", ("mlp", "embed")),
     ("up_proj", "FD", ("mlp", "embed")),
     ("down_proj", "DF", ("embed", "mlp")),
@@ -75,16 +77,22 @@ def layer_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
         "q_proj_bias": cfg.qkv_bias, "k_proj_bias": cfg.qkv_bias, "v_proj_bias": cfg.qkv_bias,
         "o_proj_bias": cfg.o_bias, "q_norm": cfg.qk_norm, "k_norm": cfg.qk_norm,
         "gate_proj_bias": cfg.mlp_bias, "up_proj_bias": cfg.mlp_bias, "down_proj_bias": cfg.mlp_bias,
-        "pre_feedforward_layernorm": cfg.gemma_norms, "post_feedforward_layernorm": cfg.gemma_norms,
+        "input_layernorm": not cfg.post_norms, "pre_feedforward_layernorm": cfg.gemma_norms,
+        "post_feedforward_layernorm": cfg.gemma_norms or cfg.post_norms,
     }
     return tuple(name for name, _, _ in _LAYER_WEIGHTS if present.get(name, True))
+
+
+def _letters_and_axes(cfg: ModelConfig, name: str) -> tuple[str, tuple[str, ...]]:
+    if cfg.qk_norm_all_heads and name in ("q_norm", "k_norm"):  # OLMo 2: one norm over all heads
+        return ("NH", ("q_heads", "head_dim")) if name == "q_norm" else ("KH", ("kv_heads", "head_dim"))
+    return next((letters, axes) for n, letters, axes in _LAYER_WEIGHTS if n == name)
 
 
 def layer_weight_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     sizes = {"D": cfg.hidden_size, "F": cfg.intermediate_size, "N": cfg.num_heads,
              "K": cfg.num_kv_heads, "H": cfg.head_dim}
-    letters = next(letters for n, letters, _ in _LAYER_WEIGHTS if n == name)
-    return tuple(sizes[c] for c in letters)
+    return tuple(sizes[c] for c in _letters_and_axes(cfg, name)[0])
 
 
 def _init_value(name: str, shape, key, dtype, std: float, cfg: ModelConfig):
@@ -108,7 +116,7 @@ class DecoderLayers(nnx.Module):
         self.names = layer_weight_names(cfg)
         for name in self.names:
             shape = (cfg.num_layers, *layer_weight_shape(cfg, name))
-            axes = ("layers", *next(a for n, _, a in _LAYER_WEIGHTS if n == name))
+            axes = ("layers", *_letters_and_axes(cfg, name)[1])
             setattr(self, name, _param(_init_value(name, shape, rngs.params(), param_dtype, std, cfg), axes))
 
     def arrays(self) -> dict[str, jax.Array]:
@@ -204,7 +212,7 @@ class Llama(nnx.Module):
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         window_index = jnp.asarray(cfg.layer_window_index, jnp.int32)  # [Ly]
         x, _ = jax.lax.scan(step, x, (self.layers.arrays(), window_index))
-        return _norm(x, self.norm[...], cfg)
+        return norm(x, self.norm[...], cfg)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Generation: runs new `tokens` [B, L] at `positions` [B, L] through the layers, attending
@@ -221,7 +229,7 @@ class Llama(nnx.Module):
         windows = layer_window_sizes(cfg)  # [Ly]: the cache masks by each layer's own window
         x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
                                                                      cache.values, windows))
-        logits = self.head_logits(_norm(x[:, -1], self.norm[...], cfg))  # [B, V]
+        logits = self.head_logits(norm(x[:, -1], self.norm[...], cfg))  # [B, V]
         return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
 
 
@@ -241,7 +249,7 @@ class _Block:
         `window_index`: this layer's window in `cfg.attention_windows` (a traced int32 under the
         scan; needed only where layers differ)."""
         cfg, dt = self.cfg, self.dtype
-        h = _norm(x, w["input_layernorm"], cfg)
+        h = x if cfg.post_norms else norm(x, w["input_layernorm"], cfg)  # OLMo 2: no pre-norms
         q = jnp.einsum("BLD,NHD->BLNH", h, w["q_proj"].astype(dt))
         # k and v in one matmul, stacked as gate and up are below.
         kv = jnp.einsum("BLD,TKHD->BLTKH", h, jnp.stack([w["k_proj"], w["v_proj"]]).astype(dt))
@@ -250,9 +258,10 @@ class _Block:
             q = q + w["q_proj_bias"].astype(dt)
             k = k + w["k_proj_bias"].astype(dt)
             v = v + w["v_proj_bias"].astype(dt)
-        if cfg.qk_norm:
-            q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-            k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        if cfg.qk_norm:  # per head (Qwen3), or over all heads together (OLMo 2)
+            axes = (-2, -1) if cfg.qk_norm_all_heads else (-1,)
+            q = norm(q, w["q_norm"], cfg, axes)
+            k = norm(k, w["k_norm"], cfg, axes)
         q = constrain(apply_rope(q, cos, sin), Q_AXES)
         k = constrain(apply_rope(k, cos, sin), KV_AXES)
         if cache is None:
@@ -262,29 +271,19 @@ class _Block:
         out = jnp.einsum("BLNH,DNH->BLD", attn, w["o_proj"].astype(dt))
         if cfg.o_bias:
             out = out + w["o_proj_bias"].astype(dt)
-        if cfg.gemma_norms:
-            out = _norm(out, w["post_attention_layernorm"], cfg)
+        if cfg.gemma_norms or cfg.post_norms:
+            out = norm(out, w["post_attention_layernorm"], cfg)
         x = constrain(x + out, ("activation_batch", "activation_length", "activation_embed"))
 
-        # Llama's post_attention_layernorm is the MLP's pre-norm; Gemma 2 names that one pre_feedforward.
-        h = _norm(x, w["pre_feedforward_layernorm" if cfg.gemma_norms else "post_attention_layernorm"], cfg)
-        # One matmul for both projections (one pass over h, and one for its gradient), stacked on a
-        # new axis rather than concatenated along F, so an F-sharded mesh needs no data movement.
-        gate_up = jnp.einsum("BLD,TFD->BLTF", h, jnp.stack([w["gate_proj"], w["up_proj"]]).astype(dt))
-        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        if cfg.mlp_bias:
-            gate = gate + w["gate_proj_bias"].astype(dt)
-            up = up + w["up_proj_bias"].astype(dt)
-        if cfg.hidden_act == "silu":
-            down = _swiglu_down(gate, up, w["down_proj"].astype(dt))
-        else:  # gelu_pytorch_tanh: GeGLU with GELU's tanh approximation
-            act = constrain(jax.nn.gelu(gate, approximate=True) * up,
-                            ("activation_batch", "activation_length", "activation_mlp"))
-            down = jnp.einsum("BLF,DF->BLD", act, w["down_proj"].astype(dt))
-        if cfg.mlp_bias:
-            down = down + w["down_proj_bias"].astype(dt)
-        if cfg.gemma_norms:
-            down = _norm(down, w["post_feedforward_layernorm"], cfg)
+        # Llama's post_attention_layernorm is the MLP's pre-norm; Gemma 2 names that one
+        # pre_feedforward; OLMo 2 has none.
+        if cfg.post_norms:
+            h = x
+        else:
+            h = norm(x, w["pre_feedforward_layernorm" if cfg.gemma_norms else "post_attention_layernorm"], cfg)
+        down = gated_mlp(h, w, cfg, dt)
+        if cfg.gemma_norms or cfg.post_norms:
+            down = norm(down, w["post_feedforward_layernorm"], cfg)
         x = constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache
 
@@ -304,53 +303,6 @@ class _Block:
         if window_index is None:
             raise ValueError("a model whose layers differ in window needs each layer's window_index")
         return jax.lax.switch(window_index, [with_window(w) for w in windows], q, k, v)
-
-
-def _swiglu(gate, up):
-    return jax.nn.silu(gate) * up
-
-
-@jax.custom_vjp
-def _swiglu_down(gate, up, down_proj):
-    """The MLP's output: silu(gate) * up [B, L, F] through down_proj [D, F]. The backward
-    recomputes silu(gate) * up from gate and up, which it needs anyway, instead of keeping it:
-    one [B, L, F] tensor per layer less held between forward and backward, and one sigmoid for
-    both gradients (autodiff of silu(gate) * up evaluates it more than once)."""
-    return _swiglu_down_forward(gate, up, down_proj)[0]
-
-
-def _swiglu_down_forward(gate, up, down_proj):
-    act = constrain(_swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))
-    return jnp.einsum("BLF,DF->BLD", act, down_proj), (gate, up, down_proj)
-
-
-def _swiglu_down_backward(residuals, d_out):
-    gate, up, down_proj = residuals
-    sig = jax.nn.sigmoid(gate)
-    silu = gate * sig
-    act = constrain(silu * up, ("activation_batch", "activation_length", "activation_mlp"))
-    d_act = jnp.einsum("BLD,DF->BLF", d_out, down_proj)
-    d_down = jnp.einsum("BLF,BLD->DF", act, d_out)
-    return d_act * up * (sig + silu * (1 - sig)), d_act * silu, d_down
-
-
-_swiglu_down.defvjp(_swiglu_down_forward, _swiglu_down_backward)
-
-
-def _norm(x, weight, cfg: ModelConfig):
-    """The model's RMSNorm: Llama's, or Gemma's (1 + weight) scale applied in float32."""
-    if not cfg.gemma_norms:
-        return _rms_norm(x, weight, cfg.rms_norm_eps)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
-
-
-def _rms_norm(x, weight, eps):
-    # Statistics in float32, then back to the input dtype before the scale, as transformers does.
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -> Llama:

@@ -1,0 +1,114 @@
+"""What each HF `model_type` implies about its layers: the one table that knows HF architecture
+names (`ARCHITECTURES`), and which layers have a sliding window, read as transformers reads it.
+
+An entry says what the HF class implies about fields its config.json does not spell out (Qwen2
+always has q/k/v biases, Qwen3 always has per-head q/k RMSNorm, Gemma 2 always has (1 + weight)
+norms on both sides of each sub-layer, OLMo 2 norms only after them and q/k norms over all heads,
+Phi-3 fuses q/k/v and gate/up in its files). config.py turns them into ModelConfig fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cptjax.core.errors import CptjaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What an HF `model_type` implies about the structure of its layers."""
+
+    hf_class: str
+    qkv_bias: str | bool  # a config key to read, or a fixed value
+    o_bias: str | bool
+    mlp_bias: str | bool
+    qk_norm: bool
+    # Which layers slide: 'never', 'all_layers' (Mistral), 'max_window_layers' (Qwen2/3: where
+    # use_sliding_window is set, the layers from max_window_layers on, unless layer_types lists
+    # them) or 'alternating' (Gemma 2: layer_types, else every other layer from the first).
+    sliding_window: str
+    gemma_norms: bool = False  # (1 + weight) RMSNorms, also after attention and the MLP; sqrt(D)-scaled embeddings
+    post_norms: bool = False  # OLMo 2: RMSNorms on the attention's and the MLP's outputs only, none before
+    qk_norm_all_heads: bool = False  # OLMo 2: q/k RMSNorm over all heads together (N*H), not per head (H)
+    fused_projections: bool = False  # Phi-3: the checkpoint stores qkv_proj and gate_up_proj, each one tensor
+    only_default_rope: bool = False  # Phi-3: rope_scaling other than null is longrope, which cptjax refuses
+    act_key: str = "hidden_act"  # the config key naming the MLP's activation
+    default_act: str = "silu"
+    tied_by_default: bool = False  # tie_word_embeddings where config.json leaves it out
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LlamaForCausalLM", "attention_bias", "attention_bias", "mlp_bias", False, "never"),
+    "mistral": Architecture("MistralForCausalLM", False, False, False, False, "all_layers"),
+    "qwen2": Architecture("Qwen2ForCausalLM", True, False, False, False, "max_window_layers"),
+    "qwen3": Architecture("Qwen3ForCausalLM", "attention_bias", "attention_bias", False, True, "max_window_layers"),
+    "gemma2": Architecture("Gemma2ForCausalLM", "attention_bias", "attention_bias", False, False, "alternating",
+                           gemma_norms=True, act_key="hidden_activation", default_act="gelu_pytorch_tanh",
+                           tied_by_default=True),
+    "olmo2": Architecture("Olmo2ForCausalLM", "attention_bias", "attention_bias", False, True, "never",
+                          post_norms=True, qk_norm_all_heads=True),
+    "phi3": Architecture("Phi3ForCausalLM", False, False, False, False, "all_layers", fused_projections=True,
+                         only_default_rope=True),
+}
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names: x * sigmoid(x), and GELU's tanh form
+LAYER_TYPES = ("full_attention", "sliding_attention")
+_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default when config.json leaves max_window_layers out
+
+
+def architecture_refusal(model_type: Any) -> str:
+    supported = ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items())
+    return (f"unsupported architecture: model_type {model_type!r}. "
+            f"cptjax supports: {supported}; TinyLlama and SmolLM use model_type 'llama'")
+
+
+def flag(hf: dict, spec: str | bool, source: str) -> bool:
+    """A true/false field: `spec` is a fixed value, or the config key that holds it (absent: false)."""
+    if isinstance(spec, bool):
+        return spec
+    value = hf.get(spec, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise CptjaxError(f"{source}: key {spec!r} must be true or false, got {value!r}")
+    return value
+
+
+def parse_layer_windows(hf: dict, arch: Architecture, num_layers: int,
+                         source: str) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers reads them for this architecture: the window
+    and, where sliding and full layers mix, each layer's kind (else ())."""
+    window = hf.get("sliding_window")
+    if arch.sliding_window == "never" or window is None:
+        return None, ()
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise CptjaxError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    if arch.sliding_window == "all_layers":
+        return window, ()
+    if arch.sliding_window == "max_window_layers" and not flag(hf, "use_sliding_window", source):
+        return None, ()  # transformers' Qwen2/3 set the window to None then, whatever layer_types says
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        layer_types = [_default_layer_type(hf, arch, i, source) for i in range(num_layers)]
+    if (not isinstance(layer_types, list) or len(layer_types) != num_layers
+            or not set(layer_types) <= set(LAYER_TYPES)):
+        raise CptjaxError(f"{source}: layer_types must list one of {', '.join(LAYER_TYPES)} for each of the "
+                          f"{num_layers} layers, got {layer_types!r}")
+    if set(layer_types) == {"full_attention"}:
+        return None, ()
+    if set(layer_types) == {"sliding_attention"}:
+        return window, ()
+    return window, tuple(layer_types)
+
+
+def _default_layer_type(hf: dict, arch: Architecture, layer: int, source: str) -> str:
+    """Layer `layer`'s kind where config.json has no layer_types (transformers' defaults)."""
+    if arch.sliding_window == "max_window_layers":
+        first = hf.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise CptjaxError(f"{source}: max_window_layers must be a non-negative integer, got {first!r}")
+        return "sliding_attention" if layer >= first else "full_attention"
+    pattern = hf.get("sliding_window_pattern", 2)  # Gemma 2 alternates; every `pattern`-th layer is full
+    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+        raise CptjaxError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+    return "sliding_attention" if (layer + 1) % pattern else "full_attention"
