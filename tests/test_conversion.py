@@ -14,7 +14,7 @@ from cptjax import load_model
 from cptjax.cli import main
 from cptjax.hf.safetensors import SafetensorsFile, write_safetensors
 
-ALL = tiny_configs.NAMES + sorted(tiny_configs.VARIANTS)
+ALL = tiny_configs.NAMES + sorted(tiny_configs.BUILT) + sorted(tiny_configs.VARIANTS)
 
 
 def _tensors(folder):

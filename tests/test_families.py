@@ -1,12 +1,16 @@
-"""Per-layer attention patterns and Gemma 2 against transformers' PyTorch models.
+"""Per-layer attention patterns, Gemma 2, OLMo 2 and Phi-3 against transformers' PyTorch models.
 
-Two tiny models, shrunk from published configs with their structure kept: Gemma 2 (gemma-2-2b.json:
+Tiny models, shrunk from published configs with their structure kept: Gemma 2 (gemma-2-2b.json:
 alternating sliding and global layers, soft-caps, (1 + weight) sandwich norms, sqrt(D) embeddings,
-GeGLU, query_pre_attn_scalar, tied embeddings) and Qwen2 with max_window_layers (1) below its depth
-(3) and use_sliding_window set. The sliding window (12) is shorter than every prompt, so the
-interleave matters. The published attention cap (50, on scores of order 0.1 here) moves the logits
-by 4e-5, under the 1e-4 tolerance, so the Gemma model here has caps that bite (and a test says they
-do); the published config is in test_parity.py and test_conversion.py through tiny_configs.NAMES.
+GeGLU, query_pre_attn_scalar, tied embeddings), Qwen2 with max_window_layers (1) below its depth
+(3) and use_sliding_window set, OLMo 2 (OLMo-2-1124-7B's shape: norms after attention and MLP
+only, q/k RMSNorm over all heads, eps 1e-6, untied head) and Phi-3 (Phi-3-mini-4k-instruct's shape
+with fewer kv heads: fused qkv_proj and gate_up_proj in the files, a sliding window on every
+layer); the last two shapes are written by hand in tiny_configs.BUILT (no hub here). The sliding
+window (12) is shorter than every prompt, so the interleave matters. The published attention cap
+(50, on scores of order 0.1 here) moves the logits by 4e-5, under the 1e-4 tolerance, so the Gemma
+model here has caps that bite (and a test says they do); the published configs are in
+test_parity.py and test_conversion.py through tiny_configs.NAMES and BUILT.
 """
 
 import dataclasses
@@ -45,7 +49,15 @@ WINDOW = tiny_configs.SLIDING_WINDOW
 # Caps at the scale of this tiny model's scores (~0.1) and logits (~2), as 50 and 30 are for the real one.
 CAPS = {"attn_logit_softcapping": 0.05, "final_logit_softcapping": 1.0}
 MODELS = {"gemma2": dict(tiny_configs.shrunk_config("gemma-2-2b"), **CAPS),
-          "qwen2-mixed": tiny_configs.shrunk_config("qwen2-mixed")}
+          "qwen2-mixed": tiny_configs.shrunk_config("qwen2-mixed"),
+          "olmo2": tiny_configs.shrunk_config("olmo-2-1124-7b"),
+          "phi3": tiny_configs.shrunk_config("phi3-gqa")}
+# Config changes that must each move the logits far beyond the tolerance (none vacuous). OLMo 2's
+# structure (which norms exist, the q/k norms' shapes) is in its weights, so it has none to change.
+_WINDOWS = [{"layer_types": (), "sliding_window": None}, {"layer_types": (), "sliding_window": WINDOW}]
+FEATURES = {"gemma2": _WINDOWS + [{"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
+                                  {"query_pre_attn_scalar": None}],
+            "qwen2-mixed": _WINDOWS, "olmo2": [], "phi3": [{"sliding_window": None}]}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +102,18 @@ def test_the_tiny_models_have_the_structure_claimed():
     assert gemma.attention_scale == 256 ** -0.5 != gemma.head_dim ** -0.5
     assert WINDOW < tiny_configs.SEQ_LEN
 
+    olmo, phi = (ModelConfig.from_hf_config(MODELS[n]) for n in ("olmo2", "phi3"))
+    assert olmo.post_norms and olmo.qk_norm_all_heads and not olmo.tie_word_embeddings
+    assert olmo.rms_norm_eps == 1e-6 and olmo.layer_windows == (None,) * 3
+    shapes = {m.hf_name: m.hf_shape for m in key_map(olmo)}
+    assert shapes["model.layers.0.self_attn.q_norm.weight"] == (olmo.num_heads * olmo.head_dim,)
+    assert shapes["model.layers.0.self_attn.k_norm.weight"] == (olmo.num_kv_heads * olmo.head_dim,)
+    assert "model.layers.0.input_layernorm.weight" not in shapes
+    assert phi.fused_projections and phi.layer_windows == (WINDOW,) * 3 and phi.num_kv_heads < phi.num_heads
+    names = {m.hf_name for m in key_map(phi)}
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= names
+    assert not names & {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+
 
 def test_unimplemented_layer_kinds_and_fields_are_refused_in_one_line():
     hf = dict(MODELS["gemma2"], layer_types=["sliding_attention", "chunked_attention", "full_attention"])
@@ -100,9 +124,23 @@ def test_unimplemented_layer_kinds_and_fields_are_refused_in_one_line():
         ModelConfig.from_hf_config(dict(MODELS["gemma2"], hidden_activation="gelu"), "x/config.json")
     with pytest.raises(CptjaxError, match="^x/config.json: use_bidirectional_attention is not supported"):
         ModelConfig.from_hf_config(dict(MODELS["gemma2"], use_bidirectional_attention=True), "x/config.json")
-    for name in ("gemma3_text", "olmo2", "phi3"):
-        with pytest.raises(CptjaxError, match=f"unsupported architecture: model_type '{name}'"):
-            ModelConfig.from_hf_config(dict(MODELS["gemma2"], model_type=name))
+    with pytest.raises(CptjaxError, match="unsupported architecture: model_type 'gemma3_text'"):
+        ModelConfig.from_hf_config(dict(MODELS["gemma2"], model_type="gemma3_text"))
+
+
+@pytest.mark.parametrize("scaling", [
+    {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+    {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+    {"rope_type": "yarn", "factor": 4.0},  # transformers' Phi-3 reads su and yarn as longrope
+], ids=lambda s: s.get("type", s.get("rope_type")))
+def test_phi3_rope_scaling_is_refused_naming_the_field(scaling):
+    hf = dict(MODELS["phi3"], rope_scaling=scaling)
+    kind = scaling.get("type", scaling.get("rope_type"))
+    with pytest.raises(CptjaxError, match=rf"^x/config.json: rope_scaling.type '{kind}' is not supported "
+                       "for model_type 'phi3'.*longrope$"):
+        ModelConfig.from_hf_config(hf, "x/config.json")
+    with pytest.raises(CptjaxError, match=r"^x/config.json: partial_rotary_factor 0.75 is not supported"):
+        ModelConfig.from_hf_config(dict(MODELS["phi3"], partial_rotary_factor=0.75), "x/config.json")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -116,11 +154,7 @@ def test_fp32_logits_match_transformers(name, hf_dirs):
 
     # Each feature under test moves the logits far beyond the tolerance: none is vacuous here.
     cfg, params = model.config, nnx.to_pure_dict(nnx.state(model.model, nnx.Param))
-    changes = [{"layer_types": (), "sliding_window": None}, {"layer_types": (), "sliding_window": WINDOW}]
-    if name == "gemma2":
-        changes += [{"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
-                    {"query_pre_attn_scalar": None}]
-    for change in changes:
+    for change in FEATURES[name]:
         other = np.asarray(model_from_params(dataclasses.replace(cfg, **change), params)(jnp.asarray(tokens)))
         assert np.max(np.abs(other - reference)) > 1e-2, change
 
@@ -133,7 +167,8 @@ def test_loss_and_gradients_match_pytorch_autograd(name, loss_chunk, hf_dirs):
     cfg = ModelConfig.from_hf_config(MODELS[name])
     params = jax.tree.map(jnp.asarray, read_hf_params(hf_dirs[name], cfg))
     rng = np.random.default_rng(0)
-    docs = [rng.integers(0, cfg.vocab_size, 21), rng.integers(0, cfg.vocab_size, 27)]
+    # Below the padding id: torch's embedding keeps that row out of the gradient (tiny_configs.PAD_TOKEN).
+    docs = [rng.integers(0, tiny_configs.PAD_TOKEN, 21), rng.integers(0, tiny_configs.PAD_TOKEN, 27)]
     batch = packed_batch([docs], 48)
     loss, grads, _ = loss_and_grads(nnx.graphdef(abstract_model(cfg)), params, batch,
                                     StepConfig(num_sources=1, loss_chunk=loss_chunk))
@@ -154,7 +189,7 @@ def test_loss_and_gradients_match_pytorch_autograd(name, loss_chunk, hf_dirs):
         for key in m.path:
             ours = ours[key]
         ours = np.asarray(ours[m.layer] if m.layer is not None else ours)
-        theirs = hf_grads[m.hf_name].grad.numpy().reshape(m.shape)
+        theirs = m.take(hf_grads[m.hf_name].grad.numpy())  # Phi-3: this part of a fused tensor
         assert np.linalg.norm(ours - theirs) <= 1e-4 * np.linalg.norm(theirs), m.hf_name
 
 

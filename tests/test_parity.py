@@ -14,7 +14,7 @@ from cptjax import load_model
 from cptjax.model.config import ModelConfig
 from cptjax.model.transformer import Llama, abstract_model, model_from_params, param_count
 
-ALL = tiny_configs.NAMES + sorted(tiny_configs.VARIANTS)
+ALL = tiny_configs.NAMES + sorted(tiny_configs.BUILT) + sorted(tiny_configs.VARIANTS)
 
 
 def _tokens(vocab, batch=2, length=tiny_configs.SEQ_LEN, seed=0):
@@ -46,6 +46,9 @@ def test_the_structures_under_test_are_the_ones_claimed():
     assert configs["gemma-2-2b"].final_logit_softcapping and configs["gemma-2-2b"].tie_word_embeddings
     assert configs["qwen2.5-0.5b"].qkv_bias and configs["qwen2.5-0.5b"].sliding_window is None
     assert configs["qwen3-0.6b"].qk_norm and configs["qwen3-0.6b"].head_dim == 24
+    assert configs["olmo-2-1124-7b"].post_norms and configs["olmo-2-1124-7b"].qk_norm_all_heads
+    assert configs["phi-3-mini-4k-instruct"].fused_projections
+    assert configs["phi3-gqa"].num_kv_heads < configs["phi3-gqa"].num_heads
     assert configs["llama-biases"].o_bias and configs["llama-biases"].mlp_bias
     assert configs["tinyllama-1.1b"].num_kv_heads < configs["tinyllama-1.1b"].num_heads
     assert configs["llama-2-7b"].num_kv_heads == configs["llama-2-7b"].num_heads
@@ -150,7 +153,7 @@ def test_traced_program_does_not_grow_with_depth():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", tiny_configs.NAMES)
+@pytest.mark.parametrize("name", tiny_configs.NAMES + sorted(tiny_configs.BUILT))
 def test_full_size_shapes_and_parameter_count_match_transformers(name):
     import torch
     import transformers

@@ -64,6 +64,17 @@ def test_eight_devices_of_one_process_read_the_checkpoint_once(tiny_hf, mesh, dt
     assert found["bytes_read"] == _tensor_bytes(hf_dir)  # once, not once per device
 
 
+def test_fused_tensors_are_split_onto_the_mesh_and_read_once(tiny_hf):
+    """Phi-3's qkv_proj and gate_up_proj: each part read as its own rows, straight into its parameter."""
+    hf_dir = tiny_hf("phi3-gqa")
+    result = subprocess.run([sys.executable, str(WORKER), str(hf_dir), "2", "2", "2", "float32"],
+                            capture_output=True, text=True, env=_worker_env(8), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["devices"] == 8 and found["all_equal"] and found["shards_checked"] > 8
+    assert found["bytes_read"] == _tensor_bytes(hf_dir)
+
+
 def test_a_tensor_no_axis_divides_is_still_read_once(odd_hf):
     result = subprocess.run([sys.executable, str(WORKER), str(odd_hf), "1", "8", "1", "float32"],
                             capture_output=True, text=True, env=_worker_env(8), timeout=600)
