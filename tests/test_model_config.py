@@ -12,7 +12,7 @@ from cptjax.model.config import ModelConfig
 from cptjax.model.rope import rope_inverse_frequencies
 
 
-@pytest.mark.parametrize("name", tiny_configs.NAMES)
+@pytest.mark.parametrize("name", tiny_configs.NAMES + sorted(tiny_configs.BUILT))
 def test_hf_config_round_trips(name):
     hf = tiny_configs.full_config(name)
     cfg = ModelConfig.from_hf_config(hf)
@@ -22,7 +22,8 @@ def test_hf_config_round_trips(name):
         assert cfg.to_hf_config()[key] == hf[key]
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-2-7b", "qwen3-0.6b"])
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-2-7b", "qwen3-0.6b", "phi-3-mini-4k-instruct",
+                                  "olmo-2-1124-7b"])
 def test_transformers_5_rope_parameters_spelling_reads_the_same(name):
     """transformers 5 writes `rope_parameters` (theta inside); the hub's files have rope_theta/rope_scaling."""
     hub = tiny_configs.full_config(name)

@@ -25,7 +25,7 @@ def test_rules_with_a_duplicate_or_a_gap_are_refused():
         logical_to_spec(("embd",), DEFAULT_RULES)
 
 
-@pytest.mark.parametrize("name", tiny_configs.NAMES)
+@pytest.mark.parametrize("name", tiny_configs.NAMES + sorted(tiny_configs.BUILT))
 def test_every_parameter_maps_without_reusing_a_mesh_axis(name):
     model = abstract_model(ModelConfig.from_hf_config(tiny_configs.full_config(name)))
     state = nnx.state(model, nnx.Param)
