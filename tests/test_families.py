@@ -40,8 +40,9 @@ from cptjax.hf.read import read_hf_params
 from cptjax.io.pretrained import PretrainedModel
 from cptjax.measure.generate import Sampling, generate_ids
 from cptjax.model.attention import attend, check_kernel, resolve
-from cptjax.model.config import ModelConfig
+from cptjax.model.config import ModelConfig, extend_context
 from cptjax.model.kv_cache import KVCache
+from cptjax.model.rope import RopeOverrides
 from cptjax.model.transformer import Llama, abstract_model, model_from_params
 from cptjax.train.step import StepConfig, loss_and_grads
 
@@ -141,6 +142,15 @@ def test_phi3_rope_scaling_is_refused_naming_the_field(scaling):
         ModelConfig.from_hf_config(hf, "x/config.json")
     with pytest.raises(CptjaxError, match=r"^x/config.json: partial_rotary_factor 0.75 is not supported"):
         ModelConfig.from_hf_config(dict(MODELS["phi3"], partial_rotary_factor=0.75), "x/config.json")
+
+
+def test_a_run_cannot_scale_phi3_rope_but_can_raise_its_base():
+    cfg = ModelConfig.from_hf_config(MODELS["phi3"])
+    with pytest.raises(CptjaxError, match=r"^model.rope.type: 'yarn' cannot be exported as a phi3 model"):
+        extend_context(cfg, RopeOverrides(type="yarn", factor=4.0), 1024)
+    longer = extend_context(cfg, RopeOverrides(theta=1e6), 1024)
+    assert longer.rope.theta == 1e6 and longer.max_position_embeddings == 1024
+    assert ModelConfig.from_hf_config(longer.to_hf_config()) == longer
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

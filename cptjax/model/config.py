@@ -176,6 +176,10 @@ def extend_context(cfg: ModelConfig, rope: RopeOverrides, max_position_embedding
     """`cfg` with a run's RoPE and length keys (`model.rope`, `model.max_position_embeddings`)
     applied: the one place a run's model config departs from the loaded one."""
     new_rope = override_rope(cfg.rope, rope, original_len=cfg.max_position_embeddings)
+    if ARCHITECTURES[cfg.model_type].only_default_rope and new_rope.type != "default":
+        raise CptjaxError(f"model.rope.type: {new_rope.type!r} cannot be exported as a {cfg.model_type} model "
+                          "(transformers reads any rope_scaling of one as longrope); raise model.rope.theta "
+                          "to extend its context instead")
     length = cfg.max_position_embeddings if max_position_embeddings is None else max_position_embeddings
     return dataclasses.replace(cfg, rope=new_rope, max_position_embeddings=length)
 
