@@ -82,7 +82,9 @@ def main(data, fsdp, tensor):
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
     result = {"devices": jax.device_count(), "kernels": kernel_errors(mesh),
               "model": {"mistral/splash": model_errors(mesh, "mistral-7b-v0.1", "splash"),
-                        "qwen2.5/pallas_gpu": model_errors(mesh, "qwen2.5-0.5b", "pallas_gpu")}}
+                        "qwen2.5/pallas_gpu": model_errors(mesh, "qwen2.5-0.5b", "pallas_gpu"),
+                        # OLMo 2's q/k norms span all heads: heads split over `tensor` must be reduced.
+                        "olmo2/xla": model_errors(mesh, "olmo-2-1124-7b", "xla")}}
     print(json.dumps(result))
 
 

@@ -90,6 +90,7 @@ def test_kernels_under_shard_map_on_eight_devices(mesh):
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["devices"] == 8
     assert set(found["kernels"]) == {"qwen2.5/splash", "qwen2.5/pallas_gpu", "mistral/splash"}
+    assert set(found["model"]) == {"mistral/splash", "qwen2.5/pallas_gpu", "olmo2/xla"}
     for case, errors in {**found["kernels"], **found["model"]}.items():
         assert max(errors) <= cases.TOLERANCE, (case, errors)
 
