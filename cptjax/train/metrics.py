@@ -21,6 +21,7 @@ import time
 
 from etils import epath
 
+from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import is_remote
 from cptjax.io.run_layout import RunPaths
 from cptjax.model.config import ModelConfig
@@ -67,7 +68,13 @@ class JsonLines:
         lines = path.read_text().splitlines() if path.exists() else []
         # the last step logged before this start, set-aside records included (what W&B may hold)
         self.last_step = max((_step_of(line) for line in lines), default=-1)
-        kept = [line for line in lines if line and start_step > 0 and json.loads(line)["step"] <= start_step]
+        torn = lines[-1] if lines and _step_of(lines[-1]) < 0 else None  # a write a crash cut short
+        for number, line in enumerate(lines[:-1] if torn is not None else lines, start=1):
+            if line and _step_of(line) < 0:
+                raise CptjaxError(f"{path}:{number}: not a metrics record; the log is damaged. Move the "
+                                  "file aside to start the log afresh (the checkpoints are unaffected)")
+        kept = [line for line in lines
+                if line and line != torn and start_step > 0 and json.loads(line)["step"] <= start_step]
         dropped = [line for line in lines if line and line not in kept]
         if dropped:
             discarded = path.with_name("metrics.discarded.jsonl")
