@@ -25,6 +25,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU slices are compile-only
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "hf_configs"
+RECIPE_MODELS = REPO / "tests" / "fixtures" / "recipe_models"  # published shapes used only by recipes
 # An H100 80GB as JAX uses it: 81,559 MiB (nvidia-smi) x XLA_PYTHON_CLIENT_MEM_FRACTION 0.95 (scripts/gpu_env.sh).
 H100_BYTES = int(81_559 * 2**20 * 0.95)
 CPU_RAM_BYTES = 16 * 10**9  # the RAM qwen2.5-0.5b-cpu.yaml's header names
@@ -35,6 +36,7 @@ TARGETS = {
     "llama-3.1-8b-tpu-wsd.yaml": ("llama-3.1-8b", "v5p-128", None, "v5p-128"),
     "llama-3.2-1b-code.yaml": ("llama-3.2-1b", "v5p-8", 1, "1 x H100 80GB (proxy: 1 v5p chip)"),
     "mistral-7b-tpu-v5p-64.yaml": ("mistral-7b-v0.1", "v5p-64", None, "v5p-64"),
+    "gemma-2-9b-tpu-v5p-64.yaml": ("gemma-2-9b", "v5p-64", None, "v5p-64"),
     "qwen2.5-0.5b-cpu.yaml": ("qwen2.5-0.5b", None, 1, "CPU, 16 GB"),
     "qwen2.5-0.5b-two-stage.yaml": ("qwen2.5-0.5b", "v5e-8", None, "v5e-8"),
 }
@@ -59,7 +61,8 @@ def plan_one(name: str, overrides: list[str]) -> dict:
 
     model, topology, count, target = TARGETS[name]
     config = load_config(str(REPO / "configs" / name), overrides)
-    result = plan(config, model_config_for(config, str(FIXTURES / f"{model}.json")), topology, device_count=count)
+    hf_config = next(p for p in (FIXTURES / f"{model}.json", RECIPE_MODELS / f"{model}.json") if p.is_file())
+    result = plan(config, model_config_for(config, str(hf_config)), topology, device_count=count)
     if target.startswith(("8 x H100", "1 x H100")):
         memory, against = H100_BYTES, "H100 80GB as JAX uses it (81,559 MiB x 0.95)"
     elif topology is None:
@@ -80,11 +83,15 @@ def main() -> None:
     parser.add_argument("--out", help="JSON record (default: a new docs/benchmarks/plan_<date>.json)")
     parser.add_argument("--only", choices=["configs", "without-knobs", "long-context"], action="append",
                         help="plan only these groups (repeatable; default: all three)")
+    parser.add_argument("--config", choices=sorted(TARGETS), action="append",
+                        help="with --only configs: plan only these configs (repeatable; default: every one)")
     args = parser.parse_args()
     groups = args.only or ["configs", "without-knobs", "long-context"]
+    if args.config and groups != ["configs"]:
+        parser.error("--config goes with --only configs")
     record = bench_record.begin("plan", ("libtpu",))
     rows = []
-    for name in TARGETS if "configs" in groups else ():
+    for name in (args.config or TARGETS) if "configs" in groups else ():
         rows.append(plan_one(name, []))
         print_row(rows[-1])
     variants = {**(FLAGSHIP_WITHOUT_KNOBS if "without-knobs" in groups else {}),

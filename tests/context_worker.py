@@ -58,7 +58,8 @@ def documents(rng, vocab):
 # (~0.01) and logits (~1): dropping the attention cap moves the gradients by 120% (normwise), the
 # final one by 19% (measured 2026-12-07), far beyond the 1e-4 they are held to.
 FAMILIES = {"gemma2": ("gemma-2-2b", {"attn_logit_softcapping": 0.005, "final_logit_softcapping": 0.5}),
-            "qwen2-mixed": ("qwen2-mixed", {}), "olmo2": ("olmo-2-1124-7b", {}), "phi3": ("phi3-gqa", {})}
+            "qwen2-mixed": ("qwen2-mixed", {}), "olmo2": ("olmo-2-1124-7b", {}), "phi3": ("phi3-gqa", {}),
+            "gemma3": ("gemma3-scaled", {})}
 
 
 def family_errors():

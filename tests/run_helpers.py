@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -23,6 +25,34 @@ def start(*args) -> subprocess.Popen:
     """`cptjax ARGS` in the background, stderr line-buffered for watching."""
     return subprocess.Popen([sys.executable, "-u", "-m", "cptjax.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+class Watcher:
+    """Collects a process's output lines as they come, to act when one appears."""
+
+    def __init__(self, process):
+        self.process, self.lines = process, []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 300) -> bool:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in self.lines):
+                return True
+            if self.process.poll() is not None:
+                return any(text in line for line in self.lines)
+            time.sleep(0.01)
+        return False
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        code = self.process.wait(timeout=timeout)
+        self._thread.join(timeout=10)
+        return code, "".join(self.lines)
 
 
 def records(run_dir, kind: str) -> list[dict]:

@@ -9,14 +9,13 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 import yaml
 from data_helpers import STDLIB
-from run_helpers import cli, records, restore_arrays, start, steps
+from run_helpers import Watcher, cli, records, restore_arrays, start, steps
 
 
 def _config(cpt_config, tmp_path, **changes) -> str:
@@ -26,34 +25,6 @@ def _config(cpt_config, tmp_path, **changes) -> str:
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-class _Watcher:
-    """Collects a process's output lines as they come, to act when one appears."""
-
-    def __init__(self, process):
-        self.process, self.lines = process, []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 300) -> bool:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if any(text in line for line in self.lines):
-                return True
-            if self.process.poll() is not None:
-                return any(text in line for line in self.lines)
-            time.sleep(0.01)
-        return False
-
-    def finish(self, timeout: float = 300) -> tuple[int, str]:
-        code = self.process.wait(timeout=timeout)
-        self._thread.join(timeout=10)
-        return code, "".join(self.lines)
 
 
 # The eval phase's held-out set: the first 40 of the standard library's modules, an evaluation of
@@ -76,7 +47,7 @@ def test_sigterm_at_each_phase_exits_0_with_its_finished_steps_saved(cpt_config,
                      checkpoint={"every": 1000, "keep_last": 3},  # only the end and SIGTERM save
                      **changes)
     process = start("train", "--config", config)
-    watcher = _Watcher(process)
+    watcher = Watcher(process)
     if wait_for is None:
         time.sleep(1.5)  # importing JAX, reading the config
     else:
@@ -114,7 +85,7 @@ def test_random_sigkills_resume_every_time_and_end_bit_identical(cpt_config, tmp
     where = []
     while len(where) < 21:
         process = start("train", "--config", killed)
-        watcher = _Watcher(process)
+        watcher = Watcher(process)
         saved = steps(tmp_path / "killed" / "checkpoints")
         if len(where) < 4:  # the first start: imports, tokenizer, hf_assets, compiling
             time.sleep(rng.uniform(0.2, 5.0))

@@ -1,4 +1,4 @@
-"""Per-layer attention patterns, Gemma 2, OLMo 2 and Phi-3 against transformers' PyTorch models.
+"""Per-layer attention patterns, Gemma 2 and 3, OLMo 2 and Phi-3 against transformers' PyTorch models.
 
 Tiny models, shrunk from published configs with their structure kept: Gemma 2 (gemma-2-2b.json:
 alternating sliding and global layers, soft-caps, (1 + weight) sandwich norms, sqrt(D) embeddings,
@@ -6,7 +6,10 @@ GeGLU, query_pre_attn_scalar, tied embeddings), Qwen2 with max_window_layers (1)
 (3) and use_sliding_window set, OLMo 2 (OLMo-2-1124-7B's shape: norms after attention and MLP
 only, q/k RMSNorm over all heads, eps 1e-6, untied head) and Phi-3 (Phi-3-mini-4k-instruct's shape
 with fewer kv heads: fused qkv_proj and gate_up_proj in the files, a sliding window on every
-layer); the last two shapes are written by hand in tiny_configs.BUILT (no hub here). The sliding
+layer) and Gemma 3 (gemma-3-1b-pt's structure with six layers, so its 5:1 pattern has a global
+layer, and the linear RoPE scaling (8) its 4B-27B models put on the global layers only: q/k
+(1 + weight) RMSNorm, the sliding layers' own RoPE base); the last three shapes are written by
+hand in tiny_configs.BUILT (no hub here). The sliding
 window (12) is shorter than every prompt, so the interleave matters. The published attention cap
 (50, on scores of order 0.1 here) moves the logits by 4e-5, under the 1e-4 tolerance, so the Gemma
 model here has caps that bite (and a test says they do); the published configs are in
@@ -42,7 +45,7 @@ from cptjax.measure.generate import Sampling, generate_ids
 from cptjax.model.attention import attend, check_kernel, resolve
 from cptjax.model.config import ModelConfig, extend_context
 from cptjax.model.kv_cache import KVCache
-from cptjax.model.rope import RopeOverrides
+from cptjax.model.rope import RopeConfig, RopeOverrides
 from cptjax.model.transformer import Llama, abstract_model, model_from_params
 from cptjax.train.step import StepConfig, loss_and_grads
 
@@ -52,13 +55,17 @@ CAPS = {"attn_logit_softcapping": 0.05, "final_logit_softcapping": 1.0}
 MODELS = {"gemma2": dict(tiny_configs.shrunk_config("gemma-2-2b"), **CAPS),
           "qwen2-mixed": tiny_configs.shrunk_config("qwen2-mixed"),
           "olmo2": tiny_configs.shrunk_config("olmo-2-1124-7b"),
-          "phi3": tiny_configs.shrunk_config("phi3-gqa")}
+          "phi3": tiny_configs.shrunk_config("phi3-gqa"),
+          "gemma3": tiny_configs.shrunk_config("gemma3-scaled")}
 # Config changes that must each move the logits far beyond the tolerance (none vacuous). OLMo 2's
 # structure (which norms exist, the q/k norms' shapes) is in its weights, so it has none to change.
 _WINDOWS = [{"layer_types": (), "sliding_window": None}, {"layer_types": (), "sliding_window": WINDOW}]
 FEATURES = {"gemma2": _WINDOWS + [{"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
                                   {"query_pre_attn_scalar": None}],
-            "qwen2-mixed": _WINDOWS, "olmo2": [], "phi3": [{"sliding_window": None}]}
+            "qwen2-mixed": _WINDOWS, "olmo2": [], "phi3": [{"sliding_window": None}],
+            # Gemma 3: the sliding layers' own base, the global layers' scaling, the attention scale.
+            "gemma3": _WINDOWS + [{"sliding_rope_theta": None}, {"rope": RopeConfig(theta=1e6)},
+                                  {"query_pre_attn_scalar": None}]}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +87,9 @@ def _tokens(batch=2, length=tiny_configs.SEQ_LEN, seed=0):
     {"model_type": "qwen3", "use_sliding_window": True, "max_window_layers": 30},
     {"model_type": "gemma2"},
     {"model_type": "gemma2", "layer_types": ["full_attention"] * 30 + ["sliding_attention"] * 2},
+    {"model_type": "gemma2", "sliding_window_pattern": 4},  # Gemma 2 alternates whatever this says
+    {"model_type": "gemma3_text"},  # five sliding layers to one global
+    {"model_type": "gemma3_text", "sliding_window_pattern": 3},
     {"model_type": "mistral"},
 ], ids=lambda c: "-".join(f"{k}={v}" if k != "layer_types" else k for k, v in c.items()))
 def test_which_layers_slide_is_what_transformers_reads(change):
@@ -103,6 +113,12 @@ def test_the_tiny_models_have_the_structure_claimed():
     assert gemma.attention_scale == 256 ** -0.5 != gemma.head_dim ** -0.5
     assert WINDOW < tiny_configs.SEQ_LEN
 
+    gemma3 = ModelConfig.from_hf_config(MODELS["gemma3"])
+    assert gemma3.layer_windows == (WINDOW,) * 5 + (None,)
+    assert gemma3.qk_norm and gemma3.gemma_norms and gemma3.tie_word_embeddings
+    assert gemma3.attn_logit_softcapping is None is gemma3.final_logit_softcapping
+    assert [gemma3.layer_ropes[i] for i in (0, 5)] == [RopeConfig(theta=1e4), RopeConfig(1e6, "linear", 8.0)]
+
     olmo, phi = (ModelConfig.from_hf_config(MODELS[n]) for n in ("olmo2", "phi3"))
     assert olmo.post_norms and olmo.qk_norm_all_heads and not olmo.tie_word_embeddings
     assert olmo.rms_norm_eps == 1e-6 and olmo.layer_windows == (None,) * 3
@@ -116,6 +132,27 @@ def test_the_tiny_models_have_the_structure_claimed():
     assert not names & {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"}
 
 
+@pytest.mark.parametrize("spelling", ["hub", "transformers5"])
+def test_gemma3_layer_ropes_are_what_transformers_reads(spelling, tmp_path):
+    """Each layer type's RoPE as transformers' Gemma3TextConfig has it, from the hub's spelling
+    (rope_theta, rope_scaling, rope_local_base_freq) and from what transformers 5 writes
+    (rope_parameters by layer type); the export is read back the same by both."""
+    hf = MODELS["gemma3"]
+    if spelling == "transformers5":
+        hf_models.hf_config_object(hf).save_pretrained(tmp_path)
+        hf = json.loads((tmp_path / "config.json").read_text())
+        assert set(hf["rope_parameters"]) == {"full_attention", "sliding_attention"} and "rope_scaling" not in hf
+    theirs = hf_models.hf_config_object(hf).rope_parameters
+    cfg = ModelConfig.from_hf_config(hf)
+    for kind, index in (("sliding_attention", 0), ("full_attention", 5)):
+        rope = cfg.layer_ropes[index]
+        assert (rope.type, rope.theta, rope.factor) == (theirs[kind]["rope_type"], theirs[kind]["rope_theta"],
+                                                        theirs[kind].get("factor", 1.0))
+        again = hf_models.hf_config_object(cfg.to_hf_config()).rope_parameters[kind]
+        assert {k: again[k] for k in theirs[kind]} == theirs[kind]
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
+
+
 def test_unimplemented_layer_kinds_and_fields_are_refused_in_one_line():
     hf = dict(MODELS["gemma2"], layer_types=["sliding_attention", "chunked_attention", "full_attention"])
     with pytest.raises(CptjaxError, match=r"^x/config.json: layer_types must list one of full_attention, "
@@ -125,8 +162,13 @@ def test_unimplemented_layer_kinds_and_fields_are_refused_in_one_line():
         ModelConfig.from_hf_config(dict(MODELS["gemma2"], hidden_activation="gelu"), "x/config.json")
     with pytest.raises(CptjaxError, match="^x/config.json: use_bidirectional_attention is not supported"):
         ModelConfig.from_hf_config(dict(MODELS["gemma2"], use_bidirectional_attention=True), "x/config.json")
-    with pytest.raises(CptjaxError, match="unsupported architecture: model_type 'gemma3_text'"):
-        ModelConfig.from_hf_config(dict(MODELS["gemma2"], model_type="gemma3_text"))
+    with pytest.raises(CptjaxError, match=r"^x/config.json: unsupported architecture: model_type 'gemma3' \(it is "
+                       "Gemma 3's multimodal checkpoint.*model_type 'gemma3_text'"):
+        ModelConfig.from_hf_config(dict(MODELS["gemma3"], model_type="gemma3"), "x/config.json")
+    local = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+             "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}
+    with pytest.raises(CptjaxError, match=r"^x/config.json: rope_parameters.sliding_attention must be default RoPE"):
+        ModelConfig.from_hf_config(dict(MODELS["gemma3"], rope_parameters=local, rope_scaling=None), "x/config.json")
 
 
 @pytest.mark.parametrize("scaling", [

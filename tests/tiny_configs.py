@@ -8,6 +8,10 @@ import json
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
+# Published config.json files of the models the recipes in configs/ continue from, for `cptjax plan`
+# only (each one's structure is a fixture's or BUILT's: Gemma 2 9B is gemma-2-2b's). Written by hand
+# where the hub could not be reached, as BUILT's are.
+RECIPE_MODELS = Path(__file__).parent / "fixtures" / "recipe_models"
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))
 SEQ_LEN = 48  # longer than both of the next two
 ROPE_ORIGINAL_LEN = 16
@@ -16,9 +20,10 @@ SLIDING_WINDOW = 12
 PAD_TOKEN = 511
 
 # Published shapes this machine could not download (no model hub here), written by hand: the sizes
-# and keys of allenai/OLMo-2-1124-7B and microsoft/Phi-3-mini-4k-instruct's config.json as published
-# (from memory; the structural fields agree with transformers' Olmo2Config and Phi3Config defaults,
-# which are these models: Olmo2Config's sizes are the 7B's, Phi3Config's the mini's). Phi-3's
+# and keys of allenai/OLMo-2-1124-7B, microsoft/Phi-3-mini-4k-instruct and google/gemma-3-1b-pt's
+# config.json as published (from memory; the structural fields agree with transformers' Olmo2Config,
+# Phi3Config and Gemma3TextConfig defaults: Olmo2Config's sizes are the 7B's, Phi3Config's the
+# mini's, Gemma3TextConfig's RoPE bases, query_pre_attn_scalar and pattern the 1B's). Phi-3's
 # auto_map (remote code, never used) is left out. Replace them with the hub files when a session can.
 BUILT = {
     "olmo-2-1124-7b": {
@@ -36,6 +41,15 @@ BUILT = {
         "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0,
         "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32064},
+    "gemma-3-1b-pt": {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+        "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 262144},
 }
 
 # Structures the public fixtures do not cover but the model claims: Llama with attention and MLP
@@ -47,13 +61,23 @@ VARIANTS = {
     "qwen2-mixed": ("qwen2.5-0.5b", {"use_sliding_window": True, "max_window_layers": 1}),
     # Phi-3 with fewer kv heads than query heads (Phi-3-medium's kind): the fused qkv_proj's parts differ in size.
     "phi3-gqa": ("phi-3-mini-4k-instruct", {"num_key_value_heads": 2}),
+    # Gemma 3 as its 4B-27B text models are: linear RoPE scaling (8) on the global layers only; six
+    # layers, so the 5:1 pattern has a global one.
+    "gemma3-scaled": ("gemma-3-1b-pt", {"num_hidden_layers": 6,
+                                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
 }
 
 
 def full_config(name: str) -> dict:
     if name in BUILT:
         return copy.deepcopy(BUILT[name])
-    return json.loads((FIXTURES / f"{name}.json").read_text())
+    return json.loads(config_file(name).read_text())
+
+
+def config_file(name: str) -> Path:
+    """The config.json file of a fixture or a recipe's model, for commands that take a path."""
+    path = FIXTURES / f"{name}.json"
+    return path if path.is_file() else RECIPE_MODELS / f"{name}.json"
 
 
 def shrunk_config(name: str) -> dict:

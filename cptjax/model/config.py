@@ -22,8 +22,9 @@ from cptjax.model.families import (
     architecture_refusal,
     flag,
     parse_layer_windows,
+    with_defaults,
 )
-from cptjax.model.rope import RopeConfig, RopeOverrides, override_rope, rope_from_hf, rope_to_hf
+from cptjax.model.rope import RopeConfig, RopeOverrides, override_rope, rope_from_hf, rope_to_hf, split_layer_rope
 
 # Keys this module reads or writes itself; every other key of the source config.json is carried
 # through unchanged so that an export keeps what the user's model had (initializer_range, use_cache...).
@@ -35,7 +36,7 @@ _MODELED_KEYS = frozenset({
     "use_sliding_window", "max_window_layers", "layer_types", "bos_token_id", "eos_token_id",
     "pad_token_id", "torch_dtype", "dtype", "partial_rotary_factor", "transformers_version",
     "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-    "sliding_window_pattern",
+    "sliding_window_pattern", "rope_local_base_freq", "_sliding_window_pattern",
 })
 
 
@@ -54,6 +55,9 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-5
     rope: RopeConfig = RopeConfig()
+    # Gemma 3: the sliding-window layers' RoPE base (default RoPE, never scaled); `rope` is then the
+    # full-attention layers'. None: every layer uses `rope`. `layer_ropes` reads it.
+    sliding_rope_theta: float | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -106,7 +110,8 @@ class ModelConfig:
             raise CptjaxError("model config: qk_norm_all_heads needs qk_norm")
         if self.post_norms and self.gemma_norms:
             raise CptjaxError("model config: post_norms (OLMo 2) and gemma_norms (Gemma 2) exclude each other")
-        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                     "sliding_rope_theta"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise CptjaxError(f"model config: {name} must be positive or null, got {value!r}")
@@ -128,6 +133,23 @@ class ModelConfig:
     def layer_window_index(self) -> tuple[int, ...]:
         """Per layer, its window's index in `attention_windows`."""
         return tuple(self.attention_windows.index(w) for w in self.layer_windows)
+
+    @property
+    def layer_ropes(self) -> tuple[RopeConfig, ...]:
+        """Each layer's RoPE: `rope`, or for Gemma 3's sliding layers default RoPE at sliding_rope_theta."""
+        if self.sliding_rope_theta is None:
+            return (self.rope,) * self.num_layers
+        local = RopeConfig(theta=self.sliding_rope_theta)
+        return tuple(self.rope if w is None else local for w in self.layer_windows)
+
+    @property
+    def ropes(self) -> tuple[RopeConfig, ...]:
+        """The distinct RoPEs of the layers, in order of first use (`layer_rope_index` picks one)."""
+        return tuple(dict.fromkeys(self.layer_ropes))
+
+    @property
+    def layer_rope_index(self) -> tuple[int, ...]:
+        return tuple(self.ropes.index(r) for r in self.layer_ropes)
 
     @property
     def attention_scale(self) -> float:
@@ -224,6 +246,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
     if model_type not in ARCHITECTURES:
         raise CptjaxError(f"{source}: " + architecture_refusal(model_type))
     arch = ARCHITECTURES[model_type]
+    hf = with_defaults(hf, arch)
     archs = hf.get("architectures")
     if archs is not None and archs != [arch.hf_class]:
         raise CptjaxError(f"{source}: architectures {archs} do not match model_type {model_type!r} "
@@ -247,6 +270,11 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
     eos = hf.get("eos_token_id")
     if arch.only_default_rope:
         _refuse_scaled_rope(hf, model_type, source)
+    sliding_rope_theta = None
+    if arch.sliding_rope_base:
+        hf, sliding_rope_theta = split_layer_rope(hf, source)
+        sliding_rope_theta = _optional_number({"rope_local_base_freq": sliding_rope_theta},
+                                              "rope_local_base_freq", source)
     rope = rope_from_hf(hf, source)
     sliding_window, layer_types = parse_layer_windows(hf, arch, num_layers, source)
     modeled = _MODELED_KEYS | ({"original_max_position_embeddings"} if rope.type in ("llama3", "yarn") else set())
@@ -263,6 +291,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
             max_position_embeddings=_require(hf, "max_position_embeddings", source),
             rms_norm_eps=float(_require(hf, "rms_norm_eps", source, float)),
             rope=rope,
+            sliding_rope_theta=None if sliding_rope_theta is None else float(sliding_rope_theta),
             qkv_bias=flag(hf, arch.qkv_bias, source),
             o_bias=flag(hf, arch.o_bias, source),
             mlp_bias=flag(hf, arch.mlp_bias, source),
@@ -324,8 +353,10 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         hf[arch.mlp_bias] = cfg.mlp_bias
     for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
         value = getattr(cfg, key)
-        if value is not None or arch.gemma_norms:  # Gemma 2's config class defaults them when absent
+        if value is not None or key in dict(arch.defaults):  # a null the config class would fill
             hf[key] = value
+    if arch.sliding_rope_base:
+        hf["rope_local_base_freq"] = cfg.sliding_rope_theta
     if arch.sliding_window == "never":
         return hf
     hf["sliding_window"] = cfg.sliding_window
@@ -333,6 +364,11 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         return hf
     kinds = ["full_attention" if w is None else "sliding_attention" for w in cfg.layer_windows]
     hf["layer_types"] = kinds
+    if arch.sliding_window == "alternating" and arch.window_pattern is None and "full_attention" in kinds:
+        # Gemma 3 before transformers 4.53 reads only the pattern: written where the layers follow one.
+        pattern = kinds.index("full_attention") + 1
+        if kinds == ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len(kinds))]:
+            hf["sliding_window_pattern"] = pattern
     if arch.sliding_window == "max_window_layers":
         hf["use_sliding_window"] = cfg.sliding_window is not None
         # transformers 4 reads max_window_layers, not layer_types: the first sliding layer, when

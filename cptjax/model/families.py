@@ -4,7 +4,9 @@ names (`ARCHITECTURES`), and which layers have a sliding window, read as transfo
 An entry says what the HF class implies about fields its config.json does not spell out (Qwen2
 always has q/k/v biases, Qwen3 always has per-head q/k RMSNorm, Gemma 2 always has (1 + weight)
 norms on both sides of each sub-layer, OLMo 2 norms only after them and q/k norms over all heads,
-Phi-3 fuses q/k/v and gate/up in its files). config.py turns them into ModelConfig fields.
+Phi-3 fuses q/k/v and gate/up in its files, Gemma 3 gives its sliding layers their own RoPE base),
+and the values its config class gives keys that config.json leaves out. config.py turns them into
+ModelConfig fields.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Architecture:
     qk_norm: bool
     # Which layers slide: 'never', 'all_layers' (Mistral), 'max_window_layers' (Qwen2/3: where
     # use_sliding_window is set, the layers from max_window_layers on, unless layer_types lists
-    # them) or 'alternating' (Gemma 2: layer_types, else every other layer from the first).
+    # them) or 'alternating' (Gemma 2 and 3: layer_types, else every `sliding_window_pattern`-th
+    # layer is full).
     sliding_window: str
     gemma_norms: bool = False  # (1 + weight) RMSNorms, also after attention and the MLP; sqrt(D)-scaled embeddings
     post_norms: bool = False  # OLMo 2: RMSNorms on the attention's and the MLP's outputs only, none before
@@ -36,6 +39,10 @@ class Architecture:
     act_key: str = "hidden_act"  # the config key naming the MLP's activation
     default_act: str = "silu"
     tied_by_default: bool = False  # tie_word_embeddings where config.json leaves it out
+    window_pattern: int | None = None  # 'alternating': every n-th layer full (None: sliding_window_pattern's n)
+    sliding_rope_base: bool = False  # Gemma 3: sliding layers use default RoPE at rope_local_base_freq
+    # What the HF config class assumes for keys config.json leaves out (transformers' defaults).
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -45,7 +52,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": Architecture("Qwen3ForCausalLM", "attention_bias", "attention_bias", False, True, "max_window_layers"),
     "gemma2": Architecture("Gemma2ForCausalLM", "attention_bias", "attention_bias", False, False, "alternating",
                            gemma_norms=True, act_key="hidden_activation", default_act="gelu_pytorch_tanh",
-                           tied_by_default=True),
+                           tied_by_default=True, window_pattern=2,
+                           defaults=(("query_pre_attn_scalar", 256), ("attn_logit_softcapping", 50.0),
+                                     ("final_logit_softcapping", 30.0), ("sliding_window", 4096))),
+    "gemma3_text": Architecture("Gemma3ForCausalLM", "attention_bias", "attention_bias", False, True, "alternating",
+                                gemma_norms=True, act_key="hidden_activation", default_act="gelu_pytorch_tanh",
+                                tied_by_default=True, sliding_rope_base=True,
+                                defaults=(("query_pre_attn_scalar", 256), ("sliding_window", 4096),
+                                          ("sliding_window_pattern", 6), ("rope_theta", 1_000_000.0),
+                                          ("rope_local_base_freq", 10_000.0))),
     "olmo2": Architecture("Olmo2ForCausalLM", "attention_bias", "attention_bias", False, True, "never",
                           post_norms=True, qk_norm_all_heads=True),
     "phi3": Architecture("Phi3ForCausalLM", False, False, False, False, "all_layers", fused_projections=True,
@@ -56,10 +71,24 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 _QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default when config.json leaves max_window_layers out
 
 
+# model_types close to a supported one, with what to do instead.
+_NEAR_MISSES = {
+    "gemma3": "it is Gemma 3's multimodal checkpoint (Gemma3ForConditionalGeneration); cptjax trains the text "
+              "decoder, model_type 'gemma3_text' (Gemma3ForCausalLM: Gemma 3 270M and 1B)",
+}
+
+
 def architecture_refusal(model_type: Any) -> str:
     supported = ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items())
-    return (f"unsupported architecture: model_type {model_type!r}. "
+    hint = f" ({_NEAR_MISSES[model_type]})" if model_type in _NEAR_MISSES else ""
+    return (f"unsupported architecture: model_type {model_type!r}{hint}. "
             f"cptjax supports: {supported}; TinyLlama and SmolLM use model_type 'llama'")
+
+
+def with_defaults(hf: dict, arch: Architecture) -> dict:
+    """`hf` with the config class's defaults for the keys it leaves out (a key set to null stays
+    null, as transformers keeps it: Gemma 2 with `attn_logit_softcapping: null` has no cap)."""
+    return {**dict(arch.defaults), **hf}
 
 
 def flag(hf: dict, spec: str | bool, source: str) -> bool:
@@ -108,7 +137,7 @@ def _default_layer_type(hf: dict, arch: Architecture, layer: int, source: str) -
         if not isinstance(first, int) or isinstance(first, bool) or first < 0:
             raise CptjaxError(f"{source}: max_window_layers must be a non-negative integer, got {first!r}")
         return "sliding_attention" if layer >= first else "full_attention"
-    pattern = hf.get("sliding_window_pattern", 2)  # Gemma 2 alternates; every `pattern`-th layer is full
+    pattern = arch.window_pattern or hf.get("sliding_window_pattern")  # every `pattern`-th layer is full
     if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
         raise CptjaxError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
     return "sliding_attention" if (layer + 1) % pattern else "full_attention"

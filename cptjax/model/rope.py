@@ -190,6 +190,28 @@ def rope_from_hf(hf: dict, source: str) -> RopeConfig:
         raise CptjaxError(f"{source}: {err}") from None
 
 
+def split_layer_rope(hf: dict, source: str) -> tuple[dict, float]:
+    """Gemma 3's two RoPEs: (`hf` with the full-attention layers' RoPE as its only one, for
+    `rope_from_hf`; the sliding layers' base). The hub spells them `rope_theta`/`rope_scaling` and
+    `rope_local_base_freq`; transformers 5 writes `rope_parameters` keyed by layer type. The
+    sliding layers' RoPE is unscaled in every published model; another type there is refused."""
+    params = hf.get("rope_parameters")
+    if not (isinstance(params, dict) and {"full_attention", "sliding_attention"} & params.keys()):
+        return hf, hf["rope_local_base_freq"]
+    local = params.get("sliding_attention") or {}
+    if not isinstance(local, dict) or local.get("rope_type", local.get("type", "default")) != "default":
+        raise CptjaxError(f"{source}: rope_parameters.sliding_attention must be default RoPE (cptjax scales only "
+                          f"the full-attention layers' RoPE), got {local!r}")
+    unmodeled = set(params) - {"full_attention", "sliding_attention"}
+    if unmodeled:
+        raise CptjaxError(f"{source}: rope_parameters keys {sorted(unmodeled)} are not layer types "
+                          "(full_attention, sliding_attention)")
+    single = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    if params.get("full_attention"):
+        single["rope_parameters"] = params["full_attention"]
+    return single, local.get("rope_theta", hf["rope_local_base_freq"])
+
+
 def rope_to_hf(rope: RopeConfig) -> dict[str, Any] | None:
     """The `rope_scaling` entry of an HF config.json (rope_theta is written beside it)."""
     if rope.type == "default":

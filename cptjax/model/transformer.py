@@ -1,5 +1,5 @@
 """The Llama-family decoder in Flax NNX: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, TinyLlama, SmolLM,
-Gemma 2, OLMo 2, Phi-3.
+Gemma 2, Gemma 3 (text), OLMo 2, Phi-3.
 
 Dimension letters (used in einsums, comments and sharding names):
   B batch, L length (S for keys), D model, V vocab, F mlp, N query heads, K kv heads, H head dim,
@@ -9,7 +9,8 @@ Weights keep Hugging Face's layout ([out, in] for every projection, heads split 
 the HF key map is a reshape, never a transpose. The layers' weights are stacked on a leading Ly axis
 and run under `jax.lax.scan`, so compile time does not grow with depth. Where layers differ in their
 attention window (Gemma 2's alternation, Qwen2's max_window_layers), the scan carries each layer's
-window index and the layer picks its window with `jax.lax.switch`: still one scanned body.
+window index and the layer picks its window with `jax.lax.switch`: still one scanned body. Gemma 3's
+sliding layers also have their own RoPE base: the scan carries a RoPE index too.
 
 Numerics: parameters are stored in `param_dtype` and cast to `dtype` for compute; RMSNorm statistics,
 the attention softmax and the logits are float32.
@@ -200,18 +201,20 @@ class Llama(nnx.Module):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions, self.dtype)
+        tables = _rope_tables(cfg, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention, context_parallel=self.context_parallel)
 
         def step(carry, layer):
-            weights, window_index = layer
+            weights, window_index, rope_index = layer
+            cos, sin = tables(rope_index)
             return block(carry, weights, cos, sin, segment_ids, token_index=token_index,  # (x, None): no cache
                          window_index=window_index)
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         window_index = jnp.asarray(cfg.layer_window_index, jnp.int32)  # [Ly]
-        x, _ = jax.lax.scan(step, x, (self.layers.arrays(), window_index))
+        rope_index = jnp.asarray(cfg.layer_rope_index, jnp.int32)  # [Ly]
+        x, _ = jax.lax.scan(step, x, (self.layers.arrays(), window_index, rope_index))
         return norm(x, self.norm[...], cfg)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -219,18 +222,31 @@ class Llama(nnx.Module):
         over `cache` and their own keys (kv_cache.py); returns the float32 logits of each row's last
         token [B, V] and the cache with the new tokens added."""
         cfg = self.config
-        cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions, self.dtype)
+        tables = _rope_tables(cfg, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention)
 
         def step(x, layer):
-            weights, keys, values, window = layer
+            weights, keys, values, window, rope_index = layer
+            cos, sin = tables(rope_index)
             return block(x, weights, cos, sin, None, LayerCache(keys, values, cache.positions, positions, window))
 
         windows = layer_window_sizes(cfg)  # [Ly]: the cache masks by each layer's own window
+        rope_index = jnp.asarray(cfg.layer_rope_index, jnp.int32)
         x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
-                                                                     cache.values, windows))
+                                                                     cache.values, windows, rope_index))
         logits = self.head_logits(norm(x[:, -1], self.norm[...], cfg))  # [B, V]
         return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
+
+
+def _rope_tables(cfg: ModelConfig, positions: jax.Array, dtype):
+    """`tables(rope_index) -> (cos, sin)` [B, L, H] for positions [B, L]: one pair per distinct
+    RoPE of the layers (Gemma 3's sliding and full layers differ), picked by a layer's traced
+    `rope_index` inside the layer scan."""
+    pairs = [rope_tables(rope, cfg.head_dim, positions, dtype) for rope in cfg.ropes]
+    if len(pairs) == 1:
+        return lambda rope_index: pairs[0]
+    cos, sin = jnp.stack([c for c, _ in pairs]), jnp.stack([s for _, s in pairs])  # [R, B, L, H]
+    return lambda rope_index: (cos[rope_index], sin[rope_index])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""A continued-pretraining run of each model family beyond Llama, through the real CLI: it starts
+from the family's HF folder, is killed with SIGKILL mid-run, resumes and ends bit-identical to a run
+never killed, its export loads in transformers with the logits cptjax computes for that step, and
+`cptjax merge` and `cptjax report` work on it.
+
+The tiny models are test_families.py's shapes (Gemma 2 with its published caps, Gemma 3 with its
+5:1 pattern and two RoPE bases, OLMo 2, Phi-3 with fused tensors, Qwen2 with max_window_layers
+below its depth), with rows (32 tokens) longer than their sliding window (12).
+"""
+
+import json
+import signal
+
+import hf_models
+import numpy as np
+import pytest
+import tiny_configs
+import yaml
+from data_helpers import STDLIB, tokenizer_dir
+from run_helpers import Watcher, cli, records, restore_arrays, start, steps
+from tokenizers import Tokenizer
+
+from cptjax import load_model
+
+FAMILIES = {"gemma2": "gemma-2-2b", "gemma3": "gemma3-scaled", "olmo2": "olmo-2-1124-7b", "phi3": "phi3-gqa",
+            "qwen2-mixed": "qwen2-mixed"}
+STEPS = 6
+
+
+def _config(tmp_path, model, tokenizer, run_dir) -> str:
+    raw = {
+        "run_dir": str(run_dir),
+        "model": {"init_from": str(model), "tokenizer": str(tokenizer), "compute_dtype": "float32"},
+        "data": {"sources": [{"name": "code", "type": "text", "paths": [str(STDLIB / "json" / "*.py")]}], "seed": 5},
+        "training": {"steps": STEPS, "batch_size": 2, "seq_len": 32},
+        "schedule": {"peak_lr": 3e-3, "warmup": 2, "end_lr": 3e-4},
+        "checkpoint": {"every": 2, "keep_last": 3},
+        "logging": {"every": 1, "progress": "lines"},
+    }
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cpt_run_resumes_exactly_after_a_kill_and_exports_for_transformers(family, tmp_path):
+    tokenizer = tokenizer_dir("llama")
+    vocab = Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    hf = dict(tiny_configs.shrunk_config(FAMILIES[family]), vocab_size=vocab)
+    model = hf_models.save_hf_model(hf, tmp_path / "hf")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert f"finished at step {STEPS}" in cli("train", "--config", _config(tmp_path, model, tokenizer, straight))
+
+    config = _config(tmp_path, model, tokenizer, killed)
+    watcher = Watcher(start("train", "--config", config))
+    assert watcher.wait_for(f"step 5/{STEPS}"), "".join(watcher.lines)[-3000:]
+    watcher.process.kill()
+    code, out = watcher.finish()
+    assert code == -signal.SIGKILL, out[-3000:]  # killed mid-run, not after it ended
+    assert steps(killed / "checkpoints")[-1] < STEPS
+    out = cli("train", "--config", config)
+    assert "resum" in out.lower() and f"finished at step {STEPS}" in out
+
+    key = lambda run: [(r["step"], r["loss"]) for r in records(run, "train")]  # noqa: E731
+    assert key(killed) == key(straight) and [s for s, _ in key(killed)] == list(range(1, STEPS + 1))
+    for item in ("params", "opt_state"):
+        a, b = (restore_arrays(run / "checkpoints" / str(STEPS) / item) for run in (straight, killed))
+        assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    export = tmp_path / "export"
+    cli("convert", "orbax-to-hf", "--ckpt", killed, "--out", export)
+    exported = json.loads((export / "config.json").read_text())
+    assert exported["model_type"] == hf["model_type"] and exported["architectures"] == hf["architectures"]
+    tokens = np.random.default_rng(0).integers(3, vocab, size=(2, 40))  # longer than the window
+    theirs = hf_models.hf_logits(hf_models.load_hf_model(export), tokens)
+    ours = np.asarray(load_model(killed, dtype="float32").logits(tokens))
+    assert np.max(np.abs(ours - theirs)) < 1e-4
+    before = hf_models.hf_logits(hf_models.load_hf_model(model), tokens)
+    assert np.max(np.abs(theirs - before)) > 1e-2  # the run trained the model the export holds
+
+    # Merging back toward the base and the run's report work for the family too.
+    merged = tmp_path / "merged"
+    cli("merge", "--base", model, "--tuned", killed, "--alpha", "0.5", "--format", "hf", "--out", merged)
+    halfway = hf_models.load_hf_model(merged).state_dict()
+    ends = [hf_models.load_hf_model(folder).state_dict() for folder in (model, export)]
+    for name, value in halfway.items():  # the linear merge, tensor by tensor (fused ones included)
+        expected = (ends[0][name].double() + ends[1][name].double()) / 2
+        assert np.allclose(value.double().numpy(), expected.numpy(), rtol=0, atol=1e-6), name
+    cli("report", killed)
+    assert list(killed.glob(f"report-step{STEPS}/*.png"))
