@@ -18,7 +18,9 @@ def test_hf_config_round_trips(name):
     cfg = ModelConfig.from_hf_config(hf)
     again = ModelConfig.from_hf_config(json.loads(json.dumps(cfg.to_hf_config())))
     assert again == cfg
-    for key in ("initializer_range", "use_cache"):  # keys cptjax does not model are carried through
+    carried = [key for key in ("initializer_range", "use_cache") if key in hf]  # Mixtral's has no use_cache
+    assert carried
+    for key in carried:  # keys cptjax does not model are carried through
         assert cfg.to_hf_config()[key] == hf[key]
 
 

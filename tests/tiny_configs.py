@@ -81,8 +81,9 @@ def config_file(name: str) -> Path:
 
 
 def shrunk_config(name: str) -> dict:
-    """Sizes shrunk to ~200k parameters; heads vs kv heads, explicit head_dim, rope scaling,
-    biases, norms, tied embeddings and sliding window kept."""
+    """Sizes shrunk to ~200k parameters (an MoE model's experts fewer and smaller); heads vs kv
+    heads, explicit head_dim, rope scaling, biases, norms, tied embeddings, sliding window and
+    routing kept."""
     base, overrides = VARIANTS.get(name, (name, {}))
     hf = copy.deepcopy(full_config(base))
     mha = hf["num_key_value_heads"] == hf["num_attention_heads"]
@@ -97,5 +98,7 @@ def shrunk_config(name: str) -> dict:
         hf["rope_scaling"] = dict(hf["rope_scaling"], original_max_position_embeddings=ROPE_ORIGINAL_LEN)
     if hf.get("sliding_window") is not None:
         hf["sliding_window"] = SLIDING_WINDOW
+    if hf.get("moe_intermediate_size"):  # Qwen3-MoE: 128 experts of 768, 8 per token -> 16 of 32, 4
+        hf.update(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32)
     hf.update(overrides)
     return hf

@@ -30,6 +30,16 @@ _HF_LAYER_NAMES = {
     "down_proj": "mlp.down_proj.weight", "gate_proj_bias": "mlp.gate_proj.bias",
     "up_proj_bias": "mlp.up_proj.bias", "down_proj_bias": "mlp.down_proj.bias",
 }
+# Mixture-of-experts layers' names, by family (ModelConfig.model_type): the router, and each
+# expert's gate, up and down projections with `{e}` for the expert's index.
+_HF_MOE_NAMES = {
+    "mixtral": {"router": "block_sparse_moe.gate.weight", "expert_gate_proj": "block_sparse_moe.experts.{e}.w1.weight",
+                "expert_up_proj": "block_sparse_moe.experts.{e}.w3.weight",
+                "expert_down_proj": "block_sparse_moe.experts.{e}.w2.weight"},
+    "qwen3_moe": {"router": "mlp.gate.weight", "expert_gate_proj": "mlp.experts.{e}.gate_proj.weight",
+                  "expert_up_proj": "mlp.experts.{e}.up_proj.weight",
+                  "expert_down_proj": "mlp.experts.{e}.down_proj.weight"},
+}
 # Phi-3's fused tensors: the parameters stacked along their first axis, in this order.
 _FUSED = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"),
           "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
@@ -41,11 +51,19 @@ class KeyMapping:
 
     hf_name: str
     path: ParamPath
+    # Where the tensor sits in a stacked parameter: its layer, or for an expert's tensor (stacked
+    # [Ly, E, ...]) layer * E + expert, an index into the stack's leading axes flattened.
     layer: int | None
     shape: tuple[int, ...]  # cptjax's per-tensor shape; HF's is the same bytes, heads flattened
     # In a fused HF tensor: (this part's first row, the tensor's rows), both along the first axis
     # of `shape` (heads for q/k/v, F for gate/up); None where the HF tensor is this parameter alone.
     fused: tuple[int, int] | None = None
+    experts: int = 0  # E for one expert's tensor: the stacked parameter is [Ly, E, *shape]
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """The leading axes of the stacked parameter this tensor is one slice of, given Ly."""
+        return (self.experts,) if self.experts else ()
 
     @property
     def view_shape(self) -> tuple[int, ...]:
@@ -83,11 +101,18 @@ def key_map(cfg: ModelConfig) -> list[KeyMapping]:
     fused = {part: (hf_name, parts) for hf_name, parts in _FUSED.items() for part in parts}
     for name in layer_weight_names(cfg):
         shape = layer_weight_shape(cfg, name)
-        hf_name, where = _HF_LAYER_NAMES[name], None
+        hf_name, where = _HF_LAYER_NAMES.get(name), None
         if cfg.fused_projections and name in fused:
             hf_name, parts = fused[name]
             rows = [layer_weight_shape(cfg, part)[0] for part in parts]
             where = (sum(rows[:parts.index(name)]), sum(rows))
+        if name.startswith("expert_"):  # one HF tensor per expert: [E, ...] per layer in cptjax
+            hf_name, e = _HF_MOE_NAMES[cfg.model_type][name], cfg.num_experts
+            out += [KeyMapping(f"model.layers.{i}.{hf_name.format(e=j)}", ("layers", name), i * e + j, shape[1:],
+                               experts=e) for i in range(cfg.num_layers) for j in range(e)]
+            continue
+        if name == "router":
+            hf_name = _HF_MOE_NAMES[cfg.model_type][name]
         out += [KeyMapping(f"model.layers.{i}.{hf_name}", ("layers", name), i, shape, where)
                 for i in range(cfg.num_layers)]
     out.append(KeyMapping("model.norm.weight", ("norm",), None, (d,)))

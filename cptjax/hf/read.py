@@ -154,7 +154,15 @@ def read_group(tensors: HFTensors, group: list[KeyMapping]) -> np.ndarray:
             file.read_block_into(m.hf_name, m.view_shape, m.file_index((slice(None),) * dest.ndim), dest)
         else:  # a layer stored in another dtype than layer 0: convert this one tensor
             dest[...] = tensors.read(m).astype(array.dtype)
-    return array
+    return array.reshape(_param_shape(group))
+
+
+def _param_shape(group: list[KeyMapping]) -> tuple[int, ...]:
+    """The cptjax parameter's shape: [Ly, *shape], [Ly, E, *shape] (experts) or the tensor's own."""
+    m = group[0]
+    if m.layer is None:
+        return m.shape
+    return (len(group) // (m.experts or 1), *m.stack, *m.shape)
 
 
 def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, dtype,
@@ -210,8 +218,8 @@ def load_hf_params_sharded(hf_dir: PathLike, cfg: ModelConfig, shardings: dict, 
             with_padding[tuple(slice(0, n) for n in out.shape)] = out
             return with_padding
 
-        read = jax.make_array_from_callback(padded, layout, block)
-        set_param(params, path, _cast_onto(target, np.dtype(dtype), shape)(read))
+        read = jax.make_array_from_callback(padded, layout, block)  # experts' tensors as [Ly * E, ...]
+        set_param(params, path, _cast_onto(target, np.dtype(dtype), shape, _param_shape(group))(read))
     return params
 
 
@@ -236,9 +244,9 @@ def _read_layout(shape: tuple[int, ...], mesh):
 
 
 @functools.lru_cache(maxsize=64)
-def _cast_onto(sharding, dtype, shape: tuple[int, ...]):
+def _cast_onto(sharding, dtype, shape: tuple[int, ...], final: tuple[int, ...]):
     """A jitted copy onto `sharding` in `dtype`, keeping the first `shape` of each axis (the read
-    layout's padding dropped)."""
+    layout's padding dropped), reshaped to the parameter's `final` shape."""
     import jax
     real = tuple(slice(0, n) for n in shape)
-    return jax.jit(lambda x: x[real].astype(dtype), out_shardings=sharding)
+    return jax.jit(lambda x: x[real].reshape(final).astype(dtype), out_shardings=sharding)

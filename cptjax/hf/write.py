@@ -77,7 +77,7 @@ def write_hf_dir(out: epath.Path, cfg: ModelConfig, get_param: Callable[[ParamPa
         if m.path not in cache:
             cache[m.path] = np.asarray(get_param(m.path))
         array = cache[m.path]
-        tensor = array[m.layer] if m.layer is not None else array
+        tensor = array.reshape(-1, *m.shape)[m.layer] if m.layer is not None else array
         if tuple(tensor.shape) != m.shape:
             raise CptjaxError(f"parameter {'/'.join(m.path)} has shape {list(array.shape)}, which does "
                               f"not fit the checkpoint's model config")

@@ -19,8 +19,10 @@ from cptjax.model.families import (
     ACTIVATIONS,
     ARCHITECTURES,
     LAYER_TYPES,
+    MOE_KEYS,
     architecture_refusal,
     flag,
+    parse_experts,
     parse_layer_windows,
     with_defaults,
 )
@@ -37,6 +39,8 @@ _MODELED_KEYS = frozenset({
     "pad_token_id", "torch_dtype", "dtype", "partial_rotary_factor", "transformers_version",
     "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
     "sliding_window_pattern", "rope_local_base_freq", "_sliding_window_pattern",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size",
+    "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers", "router_jitter_noise",
 })
 
 
@@ -74,6 +78,13 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (None: head_dim's)
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
     final_logit_softcapping: float | None = None  # the same on the output logits
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is E experts, of which a router
+    # picks `experts_per_token` per token (cptjax/model/moe.py). 0: dense MLPs.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int | None = None  # each expert's hidden size (None: intermediate_size, Mixtral)
+    norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to 1
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training objective
     tie_word_embeddings: bool = False
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -106,6 +117,9 @@ class ModelConfig:
             if len(set(self.layer_types)) == 1 or self.sliding_window is None:
                 raise CptjaxError("model config: layer_types is for layers that mix sliding and full "
                                   "attention, with a sliding_window; leave it empty otherwise")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise CptjaxError(f"model config: experts_per_token must be in 1..num_experts ({self.num_experts}), "
+                              f"got {self.experts_per_token}")
         if self.qk_norm_all_heads and not self.qk_norm:
             raise CptjaxError("model config: qk_norm_all_heads needs qk_norm")
         if self.post_norms and self.gemma_norms:
@@ -150,6 +164,11 @@ class ModelConfig:
     @property
     def layer_rope_index(self) -> tuple[int, ...]:
         return tuple(self.ropes.index(r) for r in self.layer_ropes)
+
+    @property
+    def expert_size(self) -> int:
+        """M: each expert's hidden size."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def attention_scale(self) -> float:
@@ -277,6 +296,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
                                               "rope_local_base_freq", source)
     rope = rope_from_hf(hf, source)
     sliding_window, layer_types = parse_layer_windows(hf, arch, num_layers, source)
+    experts = parse_experts(hf, arch, num_layers, source)
     modeled = _MODELED_KEYS | ({"original_max_position_embeddings"} if rope.type in ("llama3", "yarn") else set())
     extra = {k: v for k, v in hf.items() if k not in modeled}
     try:
@@ -306,6 +326,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
             query_pre_attn_scalar=_optional_number(hf, "query_pre_attn_scalar", source),
             attn_logit_softcapping=_optional_number(hf, "attn_logit_softcapping", source),
             final_logit_softcapping=_optional_number(hf, "final_logit_softcapping", source),
+            **experts,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.tied_by_default)),
             model_type=model_type,
             bos_token_id=hf.get("bos_token_id"),
@@ -357,10 +378,21 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             hf[key] = value
     if arch.sliding_rope_base:
         hf["rope_local_base_freq"] = cfg.sliding_rope_theta
+    if arch.moe is not None:
+        experts_keys, top_k_key, renormalise = MOE_KEYS[arch.moe]
+        hf.update({experts_keys[0]: cfg.num_experts, top_k_key: cfg.experts_per_token,
+                   "router_aux_loss_coef": cfg.router_aux_loss_coef})
+        if isinstance(renormalise, str):
+            hf[renormalise] = cfg.norm_topk_prob
+        if arch.moe == "qwen3_moe":
+            hf.update(moe_intermediate_size=cfg.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
     if arch.sliding_window == "never":
         return hf
     hf["sliding_window"] = cfg.sliding_window
     if arch.sliding_window == "all_layers":
+        return hf
+    if arch.sliding_window == "use_sliding_window":
+        hf["use_sliding_window"] = cfg.sliding_window is not None
         return hf
     kinds = ["full_attention" if w is None else "sliding_attention" for w in cfg.layer_windows]
     hf["layer_types"] = kinds

@@ -28,8 +28,8 @@ class Architecture:
     qk_norm: bool
     # Which layers slide: 'never', 'all_layers' (Mistral), 'max_window_layers' (Qwen2/3: where
     # use_sliding_window is set, the layers from max_window_layers on, unless layer_types lists
-    # them) or 'alternating' (Gemma 2 and 3: layer_types, else every `sliding_window_pattern`-th
-    # layer is full).
+    # them), 'use_sliding_window' (Qwen3-MoE: every layer where that is set) or 'alternating'
+    # (Gemma 2 and 3: layer_types, else every `sliding_window_pattern`-th layer is full).
     sliding_window: str
     gemma_norms: bool = False  # (1 + weight) RMSNorms, also after attention and the MLP; sqrt(D)-scaled embeddings
     post_norms: bool = False  # OLMo 2: RMSNorms on the attention's and the MLP's outputs only, none before
@@ -41,6 +41,9 @@ class Architecture:
     tied_by_default: bool = False  # tie_word_embeddings where config.json leaves it out
     window_pattern: int | None = None  # 'alternating': every n-th layer full (None: sliding_window_pattern's n)
     sliding_rope_base: bool = False  # Gemma 3: sliding layers use default RoPE at rope_local_base_freq
+    # Mixture of experts: None (dense MLPs), or the config keys of the family's MoE layers
+    # (Mixtral's or Qwen3-MoE's names; MOE_KEYS), read by parse_experts.
+    moe: str | None = None
     # What the HF config class assumes for keys config.json leaves out (transformers' defaults).
     defaults: tuple[tuple[str, Any], ...] = ()
 
@@ -65,8 +68,22 @@ ARCHITECTURES: dict[str, Architecture] = {
                           post_norms=True, qk_norm_all_heads=True),
     "phi3": Architecture("Phi3ForCausalLM", False, False, False, False, "all_layers", fused_projections=True,
                          only_default_rope=True),
+    "mixtral": Architecture("MixtralForCausalLM", False, False, False, False, "all_layers", moe="mixtral",
+                            defaults=(("num_local_experts", 8), ("num_experts_per_tok", 2),
+                                      ("router_aux_loss_coef", 0.001), ("rope_theta", 1_000_000.0))),
+    "qwen3_moe": Architecture("Qwen3MoeForCausalLM", "attention_bias", "attention_bias", False, True,
+                              "use_sliding_window", moe="qwen3_moe",
+                              defaults=(("num_experts_per_tok", 8), ("norm_topk_prob", False),
+                                        ("moe_intermediate_size", 768), ("decoder_sparse_step", 1),
+                                        ("mlp_only_layers", []), ("router_aux_loss_coef", 0.001),
+                                        ("sliding_window", 4096))),
 }
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names: x * sigmoid(x), and GELU's tanh form
+# Each MoE family's config keys: experts per layer (the hub's name, then the one transformers 5
+# writes, and the config class's default), experts per token, and the router's weight
+# renormalised over the chosen experts (a key, or always).
+MOE_KEYS = {"mixtral": (("num_local_experts",), "num_experts_per_tok", True),
+            "qwen3_moe": (("num_experts", "num_local_experts", 128), "num_experts_per_tok", "norm_topk_prob")}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 _QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default when config.json leaves max_window_layers out
 
@@ -114,6 +131,8 @@ def parse_layer_windows(hf: dict, arch: Architecture, num_layers: int,
         raise CptjaxError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
     if arch.sliding_window == "all_layers":
         return window, ()
+    if arch.sliding_window == "use_sliding_window":
+        return (window if flag(hf, "use_sliding_window", source) else None), ()
     if arch.sliding_window == "max_window_layers" and not flag(hf, "use_sliding_window", source):
         return None, ()  # transformers' Qwen2/3 set the window to None then, whatever layer_types says
     layer_types = hf.get("layer_types")
@@ -141,3 +160,45 @@ def _default_layer_type(hf: dict, arch: Architecture, layer: int, source: str) -
     if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
         raise CptjaxError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
     return "sliding_attention" if (layer + 1) % pattern else "full_attention"
+
+
+def parse_experts(hf: dict, arch: Architecture, num_layers: int, source: str) -> dict[str, Any]:
+    """The MoE fields of ModelConfig for an MoE family (num_experts, experts_per_token,
+    moe_intermediate_size, norm_topk_prob, router_aux_loss_coef); {} for a dense one. Layers
+    that a config makes dense (Qwen3-MoE's mlp_only_layers, decoder_sparse_step) are refused."""
+    if arch.moe is None:
+        return {}
+    experts_keys, top_k_key, renormalise = MOE_KEYS[arch.moe]
+    experts_key = next((k for k in experts_keys if isinstance(k, str) and k in hf), experts_keys[0])
+    default = experts_keys[-1] if not isinstance(experts_keys[-1], str) else None
+    fields = {"num_experts": hf.get(experts_key, default), "experts_per_token": hf.get(top_k_key)}
+    for key, name in ((experts_key, "num_experts"), (top_k_key, "experts_per_token")):
+        value = fields[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CptjaxError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if fields["experts_per_token"] > fields["num_experts"]:
+        raise CptjaxError(f"{source}: {top_k_key} ({fields['experts_per_token']}) exceeds {experts_key} "
+                          f"({fields['num_experts']})")
+    fields["norm_topk_prob"] = flag(hf, renormalise, source)
+    coefficient = hf.get("router_aux_loss_coef") or 0.0
+    if not isinstance(coefficient, (int, float)) or isinstance(coefficient, bool) or coefficient < 0:
+        raise CptjaxError(f"{source}: router_aux_loss_coef must be a non-negative number, got {coefficient!r}")
+    fields["router_aux_loss_coef"] = float(coefficient)
+    if hf.get("router_jitter_noise"):
+        raise CptjaxError(f"{source}: router_jitter_noise {hf['router_jitter_noise']} is not supported "
+                          "(set it to 0: every published Mixtral has none)")
+    if arch.moe == "qwen3_moe":
+        size = hf.get("moe_intermediate_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise CptjaxError(f"{source}: moe_intermediate_size must be a positive integer, got {size!r}")
+        fields["moe_intermediate_size"] = size
+        step, dense = hf.get("decoder_sparse_step"), hf.get("mlp_only_layers") or []
+        if not isinstance(step, int) or isinstance(step, bool) or step <= 0 or not isinstance(dense, list):
+            raise CptjaxError(f"{source}: decoder_sparse_step must be a positive integer and mlp_only_layers a "
+                              f"list, got {step!r} and {dense!r}")
+        dense_layers = sorted({i for i in range(num_layers) if i in dense or (i + 1) % step})
+        if dense_layers:
+            raise CptjaxError(f"{source}: layers {dense_layers} are dense MLPs (mlp_only_layers {dense}, "
+                              f"decoder_sparse_step {step}); cptjax runs Qwen3-MoE models whose every layer "
+                              "has experts, as every published one does (mlp_only_layers [], decoder_sparse_step 1)")
+    return fields

@@ -23,8 +23,9 @@ from cptjax.core.errors import CptjaxError
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
-# Parameters: V vocab, D embed, N q_heads, K kv_heads, H head_dim, F mlp, Ly layers.
-PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "layers", "norm")
+# Parameters: V vocab, D embed, N q_heads, K kv_heads, H head_dim, F mlp (and M, an expert's), Ly layers,
+# E experts.
+PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "layers", "norm", "experts")
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_heads",
                    "activation_kv_heads", "activation_head_dim", "activation_mlp", "activation_vocab")
 
@@ -37,6 +38,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("experts", None),
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "sequence"),  # context parallelism (cptjax.model.context_parallel)
     ("activation_embed", None),

@@ -3,7 +3,7 @@ Gemma 2, Gemma 3 (text), OLMo 2, Phi-3.
 
 Dimension letters (used in einsums, comments and sharding names):
   B batch, L length (S for keys), D model, V vocab, F mlp, N query heads, K kv heads, H head dim,
-  Ly layers.
+  Ly layers; in mixture-of-experts layers E experts of size M (moe.py).
 
 Weights keep Hugging Face's layout ([out, in] for every projection, heads split out of `out`), so
 the HF key map is a reshape, never a transpose. The layers' weights are stacked on a leading Ly axis
@@ -32,6 +32,7 @@ from cptjax.model.config import ModelConfig
 from cptjax.model.context_parallel import STRATEGIES, attend_rows, balanced_ways, from_layout, layout_order, to_layout
 from cptjax.model.kv_cache import KVCache, LayerCache, layer_window_sizes
 from cptjax.model.mlp import gated_mlp
+from cptjax.model.moe import moe_mlp
 from cptjax.model.norms import norm
 from cptjax.model.rope import apply_rope, rope_tables
 from cptjax.model.sharding import constrain
@@ -69,7 +70,13 @@ _LAYER_WEIGHTS = (
     ("gate_proj_bias", "F", ("mlp",)),
     ("up_proj_bias", "F", ("mlp",)),
     ("down_proj_bias", "D", ("embed",)),
+    # Mixture of experts (moe.py): the router, and E experts' gated MLPs of size M each.
+    ("router", "ED", ("experts", "embed")),
+    ("expert_gate_proj", "EMD", ("experts", "mlp", "embed")),
+    ("expert_up_proj", "EMD", ("experts", "mlp", "embed")),
+    ("expert_down_proj", "EDM", ("experts", "embed", "mlp")),
 )
+_MOE_WEIGHTS = ("router", "expert_gate_proj", "expert_up_proj", "expert_down_proj")
 
 
 def layer_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
@@ -80,6 +87,8 @@ def layer_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
         "gate_proj_bias": cfg.mlp_bias, "up_proj_bias": cfg.mlp_bias, "down_proj_bias": cfg.mlp_bias,
         "input_layernorm": not cfg.post_norms, "pre_feedforward_layernorm": cfg.gemma_norms,
         "post_feedforward_layernorm": cfg.gemma_norms or cfg.post_norms,
+        **{name: not cfg.num_experts for name in ("gate_proj", "up_proj", "down_proj")},
+        **{name: bool(cfg.num_experts) for name in _MOE_WEIGHTS},
     }
     return tuple(name for name, _, _ in _LAYER_WEIGHTS if present.get(name, True))
 
@@ -92,7 +101,7 @@ def _letters_and_axes(cfg: ModelConfig, name: str) -> tuple[str, tuple[str, ...]
 
 def layer_weight_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     sizes = {"D": cfg.hidden_size, "F": cfg.intermediate_size, "N": cfg.num_heads,
-             "K": cfg.num_kv_heads, "H": cfg.head_dim}
+             "K": cfg.num_kv_heads, "H": cfg.head_dim, "E": cfg.num_experts, "M": cfg.expert_size}
     return tuple(sizes[c] for c in _letters_and_axes(cfg, name)[0])
 
 
@@ -178,16 +187,22 @@ class Llama(nnx.Module):
         """The final-normed hidden states [B, L, D] in the compute dtype. A row split over the
         mesh's sequence axis runs in the load-balanced layout (context_parallel.py), in row order
         again on the way out."""
+        return self.hidden_states_and_router(tokens, positions, segment_ids)[0]
+
+    def hidden_states_and_router(self, tokens, positions=None, segment_ids=None):
+        """(`hidden_states`, each layer's router statistics stacked [Ly, ...] (moe.router_stats;
+        None for a dense model)): what the train step needs for the load-balancing loss."""
         ways = balanced_ways(tokens.shape[1])
         if ways == 1:
-            return self.decode(self.embed(tokens), positions, segment_ids)
+            return self._decode(self.embed(tokens), positions, segment_ids)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         tokens, positions = to_layout(tokens, ways), to_layout(positions, ways)
         segment_ids = None if segment_ids is None else to_layout(segment_ids, ways)
         token_index = jnp.asarray(layout_order(tokens.shape[1], ways))
-        hidden = self.decode(self.embed(tokens), positions, segment_ids, token_index)
-        return constrain(from_layout(hidden, ways), ("activation_batch", "activation_length", "activation_embed"))
+        hidden, stats = self._decode(self.embed(tokens), positions, segment_ids, token_index)
+        hidden = constrain(from_layout(hidden, ways), ("activation_batch", "activation_length", "activation_embed"))
+        return hidden, stats
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, L, D]
@@ -198,6 +213,9 @@ class Llama(nnx.Module):
     def decode(self, x: jax.Array, positions=None, segment_ids=None, token_index=None) -> jax.Array:
         """Runs the decoder layers and the final norm on input embeddings x [B, L, D];
         `token_index` [L]: each position's index in the row when the row is reordered."""
+        return self._decode(x, positions, segment_ids, token_index)[0]
+
+    def _decode(self, x, positions=None, segment_ids=None, token_index=None):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
@@ -214,8 +232,8 @@ class Llama(nnx.Module):
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         window_index = jnp.asarray(cfg.layer_window_index, jnp.int32)  # [Ly]
         rope_index = jnp.asarray(cfg.layer_rope_index, jnp.int32)  # [Ly]
-        x, _ = jax.lax.scan(step, x, (self.layers.arrays(), window_index, rope_index))
-        return norm(x, self.norm[...], cfg)
+        x, stats = jax.lax.scan(step, x, (self.layers.arrays(), window_index, rope_index))
+        return norm(x, self.norm[...], cfg), stats
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Generation: runs new `tokens` [B, L] at `positions` [B, L] through the layers, attending
@@ -261,7 +279,8 @@ class _Block:
     def __call__(self, x, w, cos, sin, segment_ids, cache: LayerCache | None = None, token_index=None,
                  window_index=None):
         """x [B, L, D] -> (x [B, L, D], the layer's new keys and values with a `cache` (generation),
-        else None): the (carry, output) pair that `jax.lax.scan` over the layers expects.
+        else its router statistics (None for a dense MLP)): the (carry, output) pair that
+        `jax.lax.scan` over the layers expects.
         `window_index`: this layer's window in `cfg.attention_windows` (a traced int32 under the
         scan; needed only where layers differ)."""
         cfg, dt = self.cfg, self.dtype
@@ -297,11 +316,15 @@ class _Block:
             h = x
         else:
             h = norm(x, w["pre_feedforward_layernorm" if cfg.gemma_norms else "post_attention_layernorm"], cfg)
-        down = gated_mlp(h, w, cfg, dt)
+        stats = None
+        if cfg.num_experts:
+            down, stats = moe_mlp(h, w, cfg, dt, None if segment_ids is None else segment_ids > 0)
+        else:
+            down = gated_mlp(h, w, cfg, dt)
         if cfg.gemma_norms or cfg.post_norms:
             down = norm(down, w["post_feedforward_layernorm"], cfg)
         x = constrain(x + down, ("activation_batch", "activation_length", "activation_embed"))
-        return x, cache
+        return x, (cache if cache is not None else stats)
 
     def _attend(self, q, k, v, segment_ids, token_index, window_index):
         """Attention with this layer's window: one branch per distinct window of the model,

@@ -50,6 +50,10 @@ class ModelSection:
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
     max_position_embeddings: int | None = None  # the run's context limit (null: the model's); raise to train longer
     rope: RopeOverrides = RopeOverrides()  # the run's changes to the model's RoPE (base, scaling)
+    # Mixture-of-experts models: the load-balancing loss's coefficient (null: config.json's
+    # router_aux_loss_coef; 0: off) and the router z-loss's (ST-MoE's stabiliser; 0: off).
+    router_aux_loss_coef: float | None = None
+    router_z_loss: float = 0.0
 
     def __post_init__(self):
         if (self.init_from is None) == (self.hf_config is None):
@@ -57,6 +61,10 @@ class ModelSection:
                               "to continue from) and hf_config (a config.json to start from scratch)")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise CptjaxError(f"model.loss_chunk: must be >= 1 or null (whole rows), got {self.loss_chunk}")
+        for name in ("router_aux_loss_coef", "router_z_loss"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise CptjaxError(f"model.{name}: must be >= 0, got {value}")
         if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
             raise CptjaxError(f"model.max_position_embeddings: must be >= 1, got {self.max_position_embeddings}")
 

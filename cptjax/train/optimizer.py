@@ -22,6 +22,9 @@ class OptimizerConfig:
     grad_clip_norm: float | None = 1.0  # global-norm clipping (null: none)
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2), PaLM's stabiliser
     grad_accum_steps: int = 1  # micro-batches per step; the update equals the full batch's
+    # Parameters left as loaded: each name matches a parameter's name or a folder of them
+    # ("router": every MoE layer's router; "embed_tokens"; "layers"). No optimizer state is kept for them.
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("b1", "b2"):
@@ -47,6 +50,23 @@ def decay_mask(params: dict, decay_norms_and_biases: bool = False) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def frozen_mask(params: dict, names: tuple[str, ...]) -> dict:
+    """True for the parameters `names` freeze: a name equal to any part of a parameter's path."""
+    def frozen(path, _):
+        return any(str(getattr(key, "key", key)) in names for key in path)
+    return jax.tree_util.tree_map_with_path(frozen, params)
+
+
+def check_freeze(names: tuple[str, ...], params: dict) -> None:
+    """Every name of optimizer.freeze names something in the model (a typo would freeze nothing)."""
+    parts = {str(getattr(key, "key", key)) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+             for key in path}
+    unknown = [n for n in names if n not in parts]
+    if unknown:
+        raise CptjaxError(f"optimizer.freeze: {unknown} name no parameter of this model; names it has: "
+                          f"{', '.join(sorted(parts))}")
+
+
 def build_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """AdamW's update direction, before the learning rate: clipping, Adam, decoupled weight decay.
 
@@ -61,4 +81,8 @@ def build_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     chain.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
     chain.append(optax.add_decayed_weights(
         config.weight_decay, mask=lambda p: decay_mask(p, config.decay_norms_and_biases)))
-    return optax.chain(*chain)
+    if not config.freeze:
+        return optax.chain(*chain)
+    # Frozen parameters get a zero direction and no Adam state; clipping sees the trained ones only.
+    labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "trained", frozen_mask(p, config.freeze))  # noqa: E731
+    return optax.multi_transform({"trained": optax.chain(*chain), "frozen": optax.set_to_zero()}, labels)

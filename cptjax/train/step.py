@@ -30,6 +30,7 @@ from cptjax.data.packing import BATCH_KEYS  # the batch contract, defined once
 from cptjax.model.attention import check_kernel
 from cptjax.model.context_parallel import context_kernel
 from cptjax.model.loss import DEFAULT_LOSS_CHUNK, loss_sums
+from cptjax.model.moe import expert_load, load_balancing_loss
 from cptjax.model.sharding import (
     MeshConfig,
     batch_sharding,
@@ -41,7 +42,7 @@ from cptjax.model.sharding import (
 from cptjax.model.transformer import abstract_model
 from cptjax.train.ema import EmaConfig, update_ema
 from cptjax.train.evaluation import position_edges as position_bucket_edges
-from cptjax.train.optimizer import build_optimizer
+from cptjax.train.optimizer import build_optimizer, check_freeze
 from cptjax.train.schedules import make_schedule
 
 
@@ -53,23 +54,42 @@ class StepConfig:
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row per chunk of the loss; None: dense
     position_edges: tuple[int, ...] = ()  # the eval step's position buckets (evaluation.position_edges)
     ema: EmaConfig | None = None  # the train step also updates state["ema"] (cptjax.train.ema)
+    router_aux_loss: float = 0.0  # MoE: the load-balancing loss's coefficient (moe.load_balancing_loss)
+    router_z_loss: float = 0.0  # MoE: coefficient of the router logits' mean squared log-partition
 
 
 def _sums(graphdef, params, batch, config: StepConfig):
     """Sums over tokens (so micro-batches add up exactly): loss, z-loss, counts, per source. The
     logits exist one chunk of `config.loss_chunk` positions at a time (cptjax.model.loss)."""
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden, router = model.hidden_states_and_router(batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
     sums = loss_sums(hidden, model.output_head(), batch["targets"], mask, batch["source_ids"],
                      config.num_sources, config.loss_chunk, model.config.final_logit_softcapping)
     sources = jax.nn.one_hot(batch["source_ids"], config.num_sources, dtype=jnp.float32)  # [B, L, S]
-    return {
+    out = {
         **sums,  # nll, z, source_nll
         "tokens": mask.sum(),
         "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),  # not padding
         "source_tokens": jnp.einsum("BL,BLS->S", mask, sources),
     }
+    if router is not None:  # MoE: each layer's router statistics over the batch's tokens, [Ly, ...]
+        out["router"] = router
+    return out
+
+
+def _objective(sums: dict, config: StepConfig) -> jax.Array:
+    """The summed objective of one micro-batch: next-token NLL, and the z-loss, load-balancing loss
+    and router z-loss where configured. The MoE terms are means over the micro-batch's tokens (as
+    transformers computes the load-balancing loss), weighted by its target tokens so that the step,
+    which divides by all of them, averages them over micro-batches."""
+    total = sums["nll"] + config.z_loss * sums["z"]
+    if "router" in sums and (config.router_aux_loss or config.router_z_loss):
+        router = sums["router"]
+        total = total + sums["tokens"] * (
+            config.router_aux_loss * load_balancing_loss(router, router["counts"].shape[-1])
+            + config.router_z_loss * jnp.sum(router["z"]) / jnp.maximum(jnp.sum(router["tokens"]), 1.0))
+    return total
 
 
 def summed_over_micro_batches(fn, batch: dict, accum: int):
@@ -91,7 +111,7 @@ def loss_and_grads(graphdef, params, batch, config: StepConfig):
     """Mean loss over the batch's target tokens and its gradient, accumulated over micro-batches."""
     def objective(p, micro):
         sums = _sums(graphdef, p, micro, config)
-        return sums["nll"] + config.z_loss * sums["z"], sums
+        return _objective(sums, config), sums
 
     grad_fn = jax.grad(objective, has_aux=True)
     grads, sums = summed_over_micro_batches(lambda micro: grad_fn(params, micro), batch,
@@ -138,6 +158,13 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
     }
     if config.z_loss:  # the term the objective adds, only when it adds one
         metrics["z_loss"] = config.z_loss * sums["z"] / count
+    if "router" in sums:  # MoE: the router's losses (unweighted) and each layer's expert load
+        router = sums["router"]
+        metrics["router"] = {
+            "aux_loss": load_balancing_loss(router, router["counts"].shape[-1]),
+            "z_loss": jnp.sum(router["z"]) / jnp.maximum(jnp.sum(router["tokens"]), 1.0),
+            "expert_load": expert_load(router),  # [Ly, E]
+        }
     return new_state, metrics
 
 
@@ -258,6 +285,7 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     graphdef = nnx.graphdef(abstract)
     p_shardings, abstract_params = _sharded_params(abstract, mesh, rules)
     optimizer = build_optimizer(config.optimizer)
+    check_freeze(config.optimizer.freeze, abstract_params)
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     opt_shardings = optimizer_state_shardings(abstract_opt_state, p_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -274,7 +302,7 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
                              loss_chunk=config.model.loss_chunk,
                              position_edges=position_bucket_edges(config.eval_shape.seq_len,  # the held-out rows'
                                                                   config.eval.position_buckets),
-                             ema=ema)
+                             ema=ema, **router_losses(config.model, model_config))
     b_sharding = batch_sharding(mesh, rules)
     step_fn = jax.jit(
         with_activation_sharding(functools.partial(
@@ -285,6 +313,18 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     eval_fn = _jit_eval_step(graphdef, step_config, mesh, rules, p_shardings, b_sharding)
     return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
                       b_sharding, step_fn, eval_fn, step_config.position_edges)
+
+
+def router_losses(model_section, model_config) -> dict[str, float]:
+    """StepConfig's MoE coefficients: the run's keys, else the model's own load-balancing one."""
+    if not model_config.num_experts:
+        if model_section.router_aux_loss_coef or model_section.router_z_loss:
+            raise CptjaxError("model.router_aux_loss_coef and model.router_z_loss are for mixture-of-experts "
+                              "models; this model has dense MLPs (leave them out)")
+        return {}
+    aux = model_section.router_aux_loss_coef
+    return {"router_aux_loss": model_config.router_aux_loss_coef if aux is None else aux,
+            "router_z_loss": model_section.router_z_loss}
 
 
 def _with_shardings(abstract, shardings):
