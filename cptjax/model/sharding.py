@@ -38,8 +38,8 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
-    ("experts", None),
-    ("activation_batch", ("data", "fsdp")),
+    ("experts", "expert"),  # expert parallelism: each device holds E / mesh.expert experts (moe.py)
+    ("activation_batch", ("data", "fsdp", "expert")),  # outside the experts, the expert axis splits rows
     ("activation_length", "sequence"),  # context parallelism (cptjax.model.context_parallel)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -121,8 +121,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
-# Order: the last axes get the closest devices (tensor, then sequence: both talk every layer).
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+# Order: the last axes get the closest devices (tensor, then sequence: both talk every layer; then
+# expert, whose devices exchange tokens in every MoE layer).
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,7 @@ class MeshConfig:
 
     data: int = -1  # data-parallel replicas (-1: whatever the other axes leave)
     fsdp: int = 1  # ways parameters and optimizer state are split (and batch rows)
+    expert: int = 1  # MoE models: ways the experts are split (and, outside the experts, batch rows)
     sequence: int = 1  # ways each row's tokens are split (context parallelism, see model.context_parallel)
     tensor: int = 1  # ways heads and MLP columns are split
     rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES  # logical axis -> mesh axes
@@ -191,14 +193,15 @@ def _rows_within_hosts(sizes, devices, hosts: int):
     whole blocks of the grid, sequence and tensor inside, fsdp and data across."""
     from jax.experimental import mesh_utils
 
-    data, fsdp, sequence, tensor = sizes
+    data, fsdp, expert, sequence, tensor = sizes
     per_host = len(devices) // hosts
     local_fsdp = per_host // (sequence * tensor)
     if per_host % (sequence * tensor) or fsdp % local_fsdp:
         raise CptjaxError(f"mesh: sequence {sequence} x tensor {tensor} must divide a host's {per_host} devices, "
                           f"and fsdp ({fsdp}) be a multiple of what is left ({max(local_fsdp, 1)}): each host reads "
                           "its own rows, so one row's devices must be on one host")
-    return mesh_utils.create_hybrid_device_mesh((1, local_fsdp, sequence, tensor), (data, fsdp // local_fsdp, 1, 1),
+    return mesh_utils.create_hybrid_device_mesh((1, local_fsdp, 1, sequence, tensor),
+                                                (data, fsdp // local_fsdp, expert, 1, 1),
                                                 devices, process_is_granule=True)
 
 

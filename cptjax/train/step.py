@@ -223,8 +223,11 @@ def check_layout(config, model_config, devices) -> str:
     """The checks of `config` (a TrainConfig) that need the model config and the devices it will
     run on (the trainer's, or a TPU topology's for `cptjax plan`), for every stage's batch shape;
     returns the attention kernel (of the longest rows)."""
-    data, fsdp, sequence, tensor = config.mesh.axis_sizes(len(devices))
-    data_ways, accum = data * fsdp, config.optimizer.grad_accum_steps
+    data, fsdp, expert, sequence, tensor = config.mesh.axis_sizes(len(devices))
+    data_ways, accum = data * fsdp * expert, config.optimizer.grad_accum_steps
+    if expert > 1 and model_config.num_experts % expert:
+        raise CptjaxError(f"mesh.expert {expert} must divide the model's {model_config.num_experts or 'no'} experts"
+                          + ("" if model_config.num_experts else " (it is for mixture-of-experts models)"))
     dtype = float_dtype(config.model.compute_dtype, "model.compute_dtype")
     kernels = {}
     for shape in config.stage_shapes:
@@ -240,8 +243,8 @@ def check_layout(config, model_config, devices) -> str:
             hint = f"e.g. mesh: {{data: 1, fsdp: {micro_rows}, sequence: {free // micro_rows}}}" \
                 if rows % accum == 0 and free % micro_rows == 0 else "mesh.sequence > 1"
             raise CptjaxError(
-                f"{rows_key} {rows} must be divisible by the data-parallel ways (mesh.data x "
-                f"mesh.fsdp = {data_ways}) times optimizer.grad_accum_steps ({accum}); with fewer rows than "
+                f"{rows_key} {rows} must be divisible by the data-parallel ways (mesh.data x mesh.fsdp x "
+                f"mesh.expert = {data_ways}) times optimizer.grad_accum_steps ({accum}); with fewer rows than "
                 f"devices, split each row over devices with mesh.sequence (context parallelism, {hint})")
         if sequence == 1:
             kernels[seq_len] = check_kernel(config.model.attention, devices[0].platform, dtype, seq_len,
