@@ -37,6 +37,8 @@ TARGETS = {
     "llama-3.2-1b-code.yaml": ("llama-3.2-1b", "v5p-8", 1, "1 x H100 80GB (proxy: 1 v5p chip)"),
     "mistral-7b-tpu-v5p-64.yaml": ("mistral-7b-v0.1", "v5p-64", None, "v5p-64"),
     "gemma-2-9b-tpu-v5p-64.yaml": ("gemma-2-9b", "v5p-64", None, "v5p-64"),
+    "mixtral-8x7b-tpu-v5p-256.yaml": ("mixtral-8x7b-v0.1", "v5p-256", None, "v5p-256"),
+    "qwen3-30b-a3b-tpu-v5p-128.yaml": ("qwen3-30b-a3b", "v5p-128", None, "v5p-128"),
     "qwen2.5-0.5b-cpu.yaml": ("qwen2.5-0.5b", None, 1, "CPU, 16 GB"),
     "qwen2.5-0.5b-two-stage.yaml": ("qwen2.5-0.5b", "v5e-8", None, "v5e-8"),
 }

@@ -12,19 +12,20 @@ import numpy as np
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
-def cli(*args, cwd=None, check=True) -> str:
-    """Runs `cptjax ARGS`; returns stdout + stderr (asserting exit 0 unless check is False)."""
+def cli(*args, cwd=None, check=True, env=None) -> str:
+    """Runs `cptjax ARGS`; returns stdout + stderr (asserting exit 0 unless check is False).
+    `env`: variables added to the environment (XLA_FLAGS for simulated devices)."""
     result = subprocess.run([sys.executable, "-m", "cptjax.cli", *map(str, args)], capture_output=True,
-                            text=True, cwd=cwd, env=ENV, timeout=600)
+                            text=True, cwd=cwd, env={**ENV, **(env or {})}, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
-def start(*args) -> subprocess.Popen:
+def start(*args, env=None) -> subprocess.Popen:
     """`cptjax ARGS` in the background, stderr line-buffered for watching."""
     return subprocess.Popen([sys.executable, "-u", "-m", "cptjax.cli", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**ENV, **(env or {})})
 
 
 class Watcher:
@@ -75,7 +76,12 @@ def restore_arrays(path) -> list[np.ndarray]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
         with ocp.PyTreeCheckpointer() as checkpointer:
-            tree = checkpointer.restore(path)
+            # As NumPy arrays: a step saved on several (simulated) devices restores in this process too.
+            metadata = checkpointer.metadata(path)
+            metadata = getattr(metadata, "item_metadata", metadata)
+            metadata = getattr(metadata, "tree", metadata)
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+            tree = checkpointer.restore(path, restore_args=as_numpy)
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 

@@ -35,6 +35,7 @@ from cptjax.measure.generate import Sampling, generate_ids
 from cptjax.model.config import ModelConfig
 from cptjax.model.moe import load_balancing_loss, route
 from cptjax.model.transformer import abstract_model
+from cptjax.train.metrics import training_flops_per_token
 from cptjax.train.optimizer import OptimizerConfig, build_optimizer
 from cptjax.train.step import StepConfig, loss_and_grads, train_step
 
@@ -230,3 +231,12 @@ def test_expert_parallel_step_equals_one_device():
         assert errors[0] <= 1e-5 and max(errors[1:]) <= 1e-4, (case, errors)
         assert found["loads"][case] == 0.0, case
         assert found["collectives"][case]["all_gather"] > 0 and found["collectives"][case]["reduce_scatter"] > 0
+
+
+def test_mfu_counts_the_experts_a_token_runs():
+    """Mixtral 8x7B runs 12.9B of its 46.7B parameters per token (Jiang et al. 2024), 0.13B of
+    them the embedding lookup, which PaLM's count leaves out: 6 x 12.75B FLOPs per token, plus
+    attention's (12 x 32 x 4096 x 4096 at 4096 tokens, 6.4 GFLOPs)."""
+    cfg = ModelConfig.from_hf_config(tiny_configs.full_config("mixtral-8x7b-v0.1"))
+    attention = 12 * 32 * 32 * 128 * 4096
+    assert abs(training_flops_per_token(cfg, 4096) - attention - 6 * 12.75e9) <= 0.01 * 6 * 12.75e9

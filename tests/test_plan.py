@@ -27,7 +27,8 @@ MODELS = {"llama-3.1-8b-tpu-wsd.yaml": "llama-3.1-8b", "llama-3.2-1b-code.yaml":
           "qwen2.5-0.5b-two-stage.yaml": "qwen2.5-0.5b", "llama-3.1-8b-8xh100.yaml": "llama-3.1-8b",
           "llama-3.1-8b-tpu-v6e-64.yaml": "llama-3.1-8b", "mistral-7b-tpu-v5p-64.yaml": "mistral-7b-v0.1",
           "qwen2.5-0.5b-cpu.yaml": "qwen2.5-0.5b", "llama-3.1-8b-128k-v5p.yaml": "llama-3.1-8b",
-          "gemma-2-9b-tpu-v5p-64.yaml": "gemma-2-9b"}
+          "gemma-2-9b-tpu-v5p-64.yaml": "gemma-2-9b", "mixtral-8x7b-tpu-v5p-256.yaml": "mixtral-8x7b-v0.1",
+          "qwen3-30b-a3b-tpu-v5p-128.yaml": "qwen3-30b-a3b"}
 # GPU configs cannot be compiled for a GPU here. Their stand-in: the same step compiled for as many
 # TPU v5p chips (95.74 GiB each, so the compile does not stop short), whose peak must leave 10% of
 # an 80 GB H100 as JAX uses it: 81,559 MiB (nvidia-smi) x XLA_PYTHON_CLIENT_MEM_FRACTION 0.95, which

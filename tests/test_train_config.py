@@ -25,7 +25,7 @@ BAD = [
     ("wrong type", lambda r: r["training"].update(batch_size="four"), "training.batch_size: expected an integer"),
     ("bad literal", lambda r: r["model"].update(remat="some"), "model.remat: 'some' is not allowed"),
     ("mesh does not divide", lambda r: r.update(mesh={"data": 3}),
-     "mesh: data=3 x fsdp=1 x sequence=1 x tensor=1 = 3 devices, but there are 1"),
+     "mesh: data=3 x fsdp=1 x expert=1 x sequence=1 x tensor=1 = 3 devices, but there are 1"),
     ("batch vs data axes", lambda r: r.setdefault("optimizer", {}).update(grad_accum_steps=3),
      "training.batch_size 4 is not divisible by optimizer.grad_accum_steps 3"),
     ("seq_len too long", lambda r: r["training"].update(seq_len=100_000),

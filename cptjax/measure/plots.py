@@ -179,6 +179,37 @@ def save_task_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
     return {"tasks": _save(fig, out, "tasks.png")}
 
 
+EXPERTS_CAPTION = ("Mixture of experts: the load-balancing loss (1 when every expert takes an equal share; "
+                   "higher when a few take most tokens), each layer's normalised entropy of the experts' "
+                   "shares over steps (1: even, 0: one expert takes every token: routing collapse), and the "
+                   "shares at the last logged step, layer by layer.")
+
+
+def save_experts_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
+    """experts.png for a mixture-of-experts run ({} for a dense one): the router's logged metrics."""
+    records = [r for r in run.train if "router" in r]
+    if not records:
+        return {}
+    steps = [r["step"] for r in records]
+    fig = Figure(figsize=(18, 4.6), layout="constrained")
+    aux, entropy, load = fig.subplots(1, 3)
+    aux.plot(steps, [r["router"]["aux_loss"] for r in records], color="tab:red", lw=1.3)
+    aux.axhline(1.0, color="gray", ls="--", lw=0.9, label="perfect balance")
+    aux.set(title="Load-balancing loss", xlabel="step", ylabel="loss (before its coefficient)")
+    _legend(aux)
+    curves = np.asarray([r["router"]["load_entropy"] for r in records])  # [steps, Ly]
+    for layer in range(curves.shape[1]):
+        entropy.plot(steps, curves[:, layer], lw=1.0, color=_color(layer), label=f"layer {layer}")
+    entropy.set(title="Expert-load entropy per layer", xlabel="step", ylabel="normalised entropy", ylim=(0, 1.02))
+    if curves.shape[1] <= 12:
+        _legend(entropy)
+    shares = np.asarray(records[-1]["router"]["expert_load"])  # [Ly, E]
+    image = load.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
+    load.set(title=f"Expert shares at step {steps[-1]}", xlabel="expert", ylabel="layer")
+    fig.colorbar(image, ax=load, label="share of routed tokens")
+    return {"experts": _save(fig, out, "experts.png")}
+
+
 def save_long_context_figures(run: RunLog, out: epath.Path) -> dict[str, str]:
     """position_loss.png (one panel per eval set with buckets) and retrieval.png (the first and the
     last probe), each only when the logs have it; returns {figure: file name}."""

@@ -25,7 +25,13 @@ from cptjax.core.atomic_dir import atomic_output_dir, check_output_dir
 from cptjax.core.config_tree import to_dict
 from cptjax.core.paths import PathLike, user_path
 from cptjax.io.run_layout import RunPaths
-from cptjax.measure.plots import save_long_context_figures, save_report_figures, save_task_figure
+from cptjax.measure.plots import (
+    EXPERTS_CAPTION,
+    save_experts_figure,
+    save_long_context_figures,
+    save_report_figures,
+    save_task_figure,
+)
 from cptjax.measure.run_logs import RunLog, mixture_table, read_run, run_summary
 from cptjax.train.evaluation import comparison_table, domain_sets, markdown_table
 from cptjax.train.harness import headline_metric
@@ -82,7 +88,7 @@ def write_report(run_dir: PathLike, out: PathLike | None = None, domain: tuple[s
                "tasks": _task_scores(run)}
     with atomic_output_dir(out) as tmp:
         figures = (save_report_figures(run, tmp, domain) | save_long_context_figures(run, tmp)
-                   | save_task_figure(run, tmp))
+                   | save_task_figure(run, tmp) | save_experts_figure(run, tmp))
         text = _markdown(run, rows, after_step, mixture, covered, figures, domain) + extra
         (tmp / "report.md").write_text(text)
         (tmp / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
@@ -94,7 +100,8 @@ def _to_wandb(run: RunLog, out: epath.Path, figures: dict[str, str]) -> bool:
     section = run.config.logging.wandb
     if section is None:
         return False
-    captions = CAPTIONS | LONG_CONTEXT_CAPTIONS | {"tasks": TASKS_CAPTION, "overview": "All the plots of the report."}
+    captions = CAPTIONS | LONG_CONTEXT_CAPTIONS | {"tasks": TASKS_CAPTION, "experts": EXPERTS_CAPTION,
+                                                   "overview": "All the plots of the report."}
     warn = lambda text: print(f"cptjax report: {text}", file=sys.stderr, flush=True)  # noqa: E731
     wandb = WandbRun(section, RunPaths(run.run_dir), to_dict(run.config), logged_up_to=run.last_step, warn=warn,
                      without="the report is written without it")
@@ -120,6 +127,7 @@ def _markdown(run: RunLog, rows, after_step, mixture, covered, figures, domain) 
                   "resume are not in the logs).", ""]
     lines += _tasks(run, figures)
     lines += _long_context(run, figures)
+    lines += _experts(run, figures)
     lines += ["## Plots", ""]
     for name, caption in CAPTIONS.items():
         lines += [f"![{name}]({figures[name]})", "", caption, ""]
@@ -151,6 +159,26 @@ def _tasks(run: RunLog, figures: dict[str, str]) -> list[str]:
             "task's first evaluation (the base, when it is step 0) against its last.", "",
             markdown_table(["task", "metric", "first", "last", "change"], rows),
             f"![tasks]({figures['tasks']})", "", TASKS_CAPTION, ""]
+
+
+def _experts(run: RunLog, figures: dict[str, str]) -> list[str]:
+    """A mixture-of-experts run's routing: each layer's expert-load entropy and largest share,
+    first logged step against the last."""
+    records = [r for r in run.train if "router" in r]
+    if not records:
+        return []
+    first, last = (r["router"] for r in (records[0], records[-1]))
+    rows = [[str(layer), f"{first['load_entropy'][layer]:.3f}", f"{last['load_entropy'][layer]:.3f}",
+             f"{max(first['expert_load'][layer]):.3f}", f"{max(last['expert_load'][layer]):.3f}"]
+            for layer in range(len(last["load_entropy"]))]
+    steps = records[0]["step"], records[-1]["step"]
+    return ["## Experts", "", f"Routing per layer, step {steps[0]} against step {steps[1]}: the normalised "
+            "entropy of the experts' shares of routed tokens (1: even) and the largest share (a few experts taking "
+            f"most tokens on the new domain is routing collapse). Load-balancing loss: {first['aux_loss']:.4f} "
+            f"-> {last['aux_loss']:.4f}.", "",
+            markdown_table(["layer", f"entropy, step {steps[0]}", f"entropy, step {steps[1]}",
+                            f"largest share, step {steps[0]}", f"largest share, step {steps[1]}"], rows),
+            f"![experts]({figures['experts']})", "", EXPERTS_CAPTION, ""]
 
 
 def _position_losses(run: RunLog) -> dict[str, dict]:

@@ -19,9 +19,10 @@ from cptjax.model.families import (
     ACTIVATIONS,
     ARCHITECTURES,
     LAYER_TYPES,
-    MOE_KEYS,
     architecture_refusal,
+    expert_keys,
     flag,
+    layer_window_keys,
     parse_experts,
     parse_layer_windows,
     with_defaults,
@@ -378,34 +379,5 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             hf[key] = value
     if arch.sliding_rope_base:
         hf["rope_local_base_freq"] = cfg.sliding_rope_theta
-    if arch.moe is not None:
-        experts_keys, top_k_key, renormalise = MOE_KEYS[arch.moe]
-        hf.update({experts_keys[0]: cfg.num_experts, top_k_key: cfg.experts_per_token,
-                   "router_aux_loss_coef": cfg.router_aux_loss_coef})
-        if isinstance(renormalise, str):
-            hf[renormalise] = cfg.norm_topk_prob
-        if arch.moe == "qwen3_moe":
-            hf.update(moe_intermediate_size=cfg.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
-    if arch.sliding_window == "never":
-        return hf
-    hf["sliding_window"] = cfg.sliding_window
-    if arch.sliding_window == "all_layers":
-        return hf
-    if arch.sliding_window == "use_sliding_window":
-        hf["use_sliding_window"] = cfg.sliding_window is not None
-        return hf
-    kinds = ["full_attention" if w is None else "sliding_attention" for w in cfg.layer_windows]
-    hf["layer_types"] = kinds
-    if arch.sliding_window == "alternating" and arch.window_pattern is None and "full_attention" in kinds:
-        # Gemma 3 before transformers 4.53 reads only the pattern: written where the layers follow one.
-        pattern = kinds.index("full_attention") + 1
-        if kinds == ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len(kinds))]:
-            hf["sliding_window_pattern"] = pattern
-    if arch.sliding_window == "max_window_layers":
-        hf["use_sliding_window"] = cfg.sliding_window is not None
-        # transformers 4 reads max_window_layers, not layer_types: the first sliding layer, when
-        # the sliding layers are the last ones (the only pattern it can say).
-        full = kinds.count("full_attention")
-        if kinds == ["full_attention"] * full + ["sliding_attention"] * (cfg.num_layers - full):
-            hf["max_window_layers"] = full
-    return hf
+    hf.update(expert_keys(arch, cfg))
+    return hf | layer_window_keys(arch, cfg.sliding_window, cfg.layer_windows)

@@ -202,3 +202,44 @@ def parse_experts(hf: dict, arch: Architecture, num_layers: int, source: str) ->
                               f"decoder_sparse_step {step}); cptjax runs Qwen3-MoE models whose every layer "
                               "has experts, as every published one does (mlp_only_layers [], decoder_sparse_step 1)")
     return fields
+
+
+def expert_keys(arch: Architecture, cfg) -> dict[str, Any]:
+    """The MoE keys of an export's config.json (`cfg`: a ModelConfig), as parse_experts reads them."""
+    if arch.moe is None:
+        return {}
+    experts_keys, top_k_key, renormalise = MOE_KEYS[arch.moe]
+    hf = {experts_keys[0]: cfg.num_experts, top_k_key: cfg.experts_per_token,
+          "router_aux_loss_coef": cfg.router_aux_loss_coef}
+    if isinstance(renormalise, str):
+        hf[renormalise] = cfg.norm_topk_prob
+    if arch.moe == "qwen3_moe":
+        hf.update(moe_intermediate_size=cfg.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
+    return hf
+
+
+def layer_window_keys(arch: Architecture, window: int | None, layer_windows: tuple[int | None, ...]) -> dict:
+    """The config.json keys that say which layers slide, as parse_layer_windows reads them back
+    (and as transformers 4 reads them, where its keys differ)."""
+    if arch.sliding_window == "never":
+        return {}
+    hf: dict[str, Any] = {"sliding_window": window}
+    if arch.sliding_window == "all_layers":
+        return hf
+    if arch.sliding_window == "use_sliding_window":
+        return hf | {"use_sliding_window": window is not None}
+    kinds = ["full_attention" if w is None else "sliding_attention" for w in layer_windows]
+    hf["layer_types"] = kinds
+    if arch.sliding_window == "alternating" and arch.window_pattern is None and "full_attention" in kinds:
+        # Gemma 3 before transformers 4.53 reads only the pattern: written where the layers follow one.
+        pattern = kinds.index("full_attention") + 1
+        if kinds == ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len(kinds))]:
+            hf["sliding_window_pattern"] = pattern
+    if arch.sliding_window == "max_window_layers":
+        hf["use_sliding_window"] = window is not None
+        # transformers 4 reads max_window_layers, not layer_types: the first sliding layer, when
+        # the sliding layers are the last ones (the only pattern it can say).
+        full = kinds.count("full_attention")
+        if kinds == ["full_attention"] * full + ["sliding_attention"] * (len(kinds) - full):
+            hf["max_window_layers"] = full
+    return hf

@@ -50,10 +50,8 @@ class ModelSection:
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # positions per row whose logits exist at once; null: all
     max_position_embeddings: int | None = None  # the run's context limit (null: the model's); raise to train longer
     rope: RopeOverrides = RopeOverrides()  # the run's changes to the model's RoPE (base, scaling)
-    # Mixture-of-experts models: the load-balancing loss's coefficient (null: config.json's
-    # router_aux_loss_coef; 0: off) and the router z-loss's (ST-MoE's stabiliser; 0: off).
-    router_aux_loss_coef: float | None = None
-    router_z_loss: float = 0.0
+    router_aux_loss_coef: float | None = None  # MoE: load-balancing loss weight (null: config.json's; 0: off)
+    router_z_loss: float = 0.0  # MoE: weight of the router logits' mean squared log-partition (ST-MoE)
 
     def __post_init__(self):
         if (self.init_from is None) == (self.hf_config is None):

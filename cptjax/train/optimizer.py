@@ -22,9 +22,8 @@ class OptimizerConfig:
     grad_clip_norm: float | None = 1.0  # global-norm clipping (null: none)
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2), PaLM's stabiliser
     grad_accum_steps: int = 1  # micro-batches per step; the update equals the full batch's
-    # Parameters left as loaded: each name matches a parameter's name or a folder of them
-    # ("router": every MoE layer's router; "embed_tokens"; "layers"). No optimizer state is kept for them.
-    freeze: tuple[str, ...] = ()
+    # A name freezes every parameter with it in its path ("router": each MoE layer's; "embed_tokens").
+    freeze: tuple[str, ...] = ()  # parameters left as loaded (no optimizer state kept for them)
 
     def __post_init__(self):
         for name in ("b1", "b2"):
