@@ -12,7 +12,7 @@ from etils import epath
 from matplotlib import cm
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from cptjax.measure.run_logs import RunLog
 from cptjax.train.harness import headline_metric
@@ -206,6 +206,8 @@ def save_experts_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
     shares = np.asarray(records[-1]["router"]["expert_load"])  # [Ly, E]
     image = load.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
     load.set(title=f"Expert shares at step {steps[-1]}", xlabel="expert", ylabel="layer")
+    load.xaxis.set_major_locator(MaxNLocator(integer=True))
+    load.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=load, label="share of routed tokens")
     return {"experts": _save(fig, out, "experts.png")}
 
