@@ -3,10 +3,11 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/moe_worker.py
 
 For tiny Mixtral (8 experts, 2 per token) and Qwen3-MoE (16 experts, 4 per token) models, the
-train step's loss (with the load-balancing loss in the objective) and each gradient, relative
+train step's loss (with the load-balancing loss in the objective) and each gradient: relative
 errors (normwise) of meshes of 4 and 8 devices with an expert axis (beside data, fsdp and tensor
-axes) against one device; the expert loads against one device's; and how many all-gathers and
-reduce-scatters over the expert axis the program has. Used by test_moe.py.
+axes) against one device, and of a Qwen3-MoE with a dense middle layer on one of them; the expert
+loads against one device's; and how many all-gathers and reduce-scatters the program has. Used by
+test_moe.py.
 """
 
 import functools
@@ -30,14 +31,16 @@ from cptjax.train.step import StepConfig, loss_and_grads
 MESHES = {"4: expert 4": (4, MeshConfig(data=1, fsdp=1, expert=4, tensor=1)),
           "8: data 2 x expert 4": (8, MeshConfig(data=2, fsdp=1, expert=4, tensor=1)),
           "8: fsdp 2 x expert 2 x tensor 2": (8, MeshConfig(data=1, fsdp=2, expert=2, tensor=2))}
-MODELS = {"mixtral": "mixtral-8x7b-v0.1", "qwen3_moe": "qwen3-30b-a3b"}
+# family -> (shape, config changes, meshes): Qwen3-MoE with a dense middle layer on one mesh.
+MODELS = {"mixtral": ("mixtral-8x7b-v0.1", {}, tuple(MESHES)), "qwen3_moe": ("qwen3-30b-a3b", {}, tuple(MESHES)),
+          "qwen3_moe-mixed": ("qwen3-30b-a3b", {"mlp_only_layers": [1]}, ("8: data 2 x expert 4",))}
 
 
 def main():
     out = {"devices": jax.device_count(), "errors": {}, "loads": {}, "collectives": {}}
     rng = np.random.default_rng(0)
-    for family, name in MODELS.items():
-        cfg = ModelConfig.from_hf_config(tiny_configs.shrunk_config(name))
+    for family, (name, changes, meshes) in MODELS.items():
+        cfg = ModelConfig.from_hf_config(dict(tiny_configs.shrunk_config(name), **changes))
         params = nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
         params["layers"]["router"] = params["layers"]["router"] * 20  # choices clear of ties (test_moe.py)
         # 8 rows of packed documents, with padding at the ends of some rows
@@ -53,7 +56,8 @@ def main():
 
         single = jax.jit(fn)(params, batch)
         reference, reference_counts = flat(single), np.asarray(single[2]["router"]["counts"])
-        for label, (count, mesh_config) in MESHES.items():
+        for label in meshes:
+            count, mesh_config = MESHES[label]
             mesh = make_mesh(mesh_config, jax.devices()[:count])
             step = jax.jit(with_activation_sharding(fn, mesh, DEFAULT_RULES))
             traced = step.trace(params, batch)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cptjax.model.config import ModelConfig
-from cptjax.model.transformer import ParamPath, layer_weight_names, layer_weight_shape
+from cptjax.model.layers import layer_stack, layer_weight_names, layer_weight_shape
+from cptjax.model.transformer import ParamPath
 
 _HF_LAYER_NAMES = {
     "input_layernorm": "input_layernorm.weight",
@@ -106,15 +107,16 @@ def key_map(cfg: ModelConfig) -> list[KeyMapping]:
             hf_name, parts = fused[name]
             rows = [layer_weight_shape(cfg, part)[0] for part in parts]
             where = (sum(rows[:parts.index(name)]), sum(rows))
+        layers = layer_stack(cfg, name)  # every layer, or (mixed MLPs) the dense or the MoE ones
         if name.startswith("expert_"):  # one HF tensor per expert: [E, ...] per layer in cptjax
             hf_name, e = _HF_MOE_NAMES[cfg.model_type][name], cfg.num_experts
-            out += [KeyMapping(f"model.layers.{i}.{hf_name.format(e=j)}", ("layers", name), i * e + j, shape[1:],
-                               experts=e) for i in range(cfg.num_layers) for j in range(e)]
+            out += [KeyMapping(f"model.layers.{i}.{hf_name.format(e=j)}", ("layers", name), n * e + j, shape[1:],
+                               experts=e) for n, i in enumerate(layers) for j in range(e)]
             continue
         if name == "router":
             hf_name = _HF_MOE_NAMES[cfg.model_type][name]
-        out += [KeyMapping(f"model.layers.{i}.{hf_name}", ("layers", name), i, shape, where)
-                for i in range(cfg.num_layers)]
+        out += [KeyMapping(f"model.layers.{i}.{hf_name}", ("layers", name), n, shape, where)
+                for n, i in enumerate(layers)]
     out.append(KeyMapping("model.norm.weight", ("norm",), None, (d,)))
     if not cfg.tie_word_embeddings:
         out.append(KeyMapping("lm_head.weight", ("lm_head",), None, (v, d)))

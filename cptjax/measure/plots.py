@@ -197,9 +197,10 @@ def save_experts_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
     aux.axhline(1.0, color="gray", ls="--", lw=0.9, label="perfect balance")
     aux.set(title="Load-balancing loss", xlabel="step", ylabel="loss (before its coefficient)")
     _legend(aux)
-    curves = np.asarray([r["router"]["load_entropy"] for r in records])  # [steps, Ly]
-    for layer in range(curves.shape[1]):
-        entropy.plot(steps, curves[:, layer], lw=1.0, color=_color(layer), label=f"layer {layer}")
+    curves = np.asarray([r["router"]["load_entropy"] for r in records])  # [steps, MoE layers]
+    layers = records[-1]["router"].get("layers", list(range(curves.shape[1])))
+    for i, layer in enumerate(layers):
+        entropy.plot(steps, curves[:, i], lw=1.0, color=_color(i), label=f"layer {layer}")
     entropy.set(title="Expert-load entropy per layer", xlabel="step", ylabel="normalised entropy", ylim=(0, 1.02))
     if curves.shape[1] <= 12:
         _legend(entropy)
@@ -207,7 +208,10 @@ def save_experts_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
     image = load.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
     load.set(title=f"Expert shares at step {steps[-1]}", xlabel="expert", ylabel="layer")
     load.xaxis.set_major_locator(MaxNLocator(integer=True))
-    load.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(layers) != layers[-1] + 1:  # some layers are dense: the rows are the MoE layers, by index
+        load.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    else:
+        load.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=load, label="share of routed tokens")
     return {"experts": _save(fig, out, "experts.png")}
 

@@ -168,9 +168,10 @@ def _experts(run: RunLog, figures: dict[str, str]) -> list[str]:
     if not records:
         return []
     first, last = (r["router"] for r in (records[0], records[-1]))
-    rows = [[str(layer), f"{first['load_entropy'][layer]:.3f}", f"{last['load_entropy'][layer]:.3f}",
-             f"{max(first['expert_load'][layer]):.3f}", f"{max(last['expert_load'][layer]):.3f}"]
-            for layer in range(len(last["load_entropy"]))]
+    layers = last.get("layers", range(len(last["load_entropy"])))  # the MoE layers' indices
+    rows = [[str(layer), f"{first['load_entropy'][i]:.3f}", f"{last['load_entropy'][i]:.3f}",
+             f"{max(first['expert_load'][i]):.3f}", f"{max(last['expert_load'][i]):.3f}"]
+            for i, layer in enumerate(layers)]
     steps = records[0]["step"], records[-1]["step"]
     return ["## Experts", "", f"Routing per layer, step {steps[0]} against step {steps[1]}: the normalised "
             "entropy of the experts' shares of routed tokens (1: even) and the largest share (a few experts taking "

@@ -86,6 +86,7 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # each expert's hidden size (None: intermediate_size, Mixtral)
     norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to 1
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training objective
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead (Qwen3-MoE's mlp_only_layers)
     tie_word_embeddings: bool = False
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -118,6 +119,11 @@ class ModelConfig:
             if len(set(self.layer_types)) == 1 or self.sliding_window is None:
                 raise CptjaxError("model config: layer_types is for layers that mix sliding and full "
                                   "attention, with a sliding_window; leave it empty otherwise")
+        dense = list(self.dense_layers)
+        if dense and (not self.num_experts or dense != sorted(set(dense)) or dense[0] < 0
+                      or dense[-1] >= self.num_layers or len(dense) == self.num_layers):
+            raise CptjaxError(f"model config: dense_layers must be sorted distinct layer indices of an MoE model, "
+                              f"leaving some layers with experts; got {list(self.dense_layers)}")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise CptjaxError(f"model config: experts_per_token must be in 1..num_experts ({self.num_experts}), "
                               f"got {self.experts_per_token}")
@@ -165,6 +171,16 @@ class ModelConfig:
     @property
     def layer_rope_index(self) -> tuple[int, ...]:
         return tuple(self.ropes.index(r) for r in self.layer_ropes)
+
+    @property
+    def mixed_mlps(self) -> bool:
+        """An MoE model some of whose layers have a dense MLP: each kind's weights are stacked over
+        its own layers, and each layer picks its kind (transformer.py)."""
+        return bool(self.num_experts and self.dense_layers)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.num_experts and i not in self.dense_layers)
 
     @property
     def expert_size(self) -> int:

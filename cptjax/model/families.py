@@ -164,8 +164,8 @@ def _default_layer_type(hf: dict, arch: Architecture, layer: int, source: str) -
 
 def parse_experts(hf: dict, arch: Architecture, num_layers: int, source: str) -> dict[str, Any]:
     """The MoE fields of ModelConfig for an MoE family (num_experts, experts_per_token,
-    moe_intermediate_size, norm_topk_prob, router_aux_loss_coef); {} for a dense one. Layers
-    that a config makes dense (Qwen3-MoE's mlp_only_layers, decoder_sparse_step) are refused."""
+    moe_intermediate_size, norm_topk_prob, router_aux_loss_coef, and the layers that Qwen3-MoE's
+    mlp_only_layers and decoder_sparse_step keep dense); {} for a dense one."""
     if arch.moe is None:
         return {}
     experts_keys, top_k_key, renormalise = MOE_KEYS[arch.moe]
@@ -196,11 +196,14 @@ def parse_experts(hf: dict, arch: Architecture, num_layers: int, source: str) ->
         if not isinstance(step, int) or isinstance(step, bool) or step <= 0 or not isinstance(dense, list):
             raise CptjaxError(f"{source}: decoder_sparse_step must be a positive integer and mlp_only_layers a "
                               f"list, got {step!r} and {dense!r}")
-        dense_layers = sorted({i for i in range(num_layers) if i in dense or (i + 1) % step})
-        if dense_layers:
-            raise CptjaxError(f"{source}: layers {dense_layers} are dense MLPs (mlp_only_layers {dense}, "
-                              f"decoder_sparse_step {step}); cptjax runs Qwen3-MoE models whose every layer "
-                              "has experts, as every published one does (mlp_only_layers [], decoder_sparse_step 1)")
+        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers for i in dense):
+            raise CptjaxError(f"{source}: mlp_only_layers must list layer indices below num_hidden_layers "
+                              f"({num_layers}), got {dense!r}")
+        # As transformers' Qwen3-MoE decides: experts where the layer is not listed and (i + 1) % step == 0.
+        fields["dense_layers"] = tuple(i for i in range(num_layers) if i in dense or (i + 1) % step)
+        if len(fields["dense_layers"]) == num_layers:
+            raise CptjaxError(f"{source}: every layer is a dense MLP (mlp_only_layers {dense}, decoder_sparse_step "
+                              f"{step}): load it as a dense model, or give some layers experts")
     return fields
 
 
@@ -213,8 +216,9 @@ def expert_keys(arch: Architecture, cfg) -> dict[str, Any]:
           "router_aux_loss_coef": cfg.router_aux_loss_coef}
     if isinstance(renormalise, str):
         hf[renormalise] = cfg.norm_topk_prob
-    if arch.moe == "qwen3_moe":
-        hf.update(moe_intermediate_size=cfg.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch.moe == "qwen3_moe":  # every dense layer listed, so the step is 1
+        hf.update(moe_intermediate_size=cfg.moe_intermediate_size, decoder_sparse_step=1,
+                  mlp_only_layers=list(cfg.dense_layers))
     return hf
 
 

@@ -31,6 +31,7 @@ from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, soft_cap
 from cptjax.model.config import ModelConfig
 from cptjax.model.context_parallel import STRATEGIES, attend_rows, balanced_ways, from_layout, layout_order, to_layout
 from cptjax.model.kv_cache import KVCache, LayerCache, layer_window_sizes
+from cptjax.model.layers import DecoderLayers, initial_value, logical_param
 from cptjax.model.mlp import gated_mlp
 from cptjax.model.moe import moe_mlp
 from cptjax.model.norms import norm
@@ -47,91 +48,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 assert tuple(REMAT_POLICIES) == typing.get_args(Remat)
-
-# (name, shape in letters, logical axes) of each per-layer weight; the stacked array adds Ly in front.
-_LAYER_WEIGHTS = (
-    ("input_layernorm", "D", ("norm",)),
-    ("q_proj", "NHD", ("q_heads", "head_dim", "embed")),
-    ("k_proj", "KHD", ("kv_heads", "head_dim", "embed")),
-    ("v_proj", "KHD", ("kv_heads", "head_dim", "embed")),
-    ("o_proj", "DNH", ("embed", "q_heads", "head_dim")),
-    ("q_proj_bias", "NH", ("q_heads", "head_dim")),
-    ("k_proj_bias", "KH", ("kv_heads", "head_dim")),
-    ("v_proj_bias", "KH", ("kv_heads", "head_dim")),
-    ("o_proj_bias", "D", ("embed",)),
-    ("q_norm", "H", ("head_dim",)),
-    ("k_norm", "H", ("head_dim",)),
-    ("post_attention_layernorm", "D", ("norm",)),  # Gemma 2, OLMo 2: on the attention's output
-    ("pre_feedforward_layernorm", "D", ("norm",)),  # Gemma 2 only: before the MLP
-    ("post_feedforward_layernorm", "D", ("norm",)),  # Gemma 2, OLMo 2: on the MLP's output
-    ("gate_proj", "FD", ("mlp", "embed")),
-    ("up_proj", "FD", ("mlp", "embed")),
-    ("down_proj", "DF", ("embed", "mlp")),
-    ("gate_proj_bias", "F", ("mlp",)),
-    ("up_proj_bias", "F", ("mlp",)),
-    ("down_proj_bias", "D", ("embed",)),
-    # Mixture of experts (moe.py): the router, and E experts' gated MLPs of size M each.
-    ("router", "ED", ("experts", "embed")),
-    ("expert_gate_proj", "EMD", ("experts", "mlp", "embed")),
-    ("expert_up_proj", "EMD", ("experts", "mlp", "embed")),
-    ("expert_down_proj", "EDM", ("experts", "embed", "mlp")),
-)
-_MOE_WEIGHTS = ("router", "expert_gate_proj", "expert_up_proj", "expert_down_proj")
-
-
-def layer_weight_names(cfg: ModelConfig) -> tuple[str, ...]:
-    """The per-layer weights this config has (biases and q/k norms only where the config says)."""
-    present = {
-        "q_proj_bias": cfg.qkv_bias, "k_proj_bias": cfg.qkv_bias, "v_proj_bias": cfg.qkv_bias,
-        "o_proj_bias": cfg.o_bias, "q_norm": cfg.qk_norm, "k_norm": cfg.qk_norm,
-        "gate_proj_bias": cfg.mlp_bias, "up_proj_bias": cfg.mlp_bias, "down_proj_bias": cfg.mlp_bias,
-        "input_layernorm": not cfg.post_norms, "pre_feedforward_layernorm": cfg.gemma_norms,
-        "post_feedforward_layernorm": cfg.gemma_norms or cfg.post_norms,
-        **{name: not cfg.num_experts for name in ("gate_proj", "up_proj", "down_proj")},
-        **{name: bool(cfg.num_experts) for name in _MOE_WEIGHTS},
-    }
-    return tuple(name for name, _, _ in _LAYER_WEIGHTS if present.get(name, True))
-
-
-def _letters_and_axes(cfg: ModelConfig, name: str) -> tuple[str, tuple[str, ...]]:
-    if cfg.qk_norm_all_heads and name in ("q_norm", "k_norm"):  # OLMo 2: one norm over all heads
-        return ("NH", ("q_heads", "head_dim")) if name == "q_norm" else ("KH", ("kv_heads", "head_dim"))
-    return next((letters, axes) for n, letters, axes in _LAYER_WEIGHTS if n == name)
-
-
-def layer_weight_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    sizes = {"D": cfg.hidden_size, "F": cfg.intermediate_size, "N": cfg.num_heads,
-             "K": cfg.num_kv_heads, "H": cfg.head_dim, "E": cfg.num_experts, "M": cfg.expert_size}
-    return tuple(sizes[c] for c in _letters_and_axes(cfg, name)[0])
-
-
-def _init_value(name: str, shape, key, dtype, std: float, cfg: ModelConfig):
-    if name.endswith("norm"):  # a scale of 1: Gemma's norms store it as 1 + weight
-        return jnp.zeros(shape, dtype) if cfg.gemma_norms else jnp.ones(shape, dtype)
-    if name.endswith("bias"):
-        return jnp.zeros(shape, dtype)
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-def _param(value, names) -> nnx.Param:
-    # Logical names as metadata only (eager_sharding=False): sharding.py maps them to the mesh and
-    # the trainer places arrays with explicit shardings.
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
-
-
-class DecoderLayers(nnx.Module):
-    """All decoder layers' weights, each stacked on a leading Ly axis."""
-
-    def __init__(self, cfg: ModelConfig, *, param_dtype, std: float, rngs: nnx.Rngs):
-        self.names = layer_weight_names(cfg)
-        for name in self.names:
-            shape = (cfg.num_layers, *layer_weight_shape(cfg, name))
-            axes = ("layers", *_letters_and_axes(cfg, name)[1])
-            setattr(self, name, _param(_init_value(name, shape, rngs.params(), param_dtype, std, cfg), axes))
-
-    def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.names}
-
 
 class Llama(nnx.Module):
     """`Llama(cfg, rngs=...)(tokens [B, L]) -> logits [B, L, V]` in float32.
@@ -158,13 +74,14 @@ class Llama(nnx.Module):
         self.remat = remat
         self.attention = attention
         std = 0.02
-        self.embed_tokens = _param(_init_value("embed", (cfg.vocab_size, cfg.hidden_size),
-                                               rngs.params(), param_dtype, std, cfg), ("vocab", "embed"))
+        self.embed_tokens = logical_param(initial_value("embed", (cfg.vocab_size, cfg.hidden_size),
+                                                        rngs.params(), param_dtype, std, cfg), ("vocab", "embed"))
         self.layers = DecoderLayers(cfg, param_dtype=param_dtype, std=std, rngs=rngs)
-        self.norm = _param(_init_value("norm", (cfg.hidden_size,), None, param_dtype, std, cfg), ("norm",))
+        self.norm = logical_param(initial_value("norm", (cfg.hidden_size,), None, param_dtype, std, cfg),
+                                  ("norm",))
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(_init_value("lm_head", (cfg.vocab_size, cfg.hidden_size),
-                                              rngs.params(), param_dtype, std, cfg), ("vocab", "embed"))
+            self.lm_head = logical_param(initial_value("lm_head", (cfg.vocab_size, cfg.hidden_size),
+                                                       rngs.params(), param_dtype, std, cfg), ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -221,18 +138,20 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         tables = _rope_tables(cfg, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention, context_parallel=self.context_parallel)
+        weights, partial, mlp_index = self.layers.scanned(cfg)
 
         def step(carry, layer):
-            weights, window_index, rope_index = layer
+            weights, window_index, rope_index, mlp_index, partial = layer
             cos, sin = tables(rope_index)
-            return block(carry, weights, cos, sin, segment_ids, token_index=token_index,  # (x, None): no cache
-                         window_index=window_index)
+            return block(carry, {**weights, **_pick(partial, mlp_index)}, cos, sin, segment_ids,
+                         token_index=token_index, window_index=window_index)  # (x, router stats): no cache
 
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         window_index = jnp.asarray(cfg.layer_window_index, jnp.int32)  # [Ly]
         rope_index = jnp.asarray(cfg.layer_rope_index, jnp.int32)  # [Ly]
-        x, stats = jax.lax.scan(step, x, (self.layers.arrays(), window_index, rope_index))
+        x, stats = jax.lax.scan(lambda c, xs: step(c, (*xs, partial)), x,
+                                (weights, window_index, rope_index, mlp_index))
         return norm(x, self.norm[...], cfg), stats
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -242,18 +161,27 @@ class Llama(nnx.Module):
         cfg = self.config
         tables = _rope_tables(cfg, positions, self.dtype)
         block = _Block(cfg, dtype=self.dtype, attention=self.attention)
+        weights, partial, mlp_index = self.layers.scanned(cfg)
 
         def step(x, layer):
-            weights, keys, values, window, rope_index = layer
+            weights, keys, values, window, rope_index, mlp_index = layer
             cos, sin = tables(rope_index)
-            return block(x, weights, cos, sin, None, LayerCache(keys, values, cache.positions, positions, window))
+            return block(x, {**weights, **_pick(partial, mlp_index)}, cos, sin, None,
+                         LayerCache(keys, values, cache.positions, positions, window))
 
         windows = layer_window_sizes(cfg)  # [Ly]: the cache masks by each layer's own window
         rope_index = jnp.asarray(cfg.layer_rope_index, jnp.int32)
-        x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (self.layers.arrays(), cache.keys,
-                                                                     cache.values, windows, rope_index))
+        x, (keys, values) = jax.lax.scan(step, self.embed(tokens), (weights, cache.keys, cache.values, windows,
+                                                                     rope_index, mlp_index))
         logits = self.head_logits(norm(x[:, -1], self.norm[...], cfg))  # [B, V]
         return logits, dataclasses.replace(cache, keys=keys, values=values).written(positions)
+
+
+def _pick(partial: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+    """Each partly stacked weight at `index` (a layer's place in its MLP kind's stack; a layer of
+    the other kind reads a neighbour it does not use, clamped into range)."""
+    return {n: jax.lax.dynamic_index_in_dim(a, jnp.minimum(index, a.shape[0] - 1), keepdims=False)
+            for n, a in partial.items()}
 
 
 def _rope_tables(cfg: ModelConfig, positions: jax.Array, dtype):
@@ -317,8 +245,12 @@ class _Block:
         else:
             h = norm(x, w["pre_feedforward_layernorm" if cfg.gemma_norms else "post_attention_layernorm"], cfg)
         stats = None
-        if cfg.num_experts:
-            down, stats = moe_mlp(h, w, cfg, dt, None if segment_ids is None else segment_ids > 0)
+        mask = None if segment_ids is None else segment_ids > 0
+        if cfg.mixed_mlps:  # this layer's kind, chosen at run time inside the one scanned body
+            down, stats = jax.lax.cond(w["is_moe"], lambda h: moe_mlp(h, w, cfg, dt, mask),
+                                       lambda h: (gated_mlp(h, w, cfg, dt), _no_router_stats(cfg)), h)
+        elif cfg.num_experts:
+            down, stats = moe_mlp(h, w, cfg, dt, mask)
         else:
             down = gated_mlp(h, w, cfg, dt)
         if cfg.gemma_norms or cfg.post_norms:
@@ -342,6 +274,12 @@ class _Block:
         if window_index is None:
             raise ValueError("a model whose layers differ in window needs each layer's window_index")
         return jax.lax.switch(window_index, [with_window(w) for w in windows], q, k, v)
+
+
+def _no_router_stats(cfg: ModelConfig) -> dict[str, jax.Array]:
+    """A dense layer's router statistics in a mixed model: none (it counts toward no expert load)."""
+    zeros = jnp.zeros((cfg.num_experts,), jnp.float32)
+    return {"counts": zeros, "probs": zeros, "z": jnp.zeros((), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
 
 
 def abstract_model(cfg: ModelConfig, param_dtype: Any = jnp.float32, **kwargs) -> Llama:

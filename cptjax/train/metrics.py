@@ -54,9 +54,9 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     attended length is each layer's sliding window where it has one. A mixture-of-experts layer
     counts the experts a token runs (experts_per_token of them) and its router, not all experts."""
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    mlp = 3 * d * f if not cfg.num_experts else cfg.experts_per_token * 3 * d * cfg.expert_size + d * cfg.num_experts
-    per_layer = d * n * h * 2 + d * k * h * 2 + mlp
-    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * d
+    moe = cfg.experts_per_token * 3 * d * cfg.expert_size + d * cfg.num_experts
+    mlps = len(cfg.moe_layers) * moe + (cfg.num_layers - len(cfg.moe_layers)) * 3 * d * f
+    matmul_params = cfg.num_layers * (d * n * h * 2 + d * k * h * 2) + mlps + cfg.vocab_size * d
     context = sum(min(seq_len, window or seq_len) for window in cfg.layer_windows)  # over the layers
     return 6.0 * matmul_params + 12.0 * n * h * context
 

@@ -73,8 +73,10 @@ def _sums(graphdef, params, batch, config: StepConfig):
         "input_tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),  # not padding
         "source_tokens": jnp.einsum("BL,BLS->S", mask, sources),
     }
-    if router is not None:  # MoE: each layer's router statistics over the batch's tokens, [Ly, ...]
-        out["router"] = router
+    if router is not None:  # MoE: each MoE layer's router statistics over the batch's tokens, [layers, ...]
+        moe_layers = np.asarray(model.config.moe_layers)
+        out["router"] = router if len(moe_layers) == model.config.num_layers else \
+            jax.tree.map(lambda a: a[moe_layers], router)
     return out
 
 

@@ -307,13 +307,14 @@ def _ready(loop: Loop, start: int) -> bool:
     return False
 
 
-def router_record(router: dict) -> dict:
+def router_record(router: dict, layers: tuple[int, ...]) -> dict:
     """An MoE step's router metrics as logged: the load-balancing and router z-losses (before their
-    coefficients), and per layer the share of routed tokens each expert took and the normalised
-    entropy of those shares (1: perfectly even, 0: one expert takes every token)."""
+    coefficients), and per MoE layer (`layers`, their indices) the share of routed tokens each
+    expert took and the normalised entropy of those shares (1: perfectly even, 0: one expert
+    takes every token)."""
     load = np.asarray(router["expert_load"], np.float64)  # [Ly, E]
     entropy = -np.sum(np.where(load > 0, load * np.log(np.where(load > 0, load, 1.0)), 0.0), axis=-1)
-    return {"aux_loss": float(router["aux_loss"]), "z_loss": float(router["z_loss"]),
+    return {"aux_loss": float(router["aux_loss"]), "z_loss": float(router["z_loss"]), "layers": list(layers),
             "load_entropy": [round(float(h), 5) for h in entropy / np.log(load.shape[-1])],
             "expert_load": [[round(float(x), 5) for x in row] for row in load]}
 
@@ -328,7 +329,7 @@ def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> b
         "loss": float(values["loss"]), "grad_norm": float(values["grad_norm"]),
         "learning_rate": float(values["learning_rate"]),
         **({"z_loss": float(values["z_loss"])} if "z_loss" in values else {}),
-        **({"router": router_record(values["router"])} if "router" in values else {}),
+        **({"router": router_record(values["router"], fields.model_config.moe_layers)} if "router" in values else {}),
         "tokens": float(values["tokens"]), "skipped": bool(values["skipped"]),
         "source_loss": {n: float(v) for n, v, c in zip(fields.source_names, values["source_loss"],
                                                         values["source_tokens"]) if c > 0},
