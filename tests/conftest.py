@@ -89,14 +89,17 @@ def cpt_config(tmp_path_factory):
 # test_corruption (about 90 s), test_preemption (about 80 s), test_eval_models and test_length_stages
 # (about 100 s each) came later; their places are from runs on a loaded machine, as are those of
 # test_train_tasks (about 400 s), test_lm_eval_model (230), test_ema (175), test_wandb (150) and
-# test_families (80), measured with other jobs on the cores (load 6-9).
+# test_families (80), measured with other jobs on the cores (load 6-9); test_family_runs (six CPT
+# runs, each killed and resumed: 50-140 s each), test_families (five families now, 300 s) and
+# test_moe (200 s) likewise.
 # Three workers on CI's two cores: a worker is not always computing (it waits on the `cptjax`
 # processes it starts, and the TPU compiles of test_plan are mostly single-threaded). Run alone,
 # test_plan used 589 s of CPU, test_crash 344 s and test_readme 410 s (user + sys, children included),
 # against 719, 447 and 469 s of wall time each took as one of two workers: about 0.8 of a core each.
-LONGEST_FIRST = ("test_plan.py", "test_readme.py", "test_crash.py", "test_train_tasks.py", "test_cpt_findings.py",
+LONGEST_FIRST = ("test_plan.py", "test_readme.py", "test_crash.py", "test_family_runs.py", "test_train_tasks.py",
+                 "test_cpt_findings.py", "test_families.py", "test_moe.py",
                  "test_lm_eval_model.py", "test_attention.py", "test_ema.py", "test_wandb.py", "test_train_step.py",
-                 "test_multihost_train.py", "test_eval_models.py", "test_families.py", "test_length_stages.py",
+                 "test_multihost_train.py", "test_eval_models.py", "test_length_stages.py",
                  "test_corruption.py", "test_notebooks.py",
                  "test_preemption.py", "test_parity.py", "test_trainer.py", "test_demo.py", "test_remote_paths.py")
 
