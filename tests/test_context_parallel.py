@@ -100,7 +100,7 @@ def test_on_several_hosts_one_rows_devices_share_a_host():
 
     devices = topology_devices("v5p-128")
     mesh = make_mesh(MeshConfig(data=1, fsdp=16, sequence=4, tensor=1), devices)
-    assert mesh.shape == {"data": 1, "fsdp": 16, "sequence": 4, "tensor": 1}
+    assert mesh.shape == {"data": 1, "fsdp": 16, "expert": 1, "sequence": 4, "tensor": 1}
     hosts = [{d.process_index for d in mesh.devices[0, i].flat} for i in range(16)]
     assert all(len(h) == 1 for h in hosts) and len(set().union(*hosts)) == 16
     with pytest.raises(CptjaxError, match=r"^mesh: sequence 8 x tensor 1 must divide a host's 4 devices"):

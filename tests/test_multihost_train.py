@@ -81,7 +81,8 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     raw["data"]["eval_sets"] = [{"name": "code", "type": "text", "paths": [str(STDLIB / "email" / "mime" / "*.py")]}]
     config_path.write_text(yaml.safe_dump(raw))
     first = _train_both(config_path, 4)
-    assert "mesh {'data': 2, 'fsdp': 1, 'sequence': 1, 'tensor': 1}, 2 devices" in first[0]  # only process 0 logs
+    # only process 0 logs
+    assert "mesh {'data': 2, 'fsdp': 1, 'expert': 1, 'sequence': 1, 'tensor': 1}, 2 devices" in first[0]
     assert all("cptjax train: finished at step 4" in out for out in first)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4]
