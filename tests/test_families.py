@@ -368,14 +368,16 @@ def test_kernels_without_a_soft_cap_refuse_it_and_auto_avoids_them():
 
 @pytest.mark.slow
 def test_context_parallelism_keeps_the_caps_and_each_layers_window():
-    """Rows split 4 ways (all_gather and ring) against one device, as test_context_parallel.py
-    holds Mistral: loss within 1e-5 relative, each gradient within 1e-4."""
+    """Rows split 4 ways (all_gather and ring; OLMo 2 and Phi-3, with nothing the ring treats apart,
+    all_gather only) against one device, as test_context_parallel.py holds Mistral: loss within
+    1e-5 relative, each gradient within 1e-4."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, str(Path(__file__).parent / "context_worker.py"), "families"],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["devices"] == 8
-    assert set(found["errors"]) == {f"{f}/{s}" for f in MODELS for s in ("all_gather", "ring")}
+    assert set(found["errors"]) == {f"{f}/{s}" for f in MODELS for s in ("all_gather", "ring")} - {"olmo2/ring",
+                                                                                                   "phi3/ring"}
     for case, errors in found["errors"].items():
         assert errors[0] <= 1e-5 and max(errors[1:]) <= 1e-4, (case, errors)
