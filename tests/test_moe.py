@@ -123,7 +123,12 @@ def test_fp32_logits_and_router_choices_match_transformers(name, hf_dirs):
         probs = torch.softmax(their_logits.float(), dim=-1)
         their_weights, their_experts = torch.topk(probs, k, dim=-1)
         their_weights = their_weights / their_weights.sum(-1, keepdim=True)
-        assert np.array_equal(np.asarray(experts), their_experts.numpy())  # every token's choice
+        # Every token's choice, except where its k-th and (k+1)-th router logits are within the 1e-5
+        # they are held to above (two computations may order those either way; none here, seen).
+        ranked = np.sort(their_logits.float().numpy(), axis=-1)[:, ::-1]
+        clear = ranked[:, k - 1] - ranked[:, k] > 1e-5
+        assert clear.mean() >= 0.95
+        assert np.array_equal(np.asarray(experts)[clear], their_experts.numpy()[clear])
         # softmax moves a probability by at most the largest logit difference, held to 1e-5 above
         assert np.max(np.abs(np.asarray(weights) - their_weights.numpy())) < 1e-5
 
@@ -149,7 +154,8 @@ def test_loss_with_load_balancing_and_gradients_match_pytorch_autograd(name, hf_
     (nll + coefficient * out.aux_loss).backward()
     assert abs(float(loss) - nll.item()) <= 1e-5 * nll.item()
     assert abs(float(load_balancing_loss(sums["router"], cfg.num_experts)) - out.aux_loss.item()) <= 1e-5
-    assert float(without) == float(loss)  # the NLL is reported alone; only the objective adds the term
+    # the NLL is reported alone; only the objective adds the term
+    assert float(without) == pytest.approx(float(loss), rel=1e-6)
     hf_grads = dict(model.named_parameters())
     router_grads = 0.0
     for m in key_map(cfg):
@@ -227,8 +233,8 @@ def test_expert_parallel_step_equals_one_device():
     """Meshes of 4 and 8 simulated devices with an expert axis (alone, beside data, and beside fsdp
     and tensor; and a model with a dense layer among its MoE ones) against one device
     (tests/moe_worker.py): loss within 1e-5 relative and every
-    gradient within 1e-4 (seen: <= 1e-6), the same experts chosen for every token (expert loads
-    equal exactly), and the tokens reaching their experts by all-gather and reduce-scatter."""
+    gradient within 1e-4 (seen: <= 1e-6), the same experts chosen (expert loads within one
+    routed token; seen equal), and the tokens reaching their experts by all-gather and reduce-scatter."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, str(Path(__file__).parent / "moe_worker.py")],
                             capture_output=True, text=True, env=env, timeout=900)
@@ -237,7 +243,9 @@ def test_expert_parallel_step_equals_one_device():
     assert found["devices"] == 8 and len(found["errors"]) == 4
     for case, errors in found["errors"].items():
         assert errors[0] <= 1e-5 and max(errors[1:]) <= 1e-4, (case, errors)
-        assert found["loads"][case] == 0.0, case
+        # routed-token counts: at most one token's choice may differ, at a near-tie between two
+        # different computations (seen: 0 on every case)
+        assert found["loads"][case] <= 1.0, case
         assert found["collectives"][case]["all_gather"] > 0 and found["collectives"][case]["reduce_scatter"] > 0
 
 
