@@ -364,13 +364,20 @@ READS_AFTER_A_FAILURE = textwrap.dedent("""
         np.random.default_rng(0).random((3000, 3000), np.float32)).result()
     async def fails():
         raise ValueError("a damaged array")
+    started = []  # TensorStore's futures, to wait for: on a loaded machine a read may outlast any fixed sleep
     async def reads():
         array = await ts.open(spec)
-        await asyncio.gather(fails(), *[array.read() for _ in range(8)])
+        started.extend(array.read() for _ in range(8))
+        await asyncio.gather(fails(), *started[-8:])
     for _ in range(2):
         try:
             asyncio_utils.run_sync(reads())
         except ValueError:
+            pass
+    for future in started:  # each read finished (or cancelled); its callback into the loop has fired
+        try:
+            future.result()
+        except BaseException:
             pass
     time.sleep(1)
     gc.collect()

@@ -83,7 +83,15 @@ def _key(item) -> str:
 
 def _wandb_runs(run_dir):
     """Every local W&B run the run folder's W&B run id has, in start order: [{"run": RunRecord,
-    "rows": [{"step": s, key: value}], "summary": {key: value}}]."""
+    "rows": [{"step": s, key: value}], "summary": {key: value}}].
+
+    `finish()` returns once W&B's service has handled the run's exit; the service closes the run's
+    transaction log later (`inform_finish` only informs it). A `cptjax` process waits for all of it
+    at exit; this one goes on, so it ends its W&B session first: teardown returns when the service
+    has stopped. (On a loaded CI machine a report's log was once read with no record in it.)"""
+    import wandb
+
+    wandb.teardown()
     run_id = json.loads(RunPaths(run_dir).wandb_run.read_text())["id"]
     found = []
     # offline-run-<time>-<id>, with a -1, -2... suffix when two starts fall in the same second
