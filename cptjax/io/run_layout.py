@@ -8,6 +8,7 @@
   RUN_DIR/logs/wandb_run.json         the W&B run this run logs to (logging.wandb), so a restart continues it
   RUN_DIR/logs/wandb/                 W&B's own local files, when logging.wandb.dir and WANDB_DIR are unset
                                       (W&B names the folder wandb/ under the logs/ it is given)
+  RUN_DIR/compile_cache/              JAX's compiled programs, for the next start (train/compile_cache.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ LOGS = "logs"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CONFIG = "config.yaml"
+COMPILE_CACHE = "compile_cache"
 WANDB_RUN = "wandb_run.json"
 
 
@@ -57,6 +59,11 @@ class RunPaths:
     @property
     def config(self) -> epath.Path:
         return self.root / CONFIG
+
+    @property
+    def compile_cache(self) -> epath.Path:
+        """JAX's persistent compilation cache, when the config's compile_cache is true."""
+        return self.root / COMPILE_CACHE
 
     @property
     def wandb_run(self) -> epath.Path:

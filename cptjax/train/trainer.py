@@ -35,6 +35,7 @@ from cptjax.data.eval_sets import build_eval_sets
 from cptjax.data.pipeline import build_train_pipeline, document_counts
 from cptjax.data.tokenize import check_vocabulary, load_data_tokenizer
 from cptjax.model.config import ModelConfig
+from cptjax.train.compile_cache import CompileCache
 from cptjax.train.config import TrainConfig, dump_yaml
 from cptjax.train.distributed import gather_states, initialize
 from cptjax.train.harness import TaskHarness, check_tasks, harness_for_run
@@ -55,6 +56,7 @@ class RunResult:
     origin: str  # "resumed from step N ...", "weights from PATH ...", "from scratch ..."
     state: dict | None  # None when a SIGTERM stopped the start-up before the state was ready
     failed: bool = False  # it stopped on an error (a non-finite loss), not on request
+    programs: dict | None = None  # from the compile cache: {"loaded", "compiled", "saved_s"} (None: off)
 
 
 def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
@@ -80,10 +82,11 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
     first documents of every source, the resume's data position, the weights or checkpoint read.
     A SIGTERM before then stops the start at the next phase boundary, with nothing written.
     """
-    with Preemption() as preemption:
+    with Preemption() as preemption, CompileCache.of(config) as cache:
         initialize(config.distributed)
         preemption.after_initialize()
         run_start = choose_start(config)
+        cache.open(run_folder_ready=run_start.origin == "resume")  # a resume's folder is its own
         built = None  # the pipeline this call built: its Grain worker processes stop with the run
         try:
             check_environment(config, run_start.model_config)
@@ -109,8 +112,10 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             preemption.check("before the first compile")
             # Every check passed: only now is the run folder touched.
             _prepare_run_dir(config, run_start)
-            return _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption, probe,
-                             tasks)
+            cache.open(run_folder_ready=True)
+            result = _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption, probe,
+                               tasks, cache)
+            return dataclasses.replace(result, programs=cache.programs())
         except StartInterrupted as phase:
             stopped = f"SIGTERM during start-up ({phase}): nothing written, exiting"
             if jax.process_index() == 0:
@@ -123,7 +128,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
 
 
 def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption,
-              probe=None, tasks=None) -> RunResult:
+              probe=None, tasks=None, cache: CompileCache | None = None) -> RunResult:
     logger = MetricsLogger(config.paths, config.training.steps, start_step=run_start.resume_step or 0,
                            enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
                            progress=config.logging.progress, wandb=config.logging.wandb, config=to_dict(config))
@@ -142,6 +147,8 @@ def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_
     finally:  # the SIGTERM handler is still in place: a preempted final save completes
         checkpointer.wait()
         checkpointer.close()
+        if cache is not None and cache.summary():
+            logger.message(cache.summary())
         logger.close()
 
 
