@@ -86,11 +86,12 @@ def _run(args) -> int | None:
         run_demo(args.workdir, data_dir=args.data_dir, base_steps=args.base_steps, cpt_steps=args.cpt_steps)
     elif args.command == "train":
         from cptjax.train.config import load_config
+        from cptjax.train.goodput import process_start_time
         from cptjax.train.trainer import run
         config = load_config(args.config, args.overrides)
         if args.until_step is not None and args.until_step < 1:
             raise CptjaxError(f"--until-step {args.until_step}: must be >= 1")
-        result = run(config, until_step=args.until_step)
+        result = run(config, until_step=args.until_step, started=process_start_time())
         if result.failed:
             raise CptjaxError(result.stopped_early)
         print(f"cptjax train: {'finished' if result.stopped_early is None else 'stopped'} at step "

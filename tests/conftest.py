@@ -14,31 +14,52 @@ import atexit
 import shutil
 import tempfile
 
-# The `cptjax` processes the tests start (dozens of runs of the same tiny model, some killed and
-# resumed) share a persistent XLA compilation cache, as a user's resumed runs would with
-# JAX_COMPILATION_CACHE_DIR: a later process loads the train step's executable instead of compiling
-# it again (about 6 of a run's 18 s here). Each test still compiles everything once. The tests' own
-# process keeps JAX's default (no persistent cache), so what it compiles, such as the TPU programs of
-# test_plan, is never a deserialized executable. Each pytest-xdist worker makes its own folder (one it
-# inherited from the controller is dropped before JAX reads it): JAX writes entries non-atomically.
+# The tests and the `cptjax` processes they start (dozens of runs of the same tiny model, some killed
+# and resumed) share a persistent XLA compilation cache, as a user's runs would with
+# JAX_COMPILATION_CACHE_DIR (which a run's compile_cache: true then uses): a later test or process
+# loads a program's executable instead of compiling it again (a quarter of the CPU time of the
+# in-process trainer tests). The TPU programs of test_plan are compiled, never loaded (its fixture
+# turns the cache off). Each pytest-xdist worker makes its own folder (one it inherited from the
+# controller is dropped before JAX reads it); entries are renamed into place whole
+# (cptjax.train.compile_cache), so a test's SIGKILL never leaves a torn one.
 _CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "CPTJAX_TESTS_XLA_CACHE")
 if "CPTJAX_TESTS_XLA_CACHE" in os.environ:
     for _name in _CACHE_ENV:
         os.environ.pop(_name, None)
-
-import jax  # noqa: E402, F401  (this process reads its settings now, before the cache below)
-
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="cptjax-tests-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ.update(dict(zip(_CACHE_ENV, (_cache, "0", "0", "1"), strict=True)))
+
+import jax  # noqa: E402  (this process reads the settings above now)
+from etils import epath  # noqa: E402
+
+from cptjax.train.compile_cache import use_whole_writes  # noqa: E402
+
+if jax.config.jax_compilation_cache_dir:
+    use_whole_writes(epath.Path(jax.config.jax_compilation_cache_dir))
 
 import hf_models  # noqa: E402
 import tiny_configs  # noqa: E402
 import yaml  # noqa: E402
 from data_helpers import STDLIB, corpus_files, tokenizer_dir  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def no_compile_cache():
+    """This test's programs (test_plan's TPU steps) compiled, never written to or loaded from the
+    tests' shared persistent cache; the cache is back afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+    if jax.config.jax_compilation_cache_dir:
+        use_whole_writes(epath.Path(jax.config.jax_compilation_cache_dir))
 
 
 @pytest.fixture(scope="session")

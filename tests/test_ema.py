@@ -213,6 +213,7 @@ def test_bad_ema_keys_get_one_line(key, value, expected, tiny_hf, tmp_path, caps
     assert err.count("\n") == 0 and expected in err
 
 
+@pytest.mark.usefixtures("no_compile_cache")  # memory figures of programs compiled here, not loaded
 def test_plan_counts_the_ema(tmp_path):
     """Enabling training.ema raises the planned per-device memory by the parameters' float32 size."""
     import tiny_configs

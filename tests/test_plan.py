@@ -20,6 +20,7 @@ from cptjax.core.errors import CptjaxError
 from cptjax.train.config import load_config
 from cptjax.train.plan import TPU_HBM_GIB, model_config_for, plan, topology_devices, topology_name
 
+pytestmark = pytest.mark.usefixtures("no_compile_cache")  # TPU programs compiled, never loaded (conftest)
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # The model each shipped config continues from (its init_from is not on this machine).

@@ -25,12 +25,13 @@ def test_resume_through_the_cli_and_real_pipeline_is_bit_exact(cpt_config, tmp_p
     machine). The resumed starts load their compiled programs from the run's compile cache, and the
     third start compiles nothing at all."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    first = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={straight}")
-    paused = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={split}", "--until-step", "20")
+    own = {"JAX_COMPILATION_CACHE_DIR": ""}  # not the tests' shared cache (conftest): each run's own
+    first = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={straight}", env=own)
+    paused = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={split}", "--until-step", "20", env=own)
     assert "stopped at step 20" in paused
-    resumed = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={split}", "--until-step", "30")
+    resumed = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={split}", "--until-step", "30", env=own)
     assert "resumed from step 20" in resumed and "stopped at step 30" in resumed
-    again = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={split}")
+    again = _cli("train", "--config", str(cpt_config), "--set", f"run_dir={split}", env=own)
     assert "resumed from step 30" in again and "finished at step 40" in again
     programs = [_programs(out) for out in (first, paused, resumed, again)]
     assert programs[0][0] == programs[1][0] == 0 and programs[0][1] == programs[1][1] > 2  # fresh: all compiled

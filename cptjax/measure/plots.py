@@ -216,6 +216,32 @@ def save_experts_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
     return {"experts": _save(fig, out, "experts.png")}
 
 
+GOODPUT_CAPTION = ("Where each start of the run spent its wall time (train steps are goodput); a restart's "
+                   "recomputed steps (time lost to the restart) are drawn past the wall time.")
+GOODPUT_COLORS = {"step": "tab:green", "compile": "tab:red", "startup": "tab:gray", "data": "tab:orange",
+                  "eval": "tab:blue", "checkpoint": "tab:purple", "logging": "tab:olive", "other": "lightgray",
+                  "lost": "black"}
+
+
+def save_goodput_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
+    """goodput.png: one stacked bar per run segment, its wall time by part ({} without accounts)."""
+    if not run.goodput:
+        return {}
+    fig = Figure(figsize=(10, 2.0 + 0.45 * len(run.goodput)), layout="constrained")
+    ax = fig.add_subplot()
+    labels = [f"start {i + 1} (steps {r['start_step']}-{r['step']})" for i, r in enumerate(run.goodput)]
+    left = np.zeros(len(run.goodput))
+    for part, color in GOODPUT_COLORS.items():
+        widths = np.asarray([r.get(f"{part}_s", 0.0) for r in run.goodput])
+        if widths.any():
+            ax.barh(labels, widths, left=left, color=color, label=part, hatch="//" if part == "lost" else None)
+            left += widths
+    ax.invert_yaxis()
+    ax.set(title="Goodput: wall time by part, per start of the run", xlabel="seconds")
+    fig.legend(ncols=9, fontsize=8, loc="outside lower center")
+    return {"goodput": _save(fig, out, "goodput.png")}
+
+
 def save_long_context_figures(run: RunLog, out: epath.Path) -> dict[str, str]:
     """position_loss.png (one panel per eval set with buckets) and retrieval.png (the first and the
     last probe), each only when the logs have it; returns {figure: file name}."""

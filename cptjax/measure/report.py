@@ -27,7 +27,9 @@ from cptjax.core.paths import PathLike, user_path
 from cptjax.io.run_layout import RunPaths
 from cptjax.measure.plots import (
     EXPERTS_CAPTION,
+    GOODPUT_CAPTION,
     save_experts_figure,
+    save_goodput_figure,
     save_long_context_figures,
     save_report_figures,
     save_task_figure,
@@ -85,10 +87,10 @@ def write_report(run_dir: PathLike, out: PathLike | None = None, domain: tuple[s
                "before_after": {"base_step": 0 if rows else None, "after_step": after_step, "rows": rows},
                "mixture": {"rows": mixture, "steps_covered": covered},
                "position_loss": _position_losses(run), "retrieval": run.retrieval[:1] + run.retrieval[1:][-1:],
-               "tasks": _task_scores(run)}
+               "tasks": _task_scores(run), "goodput": run.goodput}
     with atomic_output_dir(out) as tmp:
         figures = (save_report_figures(run, tmp, domain) | save_long_context_figures(run, tmp)
-                   | save_task_figure(run, tmp) | save_experts_figure(run, tmp))
+                   | save_task_figure(run, tmp) | save_experts_figure(run, tmp) | save_goodput_figure(run, tmp))
         text = _markdown(run, rows, after_step, mixture, covered, figures, domain) + extra
         (tmp / "report.md").write_text(text)
         (tmp / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
@@ -101,6 +103,7 @@ def _to_wandb(run: RunLog, out: epath.Path, figures: dict[str, str]) -> bool:
     if section is None:
         return False
     captions = CAPTIONS | LONG_CONTEXT_CAPTIONS | {"tasks": TASKS_CAPTION, "experts": EXPERTS_CAPTION,
+                                                   "goodput": GOODPUT_CAPTION,
                                                    "overview": "All the plots of the report."}
     warn = lambda text: print(f"cptjax report: {text}", file=sys.stderr, flush=True)  # noqa: E731
     wandb = WandbRun(section, RunPaths(run.run_dir), to_dict(run.config), logged_up_to=run.last_step, warn=warn,
@@ -128,6 +131,7 @@ def _markdown(run: RunLog, rows, after_step, mixture, covered, figures, domain) 
     lines += _tasks(run, figures)
     lines += _long_context(run, figures)
     lines += _experts(run, figures)
+    lines += _goodput(run, figures)
     lines += ["## Plots", ""]
     for name, caption in CAPTIONS.items():
         lines += [f"![{name}]({figures[name]})", "", caption, ""]
@@ -180,6 +184,25 @@ def _experts(run: RunLog, figures: dict[str, str]) -> list[str]:
             markdown_table(["layer", f"entropy, step {steps[0]}", f"entropy, step {steps[1]}",
                             f"largest share, step {steps[0]}", f"largest share, step {steps[1]}"], rows),
             f"![experts]({figures['experts']})", "", EXPERTS_CAPTION, ""]
+
+
+def _goodput(run: RunLog, figures: dict[str, str]) -> list[str]:
+    """Each start's goodput account (train/goodput.py), and the run's over all of them."""
+    if not run.goodput:
+        return []
+    parts = ("step", "compile", "startup", "data", "eval", "checkpoint", "logging", "other")
+    rows = [[str(i + 1), f"{r['start_step']}-{r['step']}", f"{r['wall_s']:.1f}", f"{r['goodput']:.1%}",
+             *(f"{r[f'{p}_s']:.1f}" for p in parts[1:]), f"{r['lost_s']:.1f}"] for i, r in enumerate(run.goodput)]
+    wall = sum(r["wall_s"] for r in run.goodput)
+    lost = sum(r["lost_s"] for r in run.goodput)
+    stepped = sum(r["step_s"] for r in run.goodput)
+    rows.append(["all", "", f"{wall:.1f}", f"{stepped / wall:.1%}" if wall else "",
+                 *(f"{sum(r[f'{p}_s'] for r in run.goodput):.1f}" for p in parts[1:]), f"{lost:.1f}"])
+    return ["## Where the time went", "", f"Goodput, the share of wall time spent in train steps, over "
+            f"{len(run.goodput)} start(s) of the run: {stepped / wall:.1%} ({stepped:.1f} of {wall:.1f} s; "
+            f"restarts recomputed steps worth {lost:.1f} s more). Seconds per part:", "",
+            markdown_table(["start", "steps", "wall", "goodput", *parts[1:], "lost to restart"], rows),
+            f"![goodput]({figures['goodput']})", "", GOODPUT_CAPTION, ""]
 
 
 def _position_losses(run: RunLog) -> dict[str, dict]:

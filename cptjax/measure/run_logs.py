@@ -31,6 +31,7 @@ class RunLog:
     evals: list[dict]  # eval records in step order: {"step", "kind", set name: summary, ...}
     retrieval: list[dict] = dataclasses.field(default_factory=list)  # pass-key probe records, step order
     tasks: list[dict] = dataclasses.field(default_factory=list)  # lm-eval task records: {task: {metric: value}}
+    goodput: list[dict] = dataclasses.field(default_factory=list)  # each run segment's last goodput account
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -120,6 +121,7 @@ def read_run(run_dir: PathLike, flag: str = "RUN_DIR") -> RunLog:
             raise CptjaxError(f"{flag} {root}: no {path.relative_to(root)}; give the run_dir of a cptjax train run")
     config = load_run_config(run.config)
     records: dict[tuple[str, int], dict] = {}
+    segments: dict[float, dict] = {}
     lines = metrics.read_bytes().splitlines()  # bytes: a damaged line may not even be UTF-8
     for number, line in enumerate(lines, start=1):
         try:
@@ -130,14 +132,18 @@ def read_run(run_dir: PathLike, flag: str = "RUN_DIR") -> RunLog:
             raise CptjaxError(f"{metrics}:{number}: not a JSON record; the log is damaged") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "kind" not in record:
             raise CptjaxError(f"{metrics}:{number}: not a cptjax metrics record (no step and kind)")
-        records[(record["kind"], record["step"])] = record
+        if record["kind"] == "goodput":  # one account per segment (start), the latest written
+            segments[record.get("segment_start")] = record
+        else:
+            records[(record["kind"], record["step"])] = record
     ordered = [records[k] for k in sorted(records, key=lambda k: k[1])]
     train = [r for r in ordered if r["kind"] == "train"]
     evals = [r for r in ordered if r["kind"] == "eval"]
     if not train and not evals:
         raise CptjaxError(f"{metrics}: no train or eval records yet; run some steps first")
     return RunLog(root, config, train, evals, [r for r in ordered if r["kind"] == "retrieval"],
-                  [r for r in ordered if r["kind"] == "tasks"])
+                  [r for r in ordered if r["kind"] == "tasks"],
+                  sorted(segments.values(), key=lambda r: r["segment_start"]))
 
 
 def mixture_table(rows: list[dict]) -> str:

@@ -2,8 +2,9 @@
 
 `compile_cache` in a run's config: true (the default) keeps the cache in the run folder
 (`<run_dir>/compile_cache`, local or gs://), so that the run's next start, on this VM or a new one,
-finds it; a folder shares one cache between runs (programs are keyed by what they compute, so
-runs of the same model and shapes share entries); false turns it off.
+finds it, unless JAX's own cache is set for the machine (JAX_COMPILATION_CACHE_DIR): then that one
+is used as JAX has it; a folder shares one cache between runs (programs are keyed by what they
+compute, so runs of the same model and shapes share entries); false: cptjax sets none.
 
 The cache is JAX's own (`jax.experimental.compilation_cache`): each program is keyed by its HLO,
 devices, compile options, the jax and jaxlib versions and XLA's flags, so a changed program,
@@ -11,6 +12,12 @@ machine or version is a miss that compiles and writes a new entry. Only process 
 rule for shared file systems); every process reads. JAX turns a failed read or write into a
 warning and compiles as before. Every program is cached, not only those that took JAX's default
 one second to compile, so that the second start of a run compiles nothing.
+
+JAX's file cache writes an entry in place, so a process killed during the write (a preemption
+without SIGTERM) would leave a torn entry that every later start fails to read (a warning, and a
+compile). On a local disk cptjax writes each entry beside its name and renames it into place,
+whole or not at all (JAX's own folder too, while a run uses it); an object store's (gs://) writes
+are whole already.
 
 A fresh run's cache folder inside the run folder is only opened once the start's checks have
 passed and the run folder is the run's own (nothing is written before then); the compiles before
@@ -21,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import uuid
 
 import jax
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
-from cptjax.core.paths import user_path
+from cptjax.core.paths import is_remote, user_path
 from cptjax.train.config import TrainConfig
 
 # JAX's settings this module sets while a run is open, and their values then (dir set apart).
@@ -79,8 +87,14 @@ def cache_folder(config: TrainConfig) -> epath.Path | None:
     if config.compile_cache is False:
         return None
     if config.compile_cache is True:
-        return config.paths.compile_cache
+        return jax_folder() or config.paths.compile_cache
     return user_path(config.compile_cache, "compile_cache")
+
+
+def jax_folder() -> epath.Path | None:
+    """JAX's own persistent cache folder, when it is set (JAX_COMPILATION_CACHE_DIR, or jax.config)."""
+    folder = jax.config.jax_compilation_cache_dir
+    return epath.Path(folder) if folder else None
 
 
 @dataclasses.dataclass
@@ -104,7 +118,13 @@ class CompileCache:
     def open(self, *, run_folder_ready: bool) -> None:
         """Starts caching, unless it is on already or the folder is in a run folder that the start's
         checks have not yet made the run's own (`run_folder_ready`)."""
-        if self.folder is None or self._previous is not None:
+        if self.folder is None or self._previous is not None or self._start is not None:
+            return
+        if self.folder == jax_folder():  # JAX's own, set for the machine: used with its settings
+            if not is_remote(self.folder):
+                compilation_cache.reset_cache()
+                use_whole_writes(self.folder)
+            self._start = compile_counts()
             return
         inside = str(self.folder).rstrip("/").startswith(str(self.run_root).rstrip("/") + "/")
         if inside and not run_folder_ready:
@@ -114,6 +134,8 @@ class CompileCache:
         for name, value in _SETTINGS.items():
             jax.config.update(name, value)
         compilation_cache.set_cache_dir(str(self.folder))
+        if not is_remote(self.folder):
+            use_whole_writes(self.folder)
         self._start = compile_counts()
 
     def programs(self) -> dict | None:
@@ -141,3 +163,29 @@ class CompileCache:
         for name, value in self._previous.items():
             jax.config.update(name, value)
         self._previous = None
+        if (folder := jax_folder()) is not None and not is_remote(folder):
+            use_whole_writes(folder)  # JAX's own cache again, still written whole
+
+
+def use_whole_writes(folder: epath.Path) -> None:
+    """Gives JAX a file cache for `folder` whose entries are renamed into place once written. JAX
+    has no public hook for this: its module-level cache is set, and where a JAX release lacks it,
+    JAX's own cache (in-place writes) is used as it is."""
+    try:
+        from jax._src import compilation_cache as internals
+        from jax._src.lru_cache import LRUCache
+    except ImportError:
+        return
+    if not hasattr(internals, "_cache"):
+        return
+
+    class WholeWrites(LRUCache):
+        def put(self, key: str, value: bytes) -> None:
+            path = self.path / f"{key}-cache"
+            if not key or path.exists():
+                return
+            partial = self.path / f".{key}.{uuid.uuid4().hex}.partial"
+            partial.write_bytes(value)
+            partial.replace(path)
+
+    internals._cache = WholeWrites(str(folder), max_size=-1)

@@ -221,7 +221,7 @@ class TrainConfig:
     eval: EvalSection = EvalSection()  # held-out evaluation
     logging: LoggingSection = LoggingSection()  # records, TensorBoard, W&B, console
     distributed: DistributedSection = DistributedSection()  # several hosts
-    compile_cache: bool | UserPath = True  # compiled programs kept: true: in run_dir; a folder: shared; false: off
+    compile_cache: bool | UserPath = True  # compiled programs: true: in run_dir (or JAX's, if set); a folder; false
 
     def __post_init__(self):
         assert self.schedule.total_steps == self.training.steps, "config_from_dict sets it"

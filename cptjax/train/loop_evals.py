@@ -44,6 +44,11 @@ def eval_owed(loop, step: int) -> tuple[str, ...]:
 def run_evaluations(loop, step: int, kinds: tuple[str, ...]) -> dict | None:
     """Runs and logs the evaluations of `kinds` (EVAL_KINDS); on SIGTERM it stops between batches
     and logs nothing more (the save comes first): a kind already logged is not run again."""
+    with loop.goodput.timing("eval"):
+        return _run_evaluations(loop, step, kinds)
+
+
+def _run_evaluations(loop, step: int, kinds: tuple[str, ...]) -> dict | None:
     stop = lambda: loop.preemption.requested  # noqa: E731
     done = {}
     if "eval" in kinds:  # with eval.ema, the EMA too (`eval_ema`), from its start_step (before it, the weights)

@@ -19,6 +19,7 @@ import math
 import sys
 import time
 
+import numpy as np
 from etils import epath
 
 from cptjax.core.errors import CptjaxError
@@ -83,6 +84,7 @@ class JsonLines:
             old = discarded.read_text() if discarded.exists() else ""
             discarded.write_text(old + "".join(f"{line}\n" for line in dropped))
         self._lines = kept
+        self.dropped = [json.loads(line) for line in dropped if line != torn]  # set aside by this start
         self._flushed_at = time.monotonic()
         if dropped or not path.exists():
             self._rewrite()
@@ -160,6 +162,11 @@ class MetricsLogger:
     def logged_steps(self, kind: str) -> set[int]:
         """The steps with a record of `kind` in metrics.jsonl (none on the processes that do not log)."""
         return self._jsonl.steps(kind) if self._jsonl is not None else set()
+
+    @property
+    def discarded(self) -> list[dict]:
+        """The records this start set aside (of steps after its start step; none where not logging)."""
+        return self._jsonl.dropped if self._jsonl is not None else []
 
     def start_at(self, step: int) -> None:
         if self._bar is not None:
@@ -240,3 +247,15 @@ class StepTimer:
         elapsed = None if self._last is None else now - self._last
         self._last = now
         return elapsed
+
+
+def router_record(router: dict, layers: tuple[int, ...]) -> dict:
+    """An MoE step's router metrics as logged: the load-balancing and router z-losses (before their
+    coefficients), and per MoE layer (`layers`, their indices) the share of routed tokens each
+    expert took and the normalised entropy of those shares (1: perfectly even, 0: one expert
+    takes every token)."""
+    load = np.asarray(router["expert_load"], np.float64)  # [Ly, E]
+    entropy = -np.sum(np.where(load > 0, load * np.log(np.where(load > 0, load, 1.0)), 0.0), axis=-1)
+    return {"aux_loss": float(router["aux_loss"]), "z_loss": float(router["z_loss"]), "layers": list(layers),
+            "load_entropy": [round(float(h), 5) for h in entropy / np.log(load.shape[-1])],
+            "expert_load": [[round(float(x), 5) for x in row] for row in load]}

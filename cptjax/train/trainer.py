@@ -38,9 +38,16 @@ from cptjax.model.config import ModelConfig
 from cptjax.train.compile_cache import CompileCache
 from cptjax.train.config import TrainConfig, dump_yaml
 from cptjax.train.distributed import gather_states, initialize
+from cptjax.train.goodput import Goodput
 from cptjax.train.harness import TaskHarness, check_tasks, harness_for_run
 from cptjax.train.loop_evals import eval_due, eval_owed, run_evaluations
-from cptjax.train.metrics import MetricsLogger, StepTimer, peak_flops_per_device, training_flops_per_token
+from cptjax.train.metrics import (
+    MetricsLogger,
+    StepTimer,
+    peak_flops_per_device,
+    router_record,
+    training_flops_per_token,
+)
 from cptjax.train.preemption import Preemption, StartInterrupted
 from cptjax.train.retrieval import RetrievalProbe, probe_for_run
 from cptjax.train.run_folder import RunCheckpointer, ensure_assets, fingerprint
@@ -74,14 +81,17 @@ def check_environment(config: TrainConfig, model_config: ModelConfig) -> None:
         check_output_dir(root, "run_dir")  # an existing folder must be this run's own
 
 
-def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_sets=None) -> RunResult:
+def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_sets=None,
+        started: float | None = None) -> RunResult:
     """Trains until `training.steps`, or until `until_step` (saved, so the same run resumes there).
 
     `data` and `eval_sets` default to the pipelines built from `config.data`. Nothing is written
     before every check has passed: the run_start, the devices, the tokenizer against the model, the
     first documents of every source, the resume's data position, the weights or checkpoint read.
     A SIGTERM before then stops the start at the next phase boundary, with nothing written.
+    `started`: when this segment of the run began (the CLI's process start), for its goodput account.
     """
+    goodput = Goodput(started)
     with Preemption() as preemption, CompileCache.of(config) as cache:
         initialize(config.distributed)
         preemption.after_initialize()
@@ -114,7 +124,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             _prepare_run_dir(config, run_start)
             cache.open(run_folder_ready=True)
             result = _run_loop(config, run_start, setup, data, eval_sets, state, until_step, preemption, probe,
-                               tasks, cache)
+                               tasks, cache, goodput)
             return dataclasses.replace(result, programs=cache.programs())
         except StartInterrupted as phase:
             stopped = f"SIGTERM during start-up ({phase}): nothing written, exiting"
@@ -128,7 +138,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
 
 
 def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_step, preemption,
-              probe=None, tasks=None, cache: CompileCache | None = None) -> RunResult:
+              probe=None, tasks=None, cache: CompileCache | None = None, goodput: Goodput | None = None) -> RunResult:
     logger = MetricsLogger(config.paths, config.training.steps, start_step=run_start.resume_step or 0,
                            enabled=jax.process_index() == 0, tensorboard=config.logging.tensorboard,
                            progress=config.logging.progress, wandb=config.logging.wandb, config=to_dict(config))
@@ -138,12 +148,18 @@ def _run_loop(config, run_start: RunStart, setup, data, eval_sets, state, until_
         end = config.training.steps if until_step is None else min(config.training.steps, until_step)
         loop = Loop(config=config, setup=setup, run_start=run_start, data=data, eval_sets=eval_sets,
                     checkpointer=checkpointer, logger=logger, state=state, end=end, preemption=preemption,
-                    probe=probe, tasks=tasks)
+                    probe=probe, tasks=tasks, goodput=goodput or Goodput())
+        loop.goodput.restarted(loop.start, logger.discarded)
         logger.message(f"cptjax train: {loop.origin}; {loop.model_config.hf_architecture}, "
                        f"mesh {dict(setup.mesh.shape)}, {jax.device_count()} devices")
         for note in config.data.weight_notes():
             logger.message(f"cptjax train: {note}")
-        return _train(loop)
+        result = _train(loop)
+        with loop.goodput.timing("checkpoint"):
+            checkpointer.wait()
+        logger.log(result.final_step, "goodput", loop.goodput.record())
+        logger.message(loop.goodput.summary())
+        return result
     finally:  # the SIGTERM handler is still in place: a preempted final save completes
         checkpointer.wait()
         checkpointer.close()
@@ -226,6 +242,7 @@ class Loop:
     preemption: Preemption
     probe: RetrievalProbe | None = None  # eval.retrieval's, run at each evaluation
     tasks: TaskHarness | None = None  # eval.tasks': lm-eval on the training mesh
+    goodput: Goodput = dataclasses.field(default_factory=Goodput)  # where this segment's time goes
     window: Window = dataclasses.field(default_factory=Window)
     timer: StepTimer = dataclasses.field(default_factory=StepTimer)
     stopped: str | None = None
@@ -241,14 +258,16 @@ class Loop:
 def _train(loop: Loop) -> RunResult:
     config, preemption, start = loop.config, loop.preemption, loop.start
     loop.logger.start_at(start)
-    batches = _batches(loop.data, loop.end - start)
+    batches = _batches(loop.data, loop.end - start, loop.goodput)
     first = list(itertools.islice(batches, 1))  # before any evaluation: bad data fails first
+    loop.goodput.loop_started()
     if not _ready(loop, start):
         return RunResult(start, loop.stopped, loop.origin, loop.state)
     pending = None  # (step, metrics still on device, the data position after its batch)
     for step, (batch, data_state) in enumerate(itertools.chain(first, batches), start=start + 1):
         _announce_stage(loop, step)
-        loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
+        with loop.goodput.timing("step"):
+            loop.state, metrics = loop.setup.step_fn(loop.state, loop.setup.to_global(batch))
         if pending is not None:
             previous, pending = pending, None
             if not _finish(loop, *previous):
@@ -291,12 +310,13 @@ def _announce_stage(loop: Loop, step: int) -> None:
                             "tokens a step")
 
 
-def _batches(data, count: int):
+def _batches(data, count: int, goodput: Goodput):
     """The next `count` batches, each with the data position after it (what a checkpoint of its
     step records)."""
     for _ in range(count):
-        batch = next(data)
-        yield batch, data.get_state()
+        with goodput.timing("data"):
+            batch, state = next(data), data.get_state()
+        yield batch, state
 
 
 def _ready(loop: Loop, start: int) -> bool:
@@ -314,22 +334,16 @@ def _ready(loop: Loop, start: int) -> bool:
     return False
 
 
-def router_record(router: dict, layers: tuple[int, ...]) -> dict:
-    """An MoE step's router metrics as logged: the load-balancing and router z-losses (before their
-    coefficients), and per MoE layer (`layers`, their indices) the share of routed tokens each
-    expert took and the normalised entropy of those shares (1: perfectly even, 0: one expert
-    takes every token)."""
-    load = np.asarray(router["expert_load"], np.float64)  # [Ly, E]
-    entropy = -np.sum(np.where(load > 0, load * np.log(np.where(load > 0, load, 1.0)), 0.0), axis=-1)
-    return {"aux_loss": float(router["aux_loss"]), "z_loss": float(router["z_loss"]), "layers": list(layers),
-            "load_entropy": [round(float(h), 5) for h in entropy / np.log(load.shape[-1])],
-            "expert_load": [[round(float(x), 5) for x in row] for row in load]}
-
-
 def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> bool:
     """Fetches and logs one step's metrics; False if the run must stop (NaN/Inf loss)."""
+    with loop.goodput.timing("logging"):
+        with loop.goodput.timing("step"):  # waiting for the step to finish on the devices
+            values = jax.device_get(metrics)
+        return _log_step(loop, step, values, data_state)
+
+
+def _log_step(loop: Loop, step: int, values: dict, data_state: dict | None) -> bool:
     config, fields = loop.config, loop.fields
-    values = jax.device_get(metrics)
     elapsed = loop.timer.lap()
     loop.window.add(values, fields.positions_per_step(step))
     record = {
@@ -370,6 +384,13 @@ def _finish(loop: Loop, step: int, metrics, data_state: dict | None = None) -> b
 
 
 def _save(loop: Loop, step: int, data_state: dict, force: bool = False) -> None:
+    with loop.goodput.timing("checkpoint"):
+        _save_checkpoint(loop, step, data_state, force)
+    if step != loop.end and not force:  # the segment's last account is written as it ends
+        loop.logger.log(step, "goodput", loop.goodput.record())
+
+
+def _save_checkpoint(loop: Loop, step: int, data_state: dict, force: bool) -> None:
     # Orbax writes JSON from process 0 only: keep every process's data position.
     data_states = gather_states(data_state)
     meta = {"step": step, "data_state": data_states, "origin": loop.origin,
