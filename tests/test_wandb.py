@@ -21,7 +21,8 @@ from cptjax.train.trainer import run
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 VOCAB = 512
-TIMING = {"step_time_s", "tokens_per_s", "mfu"}  # wall-clock fields: differ between any two runs
+# a train record's wall-clock fields: they differ between any two runs
+TIMING = {"step_time_s", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu", "mfu_causal"}
 W_AND_B_KEYS = {"_step", "_runtime", "_timestamp"}  # W&B's own fields of a history row
 
 

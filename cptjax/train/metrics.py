@@ -48,18 +48,44 @@ def peak_flops_per_device(device_kind: str, override: float | None = None) -> fl
     return None  # CPUs and unknown chips: MFU is not reported rather than guessed
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:
     """Model FLOPs per trained token, attention included (PaLM, appendix B): 6 x the matmul
     parameters (embedding lookup excluded, output projection included) + 12 x layers x heads x
-    head_dim x attended length. Causal masking's skipped half is counted, as PaLM counts it; the
-    attended length is each layer's sliding window where it has one. A mixture-of-experts layer
-    counts the experts a token runs (experts_per_token of them) and its router, not all experts."""
+    head_dim x attended length. PaLM's count (`causal` false) takes the attended length as the whole
+    row, or each layer's sliding window where it has one: causal masking's skipped half is counted.
+    `causal`: the positions a query attends under the causal mask, on average over the row:
+    `attended_length` (MaxText's count since its 2025 changes: about half the row for full
+    attention). A mixture-of-experts layer counts the experts a token runs (experts_per_token of
+    them) and its router, not all experts."""
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     moe = cfg.experts_per_token * 3 * d * cfg.expert_size + d * cfg.num_experts
     mlps = len(cfg.moe_layers) * moe + (cfg.num_layers - len(cfg.moe_layers)) * 3 * d * f
     matmul_params = cfg.num_layers * (d * n * h * 2 + d * k * h * 2) + mlps + cfg.vocab_size * d
-    context = sum(min(seq_len, window or seq_len) for window in cfg.layer_windows)  # over the layers
+    if causal:
+        context = sum(attended_length(seq_len, window) for window in cfg.layer_windows)
+    else:
+        context = sum(min(seq_len, window or seq_len) for window in cfg.layer_windows)  # over the layers
     return 6.0 * matmul_params + 12.0 * n * h * context
+
+
+def attended_length(seq_len: int, window: int | None = None) -> float:
+    """The mean over a row of L positions of how many positions a query attends under the causal
+    mask: (L + 1) / 2 for full attention; with a sliding window W < L, (W (W + 1) / 2 + (L - W) W) / L."""
+    w = min(window or seq_len, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def throughput(cfg: ModelConfig, seq_len: int, tokens_per_s: float, devices: int, peak: float | None) -> dict:
+    """A train record's rates: tokens/s overall and per device, model TFLOP/s per device (PaLM's
+    count), and where the chips' peak is known, MFU by PaLM's count (`mfu`) and by the causal count
+    (`mfu_causal`), to set beside MaxText's tables."""
+    flops, flops_causal = (training_flops_per_token(cfg, seq_len, causal) for causal in (False, True))
+    record = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / devices,
+              "tflops_per_device": tokens_per_s * flops / devices / 1e12}
+    if peak:
+        record["mfu"] = tokens_per_s * flops / (peak * devices)
+        record["mfu_causal"] = tokens_per_s * flops_causal / (peak * devices)
+    return record
 
 
 class JsonLines:

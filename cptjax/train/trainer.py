@@ -46,7 +46,7 @@ from cptjax.train.metrics import (
     StepTimer,
     peak_flops_per_device,
     router_record,
-    training_flops_per_token,
+    throughput,
 )
 from cptjax.train.preemption import Preemption, StartInterrupted
 from cptjax.train.retrieval import RetrievalProbe, probe_for_run
@@ -192,8 +192,9 @@ class _LogFields:
         shape = shape_at(self.shapes, step)
         return shape.batch_size * shape.seq_len
 
-    def flops_per_token(self, step: int) -> float:
-        return training_flops_per_token(self.model_config, shape_at(self.shapes, step).seq_len)
+    def throughput(self, step: int, tokens_per_s: float) -> dict:
+        return throughput(self.model_config, shape_at(self.shapes, step).seq_len, tokens_per_s, jax.device_count(),
+                          self.peak)
 
 
 @dataclasses.dataclass
@@ -356,10 +357,7 @@ def _log_step(loop: Loop, step: int, values: dict, data_state: dict | None) -> b
                                                         values["source_tokens"]) if c > 0},
     }
     if elapsed is not None:
-        tokens_per_s = fields.positions_per_step(step) / elapsed
-        record.update(step_time_s=elapsed, tokens_per_s=tokens_per_s)
-        if fields.peak:
-            record["mfu"] = tokens_per_s * fields.flops_per_token(step) / (fields.peak * jax.device_count())
+        record.update(step_time_s=elapsed, **fields.throughput(step, fields.positions_per_step(step) / elapsed))
     if isinstance(data_state, dict) and "streams" in data_state:  # the real pipeline's (process 0's)
         counts = document_counts(data_state, config.data)
         if counts:  # what min_tokens and long_upsample did so far
