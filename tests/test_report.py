@@ -135,7 +135,8 @@ def test_report_numbers_match_the_logs_and_plots_are_images(run_dir, capsys):
     _check_long_context(markdown, numbers, evals, _records(run_dir, "retrieval"))
 
     images = re.findall(r"!\[\w+\]\((\w+\.png)\)", markdown)
-    assert len(images) == 9 and len(set(images)) == 9 and {"position_loss.png", "retrieval.png"} < set(images)
+    assert len(images) == 10 and len(set(images)) == 10
+    assert {"position_loss.png", "retrieval.png", "goodput.png"} < set(images)
     for name in images:
         pixels = imread(str(out / name))
         assert pixels.shape[0] > 300 and pixels.shape[1] > 600, name

@@ -227,7 +227,7 @@ def save_goodput_figure(run: RunLog, out: epath.Path) -> dict[str, str]:
     """goodput.png: one stacked bar per run segment, its wall time by part ({} without accounts)."""
     if not run.goodput:
         return {}
-    fig = Figure(figsize=(10, 2.0 + 0.45 * len(run.goodput)), layout="constrained")
+    fig = Figure(figsize=(10, 3.0 + 0.45 * len(run.goodput)), layout="constrained")
     ax = fig.add_subplot()
     labels = [f"start {i + 1} (steps {r['start_step']}-{r['step']})" for i, r in enumerate(run.goodput)]
     left = np.zeros(len(run.goodput))
