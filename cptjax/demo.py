@@ -103,6 +103,17 @@ def train_tokenizer(out: Path, data_dir: Path, vocab_size: int = 4096) -> Path:
     return out
 
 
+def tokenizer_fields(tokenizer: Path) -> dict:
+    """The config.json fields a model of `train_tokenizer`'s tokenizer takes from it: vocab_size and
+    the bos, eos and pad ids."""
+    from tokenizers import Tokenizer
+
+    trained = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    special = (("bos_token_id", "<|begin_of_text|>"), ("eos_token_id", "<|end_of_text|>"), ("pad_token_id", "<|pad|>"))
+    return {"vocab_size": trained.get_vocab_size(with_added_tokens=True),
+            **{name: trained.token_to_id(token) for name, token in special}}
+
+
 def _eval_sets(corpora: dict) -> list[dict]:
     return [{"name": "code", "type": "text", "paths": corpora["code_heldout"]},
             {"name": "english", "type": "jsonl", "paths": [corpora["english_heldout"]], "max_docs": 12}]
@@ -169,13 +180,9 @@ def run_demo(workdir: str | Path | None = None, *, data_dir: str | Path | None =
     workdir.mkdir(parents=True, exist_ok=True)
     corpora = write_corpora(workdir, data_dir)
     tokenizer = train_tokenizer(workdir / "tokenizer", data_dir)
-    from tokenizers import Tokenizer
-
-    trained = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
-    vocab = trained.get_vocab_size(with_added_tokens=True)
-    special = {name: trained.token_to_id(token) for name, token in (
-        ("bos_token_id", "<|begin_of_text|>"), ("eos_token_id", "<|end_of_text|>"), ("pad_token_id", "<|pad|>"))}
-    (workdir / "base_config.json").write_text(json.dumps(dict(DEMO_MODEL, vocab_size=vocab, **special)))
+    vocab = tokenizer_fields(tokenizer)
+    (workdir / "base_config.json").write_text(json.dumps(dict(DEMO_MODEL, **vocab)))
+    vocab = vocab["vocab_size"]
     echo(f"1. tokenizer ({vocab} tokens) trained on the bundled English and Python's sources: {tokenizer}")
 
     base = run(config_from_dict(base_config(workdir, corpora, tokenizer, base_steps)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,8 @@ from pathlib import Path
 
 import bench_record
 import yaml
-from tokenizers import Tokenizer
 
-from cptjax.demo import DEMO_MODEL, base_config, find_data_dir, train_tokenizer, write_corpora
+from cptjax.demo import DEMO_MODEL, base_config, find_data_dir, tokenizer_fields, train_tokenizer, write_corpora
 
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "reproduce_cpt_findings.yaml"
 BOUNDS = {"data": 0.02, "checkpoint": 0.05, "logging": 0.01}
@@ -56,12 +56,12 @@ def one_run(folder: Path, corpora: dict, tokenizer: Path, model: dict, shape: di
         raise SystemExit(f"bench_goodput: {' '.join(command)} failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (folder / "base_run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     account = [r for r in records if r["kind"] == "goodput"][-1]
-    times = sorted(r["step_time_s"] for r in records if r["kind"] == "train" and r.get("step_time_s"))
+    median = statistics.median(r["step_time_s"] for r in records if r["kind"] == "train" and r.get("step_time_s"))
     saves = steps // every
     shares = {"data": account["data_s"] / account["step_s"],
-              "checkpoint": account["checkpoint_s"] / saves / (every * times[len(times) // 2]),
+              "checkpoint": account["checkpoint_s"] / saves / (every * median),
               "logging": account["logging_s"] / account["step_s"]}
-    return {"goodput": account, "saves": saves, "median_step_time_s": times[len(times) // 2],
+    return {"goodput": account, "saves": saves, "median_step_time_s": median,
             "shares": {k: round(v, 5) for k, v in shares.items()},
             "within_bounds": {k: shares[k] < BOUNDS[k] for k in BOUNDS}}
 
@@ -81,11 +81,7 @@ def main() -> None:
         data_dir = find_data_dir()
         corpora = write_corpora(workdir, data_dir)
         tokenizer = train_tokenizer(workdir / "tokenizer", data_dir, vocab_size=shape["tokenizer_vocab"])
-        trained = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
-        specials = {name: trained.token_to_id(token) for name, token in (
-            ("bos_token_id", "<|begin_of_text|>"), ("eos_token_id", "<|end_of_text|>"), ("pad_token_id", "<|pad|>"))}
-        model = {**DEMO_MODEL, **shape["model"], "vocab_size": trained.get_vocab_size(with_added_tokens=True),
-                 **specials}
+        model = {**DEMO_MODEL, **shape["model"], **tokenizer_fields(tokenizer)}
         for i in range(args.repeats):
             folder = workdir / f"run{i}"
             folder.mkdir()

@@ -28,19 +28,18 @@ from pathlib import Path
 import bench_record
 import yaml
 from bench_train import SHAPES
-from tokenizers import Tokenizer
 
-from cptjax.demo import DEMO_MODEL, base_config, find_data_dir, train_tokenizer, write_corpora
+from cptjax.demo import DEMO_MODEL, base_config, find_data_dir, tokenizer_fields, train_tokenizer, write_corpora
 
 CACHE_LINE = re.compile(r"compile cache .*: (\d+) programs loaded .*, (\d+) compiled")
 
 
-def model_config(shape: str, vocab: int, specials: dict) -> dict:
+def model_config(shape: str, vocab: dict) -> dict:
     """The demo's base model (Llama-3.2's structure), at its own sizes or bench_train.py's."""
     sizes = {} if shape == "demo" else dict(SHAPES[shape][0])
     if sizes:
         sizes["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
-    return {**DEMO_MODEL, **sizes, "vocab_size": vocab, **specials}
+    return {**DEMO_MODEL, **sizes, **vocab}
 
 
 def one_start(config: Path, until: int, cache: bool) -> dict:
@@ -64,11 +63,10 @@ def one_start(config: Path, until: int, cache: bool) -> dict:
             "programs_loaded_compiled": programs}
 
 
-def bench_shape(shape: str, workdir: Path, corpora: dict, tokenizer: Path, vocab: int, specials: dict,
-                repeats: int) -> dict:
+def bench_shape(shape: str, workdir: Path, corpora: dict, tokenizer: Path, repeats: int) -> dict:
     folder = workdir / shape
     folder.mkdir()
-    model = model_config(shape, vocab, specials)
+    model = model_config(shape, tokenizer_fields(tokenizer))
     (folder / "model.json").write_text(json.dumps(model))
     raw = base_config(folder, corpora, tokenizer, steps=1000)
     raw["model"]["hf_config"] = str(folder / "model.json")
@@ -106,11 +104,7 @@ def main() -> None:
         data_dir = find_data_dir()
         corpora = write_corpora(workdir, data_dir)
         tokenizer = train_tokenizer(workdir / "tokenizer", data_dir)
-        trained = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
-        specials = {name: trained.token_to_id(token) for name, token in (
-            ("bos_token_id", "<|begin_of_text|>"), ("eos_token_id", "<|end_of_text|>"), ("pad_token_id", "<|pad|>"))}
-        shapes = [bench_shape(s, workdir, corpora, tokenizer, trained.get_vocab_size(with_added_tokens=True),
-                              specials, args.repeats) for s in args.shapes.split(",")]
+        shapes = [bench_shape(s, workdir, corpora, tokenizer, args.repeats) for s in args.shapes.split(",")]
     path = bench_record.finish(record, {"shapes": shapes}, out=args.out)
     for s in shapes:
         m = s["median_first_step_s"]
