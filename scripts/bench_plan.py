@@ -11,6 +11,11 @@ XLA attention and whole logits, and also no remat; and the flagship's model at 5
 context parallelism (LONG_CONTEXT). The model shapes come from tests/fixtures/hf_configs/
 (the configs' init_from folders are not on this machine). docs/performance.md's table comes from this
 record: docs/benchmarks/plan_<date>.json (scripts/bench_record.py: command, commit, machine, load).
+Its `programs` map each compiled program's key (cptjax.train.plan.program_key: the lowered step,
+the devices, jax/jaxlib/libtpu versions, XLA flags) to the compiler's figures; tests/test_plan.py
+takes a shipped config's figures from there when its program and compiler are the same, and
+compiles it otherwise. Run this again after a change to the model or the step, so the tests need
+not compile (each TPU compile is 1-3 minutes of this host's CPU).
 """
 
 from __future__ import annotations
@@ -57,14 +62,14 @@ LONG_CONTEXT = {
 }
 
 
-def plan_one(name: str, overrides: list[str]) -> dict:
+def plan_one(name: str, overrides: list[str], memo: dict[str, dict]) -> dict:
     from cptjax.train.config import load_config
     from cptjax.train.plan import model_config_for, plan
 
     model, topology, count, target = TARGETS[name]
     config = load_config(str(REPO / "configs" / name), overrides)
     hf_config = next(p for p in (FIXTURES / f"{model}.json", RECIPE_MODELS / f"{model}.json") if p.is_file())
-    result = plan(config, model_config_for(config, str(hf_config)), topology, device_count=count)
+    result = plan(config, model_config_for(config, str(hf_config)), topology, device_count=count, memo=memo)
     if target.startswith(("8 x H100", "1 x H100")):
         memory, against = H100_BYTES, "H100 80GB as JAX uses it (81,559 MiB x 0.95)"
     elif topology is None:
@@ -77,7 +82,7 @@ def plan_one(name: str, overrides: list[str]) -> dict:
             "device_memory_bytes": memory, "measured_against": against,
             "headroom": None if result.error else 1 - result.needed / memory,
             "fits": result.error is None and result.needed <= memory, "compile_s": round(result.compile_s, 1),
-            "compiler_memory": result.memory, "error": result.error}
+            "compiler_memory": result.memory, "error": result.error, "program_key": result.program_key}
 
 
 def main() -> None:
@@ -92,16 +97,16 @@ def main() -> None:
     if args.config and groups != ["configs"]:
         parser.error("--config goes with --only configs")
     record = bench_record.begin("plan", ("libtpu",))
-    rows = []
+    rows, memo = [], {}  # memo: every program compiled (a config with length stages compiles each shape)
     for name in (args.config or TARGETS) if "configs" in groups else ():
-        rows.append(plan_one(name, []))
+        rows.append(plan_one(name, [], memo))
         print_row(rows[-1])
     variants = {**(FLAGSHIP_WITHOUT_KNOBS if "without-knobs" in groups else {}),
                 **(LONG_CONTEXT if "long-context" in groups else {})}
     for label, overrides in variants.items():
-        rows.append(dict(plan_one("llama-3.1-8b-tpu-wsd.yaml", overrides), variant=label))
+        rows.append(dict(plan_one("llama-3.1-8b-tpu-wsd.yaml", overrides, memo), variant=label))
         print_row(rows[-1])
-    bench_record.finish(record, {"plans": rows}, args.out)
+    bench_record.finish(record, {"plans": rows, "programs": memo}, args.out)
 
 
 def print_row(row: dict) -> None:

@@ -10,11 +10,18 @@ compiler refuses a program that does not fit exactly as the chip would, so "fits
 compiler's answer, not a model of it. A run with
 length stages (`data.stages` with `seq_len` or `batch_size`) compiles its step for each shape;
 the plan reports the one that needs the most memory.
+
+The compiler's answer is a function of the program, the devices and the compiler: `program_key`
+hashes those, and `plan(..., memo=)` takes the figures of a program compiled before under the same
+key instead of compiling it again (scripts/bench_plan.py records them; tests/test_plan.py reads the
+records, and compiles whatever no record covers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -150,6 +157,8 @@ class Plan:
     seq_len: int = 0  # ... of this many tokens (of the stage that needs the most memory)
     stage_key: str = "training.seq_len"  # the key that sets that shape's seq_len
     ema_bytes: int = 0  # training.ema's float32 copy of the parameters (part of the compiled state)
+    program_key: str = ""  # program_key() of the planned shape's step
+    recorded: bool = False  # memory and error taken from a memo of the same program_key, not compiled now
 
     @property
     def fits(self) -> bool:
@@ -162,9 +171,11 @@ class Plan:
 
 
 def plan(config: TrainConfig, model_config: ModelConfig, topology: str | None = None,
-         device_count: int | None = None) -> Plan:
+         device_count: int | None = None, memo: dict[str, dict] | None = None) -> Plan:
     """Compiles `config`'s train step for `topology` (a TPU slice) or the local devices; with
-    `device_count`, for that many of them (the tests' stand-in for a GPU node's devices)."""
+    `device_count`, for that many of them (the tests' stand-in for a GPU node's devices). With
+    `memo` (program_key -> the compiler's figures), a TPU program found there is not compiled
+    again, and each TPU program compiled is added to it."""
     devices = topology_devices(topology) if topology else jax.devices()
     if device_count is not None:
         if device_count > len(devices):
@@ -173,11 +184,12 @@ def plan(config: TrainConfig, model_config: ModelConfig, topology: str | None = 
     check_layout(config, model_config, devices)
     setup = build_setup(config, model_config, num_sources=len(config.data.sources), devices=devices)
     shapes = {(s.batch_size, s.seq_len): s for s in reversed(config.stage_shapes)}  # each once, the first
-    plans = [_plan_shape(config, model_config, setup, devices, topology, shape) for shape in shapes.values()]
+    plans = [_plan_shape(config, model_config, setup, devices, topology, shape, memo) for shape in shapes.values()]
     return max(plans, key=lambda p: (not p.fits, p.needed))
 
 
-def _plan_shape(config: TrainConfig, model_config: ModelConfig, setup, devices, topology, shape) -> Plan:
+def _plan_shape(config: TrainConfig, model_config: ModelConfig, setup, devices, topology, shape,
+                memo: dict[str, dict] | None) -> Plan:
     """One compile of the train step for batches of `shape` (a StageShape)."""
     rows, length = shape.batch_size, shape.seq_len
     attention = check_kernel(config.model.attention, devices[0].platform,
@@ -187,17 +199,14 @@ def _plan_shape(config: TrainConfig, model_config: ModelConfig, setup, devices, 
                                      sharding=setup.batch_sharding) for k in BATCH_KEYS}
     state = {**setup.abstract_state, "step": jax.ShapeDtypeStruct((), jnp.int32,
                                                                   sharding=setup.state_shardings["step"])}
-    memory, error, start = None, None, time.perf_counter()
-    try:
-        analysis = setup.step_fn.lower(state, batch).compile().memory_analysis()
-        memory = {f: int(getattr(analysis, f"{f}_size_in_bytes")) for f in
-                  ("argument", "output", "alias", "temp", "generated_code")}
-        memory["peak"] = int(getattr(analysis, "peak_memory_in_bytes", 0))
-    except jax.errors.JaxRuntimeError as err:
-        if "RESOURCE_EXHAUSTED" not in str(err):
-            raise CptjaxError(f"compiling the train step failed: {str(err).splitlines()[0]}") from None
-        error = str(err).splitlines()[0]
-    compile_s = time.perf_counter() - start
+    lowered = setup.step_fn.lower(state, batch)
+    key = program_key(lowered, setup.mesh.devices.flat)
+    remembered = memo is not None and devices[0].platform == "tpu"  # a CPU's code depends on the host
+    recorded = remembered and key in memo
+    compiled = memo[key] if recorded else _compile(lowered)
+    if remembered:
+        memo[key] = compiled
+    memory, error, compile_s = compiled["memory"], compiled["error"], compiled["compile_s"]
     if memory is None:
         needed = _bytes_in(error)
     elif devices[0].platform == "tpu" and memory["peak"]:
@@ -216,8 +225,43 @@ def _plan_shape(config: TrainConfig, model_config: ModelConfig, setup, devices, 
         ema_bytes=_per_device(setup.abstract_state.get("ema", {})),
         batch_bytes=_per_device(batch), device_memory=device_memory(devices[0]), compile_s=compile_s,
         memory=memory, needed=needed, error=error, batch_size=rows, seq_len=length,
-        stage_key=config.shape_key(shape, "seq_len"))
+        stage_key=config.shape_key(shape, "seq_len"), program_key=key, recorded=recorded)
     return dataclasses.replace(result, knobs=() if result.fits else knobs(config, result))
+
+
+def _compile(lowered) -> dict:
+    """The compiler's memory figures for a lowered step, or its out-of-memory message."""
+    memory, error, start = None, None, time.perf_counter()
+    try:
+        analysis = lowered.compile().memory_analysis()
+        memory = {f: int(getattr(analysis, f"{f}_size_in_bytes")) for f in
+                  ("argument", "output", "alias", "temp", "generated_code")}
+        memory["peak"] = int(getattr(analysis, "peak_memory_in_bytes", 0))
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise CptjaxError(f"compiling the train step failed: {str(err).splitlines()[0]}") from None
+        error = str(err).splitlines()[0]
+    return {"memory": memory, "error": error, "compile_s": round(time.perf_counter() - start, 1)}
+
+
+def program_key(lowered, devices) -> str:
+    """A digest of what the compiler's answer depends on: the program as lowered (without source
+    locations, which move with any edit), the devices it is laid out on, the versions of jax, jaxlib
+    and libtpu, and XLA's flags from the environment."""
+    versions = {}
+    for package in ("jax", "jaxlib", "libtpu"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    layout = [(d.platform, d.device_kind, d.id, getattr(d, "coords", None), getattr(d, "core_on_chip", None))
+              for d in devices]
+    flags = {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
+    # how many CPU devices to simulate concerns this host's CPU client only
+    flags["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+\s*", "", flags["XLA_FLAGS"]).strip()
+    digest = hashlib.sha256(lowered.as_text(debug_info=False).encode())
+    digest.update(repr((versions, layout, flags)).encode())
+    return digest.hexdigest()
 
 
 def _per_device(tree) -> int:
@@ -269,7 +313,9 @@ def format_plan(result: Plan, config_path: str, model_config: ModelConfig, confi
         + ("" if len(config.stage_shapes) == 1 else f" ({result.stage_key}: the stage needing the most memory)")
         + f" in {config.optimizer.grad_accum_steps} "
         f"micro-batch(es); remat {config.model.remat}; attention {result.attention}; loss chunk "
-        f"{config.model.loss_chunk}; compiled in {result.compile_s:.0f} s",
+        f"{config.model.loss_chunk}; "
+        + (f"the compiler's figures recorded for this program (compiled in {result.compile_s:.0f} s)"
+           if result.recorded else f"compiled in {result.compile_s:.0f} s"),
         "  per device:",
         f"    parameters       {gib(result.params_bytes)}",
         f"    optimizer state  {gib(result.opt_state_bytes)}",
