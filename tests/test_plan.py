@@ -5,6 +5,7 @@ fits its named target with at least 10% headroom."""
 import importlib.util
 import json
 import re
+import warnings
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ from doc_commands import documented_tpu_plans
 from cptjax.cli import main
 from cptjax.core.errors import CptjaxError
 from cptjax.train.config import load_config
-from cptjax.train.plan import TPU_HBM_GIB, model_config_for, plan, topology_devices, topology_name
+from cptjax.train.plan import TPU_HBM_GIB, model_config_for, plan, program_key, topology_devices, topology_name
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")  # TPU programs compiled, never loaded (conftest)
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,28 @@ def tpu_target(path: Path) -> str | None:
 
 def hf_config(path: Path) -> str:
     return str(tiny_configs.config_file(MODELS[path.name]))
+
+
+def recorded_programs() -> dict[str, dict]:
+    """The compiler's figures for every program scripts/bench_plan.py compiled, by program_key, from
+    the committed records. The same key is the same lowered step for the same devices through the
+    same jax, jaxlib and libtpu, so the compiler would answer the same; the plans below compile
+    whatever the records do not cover (a changed model or step, another libtpu)."""
+    memo = {}
+    for path in sorted((ROOT / "docs" / "benchmarks").glob("plan*.json")):
+        memo.update(json.loads(path.read_text())["results"].get("programs", {}))
+    return memo
+
+
+def plan_shipped(path: Path, topology: str, device_count: int | None = None):
+    config = load_config(path)
+    result = plan(config, model_config_for(config, hf_config(path)), topology, device_count=device_count,
+                  memo=recorded_programs())
+    if not result.recorded:
+        warnings.warn(f"{path.name}: its step on {topology} is not in docs/benchmarks/plan*.json, so it "
+                      "was compiled (minutes); record it again: python scripts/bench_plan.py --only configs",
+                      stacklevel=2)
+    return result
 
 
 def test_every_config_names_its_hardware_and_the_tpu_ones_are_planned():
@@ -128,8 +151,7 @@ def test_each_documented_tpu_plan_is_its_configs_own_target_and_model():
 @pytest.mark.parametrize("path", [p for p in CONFIGS if tpu_target(p) and p.name not in README_PLANNED],
                          ids=lambda p: p.name)
 def test_every_tpu_config_fits_its_target_with_headroom(path):
-    config = load_config(path)
-    result = plan(config, model_config_for(config, hf_config(path)), tpu_target(path))
+    result = plan_shipped(path, tpu_target(path))
     assert result.attention == "splash" and result.memory is not None
     assert result.fits and result.headroom >= HEADROOM, (result.needed, result.device_memory)
 
@@ -138,9 +160,8 @@ def test_every_tpu_config_fits_its_target_with_headroom(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in CONFIGS if gpu_count(p)], ids=lambda p: p.name)
 def test_every_gpu_config_fits_an_h100_by_the_tpu_compilers_count(path):
-    config = load_config(path)
     count = gpu_count(path)
-    result = plan(config, model_config_for(config, hf_config(path)), GPU_PROXY[count], device_count=count)
+    result = plan_shipped(path, GPU_PROXY[count], device_count=count)
     assert result.devices == count and result.memory is not None, result.error
     assert result.needed <= (1 - HEADROOM) * H100_GIB * 2**30, (result.needed / 2**30, H100_GIB)
 
@@ -169,14 +190,63 @@ def test_a_step_that_does_not_fit_fails_as_the_chip_would_and_names_the_knobs(ca
     assert "- model.attention: auto" in out and "- model.loss_chunk: 256" in out and "- model.remat: full" in out
 
 
-def test_plan_for_the_local_devices(tmp_path, capsys):
+def tiny_plan_config(tmp_path, stages=(), **training):
+    """A tiny Qwen2-shaped model's config (float32, loss chunks of 16) in tmp_path, and its config.json."""
     hf = tmp_path / "config.json"
     hf.write_text(json.dumps(tiny_configs.shrunk_config("qwen2.5-0.5b")))
-    raw = raw_config(tmp_path / "run", hf, training={"steps": 10, "batch_size": 4, "seq_len": 64})
+    raw = raw_config(tmp_path / "run", hf, training={"steps": 10, "batch_size": 4, "seq_len": 64, **training})
     raw["model"] = {"hf_config": str(hf), "compute_dtype": "float32", "loss_chunk": 16}
-    raw["data"]["stages"] = [{"start_step": 5, "seq_len": 128}]  # a length stage: each shape is compiled
+    raw["data"]["stages"] = list(stages)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
+    return path, hf
+
+
+@needs_libtpu
+def test_a_tpu_program_planned_before_is_taken_from_the_memo_and_any_change_compiles(tmp_path):
+    path, hf = tiny_plan_config(tmp_path, seq_len=128)
+    config = load_config(path)
+    model_config = model_config_for(config, str(hf))
+    memo = {}
+    first = plan(config, model_config, "v5p-8", memo=memo)
+    assert not first.recorded and list(memo) == [first.program_key]
+    assert first.memory == memo[first.program_key]["memory"]
+    again = plan(config, model_config, "v5p-8", memo=memo)
+    assert again.recorded and again.program_key == first.program_key
+    assert (again.needed, again.memory, again.fits) == (first.needed, first.memory, first.fits)
+    # the answer comes from the memo, not a compile: a figure changed there is what the plan reports
+    memo[first.program_key] = {**memo[first.program_key], "memory": {**first.memory, "peak": first.needed * 2}}
+    assert plan(config, model_config, "v5p-8", memo=memo).needed == first.needed * 2
+    # another shape, another slice, or another remat is another program, compiled and added
+    for overrides, topology in ((["training.seq_len=256"], "v5p-8"), ([], "v5e-4"), (["model.remat=full"], "v5p-8")):
+        other = load_config(path, overrides)
+        result = plan(other, model_config_for(other, str(hf)), topology, memo=memo)
+        assert not result.recorded and result.program_key in memo, (overrides, topology)
+    assert len(memo) == 4
+    # a CPU plan compiles every time: the code XLA generates depends on the host's CPU
+    assert not plan(config, model_config, memo=memo).recorded and len(memo) == 4
+
+
+def test_the_program_key_covers_the_compilers_flags_but_not_the_simulated_cpu_count(monkeypatch):
+    lowered = jax.jit(lambda x: x * 2).lower(jnp.ones(3))
+    devices = jax.devices()[:1]
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+    key = program_key(lowered, devices)
+    assert program_key(jax.jit(lambda x: x * 2).lower(jnp.ones(3)), devices) == key  # traced again
+    assert program_key(jax.jit(lambda x: x * 3).lower(jnp.ones(3)), devices) != key
+    assert program_key(jax.jit(lambda x: x * 2).lower(jnp.ones(4)), devices) != key
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert program_key(lowered, devices) == key
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x")
+    assert program_key(lowered, devices) != key
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_latency_hiding_scheduler=false")
+    assert program_key(lowered, devices) != key
+
+
+def test_plan_for_the_local_devices(tmp_path, capsys):
+    path, _ = tiny_plan_config(tmp_path, stages=[{"start_step": 5, "seq_len": 128}])  # each shape compiled
     assert main(["plan", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"on local: {jax.device_count()} x cpu" in out and "attention xla" in out
