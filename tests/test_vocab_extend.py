@@ -128,7 +128,6 @@ def test_text_in_which_no_pre_token_holds_a_new_token_encodes_to_the_same_ids(ex
         else:  # the base's tokens, some of them merged: never more, the same text
             assert len(after.ids) <= len(before.ids) and ext.decode(after.ids) == base.decode(before.ids), text
             changed += after.ids != before.ids
-    print(same, changed, len(texts))
     assert same >= len(texts) // 4 and changed > 0, (same, changed, len(texts))
 
 
