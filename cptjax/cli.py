@@ -112,7 +112,7 @@ def _run(args) -> int | None:
     elif args.command == "config":
         from cptjax.train.config import dump_yaml, load_config
         print(dump_yaml(load_config(args.config, args.overrides)), end="")
-    elif args.command == "data":
+    elif args.command in ("data", "vocab"):
         from cptjax.data.cli import run_data_command
         run_data_command(args)
     elif getattr(args, "measure", False):  # eval, report, generate, merge

@@ -147,6 +147,7 @@ SHOW = ["config", "show", "--config", "config.yaml"]
 TO_ORBAX = ["convert", "hf-to-orbax", "--out", "out"]
 TO_HF = ["convert", "orbax-to-hf", "--out", "out"]
 PREPARE = ["data", "prepare", "--type", "jsonl", "--tokenizer", "tok", "--out", "out"]
+VOCAB = ["vocab", "extend", "--corpus", "corpus/good.jsonl", "--new-tokens", "10", "--out", "out"]
 
 CASES = [
     # --- convert hf-to-orbax: every way an HF folder is wrong --------------------------------------
@@ -268,6 +269,15 @@ CASES = [
     ("prepare bad line", [*PREPARE, "--paths", "corpus/bad_json.jsonl"], "bad_json.jsonl:2: malformed JSON"),
     ("prepare type", [*PREPARE, "--paths", "x", "--type", "prepared"], "--type"),
     ("prepare empty", [*PREPARE, "--paths", "corpus/empty.jsonl"], "holds no documents"),
+    # --- vocab extend ----------------------------------------------------------------------------
+    ("vocab no tokenizer.json", [*VOCAB, "--tokenizer", "corpus"], "no tokenizer.json"),
+    ("vocab new tokens", [*VOCAB, "--tokenizer", "tok", "--new-tokens", "0"], "--new-tokens 0"),
+    ("vocab missing corpus", ["vocab", "extend", "--tokenizer", "tok", "--corpus", "nowhere.txt", "--new-tokens",
+                              "10", "--out", "out"], "--corpus"),
+    ("vocab empty corpus", ["vocab", "extend", "--tokenizer", "tok", "--corpus", "corpus/empty.jsonl",
+                            "--new-tokens", "10", "--out", "out"], "no text to learn from"),
+    ("vocab out not empty", ["vocab", "extend", "--tokenizer", "tok", "--corpus", "corpus/good.jsonl",
+                             "--new-tokens", "10", "--out", "other"], "--out"),
     # --- eval, report, generate, merge --------------------------------------------------------------
     ("eval not a model", ["eval", "--model", "corpus", "--data", "w=jsonl:corpus/good.jsonl"], "--model"),
     ("eval no such step", ["eval", "--model", "runs/done@9", "--data", "w=jsonl:corpus/good.jsonl"], "9"),
@@ -307,10 +317,11 @@ def _snapshot(root) -> dict:
 def test_the_catalogue_is_large_and_covers_every_command():
     assert len(CASES) >= 60
     assert len({name for name, _, _ in CASES}) == len(CASES)
-    commands = {tuple(argv[:2]) if argv[:1] in (["convert"], ["data"], ["config"]) else tuple(argv[:1])
+    commands = {tuple(argv[:2]) if argv[:1] in (["convert"], ["data"], ["config"], ["vocab"]) else tuple(argv[:1])
                 for _, argv, _ in CASES}
     assert {("convert", "hf-to-orbax"), ("convert", "orbax-to-hf"), ("train",), ("config", "show"),
-            ("data", "prepare"), ("demo",), ("eval",), ("report",), ("generate",), ("merge",)} <= commands
+            ("data", "prepare"), ("vocab", "extend"), ("demo",), ("eval",), ("report",), ("generate",),
+            ("merge",)} <= commands
 
 
 @pytest.mark.slow

@@ -152,6 +152,31 @@ def test_two_models_are_compared_and_each_result_is_its_own_eval(model_dirs, tmp
     assert "adaptation" in markdown and "forgetting" in markdown and f"{wiki['amount']:+.4f}" in markdown
 
 
+def test_models_with_different_tokenizers_are_compared_in_bits_per_byte(model_dirs, tmp_path, capsys):
+    """A model with an extended vocabulary (`cptjax vocab extend`) beside its base: each scores the sets
+    tokenized by its own tokenizer, and the comparison is per byte, with a note on loss per token."""
+    base = str(model_dirs[0])
+    assert main(["vocab", "extend", "--tokenizer", base, "--corpus", f"{STDLIB}/json/*.py", "--new-tokens", "32",
+                 "--out", str(tmp_path / "tokenizer")]) == 0
+    vocab_size = json.loads((tmp_path / "tokenizer" / "vocab_extension.json").read_text())["vocab_size"]
+    config = dict(json.loads((model_dirs[0] / "config.json").read_text()), vocab_size=vocab_size)
+    other = hf_models.save_hf_model(config, tmp_path / "extended", seed=1)
+    for f in (tmp_path / "tokenizer").iterdir():
+        shutil.copy(f, other / f.name)
+    common = ["--data", CODE, "--seq-len", "32", "--batch-size", "2"]
+    capsys.readouterr()
+    assert main(["eval", "--model", base, "--model", str(other), *common, "--out", str(tmp_path / "both")]) == 0
+    assert "loss per token and perplexity are not comparable" in capsys.readouterr().out
+    both = json.loads((tmp_path / "both" / "eval.json").read_text())
+    ours, theirs = both["models"][base]["code"], both["models"][str(other)]["code"]
+    assert theirs["tokens"] < ours["tokens"]  # its own, longer tokens
+    (row,) = both["comparisons"][str(other)]
+    assert row["unit"] == "bits/byte"
+    assert row["amount"] == pytest.approx(ours["bits_per_byte"] - theirs["bits_per_byte"])
+    assert main(["eval", "--model", base, *common, "--out", str(tmp_path / "alone")]) == 0
+    assert json.loads((tmp_path / "alone" / "eval.json").read_text())["models"][base]["code"] == ours
+
+
 def test_the_probe_retrieves_exactly_what_greedy_decoding_generates(model_dirs):
     """A constructed case: with the model's own greedy continuation (KV-cache decoding, generate.py)
     as each prompt's answer, every prompt is retrieved; with the true keys, which a random model does

@@ -46,7 +46,7 @@ from cptjax.data.passkey import Prompt, RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 from cptjax.io.weights import Weights, open_weights, parse_model_arg
 from cptjax.measure.eval_tasks import TaskSettings, run_model_tasks, tasks_table
-from cptjax.model.config import ModelConfig
+from cptjax.measure.model_tokenizers import NOT_COMPARABLE, check_tokenizers, check_vocabulary, tokenizer_groups
 from cptjax.model.sharding import MeshConfig
 from cptjax.train.config import check_position_buckets
 from cptjax.train.evaluation import (
@@ -245,28 +245,6 @@ def load_eval_data(sets: Sequence[EvalSetConfig], tokenizer_dir, *, seq_len: int
     return EvalData(packed, tokenizer, seq_len, batch_size)
 
 
-def check_vocabulary(reference: ModelConfig, other: ModelConfig, names: tuple[str, str]) -> None:
-    """Models compared (or merged) on the same tokens must share a vocabulary."""
-    if reference.vocab_size != other.vocab_size:
-        raise CptjaxError(f"{names[1]}: vocabulary of {other.vocab_size} tokens, but {names[0]} has "
-                          f"{reference.vocab_size}; models with different vocabularies cannot be "
-                          "compared or merged on the same tokens")
-
-
-def check_tokenizers(weights: Sequence[Weights], labels: Sequence[str]) -> None:
-    """Every model that carries a tokenizer carries the same one (by fingerprint)."""
-    first = None
-    for w, label in zip(weights, labels):
-        if w.tokenizer_dir is None:
-            continue
-        spec = load_tokenizer_spec(w.tokenizer_dir)
-        if first is None:
-            first = (label, spec.fingerprint)
-        elif spec.fingerprint != first[1]:
-            raise CptjaxError(f"{label}: its tokenizer differs from {first[0]}'s; losses per token of "
-                              "models with different tokenizers are not comparable")
-
-
 def evaluate_weights(weights: Weights, data: EvalData, dtype: str = "float32",
                      label: str = "") -> tuple[dict, dict | None, dict | None]:
     """({set: summarize(...)}, the retrieval probe's results or None, the lm-eval tasks'
@@ -314,24 +292,28 @@ class EvalReport:
     dtype: str
     retrieval: dict[str, dict] = dataclasses.field(default_factory=dict)  # {model label: probe results}
     tasks: dict[str, dict] = dataclasses.field(default_factory=dict)  # {model label: task_scores(...)}
+    tokenizers: dict[str, str] = dataclasses.field(default_factory=dict)  # {model label: tokenizer fingerprint}
 
     @property
     def comparisons(self) -> dict[str, list[dict]]:
-        """{model label: compare(reference, model)} for every model after the first."""
+        """{model label: compare(reference, model)} for every model after the first; in bits per byte
+        where the model's tokenizer is not the reference's."""
         labels = list(self.results)
-        return {label: compare(self.results[labels[0]], self.results[label], self.domain)
+        return {label: compare(self.results[labels[0]], self.results[label], self.domain,
+                               per_byte=self.tokenizers.get(label) != self.tokenizers.get(labels[0]))
                 for label in labels[1:]}
 
     def to_json(self) -> dict:
         return {"models": self.results, "domain_sets": list(self.domain), "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "dtype": self.dtype,
                 "reference": next(iter(self.results)), "comparisons": self.comparisons,
-                "retrieval": self.retrieval, "tasks": self.tasks}
+                "retrieval": self.retrieval, "tasks": self.tasks, "tokenizers": self.tokenizers}
 
     def markdown(self) -> str:
         if any(self.results.values()):
             text = (f"# Held-out evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; "
                     f"domain sets (adaptation): {', '.join(self.domain)}; the others measure forgetting.\n\n"
+                    + (f"Note: {NOT_COMPARABLE}.\n\n" if len(set(self.tokenizers.values())) > 1 else "")
                     + results_table(self.results))
         else:  # --retrieval or --tasks alone
             text = f"# Evaluation\n\nseq_len {self.seq_len}, batch {self.batch_size}, {self.dtype}; no held-out sets.\n"
@@ -350,8 +332,9 @@ class EvalReport:
         for label, rows in self.comparisons.items():
             if not rows:  # no held-out sets
                 continue
+            unit = rows[0]["unit"] + ("" if rows[0]["unit"] == "nats/token" else " (the tokenizers differ)")
             text += (f"\n## {label} against {reference}\n\nadaptation = domain loss drop, forgetting = "
-                     f"general loss rise, in nats/token\n\n"
+                     f"general loss rise, in {unit}\n\n"
                      + comparison_table(rows, before="reference", after="model"))
         return text
 
@@ -373,14 +356,20 @@ def evaluate_models(models: Sequence[str], sets: Sequence[EvalSetConfig], *, dom
         for text in models:
             path, step, ema = parse_model_arg(text)
             opened.append(open_weights(path, step, flag="--model", step_flag="--model PATH@STEP", ema=ema))
-        data = prepare_eval(settings, opened, [f"--model {label}" for label in labels])
-        both = {label: evaluate_weights(w, data, dtype, label) for w, label in zip(opened, labels)}
+        # each model on the sets tokenized by its own tokenizer, all at the shortest model's length
+        length = settings.seq_len or min(DEFAULT_SEQ_LEN, *(w.config.max_position_embeddings for w in opened))
+        settings, datas = dataclasses.replace(settings, seq_len=length), {}
+        for group in tokenizer_groups(opened, settings.tokenizer):
+            data = prepare_eval(settings, [opened[i] for i in group], [f"--model {labels[i]}" for i in group])
+            datas.update(dict.fromkeys(group, data))
+        both = {label: evaluate_weights(w, datas[i], dtype, label) for i, (w, label) in enumerate(zip(opened, labels))}
     finally:
         for w in opened:
             w.close()
     return EvalReport({label: sets for label, (sets, _, _) in both.items()}, data.domain, data.seq_len, batch_size,
                       dtype, {label: probe for label, (_, probe, _) in both.items() if probe is not None},
-                      {label: tasks for label, (_, _, tasks) in both.items() if tasks is not None})
+                      {label: tasks for label, (_, _, tasks) in both.items() if tasks is not None},
+                      {label: datas[i].tokenizer.spec.fingerprint for i, label in enumerate(labels)})
 
 
 def _labels(models: Sequence[str]) -> list[str]:

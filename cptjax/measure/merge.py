@@ -35,7 +35,7 @@ from cptjax.hf.keymap import grouped_key_map
 from cptjax.hf.write import copy_assets, write_hf_dir
 from cptjax.io.checkpoint import ASSETS_DIR, save_params_checkpoint
 from cptjax.io.weights import Weights, open_weights, parse_model_arg
-from cptjax.measure.eval_models import check_tokenizers, check_vocabulary
+from cptjax.measure.model_tokenizers import check_tokenizers, check_vocabulary
 from cptjax.model.config import ModelConfig
 from cptjax.model.transformer import ParamPath, set_param
 

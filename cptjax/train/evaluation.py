@@ -111,26 +111,30 @@ def domain_sets(names: Sequence[str], domain: Sequence[str] = (), flag: str = "-
     return tuple(domain) if domain else tuple(names[:1])
 
 
-def compare(before: dict[str, dict], after: dict[str, dict], domain: Sequence[str]) -> list[dict]:
+def compare(before: dict[str, dict], after: dict[str, dict], domain: Sequence[str],
+            per_byte: bool = False) -> list[dict]:
     """Per set in both: losses before and after (nats/token), the change, and what it measures:
-    adaptation (the domain loss drop) or forgetting (the general loss rise)."""
-    rows = []
+    adaptation (the domain loss drop) or forgetting (the general loss rise). `per_byte`: the change
+    and amount in bits per byte, for models with different tokenizers (their losses per token are
+    not comparable; bits per byte count the same text's bytes)."""
+    rows, key = [], "bits_per_byte" if per_byte else "loss"
     for name in (n for n in before if n in after):
         b, a = before[name], after[name]
         role = "domain" if name in domain else "general"
         rows.append({"set": name, "role": role, "loss_before": b["loss"], "loss_after": a["loss"],
-                     "change": a["loss"] - b["loss"], "bpb_before": b.get("bits_per_byte"),
-                     "bpb_after": a.get("bits_per_byte"),
+                     "change": a[key] - b[key], "bpb_before": b.get("bits_per_byte"),
+                     "bpb_after": a.get("bits_per_byte"), "unit": "bits/byte" if per_byte else "nats/token",
                      "measure": "adaptation" if role == "domain" else "forgetting",
-                     "amount": b["loss"] - a["loss"] if role == "domain" else a["loss"] - b["loss"]})
+                     "amount": b[key] - a[key] if role == "domain" else a[key] - b[key]})
     return rows
 
 
 def comparison_table(rows: list[dict], before: str = "before", after: str = "after") -> str:
     """`compare`'s rows as Markdown: adaptation and forgetting side by side."""
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    per_byte = any(r.get("unit") == "bits/byte" for r in rows)
     return markdown_table(
-        ["held-out set", "role", f"loss {before}", f"loss {after}", "change",
+        ["held-out set", "role", f"loss {before}", f"loss {after}", "change (bits/byte)" if per_byte else "change",
          f"bits/byte {before}", f"bits/byte {after}", "adaptation", "forgetting"],
         [[r["set"], r["role"], fmt(r["loss_before"]), fmt(r["loss_after"]), f"{r['change']:+.4f}",
           fmt(r["bpb_before"]), fmt(r["bpb_after"]),
