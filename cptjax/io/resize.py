@@ -48,11 +48,16 @@ def _tokenizer(folder: epath.Path):
 
 
 def piece_ids(base_dir: epath.Path, extended_dir: epath.Path, new_ids: range) -> dict[int, list[int]]:
-    """For each new id: the base tokenizer's ids of its text (the extended tokenizer's decoding of
-    it, encoded without special tokens). The one place that asks how a new token splits."""
+    """For each new id: the base tokenizer's ids of its text, encoded without special tokens. The
+    one place that asks how a new token splits. The text of an added token is its content as
+    written; of a token of the tokenizer's model (a BPE vocabulary grown by merges), its decoding
+    (a byte-level decoder would garble an added token's non-ASCII content)."""
     base, extended = _tokenizer(base_dir), _tokenizer(extended_dir)
-    return {i: base.encode(extended.decode([i], skip_special_tokens=False), add_special_tokens=False).ids
-            for i in new_ids}
+    added = extended.get_added_tokens_decoder()
+
+    def text(i: int) -> str:
+        return added[i].content if i in added else extended.decode([i], skip_special_tokens=False)
+    return {i: base.encode(text(i), add_special_tokens=False).ids for i in new_ids}
 
 
 def tokenizer_sizes(base_dir: epath.Path, extended_dir: epath.Path) -> tuple[int, int]:
