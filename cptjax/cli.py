@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     from cptjax.measure.cli import add_measure_commands
     add_measure_commands(commands)
+    from cptjax.io.vocab_cli import add_vocab_commands
+    add_vocab_commands(commands)
     commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the "
                         "cptjax model registered: cptjax lm-eval --model cptjax --model_args path=DIR[@STEP] "
                         "--tasks hellaswag (needs the eval extra)")
@@ -115,6 +117,9 @@ def _run(args) -> int | None:
     elif args.command in ("data", "vocab"):
         from cptjax.data.cli import run_data_command
         run_data_command(args)
+    elif args.command == "vocab":
+        from cptjax.io.vocab_cli import run_vocab_command
+        run_vocab_command(args)
     elif getattr(args, "measure", False):  # eval, report, generate, merge
         from cptjax.measure.cli import run_measure_command
         run_measure_command(args)

@@ -71,5 +71,5 @@ def orbax_to_hf(ckpt: PathLike, out: PathLike, step: int | None = None, dtype: s
             # The reference is cptjax on the exported (rounded) weights, computed in float32.
             params = params_to_dtype(params_to_dtype(weights.read(), target), np.float32)
             reference = PretrainedModel(weights.config, model_from_params(weights.config, params))
-            diff = verify_export(out, reference.logits, weights.config.vocab_size)
+            diff = verify_export(out, reference.logits, weights.config.num_tokens)
         return ExportResult(out, weights.step, files, diff)

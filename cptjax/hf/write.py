@@ -5,6 +5,7 @@ transformers' AutoModelForCausalLM loads the result as the right class.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -62,7 +63,13 @@ def write_hf_dir(out: epath.Path, cfg: ModelConfig, get_param: Callable[[ParamPa
 
     `get_param(path)` returns one (stacked) parameter array; it is called once per parameter, in
     key-map order, so a caller can restore parameters one at a time. Tensors are cast to `dtype`.
+
+    A vocabulary padded past the tokenizer's ids (ModelConfig.real_vocab_size) is written without
+    its padding rows: transformers does not mask their logits, as cptjax does, so an export that kept
+    them could predict ids no tokenizer decodes. config.json's vocab_size is then the tokenizer's.
     """
+    if cfg.real_vocab_size is not None:
+        cfg, get_param = _unpadded(cfg, get_param)
     target = np.dtype(dtype)
     tensors = list(hf_tensors(cfg).values())
     shards = _shard_plan(tensors, target.itemsize, parse_size(max_shard_size))
@@ -110,6 +117,16 @@ def write_hf_dir(out: epath.Path, cfg: ModelConfig, get_param: Callable[[ParamPa
                                         ("pad_token_id", cfg.pad_token_id)) if v is not None}
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return names
+
+
+def _unpadded(cfg: ModelConfig, get_param: Callable[[ParamPath], np.ndarray]):
+    """(config, get_param) of the model without its vocabulary's padding rows."""
+    rows = cfg.num_tokens
+
+    def unpadded_param(path: ParamPath) -> np.ndarray:
+        array = get_param(path)
+        return array[:rows] if path in (("embed_tokens",), ("lm_head",)) else array
+    return dataclasses.replace(cfg, vocab_size=rows, real_vocab_size=None), unpadded_param
 
 
 def copy_assets(src: epath.Path | None, dst: epath.Path) -> list[str]:

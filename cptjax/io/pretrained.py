@@ -29,8 +29,8 @@ class PretrainedModel:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
             raise ValueError(f"tokens must be an integer array [B, L], got {tokens.dtype}{list(tokens.shape)}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.num_tokens):
+            raise ValueError(f"token ids must lie in [0, {self.config.num_tokens}), got "
                              f"[{tokens.min()}, {tokens.max()}]")
         as_int = lambda a: None if a is None else jnp.asarray(a, jnp.int32)  # noqa: E731
         return self._logits(self._state, as_int(tokens), as_int(positions), as_int(segment_ids))

@@ -220,9 +220,9 @@ def prepare_eval(settings: EvalSettings, models: Sequence[Weights], labels: Sequ
     data = load_eval_data(settings.sets, folder, seq_len=length, batch_size=settings.batch_size,
                           flag=settings.flag)
     top = max((int(b["inputs"].max()) for batches in data.sets.values() for b in batches), default=0)
-    if top >= models[0].config.vocab_size:
+    if top >= models[0].config.num_tokens:
         raise CptjaxError(f"--tokenizer {folder}: gives token id {top}, beyond the models' vocabulary "
-                          f"of {models[0].config.vocab_size}; use the models' own tokenizer")
+                          f"of {models[0].config.num_tokens}; use the models' own tokenizer")
     data.domain = domain
     data.position_edges = position_edges(length, settings.position_buckets)
     if settings.retrieval is not None:

@@ -84,9 +84,9 @@ class Generator:
 
     def generate(self, prompt: str, sampling: Sampling = Sampling()) -> Generation:
         ids = self.tokenizer.encode_prompt(prompt)
-        if ids.max(initial=0) >= self.model.config.vocab_size:
+        if ids.max(initial=0) >= self.model.config.num_tokens:
             raise CptjaxError(f"--tokenizer: gives token id {int(ids.max())}, beyond the model's "
-                              f"vocabulary of {self.model.config.vocab_size}; use the model's own tokenizer")
+                              f"vocabulary of {self.model.config.num_tokens}; use the model's own tokenizer")
         new = generate_ids(self.model, ids[None], sampling, self.eos)[0]
         ended = bool(new) and new[-1] in self.eos
         return Generation(self.described, prompt, self.tokenizer.decode(new), len(new), ended)

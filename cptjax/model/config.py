@@ -25,6 +25,7 @@ from cptjax.model.families import (
     layer_window_keys,
     parse_experts,
     parse_layer_windows,
+    refuse_scaled_rope,
     with_defaults,
 )
 from cptjax.model.rope import RopeConfig, RopeOverrides, override_rope, rope_from_hf, rope_to_hf, split_layer_rope
@@ -41,7 +42,7 @@ _MODELED_KEYS = frozenset({
     "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
     "sliding_window_pattern", "rope_local_base_freq", "_sliding_window_pattern",
     "num_local_experts", "num_experts", "num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size",
-    "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers", "router_jitter_noise",
+    "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers", "router_jitter_noise", "real_vocab_size",
 })
 
 
@@ -50,7 +51,7 @@ class ModelConfig:
     """A Llama-family decoder. Dimension letters: V vocab, D model, F mlp, N query heads,
     K kv heads, H head dim, Ly layers."""
 
-    vocab_size: int
+    vocab_size: int  # V: rows of the embedding and the output head
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -94,6 +95,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str | None = None  # the precision the source's config.json records: exports default to it
     hf_extra_json: str = "{}"  # source config keys this class does not model, kept for the export
+    real_vocab_size: int | None = None  # the tokenizer's ids when rows are padded past them; the rest: -inf logits
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -101,6 +103,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CptjaxError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
+            raise CptjaxError(f"model config: real_vocab_size {self.real_vocab_size!r} must be in 1..vocab_size")
         if self.num_heads % self.num_kv_heads:
             raise CptjaxError(
                 f"model config: num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -136,6 +140,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise CptjaxError(f"model config: {name} must be positive or null, got {value!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        """The ids a tokenizer may give and the model may predict: real_vocab_size, else vocab_size."""
+        return self.vocab_size if self.real_vocab_size is None else self.real_vocab_size
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
@@ -253,17 +262,6 @@ def _require(hf: dict, key: str, source: str, kind=int):
     return value
 
 
-def _refuse_scaled_rope(hf: dict, model_type: str, source: str) -> None:
-    """Phi-3 reads any rope_scaling as longrope ('su' and 'yarn' included): refused, naming the field."""
-    for key in ("rope_scaling", "rope_parameters"):
-        scaling = hf.get(key)
-        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
-        if kind != "default":
-            raise CptjaxError(f"{source}: {key}.type {kind!r} is not supported for model_type {model_type!r}: "
-                              "cptjax implements Phi-3's unscaled RoPE only (the 4K-context models, "
-                              "rope_scaling null), not longrope")
-
-
 def _optional_number(hf: dict, key: str, source: str) -> float | None:
     value = hf.get(key)
     if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
@@ -305,7 +303,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
         head_dim = hidden // heads
     eos = hf.get("eos_token_id")
     if arch.only_default_rope:
-        _refuse_scaled_rope(hf, model_type, source)
+        refuse_scaled_rope(hf, model_type, source)
     sliding_rope_theta = None
     if arch.sliding_rope_base:
         hf, sliding_rope_theta = split_layer_rope(hf, source)
@@ -351,6 +349,7 @@ def _from_hf_config(hf: dict[str, Any], source: str) -> ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
             dtype=_recorded_dtype(hf),
             hf_extra_json=json.dumps(extra, sort_keys=True),
+            real_vocab_size=hf.get("real_vocab_size"),
         )
     except CptjaxError as err:  # __post_init__'s checks, now naming the file
         message = str(err)
@@ -383,6 +382,8 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     })
     if cfg.pad_token_id is not None:
         hf["pad_token_id"] = cfg.pad_token_id
+    if cfg.real_vocab_size is not None:  # a cptjax checkpoint's only: HF exports are unpadded
+        hf["real_vocab_size"] = cfg.real_vocab_size
     if cfg.dtype is not None:  # both spellings: transformers 4 reads torch_dtype, 5 writes dtype
         hf["torch_dtype"] = hf["dtype"] = cfg.dtype
     if isinstance(arch.qkv_bias, str):

@@ -247,3 +247,15 @@ def layer_window_keys(arch: Architecture, window: int | None, layer_windows: tup
         if kinds == ["full_attention"] * full + ["sliding_attention"] * (len(kinds) - full):
             hf["max_window_layers"] = full
     return hf
+
+
+def refuse_scaled_rope(hf: dict, model_type: str, source: str) -> None:
+    """Phi-3 reads any rope_scaling as longrope ('su' and 'yarn' included): refused, naming the field."""
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key)
+        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
+        if kind != "default":
+            raise CptjaxError(f"{source}: {key}.type {kind!r} is not supported for model_type {model_type!r}: "
+                              "cptjax implements Phi-3's unscaled RoPE only (the 4K-context models, "
+                              "rope_scaling null), not longrope")
+

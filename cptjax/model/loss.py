@@ -23,13 +23,24 @@ from cptjax.model.sharding import constrain
 DEFAULT_LOSS_CHUNK = 512
 
 
+def final_logits(logits: jax.Array, logit_cap: float | None, real_vocab: int | None) -> jax.Array:
+    """The head's float32 logits [..., V] as the model gives them: soft-capped where the config says
+    (final_logit_softcapping), and -inf from `real_vocab` on (a vocabulary padded past the
+    tokenizer's ids, ModelConfig.real_vocab_size), so padding rows are never predicted and take no
+    probability (nor any gradient). Every caller that turns head outputs into logits asks this."""
+    logits = soft_cap(logits, logit_cap)
+    if real_vocab is None or real_vocab >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < real_vocab, logits, -jnp.inf)
+
+
 def logit_sums(hidden, head, targets, mask, source_ids, num_sources: int,
-               logit_cap: float | None = None) -> dict[str, jax.Array]:
+               logit_cap: float | None = None, real_vocab: int | None = None) -> dict[str, jax.Array]:
     """Float32 sums over hidden [B, L, D] (compute dtype) with the output head [V, D]: the target
     NLL, the squared log-partition (z-loss) and the NLL per source [S], each weighted by mask.
-    `logit_cap`: the model's final_logit_softcapping, applied to the logits first."""
+    `logit_cap` and `real_vocab`: the model's final_logit_softcapping and real_vocab_size (`final_logits`)."""
     logits = jnp.einsum("BLD,VD->BLV", hidden, head, preferred_element_type=jnp.float32)
-    logits = soft_cap(logits, logit_cap)
+    logits = final_logits(logits, logit_cap, real_vocab)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -40,12 +51,13 @@ def logit_sums(hidden, head, targets, mask, source_ids, num_sources: int,
 
 
 def loss_sums(hidden, head, targets, mask, source_ids, num_sources: int,
-              chunk: int | None = DEFAULT_LOSS_CHUNK, logit_cap: float | None = None) -> dict[str, jax.Array]:
+              chunk: int | None = DEFAULT_LOSS_CHUNK, logit_cap: float | None = None,
+              real_vocab: int | None = None) -> dict[str, jax.Array]:
     """`logit_sums` over chunks of `chunk` positions (None: all at once); [B, L] arrays besides
     hidden [B, L, D] and head [V, D]; mask float32."""
     rows, length = targets.shape
     if chunk is None or chunk >= length:
-        return logit_sums(hidden, head, targets, mask, source_ids, num_sources, logit_cap)
+        return logit_sums(hidden, head, targets, mask, source_ids, num_sources, logit_cap, real_vocab)
     ways = sequence_ways()
     ways = ways if length % ways == 0 else 1
     local = length // ways  # positions per shard of a row
@@ -62,7 +74,7 @@ def loss_sums(hidden, head, targets, mask, source_ids, num_sources: int,
 
     @jax.checkpoint
     def add(total, xs):
-        part = logit_sums(*xs[:1], head, *xs[1:], num_sources, logit_cap)
+        part = logit_sums(*xs[:1], head, *xs[1:], num_sources, logit_cap, real_vocab)
         return jax.tree.map(jnp.add, total, part), None
 
     zeros = {"nll": jnp.zeros((), jnp.float32), "z": jnp.zeros((), jnp.float32),

@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES, soft_cap
+from cptjax.model.attention import ATTENTION_KERNELS, KV_AXES, Q_AXES
 from cptjax.model.config import ModelConfig
 from cptjax.model.context_parallel import STRATEGIES, attend_rows, balanced_ways, from_layout, layout_order, to_layout
 from cptjax.model.kv_cache import KVCache, LayerCache, layer_window_sizes
 from cptjax.model.layers import DecoderLayers, initial_value, logical_param
+from cptjax.model.loss import final_logits
 from cptjax.model.mlp import gated_mlp
 from cptjax.model.moe import moe_mlp
 from cptjax.model.norms import norm
@@ -90,10 +91,11 @@ class Llama(nnx.Module):
 
     def head_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits [..., V] of final hidden states [..., D]: the output head, then the soft
-        cap where config.json sets final_logit_softcapping (Gemma 2). Every caller that turns
-        hidden states into logits asks this (the chunked loss passes the cap itself)."""
+        cap where config.json sets final_logit_softcapping (Gemma 2) and -inf on a padded
+        vocabulary's padding rows (loss.final_logits). Every caller that turns hidden states into
+        logits asks this (the chunked loss passes the cap and real_vocab_size itself)."""
         logits = jnp.einsum("...D,VD->...V", hidden, self.output_head(), preferred_element_type=jnp.float32)
-        return soft_cap(logits, self.config.final_logit_softcapping)
+        return final_logits(logits, self.config.final_logit_softcapping, self.config.real_vocab_size)
 
     def output_head(self) -> jax.Array:
         """The output projection [V, D] in the compute dtype (the embedding, when tied)."""

@@ -230,6 +230,11 @@ class TrainConfig:
             raise CptjaxError(f"schedule.stage_boundaries {list(self.schedule.stage_boundaries)} differ "
                               f"from the start steps of data.stages {list(starts)}; leave "
                               "schedule.stage_boundaries out to re-warm at each data stage")
+        vocab = self.optimizer.vocab
+        if vocab is not None and vocab.first_stage != "everything" and not self.data.stages:
+            raise CptjaxError(f"optimizer.vocab.first_stage {vocab.first_stage!r}: the first stage ends where "
+                              "data.stages[0] starts, and there are no data.stages; add one (e.g. "
+                              "data.stages: [{start_step: 500, weights: [...]}]) or set first_stage: everything")
         if self.eval.ema and self.training.ema is None:
             raise CptjaxError("eval.ema: there is no EMA to evaluate; set training.ema (e.g. "
                               "training.ema.decay=0.999) or drop eval.ema")

@@ -3,11 +3,68 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from cptjax.core.errors import CptjaxError
+
+FirstStage = Literal["everything", "new_rows", "new_rows_and_norms"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabRowsConfig:
+    """A model whose vocabulary `cptjax vocab resize` grew: rows [0, original_rows) of embed_tokens
+    and lm_head hold the base model's tokens, the rows after them the new ones. The first stage is
+    the steps before data.stages[0].start_step (schedule kind `cycles` re-warms at that step)."""
+
+    original_rows: int  # the base tokenizer's ids, as `cptjax vocab resize` printed them
+    freeze_original: bool = False  # those rows never change (bit-identical): no gradient, update or weight decay
+    first_stage: FirstStage = "everything"  # what trains before data.stages[0]: all, or the new rows (and norms)
+
+    def __post_init__(self):
+        if self.original_rows < 1:
+            raise CptjaxError(f"optimizer.vocab.original_rows: must be >= 1, got {self.original_rows}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRows:
+    """optimizer.vocab for the train step: `zero_untrained(tree, step)` zeroes, in a tree shaped like
+    the parameters, what does not train at `step` (1-based). The step applies it to the gradients
+    (so clipping and Adam see the trained part only) and to the final updates (so Adam's momentum
+    and weight decay move nothing else): an untrained value gets exactly 0 added, bit-identical."""
+
+    original_rows: int
+    freeze_original: bool
+    first_stage: str
+    first_stage_end: int  # the first step after the first stage (data.stages[0].start_step; 1: none)
+
+    def zero_untrained(self, tree: dict, step: jax.Array) -> dict:
+        later = step >= self.first_stage_end if self.first_stage != "everything" else True
+
+        def leaf(path, x):
+            name = str(getattr(path[-1], "key", path[-1]))
+            if len(path) == 1 and name in ("embed_tokens", "lm_head"):
+                new = (jnp.arange(x.shape[0]) >= self.original_rows)[:, None]
+                trained = new if self.freeze_original else True if later is True else new | later
+            elif self.first_stage == "new_rows_and_norms" and name.endswith("norm"):
+                trained = True
+            else:
+                trained = later
+            return x if trained is True else jnp.where(trained, x, jnp.zeros_like(x))
+        return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def trained_rows(vocab: VocabRowsConfig | None, first_stage_end: int, num_tokens: int) -> TrainedRows | None:
+    """The step's TrainedRows of optimizer.vocab (None: not set), checked against the model's tokens."""
+    if vocab is None:
+        return None
+    if vocab.original_rows >= num_tokens:
+        raise CptjaxError(f"optimizer.vocab.original_rows {vocab.original_rows}: the model has {num_tokens} "
+                          "token rows, so no new ones; give the base tokenizer's size (cptjax vocab resize prints it)")
+    return TrainedRows(vocab.original_rows, vocab.freeze_original, vocab.first_stage, first_stage_end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +81,7 @@ class OptimizerConfig:
     grad_accum_steps: int = 1  # micro-batches per step; the update equals the full batch's
     # A name freezes every parameter with it in its path ("router": each MoE layer's; "embed_tokens").
     freeze: tuple[str, ...] = ()  # parameters left as loaded (no optimizer state kept for them)
+    vocab: VocabRowsConfig | None = None  # a grown vocabulary: freeze the original rows, train the new ones first
 
     def __post_init__(self):
         for name in ("b1", "b2"):

@@ -42,7 +42,7 @@ from cptjax.model.sharding import (
 from cptjax.model.transformer import abstract_model
 from cptjax.train.ema import EmaConfig, update_ema
 from cptjax.train.evaluation import position_edges as position_bucket_edges
-from cptjax.train.optimizer import build_optimizer, check_freeze
+from cptjax.train.optimizer import TrainedRows, build_optimizer, check_freeze, trained_rows
 from cptjax.train.schedules import make_schedule
 
 
@@ -56,6 +56,7 @@ class StepConfig:
     ema: EmaConfig | None = None  # the train step also updates state["ema"] (cptjax.train.ema)
     router_aux_loss: float = 0.0  # MoE: the load-balancing loss's coefficient (moe.load_balancing_loss)
     router_z_loss: float = 0.0  # MoE: coefficient of the router logits' mean squared log-partition
+    trained_rows: TrainedRows | None = None  # optimizer.vocab: rows and stages left untrained
 
 
 def _sums(graphdef, params, batch, config: StepConfig):
@@ -65,7 +66,8 @@ def _sums(graphdef, params, batch, config: StepConfig):
     hidden, router = model.hidden_states_and_router(batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
     sums = loss_sums(hidden, model.output_head(), batch["targets"], mask, batch["source_ids"],
-                     config.num_sources, config.loss_chunk, model.config.final_logit_softcapping)
+                     config.num_sources, config.loss_chunk, model.config.final_logit_softcapping,
+                     model.config.real_vocab_size)
     sources = jax.nn.one_hot(batch["source_ids"], config.num_sources, dtype=jnp.float32)  # [B, L, S]
     out = {
         **sums,  # nll, z, source_nll
@@ -132,10 +134,15 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
     loss or gradient leaves params, optimizer state and the EMA as they were (the step counter
     still advances, so the schedule does too), and the metrics say so."""
     loss, grads, sums = loss_and_grads(graphdef, state["params"], batch, config)
+    untrained = config.trained_rows
+    if untrained is not None:  # clipping, Adam and the logged grad_norm see the trained part only
+        grads = untrained.zero_untrained(grads, state["step"] + 1)
     grad_norm = optax.tree.norm(grads)
     learning_rate = schedule(state["step"])
     direction, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     updates = jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, direction)
+    if untrained is not None:  # nor do Adam's momentum and weight decay move them
+        updates = untrained.zero_untrained(updates, state["step"] + 1)
     new_params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -307,7 +314,9 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
                              loss_chunk=config.model.loss_chunk,
                              position_edges=position_bucket_edges(config.eval_shape.seq_len,  # the held-out rows'
                                                                   config.eval.position_buckets),
-                             ema=ema, **router_losses(config.model, model_config))
+                             ema=ema, **router_losses(config.model, model_config),
+                             trained_rows=trained_rows(config.optimizer.vocab, _first_stage_end(config),
+                                                       model_config.num_tokens))
     b_sharding = batch_sharding(mesh, rules)
     step_fn = jax.jit(
         with_activation_sharding(functools.partial(
@@ -318,6 +327,10 @@ def build_setup(config, model_config, num_sources: int, devices=None) -> TrainSe
     eval_fn = _jit_eval_step(graphdef, step_config, mesh, rules, p_shardings, b_sharding)
     return TrainSetup(mesh, graphdef, optimizer, param_dtype, abstract_state, state_shardings,
                       b_sharding, step_fn, eval_fn, step_config.position_edges)
+
+
+def _first_stage_end(config) -> int:
+    return config.data.stages[0].start_step if config.data.stages else 1
 
 
 def router_losses(model_section, model_config) -> dict[str, float]:

@@ -105,7 +105,7 @@ def run(config: TrainConfig, *, until_step: int | None = None, data=None, eval_s
             if data is None or eval_sets is None:
                 spec = load_data_tokenizer(config.data.tokenizer, run_start.tokenizer_dir, "model.tokenizer"
                                            if config.model.tokenizer else "the model's tokenizer")
-                check_vocabulary(spec, run_start.model_config.vocab_size)
+                check_vocabulary(spec, run_start.model_config.num_tokens)
             processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
             if data is None:  # the first stage's shape; the pipeline follows data.stages from there
                 data = built = build_train_pipeline(config.data, spec, seq_len=config.training.seq_len,
