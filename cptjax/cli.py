@@ -114,7 +114,7 @@ def _run(args) -> int | None:
     elif args.command == "config":
         from cptjax.train.config import dump_yaml, load_config
         print(dump_yaml(load_config(args.config, args.overrides)), end="")
-    elif args.command in ("data", "vocab"):
+    elif args.command == "data":
         from cptjax.data.cli import run_data_command
         run_data_command(args)
     elif args.command == "vocab":

@@ -1,5 +1,4 @@
-"""`cptjax data ...` and `cptjax vocab ...` arguments: thin parsing over `prepare_corpus` and
-`extend_vocabulary`."""
+"""`cptjax data ...` arguments: thin parsing over `prepare_corpus`."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from cptjax.data.config import SOURCE_TYPES, InputConfig
 
 
 def add_data_commands(subparsers) -> None:
-    """Adds `data prepare` and `vocab extend` to the `cptjax` command's subparsers."""
+    """Adds `data prepare` to the `cptjax` command's subparsers."""
     data = subparsers.add_parser("data", help="prepare training data")
     actions = data.add_subparsers(dest="data_command", required=True)
     prepare = actions.add_parser(
@@ -34,36 +33,10 @@ def add_data_commands(subparsers) -> None:
                          help="a document that is not UTF-8: stop (default) or skip and count it")
 
 
-    vocab = subparsers.add_parser("vocab", help="extend a tokenizer's vocabulary for a domain")
-    vocab_actions = vocab.add_subparsers(dest="vocab_command", required=True)
-    extend = vocab_actions.add_parser(
-        "extend", help="add the domain's most useful tokens to an HF BPE tokenizer; text without them "
-        "keeps its ids",
-        description="Continues the base tokenizer's BPE on the domain corpus and adds the N merges that save "
-        "the most tokens there, with ids after every existing id. A text in which no pre-token contains a new "
-        "token's string encodes to exactly the base's ids. Writes --out (a new folder): the tokenizer files "
-        "and vocab_extension.json (new ids, strings, base pieces, bytes per token before and after).")
-    extend.add_argument("--tokenizer", required=True, help="the base HF tokenizer folder (with tokenizer.json)")
-    extend.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
-                        help="domain files or globs (quote globs): .jsonl (.gz, .zst), .parquet, else one "
-                        "document per file")
-    extend.add_argument("--new-tokens", type=int, required=True, metavar="N", help="how many tokens to add")
-    extend.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
-    extend.add_argument("--general", nargs="+", default=[], metavar="PATH",
-                        help="general text to measure bytes per token on, before and after")
-    extend.add_argument("--text-field", default="text", help="JSON/Parquet field (default text)")
-
-
 def run_data_command(args: argparse.Namespace) -> None:
     from cptjax.data.prepare import prepare_corpus
 
-    if args.command == "vocab":
-        from cptjax.data.vocab_extend import extend_vocabulary, summary
-
-        report = extend_vocabulary(args.tokenizer, args.corpus, args.new_tokens, args.out, general=args.general,
-                                   text_field=args.text_field)
-        print(summary(report, args.out))
-    elif args.data_command == "prepare":
+    if args.data_command == "prepare":
         source = InputConfig(name="input", type=args.type, paths=tuple(args.paths),
                              text_field=args.text_field, delimiter=args.delimiter,
                              dataset=args.dataset, split=args.split, data_dir=args.data_dir)

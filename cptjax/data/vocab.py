@@ -271,16 +271,25 @@ def extended_json(base: BaseTokenizer, extension: Extension) -> dict:
 
 
 def new_token_pieces(base_tokenizer, extended_tokenizer) -> dict[int, list[int]]:
-    """{new id: the base's ids for the same bytes} for every id of `extended_tokenizer` that the base
-    lacks: what a model's new embedding rows can start from (e.g. the mean of those rows).
+    """{new id: the base's ids for the same text} for every id of `extended_tokenizer` that the base
+    lacks: what a model's new embedding rows can start from (e.g. the mean of those rows). The one
+    place that asks how a new token splits.
 
     Either argument is an HF tokenizer folder, a tokenizer.json file or a `tokenizers.Tokenizer`.
-    The split is the base's own BPE of the token's vocabulary string (its bytes, where the base
-    spells a character in byte-fallback tokens).
+    A token of the BPE model (`cptjax vocab extend`'s merges) splits by the base's own BPE of its
+    vocabulary string (its bytes, where the base spells a character in byte-fallback tokens); an
+    added token (`add_tokens`) by the base's encoding of its content, without special tokens (a
+    byte-level decoder would garble its non-ASCII content, and its content is no vocabulary string).
     """
     base, extended = _as_tokenizer(base_tokenizer), _as_tokenizer(extended_tokenizer)
     old = set(base.get_vocab(with_added_tokens=True).values())
-    return {i: [t.id for t in base.model.tokenize(token)]
+    added = {i: t.content for i, t in extended.get_added_tokens_decoder().items()}
+
+    def pieces(token: str, i: int) -> list[int]:
+        if i in added:
+            return base.encode(added[i], add_special_tokens=False).ids
+        return [t.id for t in base.model.tokenize(token)]
+    return {i: pieces(token, i)
             for token, i in sorted(extended.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
             if i not in old}
 

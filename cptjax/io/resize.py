@@ -21,6 +21,7 @@ from cptjax.core.dtypes import float_dtype
 from cptjax.core.errors import CptjaxError
 from cptjax.core.paths import PathLike, local_copy, user_path
 from cptjax.data.tokenize import TOKENIZER_FILES
+from cptjax.data.vocab import new_token_pieces
 from cptjax.hf.write import copy_assets, write_hf_dir
 from cptjax.io.checkpoint import ASSETS_DIR, save_params_checkpoint
 from cptjax.io.weights import open_weights, parse_model_arg
@@ -48,16 +49,9 @@ def _tokenizer(folder: epath.Path):
 
 
 def piece_ids(base_dir: epath.Path, extended_dir: epath.Path, new_ids: range) -> dict[int, list[int]]:
-    """For each new id: the base tokenizer's ids of its text, encoded without special tokens. The
-    one place that asks how a new token splits. The text of an added token is its content as
-    written; of a token of the tokenizer's model (a BPE vocabulary grown by merges), its decoding
-    (a byte-level decoder would garble an added token's non-ASCII content)."""
-    base, extended = _tokenizer(base_dir), _tokenizer(extended_dir)
-    added = extended.get_added_tokens_decoder()
-
-    def text(i: int) -> str:
-        return added[i].content if i in added else extended.decode([i], skip_special_tokens=False)
-    return {i: base.encode(text(i), add_special_tokens=False).ids for i in new_ids}
+    """For each new id: the base tokenizer's ids of the same text (cptjax.data.vocab.new_token_pieces)."""
+    pieces = new_token_pieces(_tokenizer(base_dir), _tokenizer(extended_dir))
+    return {i: pieces[i] for i in new_ids}
 
 
 def tokenizer_sizes(base_dir: epath.Path, extended_dir: epath.Path) -> tuple[int, int]:

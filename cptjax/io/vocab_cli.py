@@ -1,4 +1,5 @@
-"""The arguments of `cptjax vocab`: growing a model's vocabulary (`resize`; `extend` builds the tokenizer)."""
+"""The arguments of `cptjax vocab`: growing a model's vocabulary, its tokenizer first (`extend`:
+cptjax.data.vocab_extend), then its embedding and head rows (`resize`: cptjax.io.resize)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ def add_vocab_commands(commands) -> None:
     """Adds the `vocab` group and its commands to the `cptjax` subparsers."""
     vocab = commands.add_parser("vocab", help="grow a model's vocabulary: new tokens, new embedding and head rows")
     actions = vocab.add_subparsers(dest="vocab_command", required=True)
+    extend = actions.add_parser(
+        "extend", help="add the domain's most useful tokens to an HF BPE tokenizer; text without them "
+        "keeps its ids",
+        description="Continues the base tokenizer's BPE on the domain corpus and adds the N merges that save "
+        "the most tokens there, with ids after every existing id. A text in which no pre-token contains a new "
+        "token's string encodes to exactly the base's ids. Writes --out (a new folder): the tokenizer files "
+        "and vocab_extension.json (new ids, strings, base pieces, bytes per token before and after).")
+    extend.add_argument("--tokenizer", required=True, help="the base HF tokenizer folder (with tokenizer.json)")
+    extend.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+                        help="domain files or globs (quote globs): .jsonl (.gz, .zst), .parquet, else one "
+                        "document per file")
+    extend.add_argument("--new-tokens", type=int, required=True, metavar="N", help="how many tokens to add")
+    extend.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
+    extend.add_argument("--general", nargs="+", default=[], metavar="PATH",
+                        help="general text to measure bytes per token on, before and after")
+    extend.add_argument("--text-field", default="text", help="JSON/Parquet field (default text)")
     resize = actions.add_parser("resize", help="a model with embedding and head rows for an extended "
                                 "tokenizer's new ids (old rows unchanged)")
     resize.add_argument("--model", required=True, help="HF folder or cptjax checkpoint (PATH[@STEP][:ema]), "
@@ -26,7 +43,13 @@ def add_vocab_commands(commands) -> None:
 
 
 def run_vocab_command(args) -> None:
-    if args.vocab_command == "resize":
+    if args.vocab_command == "extend":
+        from cptjax.data.vocab_extend import extend_vocabulary, summary
+
+        report = extend_vocabulary(args.tokenizer, args.corpus, args.new_tokens, args.out, general=args.general,
+                                   text_field=args.text_field)
+        print(summary(report, args.out))
+    elif args.vocab_command == "resize":
         from cptjax.io.resize import resize_vocab
 
         result = resize_vocab(args.model, args.tokenizer, args.out, init=args.init, pad_to=args.pad_to,
