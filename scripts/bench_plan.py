@@ -39,6 +39,7 @@ TARGETS = {
     "llama-3.1-8b-8xh100.yaml": ("llama-3.1-8b", "v5p-16", 8, "8 x H100 80GB (proxy: 8 v5p chips)"),
     "llama-3.1-8b-tpu-v6e-64.yaml": ("llama-3.1-8b", "v6e-64", None, "v6e-64"),
     "llama-3.1-8b-tpu-wsd.yaml": ("llama-3.1-8b", "v5p-128", None, "v5p-128"),
+    "llama-3.1-8b-128k-v5p.yaml": ("llama-3.1-8b", "v5p-128", None, "v5p-128"),
     "llama-3.2-1b-code.yaml": ("llama-3.2-1b", "v5p-8", 1, "1 x H100 80GB (proxy: 1 v5p chip)"),
     "mistral-7b-tpu-v5p-64.yaml": ("mistral-7b-v0.1", "v5p-64", None, "v5p-64"),
     "gemma-2-9b-tpu-v5p-64.yaml": ("gemma-2-9b", "v5p-64", None, "v5p-64"),
