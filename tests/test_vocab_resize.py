@@ -8,6 +8,7 @@ import types
 
 import hf_models
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_configs
@@ -163,6 +164,28 @@ def _train(raw, vocab, until_step=None):
     return run(config, until_step=until_step, data=data, eval_sets={})
 
 
+def assert_bits_equal(a, b):
+    """Bit for bit (assert_array_equal counts -0.0 equal to 0.0)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_an_untrained_value_keeps_its_bits_where_adding_a_zero_update_would_not():
+    rows = trained_rows(VocabRowsConfig(original_rows=2, freeze_original=True), 1, 4)
+    old = {"embed_tokens": np.array([[-0.0, 1.5], [2.0, -0.0], [-0.0, 3.0], [4.0, 5.0]], np.float32),
+           "norm": np.array([-0.0, 1.0], np.float32)}
+    added = jax.tree.map(lambda x: x + np.float32(0.0), old)  # what a zero update gives: -0.0 -> +0.0
+    assert (np.asarray(added["embed_tokens"]).view(np.uint32) != old["embed_tokens"].view(np.uint32)).any()
+    moved = jax.tree.map(lambda x: x + np.float32(1.0), old)
+    kept = rows.where_trained(moved, old, jnp.asarray(1))
+    assert_bits_equal(kept["embed_tokens"][:2], old["embed_tokens"][:2])  # original rows: the old bits
+    assert_bits_equal(kept["embed_tokens"][2:], moved["embed_tokens"][2:])  # new rows train
+    assert_bits_equal(kept["norm"], moved["norm"])  # the rest trains (no first stage)
+    zeroed = rows.where_trained(moved, None, jnp.asarray(1))
+    assert not np.asarray(zeroed["embed_tokens"][:2]).any() and np.array_equal(zeroed["norm"], moved["norm"])
+
+
 def test_original_rows_stay_bit_identical_and_the_first_stage_trains_only_new_rows(grown, tmp_path):
     """optimizer.vocab with freeze_original and a first stage of new rows and norms, through the
     trainer's own step: after step 2 (the first stage) only the new rows and the norms moved;
@@ -180,18 +203,18 @@ def test_original_rows_stay_bit_identical_and_the_first_stage_trains_only_new_ro
     first = _train(raw, n + k, until_step=2)
     params = jax.tree.map(np.asarray, first.state["params"])
     embed = params["embed_tokens"]
-    np.testing.assert_array_equal(embed[:n], start["embed_tokens"][:n])
+    assert_bits_equal(embed[:n], start["embed_tokens"][:n])
     assert all(not np.array_equal(embed[i], start["embed_tokens"][i]) for i in range(n, n + k))
-    np.testing.assert_array_equal(embed[n + k:], start["embed_tokens"][n + k:])
-    np.testing.assert_array_equal(params["layers"]["q_proj"], start["layers"]["q_proj"])
+    assert_bits_equal(embed[n + k:], start["embed_tokens"][n + k:])
+    assert_bits_equal(params["layers"]["q_proj"], start["layers"]["q_proj"])
     assert not np.array_equal(params["layers"]["input_layernorm"], start["layers"]["input_layernorm"])
     assert not np.array_equal(params["norm"], start["norm"])
 
     second = _train(raw, n + k)
     assert second.final_step == 4
     params = jax.tree.map(np.asarray, second.state["params"])
-    np.testing.assert_array_equal(params["embed_tokens"][:n], start["embed_tokens"][:n])
-    np.testing.assert_array_equal(params["embed_tokens"][n + k:], start["embed_tokens"][n + k:])
+    assert_bits_equal(params["embed_tokens"][:n], start["embed_tokens"][:n])
+    assert_bits_equal(params["embed_tokens"][n + k:], start["embed_tokens"][n + k:])
     assert not np.array_equal(params["layers"]["q_proj"], start["layers"]["q_proj"])
 
 

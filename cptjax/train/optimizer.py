@@ -31,20 +31,22 @@ class VocabRowsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainedRows:
-    """optimizer.vocab for the train step: `zero_untrained(tree, step)` zeroes, in a tree shaped like
-    the parameters, what does not train at `step` (1-based). The step applies it to the gradients
-    (so clipping and Adam see the trained part only) and to the final updates (so Adam's momentum
-    and weight decay move nothing else): an untrained value gets exactly 0 added, bit-identical."""
+    """optimizer.vocab for the train step: `where_trained(tree, other, step)` takes, in trees shaped
+    like the parameters, `tree` where a value trains at `step` (1-based) and `other` elsewhere. The
+    step zeroes the untrained gradients (so clipping and Adam see the trained part only) and keeps
+    the old value of every untrained parameter (bit-identical: Adam's momentum and weight decay
+    move nothing else, and no -0.0 turns into +0.0 as adding a zero update would)."""
 
     original_rows: int
     freeze_original: bool
     first_stage: str
     first_stage_end: int  # the first step after the first stage (data.stages[0].start_step; 1: none)
 
-    def zero_untrained(self, tree: dict, step: jax.Array) -> dict:
+    def where_trained(self, tree: dict, other: dict | None, step: jax.Array) -> dict:
+        """`other` None: zeros."""
         later = step >= self.first_stage_end if self.first_stage != "everything" else True
 
-        def leaf(path, x):
+        def leaf(path, x, y=None):
             name = str(getattr(path[-1], "key", path[-1]))
             if len(path) == 1 and name in ("embed_tokens", "lm_head"):
                 new = (jnp.arange(x.shape[0]) >= self.original_rows)[:, None]
@@ -53,8 +55,10 @@ class TrainedRows:
                 trained = True
             else:
                 trained = later
-            return x if trained is True else jnp.where(trained, x, jnp.zeros_like(x))
-        return jax.tree_util.tree_map_with_path(leaf, tree)
+            return x if trained is True else jnp.where(trained, x, jnp.zeros_like(x) if y is None else y)
+        if other is None:
+            return jax.tree_util.tree_map_with_path(leaf, tree)
+        return jax.tree_util.tree_map_with_path(leaf, tree, other)
 
 
 def trained_rows(vocab: VocabRowsConfig | None, first_stage_end: int, num_tokens: int) -> TrainedRows | None:

@@ -136,14 +136,14 @@ def train_step(state: dict, batch: dict, *, graphdef, optimizer: optax.GradientT
     loss, grads, sums = loss_and_grads(graphdef, state["params"], batch, config)
     untrained = config.trained_rows
     if untrained is not None:  # clipping, Adam and the logged grad_norm see the trained part only
-        grads = untrained.zero_untrained(grads, state["step"] + 1)
+        grads = untrained.where_trained(grads, None, state["step"] + 1)
     grad_norm = optax.tree.norm(grads)
     learning_rate = schedule(state["step"])
     direction, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     updates = jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, direction)
-    if untrained is not None:  # nor do Adam's momentum and weight decay move them
-        updates = untrained.zero_untrained(updates, state["step"] + 1)
     new_params = optax.apply_updates(state["params"], updates)
+    if untrained is not None:  # nor do Adam's momentum and weight decay move them: the old values
+        new_params = untrained.where_trained(new_params, state["params"], state["step"] + 1)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = {
