@@ -57,8 +57,8 @@ DOMAIN, GENERAL = findings.DOMAIN, findings.GENERAL
 VARIANTS = ("none", "mean", "covariance", "pieces")
 STUDY = {
     **{key: findings.REDUCED[key] for key in findings.BASE_KEYS},  # the reduced study's base, as it is
-    "new_tokens": 256, "pad_to": 128, "replay": 0.25,
-    "cpt": {"steps": 160, "peak_lr": 2.5e-3, "end_lr": 2.5e-4, "warmup": 0.02, "eval_every": 40},
+    "new_tokens": 512, "pad_to": 128, "replay": 0.25,  # 1,024 + 512 ids
+    "cpt": {"steps": 1000, "peak_lr": 2.5e-3, "end_lr": 2.5e-4, "warmup": 0.02, "eval_every": 100},
     "variants": list(VARIANTS), "seeds": [0, 1, 2],
 }
 # The test's version: every part of the study at shapes that compile and run in seconds.
