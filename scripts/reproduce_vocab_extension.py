@@ -68,6 +68,7 @@ SMOKE = {
     "tokenizer_vocab": 512, "seq_len": 64, "batch_size": 4,
     "base": {"steps": 6, "peak_lr": 5e-3, "warmup": 0.2, "end_lr": 5e-4, "eval_every": 6},
     "heldout": {"english_stride": 8, "code": ["json/*.py"]},
+    "code_train": ["c*.py"],  # of the standard library's top-level modules, those that start with c
     "new_tokens": 32, "pad_to": 128, "replay": 0.25,
     "cpt": {"steps": 4, "peak_lr": 2.5e-3, "end_lr": 2.5e-4, "warmup": 0.25, "eval_every": 2},
     "variants": list(VARIANTS), "seeds": [0],
@@ -260,6 +261,9 @@ def run_study(study: dict, out: Path, data_dir: Path, echo=print) -> dict:
     record = bench_record.begin("reproduce_vocab_extension")  # command, commit (dirty?), CPU, load before
     out.mkdir(parents=True, exist_ok=True)
     corpora = findings.write_corpora(out, data_dir, findings.heldout(study))
+    if "code_train" in study:  # fewer top-level modules to learn the tokens from and to train on
+        stdlib = Path(corpora["code_train"][0]).parent
+        corpora["code_train"] = [str(stdlib / pattern) for pattern in study["code_train"]]
     if not (out / "tokenizer" / "tokenizer.json").exists():  # kept when the study continues, or copied
         train_tokenizer(out / "tokenizer", data_dir, vocab_size=study["tokenizer_vocab"])
     base = findings.pretrain_base(out, study, corpora, out / "tokenizer")
