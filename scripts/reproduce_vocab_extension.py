@@ -33,7 +33,12 @@ them), results.md (means ± standard deviation over seeds, paired differences ag
 curves.png (held-out bits per byte over CPT steps), progress.json (a study stopped and run again
 continues: finished runs, the extension, the resized models and the evaluations are kept).
 
-Cost: see docs/guide.md, "A grown vocabulary at small scale" (measured on a shared 2-core CPU).
+Cost, on the 2-core CPU this was written on (AMD EPYC, family 25 model 17), shared with a test suite
+and other studies (load average 8-11), 2026-12-07: the study (3 seeds x 4 variants, `nice -n 5`)
+27.1 min wall (docs/studies/vocab_extension: its record, 22:09-22:36 UTC, and progress.json): the
+base 1.1 min (300 steps of 8 x 128), each CPT run about 2.1 min (1,000 steps of 8 x 128 in ~40 s,
+eleven evaluations of both held-out sets in ~55 s, compilation and start ~25 s), a seed's four
+7.7-8.4 min; the pilot (160 steps a run) 0.9 min a run.
 """
 
 from __future__ import annotations
@@ -239,7 +244,9 @@ def plot(study: dict, runs: dict, base: dict, out: Path) -> list[str]:
             values = [[c[j][key]["bits_per_byte"] for c in curves] for j in range(len(steps))]
             mean = [statistics.fmean(v) for v in values]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-            ax.plot(steps, mean, marker=".", color=f"C{i}", label=name)
+            # each line thinner than the one before, so that lines that coincide (covariance's 1e-9
+            # spread around the mean) stay visible
+            ax.plot(steps, mean, marker=".", color=f"C{i}", lw=3.0 - 2.0 * i / len(study["variants"]), label=name)
             ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                             color=f"C{i}", alpha=0.2)
     for ax, key in zip(axes, (DOMAIN, GENERAL)):
