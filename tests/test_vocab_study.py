@@ -16,8 +16,9 @@ every number it promises per variant and seed, and two that theory fixes.
 
 Its cost is compilation (three trainer runs and two evaluations): the script runs in a process of
 its own with XLA's CPU optimizations off, and learns its 32 tokens from a tenth of the training code
-(`SMOKE["code_train"]`). 46 s of CPU (user time) for the whole test (both runs), 4.7 min wall
-on a 2-core machine shared with two other studies and a test suite (load average 10-13), 2026-12-07."""
+(`SMOKE["code_train"]`). 46 s of CPU (user time) for the whole test (both runs); 53 s wall on a
+2-core machine at load average 8, 4.7 min at nice 10 beside two studies and a test suite (load
+average 10-13), 2026-12-07."""
 
 import importlib.util
 import json
