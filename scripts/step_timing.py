@@ -14,7 +14,7 @@ RESULT_PREFIX = "bench_train steps: "  # the worker's one line of JSON on stdout
 def timed_with_usage(step, steps: int) -> tuple[list[float], dict]:
     """Each of `steps` calls' wall time, and what the process used over all of them (getrusage): CPU
     seconds in user and kernel mode, page faults, and context switches, involuntary ones being the
-    scheduler handing a core to another process. Both workers time their steps with it."""
+    scheduler handing a core to another process; and its peak RSS. Both workers time their steps with it."""
     before, times = resource.getrusage(resource.RUSAGE_SELF), []
     for _ in range(steps):
         start = time.perf_counter()
@@ -24,6 +24,7 @@ def timed_with_usage(step, steps: int) -> tuple[list[float], dict]:
     usage = {name: getattr(after, field) - getattr(before, field) for name, field in (
         ("user_s", "ru_utime"), ("system_s", "ru_stime"), ("minor_faults", "ru_minflt"),
         ("voluntary_switches", "ru_nvcsw"), ("involuntary_switches", "ru_nivcsw"))}
+    usage["peak_rss_mib"] = after.ru_maxrss / 1024  # Linux: KiB; the process's high-water mark so far
     return times, usage
 
 
