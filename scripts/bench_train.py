@@ -1,6 +1,8 @@
-"""Training-step throughput on this machine's CPU, beside transformers + PyTorch eager.
+"""Training-step throughput on this machine's CPU, beside transformers + PyTorch eager or EasyDeL.
 
     python scripts/bench_train.py --baseline torch [--shapes 7m,32m] [--out FILE]
+    python scripts/bench_train.py --baseline easydel [--shapes 7m,32m,32m-swa] [--pairs 5] [--steps 25] [--venv DIR]
+    python scripts/bench_train.py --cptjax-env 'NAME=VALUE ...' [--shapes 7m] [--pairs 5]
 
 For each shape, the step `cptjax train` runs (train_step.build_setup: the trainer's own jitted,
 donated step; AdamW with global-norm clipping) and, with `--baseline torch`, transformers'
@@ -19,8 +21,18 @@ MFU: cptjax's step at the full matmul rate. It depends on the CPU: where XLA's m
 PyTorch's (AVX-512 at full width, Zen 5) there is room above PyTorch; where both reach the same
 rate (Zen 4) PyTorch eager's large matmuls already run near it. `--depth` also compiles the step at
 2 and 32 layers of the 32m shape: compile time should not grow with depth (the layers run under scan).
+
+`--baseline easydel` times EasyDeL's own Trainer step (scripts/easydel_step.py) in EasyDeL's own virtual
+environment (--venv, created with its pinned versions when missing) in separate processes, alternating
+with processes timing cptjax's step (`--worker`): `--pairs` pairs per shape, each process `--warmup`
+untimed and `--steps` timed steps. Per runner it reports the median of the processes' medians, their
+spread (slowest / fastest - 1), and each process's CPU seconds per step, cores kept busy and
+involuntary context switches (scripts/step_timing.py), which tell a slower program from a process that
+lost its cores to other work. `--cptjax-env` pairs cptjax's processes the same way with processes run
+under extra environment variables (an allocator, a thread setting).
+
 Writes the raw record (scripts/bench_record.py: command, commit, CPU family and model, load average) to
-docs/benchmarks/train_cpu_<date>.json, or --out.
+docs/benchmarks/train_cpu_<date>.json (train_easydel_<date>.json, train_processes_<date>.json), or --out.
 """
 
 from __future__ import annotations
@@ -296,12 +308,17 @@ def cptjax_worker() -> None:
 
 
 def bench_shape_processes(shape: str, args, matmul: dict) -> dict:
-    """`--baseline easydel`: `args.pairs` pairs of processes, cptjax then EasyDeL, each timing
-    `args.steps` steps after `args.warmup`; each process's median, and their medians and spreads."""
+    """`--baseline easydel` or `--cptjax-env`: `args.pairs` pairs of processes, cptjax then the other
+    runner (EasyDeL, or cptjax with the variables), each timing `args.steps` steps after `args.warmup`;
+    each process's median, and their medians and spreads."""
     spec = worker_spec(shape, args.warmup, args.steps)
-    peer_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of cptjax's environment
-    commands = {"cptjax": ([sys.executable, str(Path(__file__).resolve()), "--worker"], None),
-                "easydel": ([str(easydel_python(Path(args.venv))), str(EASYDEL_WORKER)], peer_env)}
+    cptjax = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+    commands = {"cptjax": (cptjax, None)}
+    if args.baseline == "easydel":
+        peer_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of cptjax's environment
+        commands["easydel"] = ([str(easydel_python(Path(args.venv))), str(EASYDEL_WORKER)], peer_env)
+    else:
+        commands["cptjax_env"] = (cptjax, {**os.environ, **parse_env(args.cptjax_env)})
     processes = {name: [] for name in commands}
     for pair in range(args.pairs):
         for name, (command, env) in commands.items():
@@ -312,19 +329,35 @@ def bench_shape_processes(shape: str, args, matmul: dict) -> dict:
     return {**shape_facts(shape), **summarize_processes(processes, shape_facts(shape), matmul)}
 
 
+def parse_env(text: str) -> dict[str, str]:
+    """`--cptjax-env "K=V K2=V2"` -> {"K": "V", "K2": "V2"}."""
+    pairs = [item.partition("=") for item in text.split()]
+    if any(not key or not sep for key, sep, _ in pairs):
+        raise SystemExit(f"bench_train: --cptjax-env {text!r}: give space-separated NAME=VALUE pairs")
+    return {key: value for key, _, value in pairs}
+
+
 def summarize_processes(processes: dict[str, list[dict]], facts: dict, matmul: dict) -> dict:
     """Per runner: each process's median step, the median of those, and their spread (slowest / fastest
-    - 1); the ratio of the runners' medians, and each pair's ratio (EasyDeL / cptjax: above 1, cptjax's
-    step is faster)."""
+    - 1), with each process's CPU seconds per step (user + kernel), the cores it kept busy while timed
+    (CPU seconds / wall seconds) and its involuntary context switches per step (a core taken by another
+    process); for the second runner, the ratio of the runners' medians and each pair's ratio (its step /
+    cptjax's: above 1, cptjax's step is faster)."""
     result = {}
     for name, runs in processes.items():
         medians = [statistics.median(run["step_s"]) for run in runs]
+        cpu = [run["usage"]["user_s"] + run["usage"]["system_s"] for run in runs]
         result[name] = step_rates(statistics.median(medians), facts, matmul) | {
             "process_medians_s": medians, "process_spread": max(medians) / min(medians) - 1,
+            "process_cpu_s_per_step": [c / len(run["step_s"]) for c, run in zip(cpu, runs)],
+            "process_cores_busy": [c / sum(run["step_s"]) for c, run in zip(cpu, runs)],
+            "process_involuntary_switches_per_step": [run["usage"]["involuntary_switches"] / len(run["step_s"])
+                                                      for run in runs],
             "processes": runs}
-    pairs = [e / c for c, e in zip(result["cptjax"]["process_medians_s"], result["easydel"]["process_medians_s"])]
-    result["speedup_over_easydel"] = result["easydel"]["step_s_median"] / result["cptjax"]["step_s_median"]
-    result["pair_ratios"] = pairs
+    first, other = list(processes)[:2]
+    result[f"speedup_over_{other}"] = result[other]["step_s_median"] / result[first]["step_s_median"]
+    result["pair_ratios"] = [o / f for f, o in zip(result[first]["process_medians_s"],
+                                                   result[other]["process_medians_s"])]
     return result
 
 
@@ -356,8 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=5, help="--baseline easydel: pairs of processes per shape")
     parser.add_argument("--venv", default=str(Path(tempfile.gettempdir()) / "cptjax-easydel-venv"),
                         help="--baseline easydel: EasyDeL's virtual environment (created if missing)")
+    parser.add_argument("--cptjax-env", default="", metavar="'NAME=VALUE ...'",
+                        help="time cptjax's step in processes with these environment variables, paired with plain "
+                             "ones (an allocator: 'LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2')")
     parser.add_argument("--depth", action="store_true", help="also compile at 2 and 32 layers")
-    parser.add_argument("--out", help="JSON record (default: a new docs/benchmarks/train_<cpu|easydel>_<date>.json)")
+    parser.add_argument("--out", help="JSON record (default: a new docs/benchmarks/train_<kind>_<date>.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process of --baseline easydel
     args = parser.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
@@ -365,6 +401,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--shapes: {', '.join(unknown)} unknown; choose among {', '.join(SHAPES)}")
     if args.baseline == "easydel" and args.depth:
         parser.error("--depth compiles in this process; run it without --baseline easydel")
+    if args.cptjax_env and (args.baseline != "none" or args.depth):
+        parser.error("--cptjax-env pairs cptjax's processes with and without the variables: give it without "
+                     "--baseline and --depth")
     return args
 
 
@@ -372,18 +411,19 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         return cptjax_worker()
-    easydel = args.baseline == "easydel"
-    record = bench_record.begin("train_easydel" if easydel else "train_cpu",
-                                () if easydel else ("torch", "transformers"))
+    easydel, processes = args.baseline == "easydel", args.baseline == "easydel" or bool(args.cptjax_env)
+    record = bench_record.begin("train_easydel" if easydel else "train_processes" if processes else "train_cpu",
+                                () if processes else ("torch", "transformers"))
     results = {"settings": {"warmup": args.warmup, "steps": args.steps,
-                            **({"pairs": args.pairs} if easydel else {"rounds": args.rounds})},
+                            **({"pairs": args.pairs, "cptjax_env": parse_env(args.cptjax_env)} if processes
+                               else {"rounds": args.rounds})},
                "precision": "float32 parameters and compute, both",
                "mfu_formula": "model FLOPs per step / step time / measured XLA float32 matmul rate; model "
                               "FLOPs per token = 6 x matmul params + 12 x layers x heads x head_dim x seq_len"}
     results["matmul"] = matmul_rates()
-    if easydel:
-        python = easydel_python(Path(args.venv))
-        results["easydel_software"] = peer_versions(python)
+    if processes:
+        if easydel:
+            results["easydel_software"] = peer_versions(easydel_python(Path(args.venv)))
         results["shapes"] = {shape: bench_shape_processes(shape, args, results["matmul"])
                              for shape in args.shapes.split(",")}
         report_processes(results)
@@ -409,18 +449,23 @@ def peer_versions(python: Path) -> dict:
 def report_processes(results: dict) -> None:
     mm = results["matmul"]
     print(f"measured float32 matmul (2048^3, cptjax's jax): XLA {mm['xla_gflops']:.0f} GFLOP/s")
-    print(f"{'shape':<8}{'batch':>10}{'runner':>9}{'step ms':>9}{'MFU':>6}{'spread':>8}{'ratio':>7}  pairs")
+    print(f"{'shape':<8}{'batch':>10}{'runner':>11}{'step ms':>9}{'MFU':>6}{'spread':>8}{'CPU s':>7}{'cores':>6}"
+          f"{'ratio':>7}  pairs")
     for shape, r in results["shapes"].items():
-        for name in ("cptjax", "easydel"):
+        names = [name for name in ("cptjax", "easydel", "cptjax_env") if name in r]
+        for name in names:
             s = r[name]
             ratio, pairs = "", ""
-            if name == "cptjax":
-                ratio = f"{r['speedup_over_easydel']:.2f}x"
+            if name != "cptjax":
+                ratio = f"{r[f'speedup_over_{name}']:.2f}x"
                 pairs = f"{min(r['pair_ratios']):.2f}-{max(r['pair_ratios']):.2f}x"
-            print(f"{shape:<8}{r['rows']:>5} x{r['length']:>4}{name:>9}{s['step_s_median'] * 1e3:>9.0f}"
-                  f"{s['mfu_vs_xla_matmul']:>6.0%}{s['process_spread']:>8.0%}{ratio:>7}  {pairs}")
+            print(f"{shape:<8}{r['rows']:>5} x{r['length']:>4}{name:>11}{s['step_s_median'] * 1e3:>9.0f}"
+                  f"{s['mfu_vs_xla_matmul']:>6.0%}{s['process_spread']:>8.0%}"
+                  f"{statistics.median(s['process_cpu_s_per_step']):>7.2f}"
+                  f"{statistics.median(s['process_cores_busy']):>6.2f}{ratio:>7}  {pairs}")
     print("step: the median of the processes' median steps; spread: slowest process's median / fastest's - 1; "
-          "ratio: EasyDeL's step / cptjax's, and the range of each pair's")
+          "CPU s: CPU seconds per step (user + kernel), cores: CPU seconds / wall seconds while timed (medians over "
+          "processes); ratio: the other runner's step / cptjax's, and the range of each pair's")
 
 
 def report(results: dict) -> None:

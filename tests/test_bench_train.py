@@ -58,15 +58,31 @@ def test_a_workers_result_line_is_found_among_its_libraries_output_and_a_failure
         bench_train.run_worker([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], {})
 
 
-def test_pairs_of_processes_are_summarised_by_their_medians_ratios_and_spread():
+def test_pairs_of_processes_are_summarised_by_their_medians_ratios_spread_and_cpu_use():
     facts = {"rows": 2, "length": 4, "model_flops_per_step": 1e9}
-    processes = {"cptjax": [{"step_s": [1.0, 1.0, 9.0]}, {"step_s": [1.4, 1.5, 1.4]}],
-                 "easydel": [{"step_s": [2.0, 2.2, 2.0]}, {"step_s": [2.1, 2.1, 2.1]}]}
+
+    def run(steps, cpu_s, switches):
+        return {"step_s": steps, "usage": {"user_s": cpu_s - 0.5, "system_s": 0.5, "involuntary_switches": switches}}
+    processes = {"cptjax": [run([1.0, 1.0, 9.0], 11.0, 30), run([1.4, 1.5, 1.4], 6.0, 300)],
+                 "easydel": [run([2.0, 2.2, 2.0], 6.2, 3), run([2.1, 2.1, 2.1], 6.3, 3)]}
     summary = bench_train.summarize_processes(processes, facts, {"xla_gflops": 10.0})
-    assert summary["cptjax"]["process_medians_s"] == [1.0, 1.4]  # a slow step does not move a process's median
-    assert summary["cptjax"]["process_spread"] == pytest.approx(0.4)
+    cptjax = summary["cptjax"]
+    assert cptjax["process_medians_s"] == [1.0, 1.4]  # a slow step does not move a process's median
+    assert cptjax["process_spread"] == pytest.approx(0.4)
+    assert cptjax["process_cpu_s_per_step"] == pytest.approx([11.0 / 3, 2.0])
+    assert cptjax["process_cores_busy"] == pytest.approx([1.0, 6.0 / 4.3])
+    assert cptjax["process_involuntary_switches_per_step"] == [10, 100]
     assert summary["pair_ratios"] == pytest.approx([2.0, 2.1 / 1.4])
     assert summary["speedup_over_easydel"] == pytest.approx(2.05 / 1.2)
+
+
+def test_cptjax_env_pairs_cptjax_with_itself_under_the_variables():
+    assert bench_train.parse_env("LD_PRELOAD=/x.so MALLOC_CONF=a:1,b:2") == \
+        {"LD_PRELOAD": "/x.so", "MALLOC_CONF": "a:1,b:2"}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        bench_train.parse_env("LD_PRELOAD")
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--baseline", "easydel", "--cptjax-env", "A=1"])
 
 
 def test_unknown_shapes_and_depth_beside_easydel_are_refused():
