@@ -6,11 +6,11 @@
 
 For each shape, the step `cptjax train` runs (train_step.build_setup: the trainer's own jitted,
 donated step; AdamW with global-norm clipping) and, with `--baseline torch`, transformers'
-LlamaForCausalLM built from the same config.json with torch.optim.AdamW (same betas, eps, weight
-decay, clipping) in eager mode: the same shape, batch and rows of random tokens, float32 on the CPU
-for both (cptjax: param and compute dtype float32). Steps are timed in alternating rounds (cptjax,
-then PyTorch) after warm-up steps, so a load change on a shared machine hits both; medians are
-reported, with their ratio.
+LlamaForCausalLM (MistralForCausalLM for 32m-swa) built from the same config.json with
+torch.optim.AdamW (same betas, eps, weight decay, clipping) in eager mode: the same shape, batch and
+rows of random tokens, float32 on the CPU for both (cptjax: param and compute dtype float32). Steps
+are timed in alternating rounds (cptjax, then PyTorch) after warm-up steps, so a load change on a
+shared machine hits both; medians are reported, with their ratio.
 
 MFU = model FLOPs per step / step time / the measured matmul rate, where model FLOPs per token are
 PaLM's (cptjax.train.metrics.training_flops_per_token): 6 x matmul parameters (embedding lookup excluded,
