@@ -398,6 +398,47 @@ def _without_seeds(study: dict) -> dict:
     return {key: value for key, value in study.items() if key != "seeds"}
 
 
+def open_study(prog: str, out: Path, study: dict, base_from: str | None = None) -> int | None:
+    """Makes `out` the study's folder: new, or a stopped run of the same study (same settings but
+    the seeds), with `base_from`'s base copied into a new one; writes study.json. The studies'
+    scripts share it. Returns 2 after printing why when it refuses, else None."""
+    recorded = out / "study.json"
+    refusal = None
+    if out.exists() and any(out.iterdir()):
+        if not recorded.exists() or _without_seeds(json.loads(recorded.read_text())) != _without_seeds(study):
+            refusal = f"--out {out}: not empty and not a stopped run of this study; choose a new folder"
+        elif base_from:
+            refusal = f"--base-from: {out} already has its base; leave --base-from out to continue that study"
+        else:
+            print(f"{prog}: continuing the study in {out}")
+    if refusal is None and base_from:
+        out.mkdir(parents=True, exist_ok=True)
+        refusal = reuse_base(Path(base_from).absolute(), study, out)
+        if refusal is None:
+            print(f"{prog}: the base of {base_from}, copied")
+    if refusal is not None:
+        print(f"{prog}: {refusal}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(study, indent=2) + "\n")
+    return None
+
+
+def run_to_end(prog: str, run, *args) -> int:
+    """Runs `run(*args)` (a study) and says how long it took: 0, or 3 when a run in it stopped."""
+    start = time.perf_counter()
+    try:
+        run(*args)
+    except Stopped as stop:
+        print(f"{prog}: {stop}", file=sys.stderr)
+        return 3
+    print(f"{prog}: {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+PROG = "reproduce_cpt_findings"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the study (default: %(default)s)")
@@ -414,31 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         study["seeds"] = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out).absolute()
-    recorded = out / "study.json"
-    if out.exists() and any(out.iterdir()):
-        if not recorded.exists() or _without_seeds(json.loads(recorded.read_text())) != _without_seeds(study):
-            print(f"reproduce_cpt_findings: --out {out}: not empty and not a stopped run of this study; "
-                  "choose a new folder", file=sys.stderr)
-            return 2
-        if args.base_from:
-            print(f"reproduce_cpt_findings: --base-from: {out} already has its base; leave --base-from out "
-                  "to continue that study", file=sys.stderr)
-            return 2
-        print(f"reproduce_cpt_findings: continuing the study in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    if args.base_from:
-        refusal = reuse_base(Path(args.base_from).absolute(), study, out)
-        if refusal:
-            print(f"reproduce_cpt_findings: {refusal}", file=sys.stderr)
-            return 2
-        print(f"reproduce_cpt_findings: the base of {args.base_from}, copied")
-    recorded.write_text(json.dumps(study, indent=2) + "\n")
-    try:
-        run_study(study, out, ROOT / "data")
-    except Stopped as stop:
-        print(f"reproduce_cpt_findings: {stop}", file=sys.stderr)
-        return 3
-    return 0
+    refused = open_study(PROG, out, study, args.base_from)
+    if refused is not None:
+        return refused
+    return run_to_end(PROG, run_study, study, out, ROOT / "data")
 
 
 if __name__ == "__main__":

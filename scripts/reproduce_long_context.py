@@ -70,7 +70,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -376,24 +375,10 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(variants(STUDY)), file=sys.stderr)
             return 2
     out = Path(args.out).absolute()
-    recorded = out / "study.json"
-    if out.exists() and any(out.iterdir()):
-        if not recorded.exists() or findings._without_seeds(json.loads(recorded.read_text())) != \
-                findings._without_seeds(study):
-            print(f"reproduce_long_context: --out {out}: not empty and not a stopped run of this study; "
-                  "choose a new folder", file=sys.stderr)
-            return 2
-        print(f"reproduce_long_context: continuing the study in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(study, indent=2) + "\n")
-    start = time.perf_counter()
-    try:
-        run_study(study, out, find_data_dir(args.data_dir))
-    except findings.Stopped as stop:
-        print(f"reproduce_long_context: {stop}", file=sys.stderr)
-        return 3
-    print(f"reproduce_long_context: {(time.perf_counter() - start) / 60:.1f} min")
-    return 0
+    refused = findings.open_study("reproduce_long_context", out, study)
+    if refused is not None:
+        return refused
+    return findings.run_to_end("reproduce_long_context", run_study, study, out, find_data_dir(args.data_dir))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,34 +350,10 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(VARIANTS), file=sys.stderr)
             return 2
     out = Path(args.out).absolute()
-    recorded = out / "study.json"
-    if out.exists() and any(out.iterdir()):
-        if not recorded.exists() or findings._without_seeds(json.loads(recorded.read_text())) != \
-                findings._without_seeds(study):
-            print(f"reproduce_vocab_extension: --out {out}: not empty and not a stopped run of this study; "
-                  "choose a new folder", file=sys.stderr)
-            return 2
-        if args.base_from:
-            print(f"reproduce_vocab_extension: --base-from: {out} already has its base; leave --base-from out "
-                  "to continue that study", file=sys.stderr)
-            return 2
-        print(f"reproduce_vocab_extension: continuing the study in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    if args.base_from:
-        refusal = findings.reuse_base(Path(args.base_from).absolute(), study, out)
-        if refusal:
-            print(f"reproduce_vocab_extension: {refusal}", file=sys.stderr)
-            return 2
-        print(f"reproduce_vocab_extension: the base of {args.base_from}, copied")
-    recorded.write_text(json.dumps(study, indent=2) + "\n")
-    start = time.perf_counter()
-    try:
-        run_study(study, out, find_data_dir(args.data_dir))
-    except findings.Stopped as stop:
-        print(f"reproduce_vocab_extension: {stop}", file=sys.stderr)
-        return 3
-    print(f"reproduce_vocab_extension: {(time.perf_counter() - start) / 60:.1f} min")
-    return 0
+    refused = findings.open_study("reproduce_vocab_extension", out, study, args.base_from)
+    if refused is not None:
+        return refused
+    return findings.run_to_end("reproduce_vocab_extension", run_study, study, out, find_data_dir(args.data_dir))
 
 
 if __name__ == "__main__":

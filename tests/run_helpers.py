@@ -1,15 +1,26 @@
 """Running `cptjax` as users do (a subprocess of the real CLI) and reading what a run wrote."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cli(*args, cwd=None, check=True, env=None) -> str:

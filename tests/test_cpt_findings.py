@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_cpt_findings.py"
@@ -97,17 +98,9 @@ def _finished_study(folder: Path, study_settings: dict, base_done: bool = True) 
     return folder
 
 
-def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_cpt_findings", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_a_new_study_reuses_the_base_of_one_with_the_same_base_settings(tmp_path):
-    script = _script()
+    script = load_script("reproduce_cpt_findings")
     settings = {**script.REDUCED, "cpt": {**script.REDUCED["cpt"], "eval_every": 40}}
     other = _finished_study(tmp_path / "earlier", script.REDUCED)
     out = tmp_path / "new"
@@ -145,7 +138,7 @@ def test_base_from_a_folder_that_is_no_study_is_refused_in_one_line(tmp_path):
 
 
 def test_the_held_out_sets_are_the_study_s(tmp_path):
-    script = _script()
+    script = load_script("reproduce_cpt_findings")
     whole = script.write_corpora(tmp_path / "whole", ROOT / "data")
     smaller = script.write_corpora(tmp_path / "smaller", ROOT / "data", {"english_stride": 2, "code": ["json/*.py"]})
     lines = {name: Path(c["english_heldout"]).read_text().splitlines() for name, c in (("whole", whole),

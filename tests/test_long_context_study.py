@@ -8,7 +8,6 @@ and with the base and one variant, YaRN, the one that changes the most keys (the
 checked by reading `variants`); 33 s of CPU (user time), 1.5 min wall on one core of a shared
 2-core machine (2026-12-07, load average 5-10)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import load_script
 from tokenizers import Tokenizer
 
 from cptjax.data.passkey import RetrievalConfig, make_prompts
@@ -29,16 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_long_context.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("reproduce_long_context", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 def test_the_smoke_study_writes_every_number_per_variant_and_seed(tmp_path):
-    script = _script()
+    script = load_script("reproduce_long_context")
     assert script.variants(script.SMOKE) == {
         "unchanged": {"max_position_embeddings": 256},
         "abf": {"max_position_embeddings": 256, "rope": {"theta": 160000.0}},

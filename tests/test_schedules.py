@@ -1,15 +1,14 @@
 """Learning-rate schedules: boundary values against the formulas written out here, monotonicity,
 jit agreement, config validation, and the SVG plot of every kind."""
 
-import importlib.util
 import math
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_helpers import load_script
 
 from cptjax.core.config_tree import from_dict
 from cptjax.core.errors import CptjaxError
@@ -258,16 +257,9 @@ def test_bad_value_and_allowed_values_are_in_the_message():
 
 # ---- plots ----------------------------------------------------------------------------------------
 
-def _load_plot_script():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "plot_schedules.py"
-    spec = importlib.util.spec_from_file_location("plot_schedules", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_plot_draws_one_matching_polyline_per_schedule(tmp_path):
-    plot = _load_plot_script()
+    plot = load_script("plot_schedules")
     assert {c.kind for c in plot.EXAMPLES.values()} == set(KINDS)  # every kind is plotted
     configs = dict(plot.EXAMPLES) | {"short": ScheduleConfig(50, P, kind="wsd", warmup=5)}
     out = plot.plot_schedules(configs, tmp_path / "schedules.svg", max_points=201)

@@ -20,7 +20,6 @@ its own with XLA's CPU optimizations off, and learns its 32 tokens from a tenth 
 2-core machine at load average 8, 4.7 min at nice 10 beside two studies and a test suite (load
 average 10-13), 2026-12-07."""
 
-import importlib.util
 import json
 import math
 import os
@@ -29,16 +28,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_vocab_extension.py"
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("reproduce_vocab_extension", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _study(out: Path) -> subprocess.CompletedProcess:
@@ -117,6 +111,6 @@ def test_the_smoke_study_writes_every_number_and_mean_init_keeps_the_base(tmp_pa
 
 def test_a_folder_of_another_study_is_refused(tmp_path, capsys):
     (tmp_path / "study.json").write_text(json.dumps({"model": {}, "seeds": [0]}))
-    assert _script().main(["--smoke", "--out", str(tmp_path)]) == 2
+    assert load_script("reproduce_vocab_extension").main(["--smoke", "--out", str(tmp_path)]) == 2
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and "not a stopped run of this study; choose a new folder" in message
