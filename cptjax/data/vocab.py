@@ -27,6 +27,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -295,8 +296,6 @@ def new_token_pieces(base_tokenizer, extended_tokenizer) -> dict[int, list[int]]
 
 
 def _as_tokenizer(tokenizer):
-    from pathlib import Path
-
     from tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
