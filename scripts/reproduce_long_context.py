@@ -3,64 +3,56 @@
     python scripts/reproduce_long_context.py --out long-context/            # the study: 3 seeds
     python scripts/reproduce_long_context.py --smoke --out lc-smoke/        # the test's tiny version
 
-A base (DEMO_MODEL's sizes but 2 layers: hidden 128, 4 heads, 2 KV heads, head_dim 32) is
-pretrained from scratch at 128 tokens (rope_theta 10000, max_position_embeddings 128) on the
-bundled English (40%), synthetic pass-key documents (30%: cptjax.data.passkey's format, 40-128
-tokens) and a copying drill (30%: a sequence of 4-16 distinct English words repeated to about 60
-words, see `copy_documents`), so that it can learn retrieval inside its context. It is then
-extended by CPT to 512 tokens (4x), with the same data, tokens and schedule for each variant, once
-per seed (the seed orders the data):
-  unchanged: only model.max_position_embeddings raised to 512;
+A base (DEMO_MODEL: 4 layers, hidden 128, 4 heads, 2 KV heads, head_dim 32) is pretrained from
+scratch at 64 tokens (rope_theta 10000, max_position_embeddings 64) on the bundled English (50%)
+and synthetic pass-key documents (50%: cptjax.data.passkey's format with other keys than the
+probe's, each exactly one 64-token row, see `passkey_documents`), so that it learns retrieval
+inside its context. It is then extended by CPT to 256 tokens (4x), with the same data, tokens and
+schedule for each variant, once per seed (the seed orders the data):
+  unchanged: only model.max_position_embeddings raised to 256;
   abf:       and the RoPE base raised 16x, 10000 -> 160000 (Xiong et al. 2023's ABF; NTK's
              minimum for 4x at head_dim 32 is 4^(32/30) = 4.4x, Llama-2-Long used 50x for 8x and
              ProLong 16x for 8x: 16x = factor squared sits among them);
-  yarn:      and YaRN, factor 4, original_max_position_embeddings 128 (Peng et al. 2023).
-The CPT data are the base's: English (documents of at least 512 tokens 4x as frequent) and the
-same pass-key and drill documents of at most 128 tokens, so retrieval at 256 and 512 tokens
-measures whether the skill carries over to positions the pass-key documents never reach.
+  yarn:      and YaRN, factor 4, original_max_position_embeddings 64 (Peng et al. 2023).
+The CPT data are the base's: English (documents of at least 256 tokens 4x as frequent) and the
+same 64-token pass-key documents, so retrieval at 128 and 256 tokens measures whether the skill
+carries over to positions the pass-key documents never reach.
 
-The trainer's evaluations measure everything: held-out loss by position bucket (0-128, 128-256,
-256-512) on held-out English documents of at least 512 tokens, and the pass-key probe's greedy
-exact-match accuracy at 128, 256 and 512 tokens x 5 depths (8 prompts each). The base is measured
-at 128 (its own final evaluation); each variant's step-0 evaluation (seed 0 only: the same for
-every seed) is the base beyond its context: `unchanged` at step 0 is the base read at 512, `abf`
+The trainer's evaluations measure everything: held-out loss by position bucket (0-64, 64-128,
+128-256) on held-out English documents of at least 256 tokens, and the pass-key probe's greedy
+exact-match accuracy at 64, 128 and 256 tokens x 5 depths (8 prompts each). The base is measured
+at 64 (its own final evaluation); each variant's step-0 evaluation (seed 0 only: the same for
+every seed) is the base beyond its context: `unchanged` at step 0 is the base read at 256, `abf`
 and `yarn` at step 0 are the two RoPE changes before any training. Writes into --out:
 results.json (every number, per seed, and `record`: the command, commit, CPU, load average before
 and after, as scripts/bench_record.py records them), results.md (means and standard deviations
 over seeds), position_loss.png, retrieval.png, progress.json (a study stopped and run again
 continues where it stopped; the record is then the last invocation's).
 
-Cost, on the 2-core CPU this was written on, one core (`taskset -c 1`, XLA_FLAGS=
-"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"), shared with other jobs
-(load average 4-10 on 2 cores), 2026-12-07:
-- `--smoke --variants yarn` with the test's XLA_FLAGS: ~1 min wall (compilation, nearly all of it);
-- the study (3 seeds x 3 variants), measured: 23.4 min wall (docs/studies/long_context: its
-  record, 12:39-13:02 UTC, and progress.json): the base 11.5 min (1600 steps of 16 x 128 tokens,
-  median 0.41 s a step, 4.5-9.8K tokens/s as the load varied), each CPT run 1.0-1.6 min (150 steps
-  of 4 x 512 tokens, median 0.34-0.37 s a step, its 2-3 evaluations and its compilation), a seed's
-  three 3.8-4.0 min.
-
-Whether the base learns retrieval: NOT SHOWN. At these settings it does not: the base's probe
-accuracy at 128 tokens was 0% at every evaluation (steps 400, 800, 1200, 1600), the answer's NLL
-2.4-2.9 nats/token (uniform over ten digits: 2.30). Its copying drill's training loss went from
-6.26 (step 80) to a plateau of 4.6-4.8 (steps 320-640), then fell to 3.25 at step 1600: copying
-began to form in the drill only in the second half, as the LR decayed, and did not reach the
-probe's format. Pilots of the base alone, on one shared core, each with its own cosine schedule,
-none of which learned the probe (0% at every evaluation, the answer's NLL 2.3-4.2):
-- 2 layers at 128 tokens, 600 steps at 3e-3, 50% pass-key documents of 40-128 tokens, no drill;
-- the same with 1000 steps and 60% pass-key documents, 8000 of them with keys of 1-8 five-digit
-  numbers (the copied digits' NLL stayed ~2.3: no copying); then 400 steps of 90% such documents;
-- keys of 3-10 English words instead of numbers (80%, 600 steps at 5e-3);
-- the drill above (70% with the pass-key documents, 600 steps at 5e-3): that source's loss fell
-  6.5 -> 4.5, still on the plateau.
-- this study's base with twice the steps (3200, the same schedule stretched; 13.3 min on one
-  core): 0% at every evaluation (every 400 steps), the answer's NLL 2.37-2.64 at the end, the
-  drill's loss still falling (3.32 at step 1920, 2.59 at 3200), held-out English 3.85 (its log
-  and config: docs/studies/long_context/pilots/).
-Earlier, at 256 tokens with 4 layers (600/600/1200 steps, 30-50% pass-key documents): the same.
-Induction heads form abruptly after a plateau (Olsson et al. 2022); here copying forms slowly in
-the drill and does not reach the probe's format within ~6.5M training tokens. Left to try: more
-base steps still, a drill in the probe's own words, or a base pretrained elsewhere.
+What it took for a base to retrieve (pilots of 2026-12-07 and 12-08; the second day's configs,
+logs and the scripts that made their data are in docs/studies/long_context/pilots/2026-12-08/,
+its README lists each). The study's first version (2 layers at 128 tokens, peak LR 5e-3, 30%
+pass-key documents of 40-128 tokens and a 30% copying drill) stayed at 0% at every evaluation,
+and so did every variation of it tried on 2026-12-07 (more steps, more pass-key documents, keys of
+words). Three things were wrong:
+- The learning rate. A drill of 8-24 distinct single-token words repeated (copying from the
+  second repetition on, the signal induction heads form from; Olsson et al. 2022) at 100% of the
+  data, 2 layers: at peak 1e-2 the loss stayed at the no-copy level (ln 488 words = 6.19) for
+  1,100 steps; at 3e-3 it crept down to 4.6-4.7 in 3,000 steps; at 1e-3 it dropped from 5.23 to 2.52
+  between steps 400 and 500, the abrupt formation of copying.
+- The depth. With 64-token pass-key documents alone (100%, peak 1e-3), 2 layers' loss was 0.46
+  at step 600, what a model that copies nothing gets; 4 layers' fell from 0.45 (step 600) to 0.30
+  (step 1000), and after 1,200 steps it answered 43 of 48 64-token prompts exactly (3 depths x 16
+  keys, pilots/2026-12-08/p15_probe.txt).
+- Split documents. Rows are cut from each source's stream, so a pass-key document of 40-128
+  tokens in rows of 128 was usually split, its question in a row without its needle. The
+  documents are now exactly one row long.
+The same 4-layer model did not retrieve at 128 tokens (0%), a length it never trained on, and one
+trained on 64- and 128-token documents (50% each) had the answer's NLL at 1.5-1.9 nats/token
+after 1,200 steps but still 0% exact matches at 128; hence a base context of 64 tokens, where the
+skill forms within the study's budget. A word drill trained first (600 steps, then 30% beside
+English and pass-key documents) formed copying but did not carry it over to the keys' digits (0%
+at steps 800-1600); a drill with 5-digit numbers among the words did not either (0%).
 """
 
 from __future__ import annotations
@@ -79,13 +71,11 @@ import bench_record  # noqa: E402  (what ran, on which commit, machine and load)
 import reproduce_cpt_findings as findings  # noqa: E402  (its English corpus, run bookkeeping)
 
 STUDY = {
-    "model": {"num_hidden_layers": 2},  # else DEMO_MODEL's: hidden 128, 4 heads (2 KV), head_dim 32
-    "tokenizer_vocab": 2048, "short": 128, "factor": 4, "theta": 10000.0,
-    "base": {"steps": 1600, "batch_size": 16, "peak_lr": 5e-3, "warmup": 0.02, "end_lr": 5e-4, "eval_every": 400},
-    "cpt": {"steps": 150, "batch_size": 4, "peak_lr": 1e-3, "warmup": 0.05, "end_lr": 1e-4, "eval_every": 75},
-    "passkey": {"weight": 0.3, "lengths": [40, 64, 96, 128], "depths": 11, "samples": 150, "seed": 1000,
-                "copy": {"weight": 0.3, "documents": 12000, "words": [4, 16], "length": 60, "vocabulary": 2000,
-                         "seed": 7}},
+    "model": {},  # DEMO_MODEL's: 4 layers, hidden 128, 4 heads (2 KV), head_dim 32
+    "tokenizer_vocab": 2048, "short": 64, "factor": 4, "theta": 10000.0,
+    "base": {"steps": 2400, "batch_size": 32, "peak_lr": 1e-3, "warmup": 0.02, "end_lr": 1e-4, "eval_every": 600},
+    "cpt": {"steps": 200, "batch_size": 8, "peak_lr": 3e-4, "warmup": 0.05, "end_lr": 3e-5, "eval_every": 100},
+    "passkey": {"weight": 0.5, "rows": [64], "depths": 11, "samples": 2000, "seed": 1000},
     "heldout_docs": 64, "retrieval": {"depths": [0.0, 0.25, 0.5, 0.75, 1.0], "samples": 8, "seed": 0},
     "abf_theta_scale": 16, "long_upsample": 4, "seeds": [0, 1, 2],
 }
@@ -96,8 +86,7 @@ SMOKE = {
     "tokenizer_vocab": 512, "short": 64, "factor": 4, "theta": 10000.0,
     "base": {"steps": 2, "batch_size": 2, "peak_lr": 3e-3, "warmup": 0.5, "end_lr": 3e-4, "eval_every": 2},
     "cpt": {"steps": 2, "batch_size": 1, "peak_lr": 1e-3, "warmup": 0.5, "end_lr": 1e-4, "eval_every": 2},
-    "passkey": {"weight": 0.3, "lengths": [64], "depths": 2, "samples": 2, "seed": 1000,
-                "copy": {"weight": 0.3, "documents": 20, "words": [2, 4], "length": 12, "vocabulary": 100, "seed": 7}},
+    "passkey": {"weight": 0.5, "rows": [64], "depths": 2, "samples": 2, "seed": 1000},
     "heldout_docs": 1, "retrieval": {"depths": [0.0, 1.0], "samples": 1, "seed": 0},
     "abf_theta_scale": 16, "long_upsample": 4, "seeds": [0],
 }
@@ -123,49 +112,41 @@ def variants(study: dict) -> dict[str, dict]:
     return {name: every[name] for name in study.get("variants", every)}
 
 
-def copy_documents(english: list[str], study: dict) -> list[str]:
-    """Copying drill: each document a sequence of `words` distinct English words (drawn from the
-    `vocabulary` most frequent of the training documents, the 50 most frequent left out) repeated to
-    about `length` words. From its second repetition on every token is a copy of the token after
-    the same word earlier, the signal from which induction heads form (Olsson et al. 2022), and far
-    denser than the probe's documents give: there only the 5-digit answer is a copy, and a key of
-    ten possible digit tokens often repeats one, so the token after the last match is often wrong."""
-    import collections
-    import random
-    import re
+def passkey_documents(study: dict, tokenizer: Path) -> dict[int, list[str]]:
+    """{n: pass-key training documents of exactly n tokens}, for each n of passkey.rows: the probe's
+    prompts at n - 1 tokens (another seed, so other keys; `depths` evenly from 0 to 1), as text.
+    Rows are cut from each source's own stream (cptjax/data/packing.py), so a source of documents
+    of exactly n tokens (BOS and EOS included) never splits one across rows of a multiple of n:
+    each needle stays in its question's row. A prompt whose text the tokenizer does not give back
+    at n tokens with the same answer (its pieces merge across a seam) is left out."""
+    from cptjax.data.passkey import RetrievalConfig, make_prompts
+    from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 
-    drill = study["passkey"]["copy"]
-    counts = collections.Counter(w for d in english for w in re.findall(r"\b[a-z]{3,9}\b", d))
-    vocabulary = [w for w, _ in counts.most_common(drill["vocabulary"] + 50)][50:]
-    rng = random.Random(drill["seed"])
-    documents = []
-    for _ in range(drill["documents"]):
-        words = rng.sample(vocabulary, rng.randint(*drill["words"]))
-        documents.append(" " + " ".join(words * max(2, drill["length"] // len(words))))
+    document_tokenizer = DocumentTokenizer(load_tokenizer_spec(tokenizer))
+    passkey = study["passkey"]
+    depths = tuple(i / max(passkey["depths"] - 1, 1) for i in range(passkey["depths"]))
+    documents = {}
+    for n in passkey["rows"]:
+        prompts = make_prompts(RetrievalConfig((n - 1,), depths, passkey["samples"], passkey["seed"] + n),
+                               document_tokenizer)
+        texts = [document_tokenizer.decode(p.ids) for p in prompts]
+        documents[n] = [text for text, p, ids in zip(texts, prompts, document_tokenizer.encode_batch(texts))
+                        if len(ids) == n and (ids[-1 - p.answer:-1] == p.ids[-p.answer:]).all()]
     return documents
 
 
 def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> dict:
     """English train (nine documents in ten) and held out (the tenth, only those of at least the
-    extended length in tokens, the first `heldout_docs`); pass-key documents as text (the probe's
-    prompts, another seed); the copying drill (`copy_documents`)."""
+    extended length in tokens, the first `heldout_docs`); pass-key documents of each row length
+    (`passkey_documents`), one corpus each."""
     from tokenizers import Tokenizer
-
-    from cptjax.data.passkey import RetrievalConfig, make_prompts
-    from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
 
     english = findings.english_documents(data_dir)
     trained = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
     long = study["short"] * study["factor"]
     heldout = [d for d in english[::10] if len(trained.encode(d).ids) >= long][:study["heldout_docs"]]
-    passkey = study["passkey"]
-    depths = [i / max(passkey["depths"] - 1, 1) for i in range(passkey["depths"])]
-    prompts = make_prompts(RetrievalConfig(tuple(passkey["lengths"]), tuple(depths), passkey["samples"],
-                                           passkey["seed"]), DocumentTokenizer(load_tokenizer_spec(tokenizer)))
-    train = [d for i, d in enumerate(english) if i % 10]
-    documents = {"english_train": train, "english_heldout_long": heldout,
-                 "passkey": [trained.decode(p.ids.tolist(), skip_special_tokens=True) for p in prompts],
-                 "copy": copy_documents(train, study)}
+    documents = {"english_train": [d for i, d in enumerate(english) if i % 10], "english_heldout_long": heldout,
+                 **{f"passkey_{n}": docs for n, docs in passkey_documents(study, tokenizer).items()}}
     corpora = {}
     for name, docs in documents.items():
         path = out / "corpora" / f"{name}.jsonl"
@@ -178,13 +159,11 @@ def write_corpora(out: Path, data_dir: Path, study: dict, tokenizer: Path) -> di
 def run_config(run_dir: Path, study: dict, section: dict, model: dict, corpora: dict, seq_len: int,
                seed: int, at_start: bool) -> dict:
     passkey = study["passkey"]
-    english = {"name": "english", "type": "jsonl", "paths": [corpora["english_train"]],
-               "weight": 1 - passkey["weight"] - passkey["copy"]["weight"]}
+    english = {"name": "english", "type": "jsonl", "paths": [corpora["english_train"]], "weight": 1 - passkey["weight"]}
     if seq_len > study["short"]:  # Fu et al. 2024: long documents upsampled, the domain balance kept
         english["long_upsample"] = {"min_tokens": seq_len, "factor": study["long_upsample"]}
-    sources = [english,
-               {"name": "passkey", "type": "jsonl", "paths": [corpora["passkey"]], "weight": passkey["weight"]},
-               {"name": "copy", "type": "jsonl", "paths": [corpora["copy"]], "weight": passkey["copy"]["weight"]}]
+    sources = [english] + [{"name": f"passkey_{n}", "type": "jsonl", "paths": [corpora[f"passkey_{n}"]],
+                            "weight": passkey["weight"] / len(passkey["rows"])} for n in passkey["rows"]]
     steps = section["steps"]
     probe = study["retrieval"]
     return {

@@ -1,6 +1,6 @@
 """scripts/reproduce_long_context.py at --smoke size (one seed, two steps a run): every output it
-promises, with finite numbers, the variants' RoPE changes reaching their models, the copying drill's
-documents and the record of what ran.
+promises, with finite numbers, the variants' RoPE changes reaching their models, the pass-key
+training documents and the record of what ran.
 
 Its cost is compilation (three programs per run): the script runs in a process of its own with XLA's
 CPU optimizations off (the programs compile in ~30% less time, run slower, compute the same thing),
@@ -11,6 +11,7 @@ checked by reading `variants`); 33 s of CPU (user time), 1.5 min wall on one cor
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 from run_helpers import load_script
-from tokenizers import Tokenizer
 
 from cptjax.data.passkey import RetrievalConfig, make_prompts
 from cptjax.data.tokenize import DocumentTokenizer, load_tokenizer_spec
@@ -67,26 +67,18 @@ def test_the_smoke_study_writes_every_number_per_variant_and_seed(tmp_path):
         weights.close()
     assert (config.max_position_embeddings, config.rope.type, config.rope.factor,
             config.rope.original_max_position_embeddings, config.rope.theta) == (long, "yarn", 4.0, short, 10000.0)
-    # the pass-key training documents are the probe's prompts: the run's tokenizer gives back
-    # their token ids exactly (a seed of their own, so other keys than the probe's)
-    tokenizer = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
-    documents = [json.loads(line)["text"] for line in (out / "corpora" / "passkey.jsonl").read_text().splitlines()]
-    passkey = script.SMOKE["passkey"]
-    prompts = make_prompts(RetrievalConfig(tuple(passkey["lengths"]), (0.0, 1.0), passkey["samples"], passkey["seed"]),
-                           DocumentTokenizer(load_tokenizer_spec(out / "tokenizer")))
-    assert len(documents) == 4 and [p.length for p in prompts] == [short] * 4
-    assert [tokenizer.encode(d).ids for d in documents] == [p.ids.tolist() for p in prompts]  # BOS included
-    # the copying drill: distinct words repeated, at least twice, at the study's weight beside the others
-    drill = script.SMOKE["passkey"]["copy"]
-    copies = [json.loads(line)["text"] for line in (out / "corpora" / "copy.jsonl").read_text().splitlines()]
-    assert len(copies) == drill["documents"]
-    for text in copies:
-        words = text.split()
-        period = next(n for n in range(1, len(words) + 1) if words == (words[:n] * len(words))[:len(words)])
-        assert drill["words"][0] <= period <= drill["words"][1] and len(set(words[:period])) == period, text
-        assert len(words) == period * max(2, drill["length"] // period), text
+    # the pass-key training documents: the probe's format (another seed, so other keys), each exactly
+    # one row of the smallest length, so that packing never parts a needle from its question
+    spec = load_tokenizer_spec(out / "tokenizer")
+    documents = [json.loads(line)["text"] for line in (out / "corpora" / "passkey_64.jsonl").read_text().splitlines()]
+    probe_keys = {p.key for p in make_prompts(RetrievalConfig((short,), (0.0, 1.0), 1, 0), DocumentTokenizer(spec))}
+    assert 1 <= len(documents) <= 4
+    for text, ids in zip(documents, DocumentTokenizer(spec).encode_batch(documents)):
+        keys = re.findall(r"The pass key is (\d+)", text)
+        assert len(ids) == short and len(keys) == 2 and keys[0] == keys[1] and text.endswith(keys[1]), text
+        assert keys[0] not in probe_keys
     sources = yaml.safe_load(RunPaths(out / "base").config.read_text())["data"]["sources"]
-    assert {s["name"]: s["weight"] for s in sources} == pytest.approx({"english": 0.4, "passkey": 0.3, "copy": 0.3})
+    assert {s["name"]: s["weight"] for s in sources} == pytest.approx({"english": 0.5, "passkey_64": 0.5})
     for name in ("position_loss.png", "retrieval.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG") and (out / name).stat().st_size > 10_000, name
     table = (out / "results.md").read_text()
