@@ -29,6 +29,13 @@ and after, as scripts/bench_record.py records them), results.md (means and stand
 over seeds), position_loss.png, retrieval.png, progress.json (a study stopped and run again
 continues where it stopped; the record is then the last invocation's).
 
+Cost, on the 2-core CPU this was written on, one core (`nice -n 10 taskset -c 1`, XLA_FLAGS=
+"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"), 2026-12-08, a pilot and then
+the test suite on the other core: 27 min wall (docs/studies/long_context: its record, 01:38-02:05
+UTC, and progress.json): the base 13.3 min (2,400 steps of 32 x 64 tokens, 0.28-0.40 s a step),
+each seed's three CPT runs 4.4-4.7 min (200 steps of 8 x 256 tokens, their evaluations and
+compilation). The results are in docs/guide.md ("Context extension at small scale").
+
 What it took for a base to retrieve (pilots of 2026-12-07 and 12-08; the second day's configs,
 logs and the scripts that made their data are in docs/studies/long_context/pilots/2026-12-08/,
 its README lists each). The study's first version (2 layers at 128 tokens, peak LR 5e-3, 30%
@@ -48,9 +55,9 @@ words). Three things were wrong:
   tokens in rows of 128 was usually split, its question in a row without its needle. The
   documents are now exactly one row long.
 The same 4-layer model did not retrieve at 128 tokens (0%), a length it never trained on, and one
-trained on 64- and 128-token documents (50% each) had the answer's NLL at 1.5-1.9 nats/token
-after 1,200 steps but still 0% exact matches at 128; hence a base context of 64 tokens, where the
-skill forms within the study's budget. A word drill trained first (600 steps, then 30% beside
+trained on 64- and 128-token documents (50% each, no English) answered 12.5% of the 128-token
+prompts exactly after 2,400 steps (0% at 600, 1,200 and 1,800); hence a base context of 64
+tokens, where the skill forms within the study's budget. A word drill trained first (600 steps, then 30% beside
 English and pass-key documents) formed copying but did not carry it over to the keys' digits (0%
 at steps 800-1600); a drill with 5-digit numbers among the words did not either (0%).
 """
