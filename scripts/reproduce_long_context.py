@@ -41,7 +41,7 @@ logs and the scripts that made their data are in docs/studies/long_context/pilot
 its README lists each). The study's first version (2 layers at 128 tokens, peak LR 5e-3, 30%
 pass-key documents of 40-128 tokens and a 30% copying drill) stayed at 0% at every evaluation,
 and so did every variation of it tried on 2026-12-07 (more steps, more pass-key documents, keys of
-words). Three things were wrong:
+words; its results: docs/studies/long_context/first_version/). Three things were wrong:
 - The learning rate. A drill of 8-24 distinct single-token words repeated (copying from the
   second repetition on, the signal induction heads form from; Olsson et al. 2022) at 100% of the
   data, 2 layers: at peak 1e-2 the loss stayed at the no-copy level (ln 488 words = 6.19) for
@@ -57,9 +57,10 @@ words). Three things were wrong:
 The same 4-layer model did not retrieve at 128 tokens (0%), a length it never trained on, and one
 trained on 64- and 128-token documents (50% each, no English) answered 12.5% of the 128-token
 prompts exactly after 2,400 steps (0% at 600, 1,200 and 1,800); hence a base context of 64
-tokens, where the skill forms within the study's budget. A word drill trained first (600 steps, then 30% beside
-English and pass-key documents) formed copying but did not carry it over to the keys' digits (0%
-at steps 800-1600); a drill with 5-digit numbers among the words did not either (0%).
+tokens, where the skill forms within the study's budget. A word drill trained first (600 steps,
+then 30% beside English and pass-key documents) formed copying but did not carry it over to the
+keys' digits (0% at steps 800-1600); a drill with 5-digit numbers among the words did not either
+(0%).
 """
 
 from __future__ import annotations
