@@ -50,7 +50,7 @@ words; its results: docs/studies/long_context/first_version/). Three things were
 - The depth. With 64-token pass-key documents alone (100%, peak 1e-3), 2 layers' loss was 0.46
   at step 600, what a model that copies nothing gets; 4 layers' fell from 0.45 (step 600) to 0.30
   (step 1000), and after 1,200 steps it answered 43 of 48 64-token prompts exactly (3 depths x 16
-  keys, pilots/2026-12-08/p15_probe.txt).
+  keys; `cptjax eval --retrieval`, pilots/2026-12-08/p15_eval.md).
 - Split documents. Rows are cut from each source's stream, so a pass-key document of 40-128
   tokens in rows of 128 was usually split, its question in a row without its needle. The
   documents are now exactly one row long.
