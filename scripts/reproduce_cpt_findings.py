@@ -42,6 +42,7 @@ HELDOUT = {"english_stride": 1, "code": ["json/*.py", "email/*.py", "http/*.py"]
 REDUCED["heldout"] = HELDOUT  # its calibration was measured on the whole held-out sets
 PROGRESS = "progress.json"  # "base", "seedN/variant" -> {done, minutes} (summed over continuations)
 DOMAIN, GENERAL = "code", "english"
+PROG = "reproduce_cpt_findings"  # the messages' prefix
 
 
 def english_documents(data_dir: Path) -> list[str]:
@@ -435,8 +436,6 @@ def run_to_end(prog: str, run, *args) -> int:
     print(f"{prog}: {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 
-
-PROG = "reproduce_cpt_findings"
 
 
 def main(argv: list[str] | None = None) -> int:

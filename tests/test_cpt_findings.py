@@ -98,7 +98,6 @@ def _finished_study(folder: Path, study_settings: dict, base_done: bool = True) 
     return folder
 
 
-
 def test_a_new_study_reuses_the_base_of_one_with_the_same_base_settings(tmp_path):
     script = load_script("reproduce_cpt_findings")
     settings = {**script.REDUCED, "cpt": {**script.REDUCED["cpt"], "eval_every": 40}}

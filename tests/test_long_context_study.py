@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_long_context.py"
 
 
-
 @pytest.mark.slow
 def test_the_smoke_study_writes_every_number_per_variant_and_seed(tmp_path):
     script = load_script("reproduce_long_context")
